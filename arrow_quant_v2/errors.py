@@ -1,0 +1,46 @@
+"""The typed errors of ArrowQuant V2.
+
+Every error a user can trigger is one of these, and its message names the file,
+tensor or config field concerned and, where there is one, the fix.
+"""
+
+
+class ArrowQuantError(Exception):
+    """Base of every error raised by arrow_quant_v2."""
+
+
+class ConfigurationError(ArrowQuantError, ValueError):
+    """A config field has a value outside what is allowed (the message names field, value and choices)."""
+
+
+class QuantizationError(ArrowQuantError):
+    """Quantizing a model failed (bad input, unreadable file, output problem, accuracy miss under fail_fast)."""
+
+
+class ModelNotFoundError(QuantizationError, FileNotFoundError):
+    """The model path does not exist or holds no safetensors weights."""
+
+
+class ModelFormatError(QuantizationError):
+    """A safetensors file is damaged: truncated, bad header, bad offsets, unsupported dtype."""
+
+
+class OutputError(QuantizationError):
+    """The output path cannot be used: it exists, lies inside the input, is unwritable, or the disk is full."""
+
+
+class ValidationError(ArrowQuantError):
+    """Validating a quantized store against its source failed (missing store, mismatched source, corrupt data)."""
+
+
+class MultiModelError(QuantizationError):
+    """Some models of a multi-model run failed.
+
+    ``failures`` lists ``(index, model_path, exception)`` for each failed model and
+    ``results`` holds one entry per model: its result dict, or the exception it raised.
+    """
+
+    def __init__(self, message, failures, results):
+        super().__init__(message)
+        self.failures = failures
+        self.results = results

@@ -1,0 +1,81 @@
+"""Progress events, their throttle, and the cancel token shared by engine and async layer.
+
+The engine reports a :class:`ProgressEvent` after every unit of work and checks a
+:class:`CancelToken` between chunks; it knows nothing of event loops or UIs.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+
+class Cancelled(Exception):
+    """Raised inside a worker when its CancelToken is set; the async layer turns it into CancelledError."""
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One progress report.
+
+    ``fraction`` is monotonic in [0, 1] and weighted by bytes (reading, quantizing,
+    writing and checking a tensor each move it); ``message`` is a readable line such
+    as ``"quantizing model.layers.3.mlp.down_proj int2 [57/340]"``.
+    """
+
+    stage: str  # "plan", "quantize", "write", "finalize", "validate", "done"
+    fraction: float
+    message: str
+    tensor: str = ""
+    tensors_done: int = 0
+    tensors_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    model_index: Optional[int] = None
+    time: float = field(default_factory=time.monotonic)
+
+    def for_model(self, index: int) -> "ProgressEvent":
+        return replace(self, model_index=index)
+
+
+ProgressSink = Callable[[ProgressEvent], None]
+
+
+class CancelToken:
+    """A thread-safe flag; workers call :meth:`check` between chunks."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled()
+
+
+class Throttle:
+    """Let an event through at most once per ``interval`` seconds.
+
+    The first event and the final one (``fraction >= 1`` or stage ``done``) always pass,
+    so a listener sees the start and the end whatever the interval.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = float(interval)
+        self._last: Optional[float] = None
+        self._lock = threading.Lock()
+
+    def admit(self, event: ProgressEvent) -> bool:
+        with self._lock:
+            final = event.fraction >= 1.0 or event.stage == "done"
+            if final or self._last is None or event.time - self._last >= self.interval:
+                self._last = event.time
+                return True
+            return False
