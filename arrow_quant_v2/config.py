@@ -1,0 +1,174 @@
+"""DiffusionQuantConfig and the deployment profiles.
+
+Each field is declared once below, with its type, default, bounds or choices and a
+one-line doc, in its dataclass metadata. Validation (here) and the app's form
+(``ui``) both read those declarations, so a new field needs no change elsewhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+from .errors import ConfigurationError
+
+#: Default minimum cosine similarity a quantized tensor must reach, per bit width.
+DEFAULT_MIN_ACCURACY = {2: 0.90, 3: 0.95, 4: 0.99, 8: 0.999}
+
+BIT_WIDTHS = (2, 4, 8)
+GROUP_SIZES = (0, 32, 64, 128, 256)  # 0 = one group per row
+MODALITIES = (None, "text", "code", "image", "audio")
+PROFILES = ("edge", "local", "cloud")
+
+
+def spec(default, doc, *, choices=None, bounds=None, kind=None, default_factory=None):
+    """Declare a config field: its default, doc, and what values are allowed."""
+    meta = {"doc": doc, "choices": choices, "bounds": bounds, "kind": kind}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DiffusionQuantConfig:
+    """How to quantize a diffusion model. Invalid values raise :class:`ConfigurationError`.
+
+    >>> DiffusionQuantConfig(bit_width=2).bit_width
+    2
+    """
+
+    bit_width: int = spec(4, "Bits per weight code of ordinary layers.", choices=BIT_WIDTHS)
+    group_size: int = spec(64, "Weights per quantization group along the input axis (0 = one group per row).", choices=GROUP_SIZES)
+    encoding: Optional[str] = spec(None, "Encoding name (None = the best default for the bit width; see encodings).", kind="encoding")
+    symmetric: bool = spec(False, "Use a symmetric grid without offset (the 'symmetric' encoding) instead of the default.")
+    modality: Optional[str] = spec(None, "Force the modality (text, code, image, audio); None detects it.", choices=MODALITIES)
+    enable_time_aware: bool = spec(True, "Give timestep/noise-conditioning modules (time_embed, adaLN_modulation, ...) more bits.")
+    sensitive_bits: int = spec(8, "Bits for protected tensors: embeddings, output heads, time conditioning, sensitive_layers.", choices=(4, 8))
+    protect_embeddings: bool = spec(True, "Give embeddings and output heads sensitive_bits.")
+    sensitive_layers: Tuple[str, ...] = spec((), "Extra tensor-name glob patterns to protect with sensitive_bits.", kind="patterns", default_factory=tuple)
+    bit_rules: Dict[str, int] = spec(None, "Ordered {glob pattern: bits} rules; the first match wins over every default (0 = keep lossless).", kind="rules", default_factory=dict)
+    min_accuracy: Optional[float] = spec(None, "Cosine every quantized tensor must reach (None = 0.90/0.99/0.999 for int2/int4/int8).", bounds=(0.0, 1.0))
+    fail_fast: bool = spec(False, "Raise on the first tensor below min_accuracy instead of falling back to more bits.")
+    lossless_below: int = spec(4096, "Tensors with fewer elements than this are kept lossless.", bounds=(0, 1 << 30))
+    num_threads: int = spec(0, "Worker threads for one model's kernels (0 = all cores).", bounds=(0, 256))
+    enable_spatial: bool = spec(False, "Per-layer group size: the largest group that still reaches min_accuracy.")
+    target_model_size_mb: Optional[float] = spec(None, "Size budget in MiB for the quantized weights (mixed precision).", bounds=(0.0, math.inf))
+    num_time_groups: int = spec(10, "Noise levels checked by end-to-end validation of models with a graph.", bounds=(1, 1000))
+    max_shard_mb: int = spec(2048, "Largest Parquet shard of the output store, in MiB.", bounds=(1, 1 << 20))
+    deployment_profile: Optional[str] = spec(None, "The profile this config came from, if any.", choices=(None,) + PROFILES)
+
+    def __post_init__(self):
+        if isinstance(self.sensitive_layers, str):
+            self.sensitive_layers = (self.sensitive_layers,)
+        self.sensitive_layers = tuple(self.sensitive_layers or ())
+        self.bit_rules = dict(self.bit_rules or {})
+        for f in dataclasses.fields(self):
+            check_field(f, getattr(self, f.name))
+        for pattern, bits in self.bit_rules.items():
+            if not isinstance(pattern, str) or bits not in (0,) + BIT_WIDTHS:
+                raise ConfigurationError(
+                    f"bit_rules[{pattern!r}]={bits!r} is not allowed; allowed: a glob pattern mapped to one of {(0,) + BIT_WIDTHS}"
+                )
+        if self.encoding is not None:
+            from .encodings import get_encoding
+
+            get_encoding(self.encoding, self.bit_width, self.group_size)
+        if self.target_model_size_mb is not None and self.target_model_size_mb <= 0:
+            raise ConfigurationError(f"target_model_size_mb={self.target_model_size_mb!r} is not allowed; allowed: a size in MiB > 0")
+
+    # -- profiles and (de)serialisation ---------------------------------------------
+
+    @classmethod
+    def from_profile(cls, profile: str, **overrides) -> "DiffusionQuantConfig":
+        """The config of a deployment profile: ``edge`` (int2), ``local`` (int4) or ``cloud`` (int8)."""
+        if profile not in PROFILES:
+            raise ConfigurationError(f"deployment_profile={profile!r} is not allowed; allowed: {', '.join(PROFILES)}")
+        base = dict(PROFILE_DEFAULTS[profile], deployment_profile=profile)
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["sensitive_layers"] = list(self.sensitive_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "DiffusionQuantConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigurationError(f"unknown config field(s) {unknown}; allowed: {sorted(names)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **changes) -> "DiffusionQuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        defaults = DiffusionQuantConfig.__new__(DiffusionQuantConfig)
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.name == "bit_width" or value != default:
+                shown.append(f"{f.name}={value!r}")
+        del defaults
+        return f"DiffusionQuantConfig({', '.join(shown)})"
+
+    def min_accuracy_for(self, bits: int) -> float:
+        return self.min_accuracy if self.min_accuracy is not None else DEFAULT_MIN_ACCURACY[bits]
+
+
+#: What each profile sets; everything else keeps the field default.
+PROFILE_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "edge": {"bit_width": 2, "group_size": 32, "sensitive_bits": 4},
+    "local": {"bit_width": 4, "group_size": 64},
+    "cloud": {"bit_width": 8, "group_size": 128},
+}
+
+
+def field_specs() -> Dict[str, Dict[str, Any]]:
+    """Each field's declaration: default, doc, choices, bounds, kind and Python type."""
+    out = {}
+    for f in dataclasses.fields(DiffusionQuantConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out[f.name] = dict(f.metadata, default=default, type=f.type)
+    return out
+
+
+def check_field(f: dataclasses.Field, value: Any) -> None:
+    """Raise ConfigurationError naming the field, the value and what is allowed."""
+    meta = f.metadata
+    choices, bounds = meta.get("choices"), meta.get("bounds")
+    default = f.default if f.default is not dataclasses.MISSING else None
+
+    def bad(allowed: str):
+        raise ConfigurationError(f"{f.name}={value!r} is not allowed; allowed: {allowed}")
+
+    if isinstance(default, bool) or f.type in ("bool",):
+        if not isinstance(value, bool):
+            bad("True or False")
+        return
+    if choices is not None:
+        if isinstance(value, bool) or value not in choices:
+            bad(", ".join(repr(c) for c in choices))
+        return
+    if bounds is not None:
+        if value is None and f.type.startswith("Optional"):
+            return
+        integral = f.type == "int"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and not isinstance(value, int)):
+            bad(f"{'an integer' if integral else 'a number'} in [{bounds[0]}, {bounds[1]}]")
+        if isinstance(value, float) and math.isnan(value):
+            bad(f"a number in [{bounds[0]}, {bounds[1]}]")
+        if not bounds[0] <= value <= bounds[1]:
+            bad(f"{'an integer' if integral else 'a number'} in [{bounds[0]}, {bounds[1]}]")
+        return
+    if meta.get("kind") == "patterns" and not all(isinstance(p, str) for p in value):
+        bad("a list of glob patterns (strings)")
+    if meta.get("kind") == "encoding" and value is not None and not isinstance(value, str):
+        bad("an encoding name or None")

@@ -1,0 +1,336 @@
+"""The quantization pipeline: source -> plan -> kernels -> store.
+
+One job reads the model chunk by chunk (a chunk is a block of rows of a tensor's 2-D
+view), quantizes chunks on a shared pool of kernel threads and writes each finished
+tensor to the store. A sliding window of chunk tasks overlaps reading, quantizing
+and writing across tensors, and bounds memory to a few chunks plus the encoded
+chunks of the tensor being finished. The cancel token is checked between chunks.
+"""
+from __future__ import annotations
+
+import collections
+import datetime
+import math
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from . import __version__, encodings
+from .config import DiffusionQuantConfig
+from .errors import ConfigurationError, OutputError, QuantizationError
+from .plan import LOSSLESS, Planner, TensorPlan, detect_modality, encoding_for, next_bits
+from .progress import CancelToken, ProgressEvent, ProgressSink
+from .source import ModelSource, TensorInfo, open_model
+from .store import FORMAT_NAME, FORMAT_VERSION, RAW, ChunkRecord, StoreWriter
+
+#: Largest chunk, in elements (32 MiB of float32): bounds memory and cancel latency.
+CHUNK_ELEMENTS = 8 << 20
+#: Tensors are split across threads only above this many elements per piece.
+MIN_SPLIT_ELEMENTS = 1 << 18
+
+_pool_lock = threading.Lock()
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def kernel_pool() -> ThreadPoolExecutor:
+    """The process-wide pool the kernels run on: one thread per core, shared by all jobs
+    so that many concurrent jobs never oversubscribe the cores."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="aq-kernel")
+        return _pool
+
+
+def resolve_threads(config: DiffusionQuantConfig) -> int:
+    return config.num_threads or (os.cpu_count() or 2)
+
+
+def check_paths(source: ModelSource, output: Path, overwrite: bool) -> None:
+    """Refuse outputs that would touch the input or an existing store."""
+    src = source.root.resolve()
+    out = output.resolve()
+    if out == src or src in out.parents:
+        raise OutputError(f"{output}: lies inside the input folder {source.root}; choose an output outside it")
+    if out in src.parents:
+        raise OutputError(f"{output}: contains the input model {source.root}; choose another output")
+    if output.exists() and not overwrite:
+        raise OutputError(f"{output}: already exists; pass overwrite=True (CLI: --overwrite) or choose another output")
+    if output.exists() and not (output / "manifest.json").is_file():
+        raise OutputError(f"{output}: exists and is not an ArrowQuant store; refusing to overwrite it")
+
+
+class _NonFinite(Exception):
+    pass
+
+
+class QuantizeJob:
+    """Quantizes one model into one store. Use :func:`quantize_model`."""
+
+    def __init__(self, source: ModelSource, writer: StoreWriter, config: DiffusionQuantConfig,
+                 plans: Dict[str, TensorPlan], report: Callable[..., None], cancel: CancelToken) -> None:
+        self.source, self.writer, self.config, self.plans = source, writer, config, plans
+        self.report, self.cancel = report, cancel
+        self.threads = resolve_threads(config)
+        self.pool = kernel_pool()
+        self.final: Dict[str, dict] = {}  # tensor -> its figures, bits, bytes, reason
+        self.warnings: List[str] = []
+        self.fallbacks: List[dict] = []
+
+    # -- work items ---------------------------------------------------------------------
+
+    def _chunk_rows(self, info: TensorInfo) -> List[Tuple[int, int]]:
+        rows, cols = info.matrix_shape
+        per = min(CHUNK_ELEMENTS, max(MIN_SPLIT_ELEMENTS, math.ceil(info.numel / self.threads)))
+        return list(self.source.chunks(info.name, per)) if info.numel else [(0, rows)]
+
+    def _tasks(self):
+        for name, info in self.source.tensors.items():
+            plan = self.plans[name]
+            ranges = self._chunk_rows(info)
+            for i, (r0, r1) in enumerate(ranges):
+                yield info, plan, i, r0, r1, i == len(ranges) - 1
+
+    def _encode(self, info: TensorInfo, plan: TensorPlan, r0: int, r1: int):
+        """Worker: one chunk -> (blobs, stats). Runs on a kernel thread."""
+        self.cancel.check()
+        if plan.lossless:
+            _, cols = info.matrix_shape
+            raw = self.source.read_raw(info.name, r0 * cols, (r1 - r0) * cols)
+            return {"codes": raw.view(np.uint8)}, None
+        x = self.source.read_rows(info.name, r0, r1)
+        if not np.isfinite(x).all():
+            raise _NonFinite()
+        return encodings.quantize(x, encodings.get_encoding(plan.encoding, plan.bits, plan.group_size))
+
+    # -- the pipeline -------------------------------------------------------------------
+
+    def run(self) -> None:
+        pending: collections.deque = collections.deque()
+        tasks = self._tasks()
+        window = self.threads + 1
+        parts: List[Tuple[int, int, object]] = []
+        stats = np.zeros(4)
+        self.bytes_done, self.bytes_total = 0, max(self.source.total_bytes, 1)
+        self.tensors_done, self.tensors_total = 0, len(self.source.tensors)
+        self._emit("quantize", "", "starting")
+        try:
+            while True:
+                while len(pending) < window:
+                    item = next(tasks, None)
+                    if item is None:
+                        break
+                    info, plan, i, r0, r1, last = item
+                    pending.append((item, self.pool.submit(self._encode, info, plan, r0, r1)))
+                if not pending:
+                    break
+                self.cancel.check()
+                (info, plan, i, r0, r1, last), fut = pending.popleft()
+                try:
+                    blobs, st = fut.result()
+                    parts.append((r0, r1, blobs))
+                    if st is not None:
+                        stats += st
+                except _NonFinite:
+                    parts.append((r0, r1, None))
+                    stats[:] = np.nan
+                self.bytes_done += info.nbytes * (r1 - r0) // max(info.matrix_shape[0], 1)
+                self._emit("quantize", info.name, f"{'storing' if plan.lossless else 'quantizing'} {info.name} "
+                           f"{'lossless' if plan.lossless else f'int{plan.bits}'} "
+                           f"[{self.tensors_done + 1}/{self.tensors_total}]")
+                if last:
+                    self._finish_tensor(info, plan, parts, stats)
+                    parts, stats = [], np.zeros(4)
+        except BaseException:
+            for _, fut in pending:
+                fut.cancel()
+            for _, fut in pending:  # let running chunks end so no thread outlives the job
+                try:
+                    fut.result()
+                except BaseException:  # noqa: BLE001 - already failing; the first error wins
+                    pass
+            raise
+
+    def _finish_tensor(self, info: TensorInfo, plan: TensorPlan, parts, stats) -> None:
+        if plan.lossless:
+            self._write(info, plan, parts, {"cosine": 1.0, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
+            return
+        reason = plan.reason
+        while True:
+            if np.isnan(stats).any():
+                msg = f"{info.name}: contains NaN/Inf values; kept lossless so nothing changes"
+                self.warnings.append(msg)
+                plan = TensorPlan(info.name, LOSSLESS, 0, "lossless: contains NaN/Inf")
+                parts = self._encode_all(info, plan)
+                self._write(info, plan, parts, {"cosine": math.nan, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
+                return
+            fig = encodings.figures(stats)
+            need = self.config.min_accuracy_for(plan.bits)
+            if fig["cosine"] >= need:
+                self._write(info, plan, parts, fig, reason)
+                return
+            if self.config.fail_fast:
+                raise QuantizationError(
+                    f"{info.name}: cosine {fig['cosine']:.5f} at int{plan.bits} is below min_accuracy {need} "
+                    "(fail_fast is on; turn it off to fall back to more bits)"
+                )
+            wider = next_bits(plan.bits)
+            why = f"fallback from int{plan.bits}, cos {fig['cosine']:.4f} < {need}"
+            self.fallbacks.append({"tensor": info.name, "from_bits": plan.bits, "to_bits": wider, "cosine": fig["cosine"]})
+            if wider == LOSSLESS:
+                plan = TensorPlan(info.name, LOSSLESS, 0, f"lossless: {why}")
+                parts = self._encode_all(info, plan)
+                self._write(info, plan, parts, {"cosine": 1.0, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
+                return
+            g = plan.group_size
+            plan = TensorPlan(info.name, wider, g, "", encoding_for(self.config, wider))
+            reason = f"int{wider} g{g if g else 'row'}: {why}"
+            parts = self._encode_all(info, plan)
+            stats = np.zeros(4)
+            for _, _, (blobs, st) in parts:
+                stats += st
+            parts = [(r0, r1, blobs) for r0, r1, (blobs, _) in parts]
+
+    def _encode_all(self, info: TensorInfo, plan: TensorPlan):
+        ranges = self._chunk_rows(info)
+        futures = [self.pool.submit(self._encode, info, plan, r0, r1) for r0, r1 in ranges]
+        try:
+            return [(r0, r1, f.result()) if not plan.lossless else (r0, r1, f.result()[0])
+                    for (r0, r1), f in zip(ranges, futures)]
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def _write(self, info: TensorInfo, plan: TensorPlan, parts, fig: Dict[str, float], reason: str) -> None:
+        rel = str(info.file.relative_to(self.source.root)) if self.source.path.is_dir() else info.file.name
+        encoding = RAW if plan.lossless else plan.encoding
+        records = [
+            ChunkRecord(info.name, rel, info.shape, info.dtype, i, r0, r1 - r0, encoding, plan.bits, plan.group_size, blobs)
+            for i, (r0, r1, blobs) in enumerate(parts)
+        ]
+        self.writer.write_tensor(records, fig, reason)
+        self.final[info.name] = dict(fig, bits=plan.bits, encoding=encoding, nbytes=sum(r.nbytes for r in records),
+                                     numel=info.numel, reason=reason, source_bytes=info.nbytes)
+        self.tensors_done += 1
+
+    def _emit(self, stage: str, tensor: str, message: str) -> None:
+        self.report(stage=stage, tensor=tensor, message=message, tensors_done=self.tensors_done,
+                    tensors_total=self.tensors_total, bytes_done=self.bytes_done, bytes_total=self.bytes_total)
+
+
+def _file_state(source: ModelSource):
+    return [(f, f.stat().st_size, f.stat().st_mtime_ns) for f, _ in source.files]
+
+
+def summarize(final: Dict[str, dict]) -> dict:
+    """Model-level figures from per-tensor ones (definitions in DESIGN.md)."""
+    q = {n: t for n, t in final.items() if t["bits"] != LOSSLESS}
+    params = sum(t["numel"] for t in q.values())
+    cos = sum(t["numel"] * t["cosine"] for t in q.values()) / params if params else 1.0
+    per_bits: Dict[str, dict] = {}
+    for t in final.values():
+        key = "lossless" if t["bits"] == LOSSLESS else f"int{t['bits']}"
+        d = per_bits.setdefault(key, {"tensors": 0, "params": 0, "bytes": 0})
+        d["tensors"] += 1
+        d["params"] += t["numel"]
+        d["bytes"] += t["nbytes"]
+    worst = min(q.items(), key=lambda kv: kv[1]["cosine"], default=(None, {"cosine": 1.0}))
+    return {
+        "cosine_similarity": float(cos),
+        "min_cosine": float(worst[1]["cosine"]),
+        "worst_layer": worst[0],
+        "bits_per_weight": (sum(t["nbytes"] for t in q.values()) * 8 / params) if params else 0.0,
+        "bits_per_weight_all": sum(t["nbytes"] for t in final.values()) * 8 / max(sum(t["numel"] for t in final.values()), 1),
+        "quantized_params": params,
+        "total_params": sum(t["numel"] for t in final.values()),
+        "per_bits": per_bits,
+    }
+
+
+def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfig] = None, *,
+                   progress: Optional[ProgressSink] = None, cancel: Optional[CancelToken] = None,
+                   overwrite: bool = False) -> dict:
+    """Quantize the model at ``model_path`` into a new store at ``output_path``.
+
+    ``progress`` receives every :class:`ProgressEvent` (unthrottled, from this thread);
+    ``cancel`` is checked between chunks. Returns the result dict (see README).
+    Raises ConfigurationError, QuantizationError (and subclasses), or progress.Cancelled.
+    """
+    started = time.perf_counter()
+    config = config if config is not None else DiffusionQuantConfig()
+    if not isinstance(config, DiffusionQuantConfig):
+        raise ConfigurationError(f"config={config!r} is not allowed; allowed: a DiffusionQuantConfig or None")
+    cancel = cancel or CancelToken()
+    output = Path(output_path)
+    last_fraction = [0.0]
+
+    def report(stage, message, **kw):
+        if progress is None:
+            return
+        frac = kw["bytes_done"] / kw["bytes_total"] if kw.get("bytes_total") else 0.0
+        frac = min(max(frac * 0.98, last_fraction[0]), 1.0 if stage == "done" else 0.99)
+        if stage == "done":
+            frac = 1.0
+        last_fraction[0] = frac
+        progress(ProgressEvent(stage=stage, fraction=frac, message=message, **kw))
+
+    source = open_model(model_path)
+    check_paths(source, output, overwrite)
+    modality, modality_reason = detect_modality(source, config.modality)
+    planner = Planner(config, diffusion=True)
+    plans = planner.plan_model(source)
+    state_before = _file_state(source)
+    writer = StoreWriter(output, overwrite=overwrite, max_shard_bytes=config.max_shard_mb << 20)
+    try:
+        job = QuantizeJob(source, writer, config, plans, report, cancel)
+        job.run()
+        cancel.check()
+        report("finalize", f"writing manifest of {output.name}", tensors_done=job.tensors_done,
+               tensors_total=job.tensors_total, bytes_done=job.bytes_total, bytes_total=job.bytes_total)
+        if _file_state(source) != state_before:
+            raise QuantizationError(f"{source.path}: the model files changed while being quantized; run again")
+        extra = source.extra_files()
+        writer.copy_extra(source.root, extra)
+        weight_bytes = writer.weight_bytes()
+        figures = summarize(job.final)
+        result = {
+            "quantized_path": str(output),
+            "compression_ratio": source.total_bytes / weight_bytes if weight_bytes else 0.0,
+            "cosine_similarity": figures["cosine_similarity"],
+            "model_size_mb": weight_bytes / 2**20,
+            "modality": modality,
+            "bit_width": config.bit_width,
+            "quantization_time_s": 0.0,
+            **{k: v for k, v in figures.items() if k != "cosine_similarity"},
+            "modality_reason": modality_reason,
+            "source_size_mb": source.total_bytes / 2**20,
+            "num_tensors": len(job.final),
+            "fallbacks": job.fallbacks,
+            "warnings": job.warnings,
+            "deployment_profile": config.deployment_profile,
+        }
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": str(source.path), "header_checksum": source.header_checksum,
+                       "bytes": source.total_bytes, "files": [str(f.relative_to(source.root)) for f, _ in source.files]},
+            "config": config.to_dict(),
+            "modality": {"name": modality, "reason": modality_reason},
+            "extra_files": [str(p) for p in extra],
+            "totals": {k: v for k, v in result.items() if k not in ("quantized_path", "quantization_time_s")},
+        }
+        writer.finish(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+    result["quantization_time_s"] = time.perf_counter() - started
+    report("done", f"done: {output.name}", tensors_done=job.tensors_done, tensors_total=job.tensors_total,
+           bytes_done=job.bytes_total, bytes_total=job.bytes_total)
+    return result

@@ -1,0 +1,162 @@
+"""Deciding what each tensor gets: bits, encoding, group size, and a reason a person can read.
+
+The module-name lists below are the one place that says which tensors are sensitive.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+from . import encodings
+from .config import DiffusionQuantConfig
+from .errors import ConfigurationError
+from .source import ModelSource, TensorInfo
+
+#: Timestep / noise-level conditioning: their outputs modulate every block at every
+#: denoising step, so their error is amplified (TFMQ-DM; FLUX/Wan GGUF practice).
+TIME_MODULES = (
+    "time_embed", "time_embedding", "time_embedder", "t_embedder", "timestep_embedder", "timestep_embed",
+    "time_proj", "time_emb", "adaLN_modulation", "adaln_modulation", "emb_layers", "label_emb",
+    "time_text_embed", "noise_level_emb", "class_embedding", "add_embedding", "norm1_context.linear",
+)
+#: Token embeddings and output heads: few tensors, large effect on every token.
+EMBEDDING_MODULES = (
+    "embed_tokens", "word_embeddings", "wte", "tok_embeddings", "position_embeddings", "wpe",
+    "token_type_embeddings", "lm_head", "embed_out", "output_layer",
+)
+NORM_RE = re.compile(r"(^|[._])(norm|ln|layernorm|layer_norm|rmsnorm|group_norm|gn)(\d*|_\w+)?([._]|$)", re.I)
+FALLBACK_ORDER = (2, 4, 8)
+LOSSLESS = 0
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """The decision for one tensor. ``bits == 0`` means stored losslessly."""
+
+    name: str
+    bits: int
+    group_size: int
+    reason: str
+    encoding: str = "raw"
+
+    @property
+    def lossless(self) -> bool:
+        return self.bits == LOSSLESS
+
+
+def _module_hit(name: str, modules: Tuple[str, ...]) -> Optional[str]:
+    parts = name.replace("/", ".").split(".")
+    for m in modules:
+        if "." in m:
+            if m in name:
+                return m
+        elif m in parts or m.lower() in (p.lower() for p in parts):
+            return m
+    return None
+
+
+def encoding_for(config: DiffusionQuantConfig, bits: int) -> str:
+    """The encoding name used at ``bits``: the configured one if it supports them, else the default."""
+    if config.symmetric:
+        return "symmetric"
+    if config.encoding is not None:
+        cls = encodings.get_encoding(config.encoding, config.bit_width, config.group_size).__class__
+        if bits in cls.supported_bits:
+            return config.encoding
+    return encodings.DEFAULT_ENCODING.get(bits, "affine")
+
+
+class Planner:
+    """Turns a tensor's name, dtype and shape into a :class:`TensorPlan` for one config."""
+
+    def __init__(self, config: DiffusionQuantConfig, diffusion: bool = True) -> None:
+        self.config = config
+        self.time_aware = config.enable_time_aware and diffusion
+        if config.target_model_size_mb is not None:
+            raise ConfigurationError(
+                f"target_model_size_mb={config.target_model_size_mb!r}: size budgets are not supported yet; "
+                "leave it None and use bit_width / bit_rules instead"
+            )
+
+    def plan(self, t: TensorInfo) -> TensorPlan:
+        c = self.config
+        lossless = lambda why: TensorPlan(t.name, LOSSLESS, 0, f"lossless: {why}")  # noqa: E731
+        if not t.is_float:
+            return lossless(f"{t.dtype} tensor")
+        if t.numel == 0:
+            return lossless("empty tensor")
+        if len(t.shape) == 0:
+            return lossless("0-d scalar")
+        for pattern, bits in c.bit_rules.items():
+            if fnmatch.fnmatchcase(t.name, pattern):
+                if bits == LOSSLESS:
+                    return lossless(f"rule {pattern!r}")
+                return self._quantized(t, bits, f"rule {pattern!r}")
+        if len(t.shape) == 1:
+            return lossless("1-D " + ("norm" if NORM_RE.search(t.name) else "bias" if t.name.endswith("bias") else "vector"))
+        if NORM_RE.search(t.name) and not t.name.endswith("_proj.weight"):
+            return lossless("norm")
+        if t.name.endswith(".bias"):
+            return lossless("bias")
+        if t.numel < c.lossless_below:
+            return lossless(f"tiny ({t.numel} < {c.lossless_below} elements)")
+        protected_bits = max(c.sensitive_bits, c.bit_width)
+        if self.time_aware and (m := _module_hit(t.name, TIME_MODULES)):
+            return self._quantized(t, protected_bits, f"time conditioning ({m})")
+        if c.protect_embeddings and (m := _module_hit(t.name, EMBEDDING_MODULES)):
+            return self._quantized(t, protected_bits, f"{'output head' if 'head' in m or 'out' in m else 'embedding'} ({m})")
+        for pattern in c.sensitive_layers:
+            if fnmatch.fnmatchcase(t.name, pattern):
+                return self._quantized(t, protected_bits, f"sensitive layer {pattern!r}")
+        return self._quantized(t, c.bit_width, "")
+
+    def _quantized(self, t: TensorInfo, bits: int, why: str) -> TensorPlan:
+        g = self.config.group_size
+        enc = encoding_for(self.config, bits)
+        label = f"int{bits} g{g if g else 'row'}"
+        return TensorPlan(t.name, bits, g, f"{label}: {why}" if why else label, enc)
+
+    def plan_model(self, source: ModelSource) -> Dict[str, TensorPlan]:
+        return {name: self.plan(t) for name, t in source.tensors.items()}
+
+
+def next_bits(bits: int) -> int:
+    """The next wider width in the fallback chain 2 -> 4 -> 8 -> lossless."""
+    wider = [b for b in FALLBACK_ORDER if b > bits]
+    return wider[0] if wider else LOSSLESS
+
+
+# -- modality -------------------------------------------------------------------------
+
+_AUDIO = ("audio", "mel", "wav", "music", "sound", "speech", "unet1d", "dance")
+_CODE = ("code", "coder", "starcoder", "diffucoder")
+_IMAGE_CLASSES = ("unet", "dit", "transformer2d", "flux", "autoencoder", "vae", "controlnet", "pixart", "sd3", "wan", "uvit")
+_TEXT = ("dream", "llada", "mdm", "qwen", "llama", "mistral", "gpt", "bert", "causallm", "maskedlm", "plaid", "sedd")
+_IMAGE_TENSORS = ("conv_in", "input_blocks", "down_blocks", "x_embedder", "patch_embed", "pos_embed", "conv_out")
+_TEXT_TENSORS = ("embed_tokens", "lm_head", "word_embeddings", "wte")
+
+
+def detect_modality(source: ModelSource, forced: Optional[str] = None) -> Tuple[str, str]:
+    """``(modality, reason)`` from the config, safetensors metadata and tensor names."""
+    if forced:
+        return forced, "set in config"
+    cfg = source.config
+    words = " ".join(
+        str(v) for v in (cfg.get("architectures"), cfg.get("model_type"), cfg.get("_class_name"),
+                         cfg.get("_name_or_path"), cfg.get("modality"), source.metadata.get("modality"))
+        if v
+    ).lower()
+    if cfg.get("modality") in ("text", "code", "image", "audio"):
+        return cfg["modality"], "config.json 'modality'"
+    for modality, hints in (("audio", _AUDIO), ("code", _CODE), ("text", _TEXT), ("image", _IMAGE_CLASSES)):
+        hit = next((h for h in hints if h in words), None)
+        if hit:
+            return modality, f"config.json mentions {hit!r}"
+    names = " ".join(source.tensors)
+    if any(h in names for h in _IMAGE_TENSORS):
+        return "image", "tensor names look like an image U-Net/DiT"
+    if any(h in names for h in _TEXT_TENSORS):
+        return "text", "tensor names look like a language model"
+    return "image", "no hint found; assumed an image diffusion model"

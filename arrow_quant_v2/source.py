@@ -1,0 +1,273 @@
+"""Reading model folders: safetensors headers, validated, and tensors one chunk at a time.
+
+A model is a Hugging Face folder (``model.safetensors`` or shards with
+``model.safetensors.index.json``), a diffusers folder (components in subfolders,
+their tensor names prefixed ``component/``), or a single ``.safetensors`` file.
+
+Every header is checked before any weight is read (offsets inside the file, no
+overlaps, byte counts matching dtype x shape), so a damaged file fails early with a
+:class:`ModelFormatError` naming the file. Weights are read with ``os.pread`` chunk by
+chunk rather than through a long-lived memory map: mapped pages count as resident
+memory until unmapped, and we want peak RSS bounded by a few chunks, not the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from .errors import ModelFormatError, ModelNotFoundError
+
+#: safetensors dtype -> numpy dtype used to hold its raw bytes (BF16 as uint16 words).
+DTYPES: Dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("u1"), "F8_E4M3": np.dtype("u1"), "F8_E5M2": np.dtype("u1"),
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # what the safetensors reference implementation accepts
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte range, dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    file: Path
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+    @property
+    def matrix_shape(self) -> Tuple[int, int]:
+        """The 2-D view quantization works on: (first axis, product of the rest)."""
+        if len(self.shape) == 0:
+            return (1, 1)
+        return (self.shape[0], math.prod(self.shape[1:]) if len(self.shape) > 1 else 1)
+
+
+def bf16_to_float32(words: np.ndarray) -> np.ndarray:
+    """Widen raw bfloat16 words (uint16) to float32: they are float32's top 16 bits."""
+    return (words.astype(np.uint32) << 16).view(np.float32)
+
+
+def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return bf16_to_float32(raw)
+    return raw.astype(np.float32)
+
+
+def read_header(file: Path) -> Tuple[dict, int]:
+    """Parse and return ``(header dict, data start offset)``; raise ModelFormatError on damage."""
+    size = file.stat().st_size
+    if size < 8:
+        raise ModelFormatError(f"{file}: truncated safetensors file ({size} bytes, no header length)")
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > MAX_HEADER_BYTES:
+            raise ModelFormatError(f"{file}: header length {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt file?)")
+        if 8 + n > size:
+            raise ModelFormatError(f"{file}: truncated: header says {n} bytes but the file has {size - 8} after the length")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{file}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{file}: header is not a JSON object")
+    return header, 8 + n
+
+
+def parse_tensors(file: Path, prefix: str = "") -> Tuple[List[TensorInfo], dict, bytes]:
+    """Validated tensor entries of one file, its ``__metadata__`` and its raw header bytes' digest input."""
+    header, data_start = read_header(file)
+    data_len = file.stat().st_size - data_start
+    metadata = header.pop("__metadata__", {}) or {}
+    infos = []
+    for name, entry in header.items():
+        where = f"{file}: tensor {name!r}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise ModelFormatError(f"{where}: header entry lacks dtype/shape/data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPES:
+            raise ModelFormatError(f"{where}: unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ModelFormatError(f"{where}: bad shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise ModelFormatError(f"{where}: bad data_offsets {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise ModelFormatError(f"{where}: bad data_offsets {offsets!r}")
+        if end > data_len:
+            raise ModelFormatError(f"{where}: data_offsets {offsets} run past the end of the data ({data_len} bytes): truncated file?")
+        expected = math.prod(shape) * DTYPES[dtype].itemsize
+        if end - begin != expected:
+            raise ModelFormatError(f"{where}: {end - begin} bytes stored but dtype {dtype} x shape {shape} needs {expected}")
+        infos.append(TensorInfo(prefix + name, dtype, tuple(shape), file, data_start + begin, data_start + end))
+    ordered = sorted(infos, key=lambda t: (t.start, t.end))
+    for a, b in zip(ordered, ordered[1:]):
+        if b.start < a.end:
+            raise ModelFormatError(f"{file}: tensors {a.name!r} and {b.name!r} overlap in the file")
+    with open(file, "rb") as f:
+        header_bytes = f.read(data_start)
+    return ordered, metadata, header_bytes
+
+
+class ModelSource:
+    """A validated model: its tensors (in file order), config, metadata and non-weight files."""
+
+    def __init__(self, path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ModelNotFoundError(f"{self.path}: no such file or folder")
+        self.root = self.path if self.path.is_dir() else self.path.parent
+        self.files = self._weight_files()
+        self.tensors: Dict[str, TensorInfo] = {}
+        self.metadata: Dict[str, str] = {}
+        digest = hashlib.sha256()
+        for file, prefix in self.files:
+            infos, metadata, header_bytes = parse_tensors(file, prefix)
+            digest.update(str(file.relative_to(self.root)).encode() + b"\0" + header_bytes)
+            self.metadata.update({k: str(v) for k, v in metadata.items()})
+            for info in infos:
+                if info.name in self.tensors:
+                    raise ModelFormatError(
+                        f"{file}: tensor {info.name!r} also appears in {self.tensors[info.name].file}"
+                    )
+                self.tensors[info.name] = info
+        self._check_index()
+        self.header_checksum = digest.hexdigest()
+        self.config = self._read_json(self.root / "config.json") if self.path.is_dir() else {}
+
+    # -- discovery ------------------------------------------------------------------
+
+    def _weight_files(self) -> List[Tuple[Path, str]]:
+        if self.path.is_file():
+            if self.path.suffix != ".safetensors":
+                raise ModelNotFoundError(f"{self.path}: not a .safetensors file")
+            return [(self.path, "")]
+        index = self.path / INDEX_NAME
+        if index.exists():
+            weight_map = self._read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ModelFormatError(f"{index}: no 'weight_map' object")
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (self.path / n).is_file()]
+            if missing:
+                raise ModelFormatError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}")
+            self._index = {k: self.path / v for k, v in weight_map.items()}
+            return [(self.path / n, "") for n in names]
+        top = sorted(self.path.glob("*.safetensors"))
+        if top:
+            return [(f, "") for f in top]
+        # diffusers: one component per subfolder, names prefixed by the component.
+        nested = sorted(p for p in self.path.glob("*/*.safetensors") if not p.parent.name.startswith("."))
+        if nested:
+            return [(f, f"{f.parent.name}/") for f in nested]
+        raise ModelNotFoundError(
+            f"{self.path}: no .safetensors weights found (expected model.safetensors, shards with {INDEX_NAME}, "
+            "or diffusers component subfolders)"
+        )
+
+    def _check_index(self) -> None:
+        index = getattr(self, "_index", None)
+        if index is None:
+            return
+        for name, file in index.items():
+            info = self.tensors.get(name)
+            if info is None:
+                raise ModelFormatError(f"{self.path / INDEX_NAME}: lists tensor {name!r} which no shard holds")
+            if info.file != file:
+                raise ModelFormatError(f"{self.path / INDEX_NAME}: says {name!r} is in {file.name} but it is in {info.file.name}")
+
+    @staticmethod
+    def _read_json(path: Path) -> dict:
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelFormatError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ModelFormatError(f"{path}: not a JSON object")
+        return data
+
+    def extra_files(self) -> List[Path]:
+        """Non-weight files to copy beside the store (config, tokenizer, ...), relative to the root."""
+        if not self.path.is_dir():
+            return []
+        weights = {f for f, _ in self.files} | {self.path / INDEX_NAME}
+        out = []
+        for p in sorted(self.path.rglob("*")):
+            rel = p.relative_to(self.path)
+            if p.is_file() and p not in weights and not any(part.startswith(".") for part in rel.parts):
+                out.append(rel)
+        return out
+
+    # -- reading --------------------------------------------------------------------
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def read_raw(self, name: str, first: int = 0, count: Optional[int] = None) -> np.ndarray:
+        """Elements ``[first, first+count)`` of a tensor, flat, in its stored dtype (BF16 as uint16)."""
+        info = self.tensors[name]
+        dtype = DTYPES[info.dtype]
+        count = info.numel - first if count is None else count
+        offset = info.start + first * dtype.itemsize
+        nbytes = count * dtype.itemsize
+        buf = bytearray(nbytes)
+        try:
+            with open(info.file, "rb", buffering=0) as f:
+                got = os.preadv(f.fileno(), [buf], offset) if nbytes else 0
+        except FileNotFoundError:
+            raise ModelNotFoundError(f"{info.file}: vanished while reading tensor {name!r}") from None
+        if got != nbytes:
+            raise ModelFormatError(f"{info.file}: tensor {name!r} is cut short (file changed or truncated while reading)")
+        return np.frombuffer(buf, dtype=dtype)
+
+    def read_rows(self, name: str, row0: int, row1: int) -> np.ndarray:
+        """Rows ``[row0, row1)`` of the tensor's 2-D view, widened to float32."""
+        info = self.tensors[name]
+        _, cols = info.matrix_shape
+        raw = self.read_raw(name, row0 * cols, (row1 - row0) * cols)
+        return to_float32(raw, info.dtype).reshape(row1 - row0, cols)
+
+    def read_float32(self, name: str) -> np.ndarray:
+        info = self.tensors[name]
+        return to_float32(self.read_raw(name), info.dtype).reshape(info.shape)
+
+    def chunks(self, name: str, max_elements: int) -> Iterator[Tuple[int, int]]:
+        """Row ranges of the 2-D view holding at most ``max_elements`` each (at least one row)."""
+        rows, cols = self.tensors[name].matrix_shape
+        step = max(1, max_elements // max(cols, 1))
+        for r in range(0, rows, step):
+            yield r, min(r + step, rows)
+
+
+def open_model(path) -> ModelSource:
+    """Open and validate a model folder or .safetensors file."""
+    return ModelSource(path)

@@ -1,0 +1,389 @@
+"""The ArrowQuant store, format version 1: Parquet weights + ``manifest.json``.
+
+A store is a folder:
+
+* ``weights-00001.parquet`` ... : one row per tensor chunk (a range of rows of the
+  tensor's 2-D view), one row group per row so any tensor is read alone. Columns are
+  :data:`SCHEMA`; the blob columns hold what the row's encoding wrote (see
+  ``encodings``: each encoding's class docstring is its byte layout). Lossless rows
+  use encoding ``raw``: ``codes`` is the source bytes, little-endian, in ``dtype``.
+* ``manifest.json``: :data:`FORMAT_NAME`, :data:`FORMAT_VERSION`, library version,
+  source (path, header checksum, bytes), config, modality, shards, totals.
+* the source's non-weight files (config.json, tokenizer files, ...), copied.
+
+:class:`StoreWriter` builds a store in a temporary sibling folder and renames it
+into place only when complete; :class:`QuantizedModel` (``load_quantized``) reads it.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__, encodings
+from .errors import ModelFormatError, OutputError, ValidationError
+from .source import DTYPES, to_float32
+
+FORMAT_NAME = "arrowquant"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RAW = "raw"
+
+SCHEMA = pa.schema([
+    ("name", pa.string()),            # tensor name as in the source
+    ("source_file", pa.string()),     # source shard, relative to the model root (export keeps the layout)
+    ("shape", pa.list_(pa.int64())),  # the tensor's full shape
+    ("dtype", pa.string()),           # source dtype (safetensors name: F32, BF16, ...)
+    ("chunk", pa.int32()),            # chunk index within the tensor
+    ("row_start", pa.int64()),        # first row of the 2-D view held by this row
+    ("row_count", pa.int64()),        # rows of the 2-D view held by this row
+    ("encoding", pa.string()),        # encoding name, or "raw" for lossless
+    ("bits", pa.int8()),              # code width (0 = lossless)
+    ("group_size", pa.int32()),       # 0 = one group per row
+    ("codes", pa.large_binary()),
+    ("scales", pa.large_binary()),
+    ("zeros", pa.large_binary()),
+    ("aux", pa.large_binary()),
+    ("nbytes", pa.int64()),           # sum of this row's blob lengths (what bpw counts)
+    ("cosine", pa.float64()),         # tensor-level figures measured while writing
+    ("rel_error", pa.float64()),
+    ("sqnr_db", pa.float64()),
+    ("reason", pa.string()),          # why the tensor got this encoding
+])
+META_COLUMNS = [f.name for f in SCHEMA if f.name not in encodings.BLOB_FIELDS]
+
+
+@dataclass
+class ChunkRecord:
+    """One Parquet row: a chunk of a tensor with its blobs."""
+
+    name: str
+    source_file: str
+    shape: Tuple[int, ...]
+    dtype: str
+    chunk: int
+    row_start: int
+    row_count: int
+    encoding: str
+    bits: int
+    group_size: int
+    blobs: Dict[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(b.size) for b in self.blobs.values())
+
+
+def _disk_error(e: OSError, where: Path) -> OutputError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return OutputError(f"{where}: no space left while writing the store ({e.strerror}); free space or choose another output")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"{where}: not writable ({e.strerror}); choose another output folder")
+    return OutputError(f"{where}: write failed ({e})")
+
+
+class StoreWriter:
+    """Writes a store into a temporary sibling of ``output`` and publishes it atomically."""
+
+    def __init__(self, output: Path, *, overwrite: bool = False, max_shard_bytes: int = 2 << 30) -> None:
+        self.output = Path(output)
+        self.overwrite = overwrite
+        self.max_shard_bytes = max_shard_bytes
+        if self.output.exists() and not overwrite:
+            raise OutputError(f"{self.output}: already exists; pass overwrite=True (CLI: --overwrite) or choose another output")
+        parent = self.output.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = parent / f".{self.output.name}.partial-{uuid.uuid4().hex[:8]}"
+            self.tmp.mkdir()
+        except OSError as e:
+            raise _disk_error(e, parent) from None
+        self.shards: List[dict] = []
+        self._writer: Optional[pq.ParquetWriter] = None
+        self._shard_bytes = 0
+
+    # -- rows -------------------------------------------------------------------------
+
+    def _open_shard(self) -> None:
+        self._close_shard()
+        name = f"weights-{len(self.shards) + 1:05d}.parquet"
+        self.shards.append({"file": name, "tensors": 0, "rows": 0})
+        self._writer = pq.ParquetWriter(
+            self.tmp / name, SCHEMA, compression="zstd",
+            use_dictionary=["name", "source_file", "dtype", "encoding", "reason"],
+            write_statistics=["name", "chunk"],
+            metadata_collector=None,
+        )
+        self._shard_bytes = 0
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def write_tensor(self, records: List[ChunkRecord], figures: Dict[str, float], reason: str) -> None:
+        """Append all chunks of one tensor (a tensor never straddles two shards)."""
+        size = sum(r.nbytes for r in records)
+        if self._writer is None or (self._shard_bytes and self._shard_bytes + size > self.max_shard_bytes):
+            self._open_shard()
+        try:
+            for r in records:
+                row = {
+                    "name": [r.name], "source_file": [r.source_file], "shape": [list(r.shape)], "dtype": [r.dtype],
+                    "chunk": [r.chunk], "row_start": [r.row_start], "row_count": [r.row_count],
+                    "encoding": [r.encoding], "bits": [r.bits], "group_size": [r.group_size], "nbytes": [r.nbytes],
+                    "cosine": [figures["cosine"]], "rel_error": [figures["rel_error"]],
+                    "sqnr_db": [figures["sqnr_db"]], "reason": [reason],
+                }
+                for f in encodings.BLOB_FIELDS:
+                    blob = r.blobs.get(f)
+                    row[f] = [None if blob is None else memoryview(np.ascontiguousarray(blob))]
+                self._writer.write_table(pa.table(row, schema=SCHEMA))
+        except OSError as e:
+            raise _disk_error(e, self.tmp) from None
+        self._shard_bytes += size
+        self.shards[-1]["tensors"] += 1
+        self.shards[-1]["rows"] += len(records)
+
+    # -- publish / abort ---------------------------------------------------------------
+
+    def copy_extra(self, root: Path, files: Iterable[Path]) -> None:
+        try:
+            for rel in files:
+                dest = self.tmp / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(root / rel, dest)
+        except OSError as e:
+            raise _disk_error(e, self.tmp) from None
+
+    def weight_bytes(self) -> int:
+        return sum((self.tmp / s["file"]).stat().st_size for s in self.shards)
+
+    def finish(self, manifest: dict) -> Path:
+        """Write the manifest and move the finished store into place."""
+        self._close_shard()
+        try:
+            for s in self.shards:
+                s["bytes"] = (self.tmp / s["file"]).stat().st_size
+            manifest = dict(manifest, shards=self.shards)
+            with open(self.tmp / MANIFEST, "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=1, sort_keys=True, allow_nan=True)
+                f.flush()
+                os.fsync(f.fileno())
+            trash = None
+            if self.output.exists():  # overwrite was asked: swap, then delete the old store
+                trash = self.output.parent / f".{self.output.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(self.output, trash)
+            os.rename(self.tmp, self.output)
+        except OSError as e:
+            self.abort()
+            raise _disk_error(e, self.output) from None
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return self.output
+
+    def abort(self) -> None:
+        """Remove everything written; the output path is left as it was."""
+        try:
+            self._close_shard()
+        except Exception:  # noqa: BLE001 - we are cleaning up after another error
+            pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A tensor of a store: its plan, figures and where its chunks are."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str
+    encoding: str
+    bits: int
+    group_size: int
+    reason: str
+    cosine: float
+    rel_error: float
+    sqnr_db: float
+    nbytes: int
+    source_file: str
+    rows: Tuple[Tuple[int, int, int, int], ...]  # (shard index, row group, row_start, row_count)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def quantized(self) -> bool:
+        return self.encoding != RAW
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.nbytes * 8 / self.numel if self.numel else 0.0
+
+
+class QuantizedModel:
+    """A quantized store opened for reading: list tensors, dequantize any one, export."""
+
+    def __init__(self, path) -> None:
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise ValidationError(f"{self.path}: not an ArrowQuant store (no {MANIFEST})")
+        try:
+            self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValidationError(f"{manifest_path}: corrupt manifest ({e})") from None
+        if self.manifest.get("format") != FORMAT_NAME or self.manifest.get("format_version") != FORMAT_VERSION:
+            raise ValidationError(
+                f"{manifest_path}: format {self.manifest.get('format')!r} v{self.manifest.get('format_version')} "
+                f"is not {FORMAT_NAME} v{FORMAT_VERSION}"
+            )
+        self.files = [self.path / s["file"] for s in self.manifest.get("shards", [])]
+        self.tensors: Dict[str, TensorEntry] = {}
+        self._load_index()
+
+    def _load_index(self) -> None:
+        acc: Dict[str, dict] = {}
+        for si, file in enumerate(self.files):
+            try:
+                pf = pq.ParquetFile(file)
+                table = pf.read(columns=META_COLUMNS)
+            except (OSError, pa.ArrowException) as e:
+                raise ValidationError(f"{file}: unreadable Parquet shard ({e})") from None
+            for i, row in enumerate(table.to_pylist()):
+                entry = acc.setdefault(row["name"], dict(row, total=0, rows=[]))
+                entry["total"] += row["nbytes"]
+                entry["rows"].append((si, i, row["row_start"], row["row_count"]))
+        for name, e in acc.items():
+            self.tensors[name] = TensorEntry(
+                name=name, shape=tuple(e["shape"]), dtype=e["dtype"], encoding=e["encoding"], bits=e["bits"],
+                group_size=e["group_size"], reason=e["reason"], cosine=e["cosine"], rel_error=e["rel_error"],
+                sqnr_db=e["sqnr_db"], nbytes=e["total"], source_file=e["source_file"], rows=tuple(e["rows"]),
+            )
+
+    # -- per tensor ---------------------------------------------------------------------
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def _rows(self, name: str):
+        try:
+            entry = self.tensors[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor {name!r}") from None
+        for si, rg, _, _ in entry.rows:
+            table = pq.ParquetFile(self.files[si]).read_row_group(rg)
+            yield table.to_pylist()[0]
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """The tensor ``name`` as float32 in its original shape (reads only its own row groups)."""
+        entry = self.tensors[name]
+        rows, cols = (entry.shape[0], math.prod(entry.shape[1:])) if len(entry.shape) > 1 else (
+            (entry.shape[0], 1) if entry.shape else (1, 1))
+        out = np.empty((rows, cols), dtype=np.float32)
+        for row in self._rows(name):
+            r0, n = row["row_start"], row["row_count"]
+            out[r0:r0 + n] = self._decode(row, n, cols)
+        return out.reshape(entry.shape)
+
+    def raw(self, name: str) -> np.ndarray:
+        """A lossless tensor's stored values in its source dtype (BF16 as uint16 words)."""
+        entry = self.tensors[name]
+        if entry.quantized:
+            raise ValueError(f"{name!r} is quantized; use dequantize()")
+        parts = [np.frombuffer(row["codes"] or b"", dtype=DTYPES[entry.dtype]) for row in self._rows(name)]
+        return (np.concatenate(parts) if parts else np.empty(0, DTYPES[entry.dtype])).reshape(entry.shape)
+
+    @staticmethod
+    def _decode(row: dict, rows: int, cols: int) -> np.ndarray:
+        if row["encoding"] == RAW:
+            raw = np.frombuffer(row["codes"] or b"", dtype=DTYPES[row["dtype"]])
+            if row["dtype"] not in ("F64", "F32", "F16", "BF16"):
+                return raw.astype(np.float32).reshape(rows, cols)
+            return to_float32(raw, row["dtype"]).reshape(rows, cols)
+        enc = encodings.get_encoding(row["encoding"], row["bits"], row["group_size"])
+        blobs = {f: np.frombuffer(row[f], dtype=np.uint8) for f in encodings.BLOB_FIELDS if row[f] is not None}
+        return encodings.dequantize(blobs, enc, rows, cols)
+
+    # -- whole model ----------------------------------------------------------------------
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def summary(self) -> List[dict]:
+        """One dict per tensor: name, shape, dtype, encoding, bits, bpw, cosine, rel_error, reason."""
+        return [
+            dict(name=e.name, shape=e.shape, dtype=e.dtype, encoding=e.encoding, bits=e.bits, group_size=e.group_size,
+                 bits_per_weight=e.bits_per_weight, cosine=e.cosine, rel_error=e.rel_error, sqnr_db=e.sqnr_db,
+                 reason=e.reason, numel=e.numel)
+            for e in self.tensors.values()
+        ]
+
+    def to_safetensors(self, path, dtype: str = "float16") -> Path:
+        """Export a dequantized safetensors model (same file layout as the source) into folder ``path``.
+
+        Quantized tensors are written in ``dtype`` (float16, bfloat16 or float32);
+        lossless ones keep their exact source bytes. Non-weight files are copied.
+        """
+        from .safetensors_writer import TensorSpec, float32_to_bf16_bits, write_safetensors
+
+        target = {"float16": ("F16", lambda a: a.astype(np.float16)),
+                  "bfloat16": ("BF16", float32_to_bf16_bits),
+                  "float32": ("F32", lambda a: a.astype(np.float32))}
+        if dtype not in target:
+            raise ValueError(f"dtype={dtype!r} is not allowed; allowed: {', '.join(target)}")
+        st_dtype, convert = target[dtype]
+        out = Path(path)
+        if out.exists():
+            raise OutputError(f"{out}: already exists; choose another folder")
+        out.mkdir(parents=True)
+        by_file: Dict[str, List[TensorEntry]] = {}
+        for e in self.tensors.values():
+            by_file.setdefault(e.source_file, []).append(e)
+        for rel, entries in by_file.items():
+            specs = []
+            for e in entries:
+                if e.quantized:
+                    specs.append(TensorSpec(e.name.split("/", 1)[-1] if "/" in rel else e.name, st_dtype, e.shape,
+                                            lambda e=e: convert(self.dequantize(e.name))))
+                else:
+                    specs.append(TensorSpec(e.name.split("/", 1)[-1] if "/" in rel else e.name, e.dtype, e.shape,
+                                            lambda e=e: self.raw(e.name)))
+            dest = out / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            write_safetensors(dest, specs, metadata={"format": "pt", "dequantized_from": "arrowquant"})
+        if len(by_file) > 1 and all("/" not in rel for rel in by_file):
+            index = {"metadata": {}, "weight_map": {e.name: e.source_file for e in self.tensors.values()}}
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        for rel in self.manifest.get("extra_files", []):
+            src = self.path / rel
+            if src.is_file():
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, out / rel)
+        return out
+
+
+def load_quantized(path) -> QuantizedModel:
+    """Open an ArrowQuant store for reading (see :class:`QuantizedModel`)."""
+    return QuantizedModel(path)
