@@ -11,3 +11,20 @@ from .errors import (  # noqa: F401
     QuantizationError,
     ValidationError,
 )
+from .config import DiffusionQuantConfig  # noqa: F401,E402
+from .api import ArrowQuantV2  # noqa: F401,E402
+from .store import load_quantized, QuantizedModel  # noqa: F401,E402
+
+__all__ = [
+    "ArrowQuantV2", "DiffusionQuantConfig", "load_quantized", "QuantizedModel",
+    "ArrowQuantError", "ConfigurationError", "QuantizationError", "ValidationError",
+    "ModelNotFoundError", "ModelFormatError", "OutputError", "MultiModelError",
+]
+
+
+def __getattr__(name):  # the async API pulls in asyncio machinery; load it on first use
+    if name == "AsyncArrowQuantV2":
+        from .aio import AsyncArrowQuantV2
+
+        return AsyncArrowQuantV2
+    raise AttributeError(f"module 'arrow_quant_v2' has no attribute {name!r}")

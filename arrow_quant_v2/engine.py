@@ -296,7 +296,7 @@ def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfi
             raise QuantizationError(f"{source.path}: the model files changed while being quantized; run again")
         extra = source.extra_files()
         writer.copy_extra(source.root, extra)
-        weight_bytes = writer.weight_bytes()
+        weight_bytes = writer.close()
         figures = summarize(job.final)
         result = {
             "quantized_path": str(output),

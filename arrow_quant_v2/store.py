@@ -166,13 +166,18 @@ class StoreWriter:
         except OSError as e:
             raise _disk_error(e, self.tmp) from None
 
-    def weight_bytes(self) -> int:
+    def close(self) -> int:
+        """Close the open shard and return the bytes of all weight files (what model_size_mb counts)."""
+        try:
+            self._close_shard()
+        except OSError as e:
+            raise _disk_error(e, self.tmp) from None
         return sum((self.tmp / s["file"]).stat().st_size for s in self.shards)
 
     def finish(self, manifest: dict) -> Path:
         """Write the manifest and move the finished store into place."""
-        self._close_shard()
         try:
+            self._close_shard()
             for s in self.shards:
                 s["bytes"] = (self.tmp / s["file"]).stat().st_size
             manifest = dict(manifest, shards=self.shards)

@@ -1,0 +1,63 @@
+"""The synchronous API: :class:`ArrowQuantV2`."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from .config import DiffusionQuantConfig
+from .engine import quantize_model
+from .errors import ConfigurationError
+from .progress import ProgressEvent, Throttle
+from .validation import validate_store
+
+
+def plain_progress(callback: Optional[Callable[[str, float], None]], interval: float):
+    """Adapt a ``callback(message, progress)`` to the engine's event sink, throttled."""
+    if callback is None:
+        return None
+    throttle = Throttle(interval)
+
+    def sink(event: ProgressEvent) -> None:
+        if throttle.admit(event):
+            try:
+                callback(event.message, event.fraction)
+            except Exception as e:  # noqa: BLE001 - a listener's bug must not kill the job
+                import logging
+
+                logging.getLogger(__name__).warning("progress callback raised %r (ignored)", e)
+
+    return sink
+
+
+class ArrowQuantV2:
+    """Blocking quantizer.
+
+    ``mode`` is ``"diffusion"`` (the only mode: time-aware protection on).
+    ``progress_interval`` is the minimum seconds between two progress callbacks
+    (the first and the final one are always delivered).
+    """
+
+    def __init__(self, mode: str = "diffusion", progress_interval: float = 5.0) -> None:
+        if mode != "diffusion":
+            raise ConfigurationError(f"mode={mode!r} is not allowed; allowed: 'diffusion'")
+        self.mode = mode
+        self.progress_interval = progress_interval
+
+    def quantize_diffusion_model(self, model_path, output_path, config: Optional[DiffusionQuantConfig] = None,
+                                 progress_callback: Optional[Callable[[str, float], None]] = None,
+                                 overwrite: bool = False) -> dict:
+        """Quantize ``model_path`` into a new store at ``output_path``.
+
+        Returns a dict with ``quantized_path, compression_ratio, cosine_similarity,
+        model_size_mb, modality, bit_width, quantization_time_s`` and more (see README).
+        Raises :class:`ConfigurationError` or :class:`QuantizationError`.
+        """
+        return quantize_model(model_path, output_path, config,
+                              progress=plain_progress(progress_callback, self.progress_interval), overwrite=overwrite)
+
+    def validate_quality(self, original_path, quantized_path, min_accuracy: Optional[float] = None) -> dict:
+        """Re-read source and store and compare every tensor.
+
+        Returns ``cosine_similarity, compression_ratio, per_layer_accuracy, passed`` and
+        more (min_cosine, worst_layers, per_layer details). Raises :class:`ValidationError`.
+        """
+        return validate_store(original_path, quantized_path, min_accuracy=min_accuracy)
