@@ -65,7 +65,7 @@ def encoding_for(config: DiffusionQuantConfig, bits: int) -> str:
         cls = encodings.get_encoding(config.encoding, config.bit_width, config.group_size).__class__
         if bits in cls.supported_bits:
             return config.encoding
-    return encodings.DEFAULT_ENCODING.get(bits, "affine")
+    return getattr(encodings, "DEFAULT_ENCODING", {}).get(bits, "affine")
 
 
 class Planner:
