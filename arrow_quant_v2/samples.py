@@ -91,7 +91,7 @@ def _samples_dir(root: Path) -> Path:
 DREAM_PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=2, vocab=8192,
                  max_shard_bytes=24 * 2**20),
-    "2gb": dict(hidden=2048, intermediate=5632, layers=16, heads=16, kv_heads=4, vocab=32000,
+    "2gb": dict(hidden=2048, intermediate=5632, layers=20, heads=16, kv_heads=4, vocab=32000,
                 max_shard_bytes=1 * 2**30),
     "7b": dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, vocab=152064,
                max_shard_bytes=4 * 10**9),
@@ -349,13 +349,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _python() -> str:
+    return sys.executable or "python"
+
+
 def _wheel_help(w: _Wheel, sample: str, wheels_dir: Path, reason: str) -> str:
     return (
         f"sample {sample!r} is built from the PyPI wheel {w.filename} (sha256 {w.sha256}), "
         f"which could not be had: {reason}\n"
-        f"Fetch it on a machine with access to PyPI with:\n"
-        f"    python -m pip download --no-deps {w.requirement} -d {wheels_dir}\n"
-        f"and put it in {wheels_dir}, or keep it anywhere and set "
+        f"To get it, run (where PyPI is reachable):\n"
+        f"    {_python()} -m pip download --no-deps {w.requirement} -d {wheels_dir}\n"
+        f"so the wheel lands in {wheels_dir}; or copy the wheel anywhere and set "
         f"{w.env}=/path/to/{w.filename} (or pass wheel=... to sample_path)."
     )
 

@@ -4,7 +4,7 @@
 
 Presets (BF16):
     tiny   hidden 512,  intermediate 1408,  8 layers, vocab 8192     ~31M params,  ~62 MB
-    2gb    hidden 2048, intermediate 5632, 16 layers, vocab 32000    ~1.0B params, ~2.0 GB
+    2gb    hidden 2048, intermediate 5632, 20 layers, vocab 32000    ~1.0B params, ~2.0 GB
     7b     hidden 3584, intermediate 18944, 28 layers, vocab 152064  ~7.6B params, ~15 GB
            (the Dream-v0-Base-7B / Qwen2.5-7B shapes, in 4 GB shards)
 
