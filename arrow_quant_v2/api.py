@@ -44,15 +44,17 @@ class ArrowQuantV2:
 
     def quantize_diffusion_model(self, model_path, output_path, config: Optional[DiffusionQuantConfig] = None,
                                  progress_callback: Optional[Callable[[str, float], None]] = None,
-                                 overwrite: bool = False) -> dict:
+                                 overwrite: bool = False, resume: bool = False) -> dict:
         """Quantize ``model_path`` into a new store at ``output_path``.
 
-        Returns a dict with ``quantized_path, compression_ratio, cosine_similarity,
-        model_size_mb, modality, bit_width, quantization_time_s`` and more (see README).
+        ``overwrite`` replaces an existing store; ``resume`` reuses what a killed run
+        with the same source and config had finished. Returns a dict with
+        ``quantized_path, compression_ratio, cosine_similarity, model_size_mb, modality,
+        bit_width, quantization_time_s`` and more (see README).
         Raises :class:`ConfigurationError` or :class:`QuantizationError`.
         """
-        return quantize_model(model_path, output_path, config,
-                              progress=plain_progress(progress_callback, self.progress_interval), overwrite=overwrite)
+        return quantize_model(model_path, output_path, config, overwrite=overwrite, resume=resume,
+                              progress=plain_progress(progress_callback, self.progress_interval))
 
     def validate_quality(self, original_path, quantized_path, min_accuracy: Optional[float] = None) -> dict:
         """Re-read source and store and compare every tensor.

@@ -88,7 +88,8 @@ def cmd_quantize(args) -> int:
     config = _config_from(args)
     bar, sink = _progress_bar(f"quantizing {model.name}", not args.json and not args.quiet)
     try:
-        result = quantize_model(model, args.output, config, progress=sink, overwrite=args.overwrite)
+        result = quantize_model(model, args.output, config, progress=sink, overwrite=args.overwrite,
+                                resume=args.resume)
     finally:
         bar.close()
     if args.json:
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("output", help="output store folder (must not exist unless --overwrite)")
     _add_config_options(q)
     q.add_argument("--overwrite", action="store_true", help="replace an existing store at OUTPUT")
+    q.add_argument("--resume", action="store_true", help="reuse what an interrupted run with the same inputs finished")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_quantize)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import json
 import math
 import os
 import threading
@@ -30,7 +31,10 @@ from .store import FORMAT_NAME, FORMAT_VERSION, RAW, ChunkRecord, StoreWriter
 
 #: Largest chunk, in elements (32 MiB of float32): bounds memory and cancel latency.
 CHUNK_ELEMENTS = 8 << 20
-#: Tensors are split across threads only above this many elements per piece.
+#: Large tensors are cut in this many chunks (so threads share them) but never into
+#: chunks smaller than MIN_SPLIT_ELEMENTS. Chunking depends on the tensor alone, not on
+#: the thread count, so the same inputs always give the same store bytes (resume relies on it).
+SPLIT_WAYS = 8
 MIN_SPLIT_ELEMENTS = 1 << 18
 
 _pool_lock = threading.Lock()
@@ -86,11 +90,13 @@ class QuantizeJob:
 
     def _chunk_rows(self, info: TensorInfo) -> List[Tuple[int, int]]:
         rows, cols = info.matrix_shape
-        per = min(CHUNK_ELEMENTS, max(MIN_SPLIT_ELEMENTS, math.ceil(info.numel / self.threads)))
+        per = min(CHUNK_ELEMENTS, max(MIN_SPLIT_ELEMENTS, math.ceil(info.numel / SPLIT_WAYS)))
         return list(self.source.chunks(info.name, per)) if info.numel else [(0, rows)]
 
     def _tasks(self):
         for name, info in self.source.tensors.items():
+            if name in self.final:  # kept from a killed run (resume)
+                continue
             plan = self.plans[name]
             ranges = self._chunk_rows(info)
             for i, (r0, r1) in enumerate(ranges):
@@ -116,8 +122,11 @@ class QuantizeJob:
         window = self.threads + 1
         parts: List[Tuple[int, int, object]] = []
         stats = np.zeros(4)
-        self.bytes_done, self.bytes_total = 0, max(self.source.total_bytes, 1)
-        self.tensors_done, self.tensors_total = 0, len(self.source.tensors)
+        self.bytes_total = max(self.source.total_bytes, 1)
+        self.tensors_total = len(self.source.tensors)
+        self.final.update(self.writer.resumed)
+        self.tensors_done = len(self.final)
+        self.bytes_done = sum(t["source_bytes"] for t in self.final.values())
         self._emit("quantize", "", "starting")
         try:
             while True:
@@ -213,9 +222,10 @@ class QuantizeJob:
             ChunkRecord(info.name, rel, info.shape, info.dtype, i, r0, r1 - r0, encoding, plan.bits, plan.group_size, blobs)
             for i, (r0, r1, blobs) in enumerate(parts)
         ]
-        self.writer.write_tensor(records, fig, reason)
-        self.final[info.name] = dict(fig, bits=plan.bits, encoding=encoding, nbytes=sum(r.nbytes for r in records),
-                                     numel=info.numel, reason=reason, source_bytes=info.nbytes)
+        summary = dict(fig, bits=plan.bits, encoding=encoding, nbytes=sum(r.nbytes for r in records),
+                       numel=info.numel, reason=reason, source_bytes=info.nbytes)
+        self.writer.write_tensor(records, fig, reason, summary)
+        self.final[info.name] = summary
         self.tensors_done += 1
 
     def _emit(self, stage: str, tensor: str, message: str) -> None:
@@ -225,6 +235,16 @@ class QuantizeJob:
 
 def _file_state(source: ModelSource):
     return [(f, f.stat().st_size, f.stat().st_mtime_ns) for f, _ in source.files]
+
+
+def run_key(source: ModelSource, config: DiffusionQuantConfig) -> str:
+    """What makes two runs produce the same store: source headers, config (threads aside), versions."""
+    import hashlib
+
+    settings = config.to_dict()
+    settings.pop("num_threads")
+    text = f"{FORMAT_VERSION}|{__version__}|{source.header_checksum}|{json.dumps(settings, sort_keys=True)}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def summarize(final: Dict[str, dict]) -> dict:
@@ -254,11 +274,13 @@ def summarize(final: Dict[str, dict]) -> dict:
 
 def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfig] = None, *,
                    progress: Optional[ProgressSink] = None, cancel: Optional[CancelToken] = None,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, resume: bool = False) -> dict:
     """Quantize the model at ``model_path`` into a new store at ``output_path``.
 
     ``progress`` receives every :class:`ProgressEvent` (unthrottled, from this thread);
-    ``cancel`` is checked between chunks. Returns the result dict (see README).
+    ``cancel`` is checked between chunks. ``resume=True`` reuses the verified shards of
+    an earlier run with the same source and config that was killed before finishing.
+    Returns the result dict (see README).
     Raises ConfigurationError, QuantizationError (and subclasses), or progress.Cancelled.
     """
     started = time.perf_counter()
@@ -285,7 +307,8 @@ def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfi
     planner = Planner(config, diffusion=True)
     plans = planner.plan_model(source)
     state_before = _file_state(source)
-    writer = StoreWriter(output, overwrite=overwrite, max_shard_bytes=config.max_shard_mb << 20)
+    writer = StoreWriter(output, overwrite=overwrite, max_shard_bytes=config.max_shard_mb << 20,
+                         run_key=run_key(source, config), resume=resume)
     try:
         job = QuantizeJob(source, writer, config, plans, report, cancel)
         job.run()

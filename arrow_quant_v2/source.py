@@ -5,7 +5,8 @@ A model is a Hugging Face folder (``model.safetensors`` or shards with
 their tensor names prefixed ``component/``), or a single ``.safetensors`` file.
 
 Every header is checked before any weight is read (offsets inside the file, no
-overlaps, byte counts matching dtype x shape), so a damaged file fails early with a
+overlaps or holes, byte counts matching dtype x shape, sane shapes, a header that is
+a JSON object without duplicate names), so a damaged file fails early with a
 :class:`ModelFormatError` naming the file. Weights are read with ``os.pread`` chunk by
 chunk rather than through a long-lived memory map: mapped pages count as resident
 memory until unmapped, and we want peak RSS bounded by a few chunks, not the model.
@@ -33,7 +34,14 @@ DTYPES: Dict[str, np.dtype] = {
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # what the safetensors reference implementation accepts
+#: Bounds on a declared shape, so that a hostile header cannot make later code build
+#: absurd arrays (a zero-size tensor of shape (0, 2**62) would pass the byte-count check).
+MAX_RANK = 32
+MAX_ELEMENTS = 1 << 48
 INDEX_NAME = "model.safetensors.index.json"
+#: Other serialisations of the weights: not copied into a store (they would carry the
+#: full-precision weights along); end-to-end validation reads them from the source.
+WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".npz")
 
 
 @dataclass(frozen=True)
@@ -78,21 +86,78 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return raw.astype(np.float32)
 
 
+def _reject_duplicates(pairs):
+    obj = {}
+    for k, v in pairs:
+        if k in obj:
+            raise ValueError(f"duplicate key {k!r}")
+        obj[k] = v
+    return obj
+
+
+def _short(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so a hostile header cannot make a 100 MB message."""
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+def _loads(raw: bytes, strict: bool = False):
+    """``json.loads`` that turns every way bad bytes can fail into ValueError.
+
+    Besides JSONDecodeError, Python raises plain ValueError for integers of more than
+    4300 digits and RecursionError for deeply nested arrays; duplicate keys are refused
+    when ``strict`` (headers: a repeated tensor name would silently hide a tensor).
+    """
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates if strict else None)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(str(e)) from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _check_shape(shape) -> Optional[str]:
+    """Why ``shape`` is not acceptable, or None."""
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        return "dimensions must be a list of non-negative integers"
+    if len(shape) > MAX_RANK:
+        return f"rank {len(shape)} exceeds {MAX_RANK}"
+    n = 1
+    for d in shape:
+        if d > MAX_ELEMENTS:
+            return f"dimension {d} exceeds {MAX_ELEMENTS}"
+        n *= d or 1
+        if n > MAX_ELEMENTS:
+            return f"more than {MAX_ELEMENTS} elements"
+    return None
+
+
+def _open_error(file: Path, e: OSError):
+    if isinstance(e, (FileNotFoundError, NotADirectoryError)):
+        return ModelNotFoundError(f"{file}: cannot be opened ({e.strerror})")
+    return ModelFormatError(f"{file}: cannot be read ({e.strerror or e})")
+
+
 def read_header(file: Path) -> Tuple[dict, int]:
     """Parse and return ``(header dict, data start offset)``; raise ModelFormatError on damage."""
-    size = file.stat().st_size
-    if size < 8:
-        raise ModelFormatError(f"{file}: truncated safetensors file ({size} bytes, no header length)")
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > MAX_HEADER_BYTES:
-            raise ModelFormatError(f"{file}: header length {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt file?)")
-        if 8 + n > size:
-            raise ModelFormatError(f"{file}: truncated: header says {n} bytes but the file has {size - 8} after the length")
-        raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        size = file.stat().st_size
+        if size < 8:
+            raise ModelFormatError(f"{file}: truncated safetensors file ({size} bytes, no header length)")
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > MAX_HEADER_BYTES:
+                raise ModelFormatError(f"{file}: header length {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt file?)")
+            if 8 + n > size:
+                raise ModelFormatError(f"{file}: truncated: header says {n} bytes but the file has {size - 8} after the length")
+            raw = f.read(n)
+    except OSError as e:
+        raise _open_error(file, e) from None
+    if len(raw) != n:
+        raise ModelFormatError(f"{file}: truncated while reading its header (file changed?)")
+    try:
+        header = _loads(raw, strict=True)
+    except ValueError as e:
         raise ModelFormatError(f"{file}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ModelFormatError(f"{file}: header is not a JSON object")
@@ -102,26 +167,38 @@ def read_header(file: Path) -> Tuple[dict, int]:
 def parse_tensors(file: Path, prefix: str = "") -> Tuple[List[TensorInfo], dict, bytes]:
     """Validated tensor entries of one file, its ``__metadata__`` and its raw header bytes' digest input."""
     header, data_start = read_header(file)
-    data_len = file.stat().st_size - data_start
-    metadata = header.pop("__metadata__", {}) or {}
+    try:
+        data_len = file.stat().st_size - data_start
+    except OSError as e:
+        raise _open_error(file, e) from None
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise ModelFormatError(f"{file}: '__metadata__' is {type(metadata).__name__}, not a JSON object of strings")
     infos = []
     for name, entry in header.items():
-        where = f"{file}: tensor {name!r}"
+        where = f"{file}: tensor {_short(name)}"
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ModelFormatError(f"{where}: tensor name is not valid UTF-8") from None
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
             raise ModelFormatError(f"{where}: header entry lacks dtype/shape/data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
-            raise ModelFormatError(f"{where}: unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise ModelFormatError(f"{where}: bad shape {shape!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ModelFormatError(f"{where}: unsupported dtype {_short(dtype)}; supported: {', '.join(DTYPES)}")
+        why = _check_shape(shape)
+        if why:
+            raise ModelFormatError(f"{where}: bad shape {_short(shape)}: {why}")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise ModelFormatError(f"{where}: bad data_offsets {offsets!r}")
+            raise ModelFormatError(f"{where}: bad data_offsets {_short(offsets)}")
         begin, end = offsets
         if not 0 <= begin <= end:
-            raise ModelFormatError(f"{where}: bad data_offsets {offsets!r}")
+            raise ModelFormatError(f"{where}: bad data_offsets {_short(offsets)}")
         if end > data_len:
-            raise ModelFormatError(f"{where}: data_offsets {offsets} run past the end of the data ({data_len} bytes): truncated file?")
+            raise ModelFormatError(f"{where}: data_offsets {_short(offsets)} run past the end of the data ({data_len} bytes): truncated file?")
         expected = math.prod(shape) * DTYPES[dtype].itemsize
         if end - begin != expected:
             raise ModelFormatError(f"{where}: {end - begin} bytes stored but dtype {dtype} x shape {shape} needs {expected}")
@@ -129,9 +206,23 @@ def parse_tensors(file: Path, prefix: str = "") -> Tuple[List[TensorInfo], dict,
     ordered = sorted(infos, key=lambda t: (t.start, t.end))
     for a, b in zip(ordered, ordered[1:]):
         if b.start < a.end:
-            raise ModelFormatError(f"{file}: tensors {a.name!r} and {b.name!r} overlap in the file")
-    with open(file, "rb") as f:
-        header_bytes = f.read(data_start)
+            raise ModelFormatError(f"{file}: tensors {_short(a.name)} and {_short(b.name)} overlap in the file")
+    # The format requires the data section to be exactly covered, without holes (this also
+    # catches a header length that lies by a few padding bytes, which would shift every tensor).
+    pos = data_start
+    for t in ordered:
+        if t.start != pos:
+            raise ModelFormatError(f"{file}: {t.start - pos} bytes before tensor {_short(t.name)} belong to no tensor "
+                                   "(holes are not allowed in safetensors data)")
+        pos = t.end
+    if pos != data_start + data_len:
+        raise ModelFormatError(f"{file}: the last {data_start + data_len - pos} bytes belong to no tensor "
+                               "(trailing data: wrong header length or corrupt offsets?)")
+    try:
+        with open(file, "rb") as f:
+            header_bytes = f.read(data_start)
+    except OSError as e:
+        raise _open_error(file, e) from None
     return ordered, metadata, header_bytes
 
 
@@ -140,7 +231,11 @@ class ModelSource:
 
     def __init__(self, path) -> None:
         self.path = Path(path)
-        if not self.path.exists():
+        try:
+            exists = self.path.exists()
+        except (OSError, ValueError):  # e.g. a NUL byte or a name too long
+            exists = False
+        if not exists:
             raise ModelNotFoundError(f"{self.path}: no such file or folder")
         self.root = self.path if self.path.is_dir() else self.path.parent
         self.files = self._weight_files()
@@ -154,7 +249,7 @@ class ModelSource:
             for info in infos:
                 if info.name in self.tensors:
                     raise ModelFormatError(
-                        f"{file}: tensor {info.name!r} also appears in {self.tensors[info.name].file}"
+                        f"{file}: tensor {_short(info.name)} also appears in {self.tensors[info.name].file}"
                     )
                 self.tensors[info.name] = info
         self._check_index()
@@ -173,6 +268,13 @@ class ModelSource:
             weight_map = self._read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ModelFormatError(f"{index}: no 'weight_map' object")
+            for tensor, shard in weight_map.items():
+                # Lexical check only: shards may be symlinks (the Hugging Face cache links to ../../blobs).
+                if (not isinstance(shard, str) or not shard or Path(shard).is_absolute()
+                        or ".." in Path(shard).parts or "\0" in shard):
+                    raise ModelFormatError(
+                        f"{index}: weight_map[{_short(tensor)}] = {_short(shard)} is not a shard file name inside {self.path}"
+                    )
             names = sorted(set(weight_map.values()))
             missing = [n for n in names if not (self.path / n).is_file()]
             if missing:
@@ -198,17 +300,19 @@ class ModelSource:
         for name, file in index.items():
             info = self.tensors.get(name)
             if info is None:
-                raise ModelFormatError(f"{self.path / INDEX_NAME}: lists tensor {name!r} which no shard holds")
+                raise ModelFormatError(f"{self.path / INDEX_NAME}: lists tensor {_short(name)} which no shard holds")
             if info.file != file:
-                raise ModelFormatError(f"{self.path / INDEX_NAME}: says {name!r} is in {file.name} but it is in {info.file.name}")
+                raise ModelFormatError(f"{self.path / INDEX_NAME}: says {_short(name)} is in {file.name} but it is in {info.file.name}")
 
     @staticmethod
     def _read_json(path: Path) -> dict:
         if not path.exists():
             return {}
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            data = _loads(path.read_bytes())
+        except OSError as e:
+            raise _open_error(path, e) from None
+        except ValueError as e:
             raise ModelFormatError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise ModelFormatError(f"{path}: not a JSON object")
@@ -222,7 +326,8 @@ class ModelSource:
         out = []
         for p in sorted(self.path.rglob("*")):
             rel = p.relative_to(self.path)
-            if p.is_file() and p not in weights and not any(part.startswith(".") for part in rel.parts):
+            if (p.is_file() and p not in weights and p.suffix not in WEIGHT_SUFFIXES
+                    and not any(part.startswith(".") for part in rel.parts)):
                 out.append(rel)
         return out
 

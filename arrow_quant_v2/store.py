@@ -17,6 +17,7 @@ into place only when complete; :class:`QuantizedModel` (``load_quantized``) read
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -37,6 +38,8 @@ from .source import DTYPES, to_float32
 FORMAT_NAME = "arrowquant"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+JOURNAL = "journal.json"  # only inside a partial folder
+LOCK = "writer.pid"  # only inside a partial folder
 RAW = "raw"
 
 SCHEMA = pa.schema([
@@ -92,32 +95,117 @@ def _disk_error(e: OSError, where: Path) -> OutputError:
     return OutputError(f"{where}: write failed ({e})")
 
 
-class StoreWriter:
-    """Writes a store into a temporary sibling of ``output`` and publishes it atomically."""
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
-    def __init__(self, output: Path, *, overwrite: bool = False, max_shard_bytes: int = 2 << 30) -> None:
+
+def _lock_owner(partial: Path) -> Optional[int]:
+    """The pid of a live process writing ``partial``, or None."""
+    try:
+        pid = int((partial / LOCK).read_text())
+    except (OSError, ValueError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+class StoreWriter:
+    """Writes a store into a hidden sibling of ``output`` and publishes it atomically.
+
+    The sibling is named ``.<output>.partial-<run key>``: the run key hashes the source
+    headers and the config, so a later run with the same inputs finds it. Each shard is
+    closed at a size that depends only on the tensors, and recorded with its sha256 in
+    ``journal.json`` when it closes; with ``resume=True`` a new run keeps the verified
+    shards (and the tensors in them) and writes the rest, giving the same files as an
+    uninterrupted run. A partial folder is never at the output path, so nothing
+    half-written can be taken for a finished store.
+    """
+
+    def __init__(self, output: Path, *, overwrite: bool = False, max_shard_bytes: int = 2 << 30,
+                 run_key: str = "", resume: bool = False) -> None:
         self.output = Path(output)
         self.overwrite = overwrite
         self.max_shard_bytes = max_shard_bytes
+        self.run_key = run_key or uuid.uuid4().hex
         if self.output.exists() and not overwrite:
             raise OutputError(f"{self.output}: already exists; pass overwrite=True (CLI: --overwrite) or choose another output")
         parent = self.output.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = parent / f".{self.output.name}.partial-{uuid.uuid4().hex[:8]}"
-            self.tmp.mkdir()
-        except OSError as e:
-            raise _disk_error(e, parent) from None
+        self.tmp = parent / f".{self.output.name}.partial-{self.run_key[:12]}"
         self.shards: List[dict] = []
+        self.resumed: Dict[str, dict] = {}  # tensor name -> its figures, for tensors kept from a killed run
         self._writer: Optional[pq.ParquetWriter] = None
         self._shard_bytes = 0
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._claim(resume)
+        except OSError as e:
+            raise _disk_error(e, parent) from None
+
+    # -- partial folders, lock and journal ---------------------------------------------
+
+    def _claim(self, resume: bool) -> None:
+        for other in self.output.parent.glob(f".{self.output.name}.partial-*"):
+            owner = _lock_owner(other)
+            if owner is not None:
+                if other == self.tmp:
+                    raise OutputError(f"{self.output}: another run (pid {owner}) is writing it right now")
+                continue  # a live run with another config: not ours to touch
+            if other != self.tmp or not resume:
+                shutil.rmtree(other, ignore_errors=True)
+        self.tmp.mkdir(exist_ok=True)
+        (self.tmp / LOCK).write_text(str(os.getpid()))
+        if resume:
+            self._load_journal()
+        for f in self.tmp.glob("weights-*.parquet"):  # a shard that was open when the run died
+            if f.name not in {s["file"] for s in self.shards}:
+                f.unlink()
+
+    def _load_journal(self) -> None:
+        try:
+            journal = json.loads((self.tmp / JOURNAL).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if journal.get("key") != self.run_key:
+            return
+        for shard in journal.get("shards", []):
+            f = self.tmp / shard["file"]
+            if not f.is_file() or f.stat().st_size != shard["bytes"] or _sha256(f) != shard["sha256"]:
+                break  # keep the verified prefix only
+            self.shards.append(shard)
+            for name in shard["tensor_names"]:
+                self.resumed[name] = journal["tensors"][name]
+        self._journal_tensors = {n: journal["tensors"][n] for n in self.resumed}
+
+    def _record_shard(self, tensors: Dict[str, dict]) -> None:
+        """Journal the just-closed shard with its hash and its tensors' figures."""
+        shard = self.shards[-1]
+        f = self.tmp / shard["file"]
+        shard.update(bytes=f.stat().st_size, sha256=_sha256(f))
+        self._journal_tensors = dict(getattr(self, "_journal_tensors", {}), **tensors)
+        journal = {"key": self.run_key, "shards": self.shards,
+                   "tensors": {n: self._journal_tensors[n] for s in self.shards for n in s["tensor_names"]}}
+        tmp = self.tmp / (JOURNAL + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(journal, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.tmp / JOURNAL)
 
     # -- rows -------------------------------------------------------------------------
 
     def _open_shard(self) -> None:
         self._close_shard()
         name = f"weights-{len(self.shards) + 1:05d}.parquet"
-        self.shards.append({"file": name, "tensors": 0, "rows": 0})
+        self.shards.append({"file": name, "tensors": 0, "rows": 0, "tensor_names": []})
+        self._open_figures: Dict[str, dict] = {}
         self._writer = pq.ParquetWriter(
             self.tmp / name, SCHEMA, compression="zstd",
             use_dictionary=["name", "source_file", "dtype", "encoding", "reason"],
@@ -130,9 +218,15 @@ class StoreWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            self._record_shard(self._open_figures)
 
-    def write_tensor(self, records: List[ChunkRecord], figures: Dict[str, float], reason: str) -> None:
-        """Append all chunks of one tensor (a tensor never straddles two shards)."""
+    def write_tensor(self, records: List[ChunkRecord], figures: Dict[str, float], reason: str,
+                     summary: Optional[dict] = None) -> None:
+        """Append all chunks of one tensor (a tensor never straddles two shards).
+
+        ``summary`` is what the engine knows of the tensor (bits, bytes, figures); it is
+        journaled with the shard so a resumed run can report it without re-reading.
+        """
         size = sum(r.nbytes for r in records)
         if self._writer is None or (self._shard_bytes and self._shard_bytes + size > self.max_shard_bytes):
             self._open_shard()
@@ -154,6 +248,8 @@ class StoreWriter:
         self._shard_bytes += size
         self.shards[-1]["tensors"] += 1
         self.shards[-1]["rows"] += len(records)
+        self.shards[-1]["tensor_names"].append(records[0].name)
+        self._open_figures[records[0].name] = summary or {}
 
     # -- publish / abort ---------------------------------------------------------------
 
@@ -178,9 +274,10 @@ class StoreWriter:
         """Write the manifest and move the finished store into place."""
         try:
             self._close_shard()
-            for s in self.shards:
-                s["bytes"] = (self.tmp / s["file"]).stat().st_size
-            manifest = dict(manifest, shards=self.shards)
+            shards = [{k: s[k] for k in ("file", "tensors", "rows", "bytes", "sha256")} for s in self.shards]
+            manifest = dict(manifest, shards=shards)
+            for leftover in (JOURNAL, LOCK):
+                (self.tmp / leftover).unlink(missing_ok=True)
             with open(self.tmp / MANIFEST, "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=1, sort_keys=True, allow_nan=True)
                 f.flush()
@@ -199,10 +296,12 @@ class StoreWriter:
 
     def abort(self) -> None:
         """Remove everything written; the output path is left as it was."""
-        try:
-            self._close_shard()
-        except Exception:  # noqa: BLE001 - we are cleaning up after another error
-            pass
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001 - we are cleaning up after another error
+                pass
+            self._writer = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
