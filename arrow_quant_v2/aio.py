@@ -430,9 +430,10 @@ class AsyncArrowQuantV2:
 
     # -- one job -----------------------------------------------------------------------------
 
-    async def _run_job(self, fn: Callable[..., Any], *, nbytes: int, channel: _ProgressChannel) -> Any:
-        """Wait for a slot and for memory, run ``fn(progress=, cancel=)`` on the executor,
-        and on cancellation stop the worker before re-raising."""
+    async def _run_job(self, fn: Callable[..., Any], *, source, channel: _ProgressChannel) -> Any:
+        """Wait for a slot (first come, first served), then for memory (the size of the
+        weights at ``source``), run ``fn(progress=, cancel=)`` on the executor, and on
+        cancellation stop the worker before re-raising."""
         loop = asyncio.get_running_loop()
         limits = self._limits_for(loop)
         if limits.jobs.would_wait(1):
@@ -440,6 +441,7 @@ class AsyncArrowQuantV2:
                 f"queued: waiting for a job slot ({limits.jobs.used} of {self.max_concurrent_jobs} in use)")))
         await limits.jobs.acquire(1)
         try:
+            nbytes = await loop.run_in_executor(None, source_bytes, source)
             if limits.memory.would_wait(nbytes):
                 free = max(limits.memory.capacity - limits.memory.used, 0)
                 channel.post(ProgressEvent(stage=QUEUED, fraction=0.0, message=(
@@ -463,13 +465,13 @@ class AsyncArrowQuantV2:
         finally:
             limits.jobs.release(1)
 
-    async def _job(self, fn, *, nbytes: int, listeners, interval: float, model_index: Optional[int],
+    async def _job(self, fn, *, source, listeners, interval: float, model_index: Optional[int],
                    wrap: Callable[[Exception], Exception]) -> Any:
         loop = asyncio.get_running_loop()
         channel = _ProgressChannel(loop, listeners, interval, model_index)
         try:
             try:
-                result = await self._run_job(fn, nbytes=nbytes, channel=channel)
+                result = await self._run_job(fn, source=source, channel=channel)
             except ArrowQuantError:
                 raise
             except Exception as e:  # an unexpected failure still surfaces as the documented error type
@@ -506,12 +508,11 @@ class AsyncArrowQuantV2:
         interval = self.progress_interval if progress_interval is None else _check_interval(progress_interval)
         listeners = _listeners(progress_callback, on_event, multi=model_index is not None)
         fn = functools.partial(quantize_model, model_path, output_path, config, overwrite=overwrite)
-        nbytes = await asyncio.get_running_loop().run_in_executor(None, source_bytes, model_path)
 
         def wrap(e: Exception) -> Exception:
             return QuantizationError(f"{model_path}: quantizing failed: {type(e).__name__}: {e}")
 
-        return await self._job(fn, nbytes=nbytes, listeners=listeners, interval=interval,
+        return await self._job(fn, source=model_path, listeners=listeners, interval=interval,
                                model_index=model_index, wrap=wrap)
 
     async def quantize_multiple_models_async(self, models: Sequence[ModelSpec],
@@ -568,13 +569,13 @@ class AsyncArrowQuantV2:
         interval = self.progress_interval if progress_interval is None else _check_interval(progress_interval)
         listeners = _listeners(progress_callback, on_event, multi=False)
         fn = functools.partial(validate_store, original_path, quantized_path, min_accuracy=min_accuracy)
-        nbytes = await asyncio.get_running_loop().run_in_executor(None, source_bytes, original_path)
 
         def wrap(e: Exception) -> Exception:
             return ValidationError(f"validating {quantized_path} against {original_path} failed: {type(e).__name__}: {e}")
 
         try:
-            return await self._job(fn, nbytes=nbytes, listeners=listeners, interval=interval, model_index=None, wrap=wrap)
+            return await self._job(fn, source=original_path, listeners=listeners, interval=interval, model_index=None,
+                                   wrap=wrap)
         except (ValidationError, ConfigurationError):
             raise
         except ArrowQuantError as e:  # e.g. the source changed or is damaged: still a validation failure
