@@ -9,6 +9,7 @@ chunks of the tensor being finished. The cancel token is checked between chunks.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import datetime
 import json
 import math
@@ -214,6 +215,7 @@ class QuantizeJob:
         finally:
             for f in futures:
                 f.cancel()
+            concurrent.futures.wait(futures)  # let running chunks end so no thread outlives the job
 
     def _write(self, info: TensorInfo, plan: TensorPlan, parts, fig: Dict[str, float], reason: str) -> None:
         rel = str(info.file.relative_to(self.source.root)) if self.source.path.is_dir() else info.file.name

@@ -518,3 +518,27 @@ async def test_validation_reports_progress_and_passes(small, tmp_path):
     report = await q.validate_quality_async(small, tmp_path / "out", progress_callback=lambda m, p: seen.append(p))
     assert VALIDATION_KEYS <= set(report) and report["passed"]
     assert seen[-1] == 1.0 and seen == sorted(seen)
+
+
+async def test_cancel_during_a_fallback_re_encode_stops_every_chunk(big_model, tmp_path, active_chunks):
+    # int2 cannot reach cosine 0.9999: once the whole tensor is encoded at int2, the engine
+    # re-encodes it at a wider width, and that is when we cancel.
+    config = DiffusionQuantConfig(bit_width=2, min_accuracy=0.9999)
+    fallback = asyncio.Event()
+
+    def hook(e):
+        if e.stage == "quantize" and e.bytes_done >= e.bytes_total:
+            fallback.set()
+
+    q = AsyncArrowQuantV2(progress_interval=0)
+    task = asyncio.create_task(q.quantize_diffusion_model_async(big_model, tmp_path / "out", config, on_event=hook))
+    await asyncio.wait_for(fallback.wait(), 60)
+    await asyncio.sleep(0.05)  # let the re-encode start
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (name,) = engine.open_model(big_model).tensors
+    first_pass = len(list(engine.open_model(big_model).chunks(name, engine.CHUNK_ELEMENTS)))
+    assert active_chunks["ran"] > first_pass  # the re-encode had started
+    assert active_chunks["active"] == 0 and kernel_pool_idle()
+    assert partials(tmp_path) == [] and not (tmp_path / "out").exists()
