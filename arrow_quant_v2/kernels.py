@@ -18,6 +18,8 @@ Layouts (the one place they are written down):
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -155,3 +157,409 @@ def error_stats(x, y):
         s[2] += b * b
         s[3] += (a - b) * (a - b)
     return s
+
+
+
+# ---------------------------------------------------------------------------
+# Parameter search and non-uniform grids.
+#
+# Search kernels only *propose* parameters. The encodings round them to what the
+# store keeps (float16, small integer codes), and then one rounding kernel
+# (``quantize_affine`` / ``quantize_grid``) picks the codes and computes the fused
+# statistics from exactly the values dequantization will produce. So the search
+# kernels may use relaxed floating point (re-associated sums, which lets LLVM
+# vectorise the reductions) without affecting exactness.
+# ---------------------------------------------------------------------------
+
+SEARCH = dict(nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+# Final rounding kernels: the dequantized value ``y`` is one exact float32 product,
+# as in dequantization; only the float64 statistics sums may be re-associated
+# (so they vectorise). No "contract": it could fuse the product into an FMA.
+FINAL = dict(nogil=True, cache=True, fastmath={"reassoc"})
+
+# Grids of the ``kquant_nl`` encoding: sorted float32 levels, y = level[q] * scale.
+# GRID2/3/4 were fitted to Gaussian weights by alternating (Lloyd-style) the
+# encoding's own per-group scale search with a least-squares update of the levels
+# (script: benchmarks/bench_encodings.py --train-grids). They are deliberately not
+# symmetric: a group's scale may be negative, which mirrors the grid, so each
+# group picks the orientation that fits its tails best (one free bit per group).
+# GRID8 is the uniform mid-rise grid (symmetric; 256 levels).
+# These arrays are part of the on-disk format: never change them in place.
+GRID2 = np.array([-0.6779, -0.1266, 0.3511, 1.0], dtype=np.float32)
+GRID3 = np.array([-0.8593, -0.5181, -0.268, -0.0566, 0.1423, 0.3495, 0.5986, 1.0], dtype=np.float32)
+GRID4 = np.array([-0.9156, -0.7382, -0.5902, -0.4682, -0.3624, -0.2654, -0.1694, -0.0723,
+                  0.0259, 0.1259, 0.2293, 0.3389, 0.4563, 0.5877, 0.7484, 1.0], dtype=np.float32)
+GRID8 = (np.arange(256) - np.float32(127.5)).astype(np.float32)
+GRIDS = {2: GRID2, 3: GRID3, 4: GRID4, 8: GRID8}
+
+# Rounding to the nearest level is a count of the midpoints below t. With the
+# midpoints as compile-time constants (numba freezes global arrays) the count is
+# an unrolled run of compares that LLVM vectorises: ~10x faster than a table
+# lookup or a binary search. The search kernels need only the level's value,
+# built the same way from the level steps (no gather).
+_MID2 = ((GRID2[1:] + GRID2[:-1]) / 2).astype(np.float32)
+_MID3 = ((GRID3[1:] + GRID3[:-1]) / 2).astype(np.float32)
+_MID4 = ((GRID4[1:] + GRID4[:-1]) / 2).astype(np.float32)
+_STEP2 = np.diff(GRID2).astype(np.float32)
+_STEP3 = np.diff(GRID3).astype(np.float32)
+_STEP4 = np.diff(GRID4).astype(np.float32)
+_LO2, _LO3, _LO4 = GRID2[0], GRID3[0], GRID4[0]
+
+
+# Rounding to the nearest level is a count of the midpoints below t. With the
+# midpoints as compile-time constants (numba freezes global arrays) and a literal
+# trip count, the count is an unrolled run of compares that LLVM vectorises: ~10x
+# faster than a table lookup or a binary search. The loops below are written once
+# per grid because LLVM only vectorises them when the grid is known inside the
+# loop (a ``bits`` switch per element halves the speed). The search needs only
+# the level's value, built the same way from the level steps (no gather).
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _code4(t):
+    q = 0
+    for k in range(15):
+        q += t > _MID4[k]
+    return q
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _code3(t):
+    q = 0
+    for k in range(7):
+        q += t > _MID3[k]
+    return q
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _code2(t):
+    q = 0
+    for k in range(3):
+        q += t > _MID2[k]
+    return q
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _code8(t):
+    # uniform mid-rise: level k sits at k - 127.5, the midpoints at the integers - 128
+    return np.int64(min(max(np.floor(t + np.float32(128.0)), np.float32(0.0)), np.float32(255.0)))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _value4(t):
+    v = _LO4
+    for k in range(15):
+        v += _STEP4[k] if t > _MID4[k] else np.float32(0.0)
+    return v
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _value3(t):
+    v = _LO3
+    for k in range(7):
+        v += _STEP3[k] if t > _MID3[k] else np.float32(0.0)
+    return v
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _value2(t):
+    v = _LO2
+    for k in range(3):
+        v += _STEP2[k] if t > _MID2[k] else np.float32(0.0)
+    return v
+
+
+@njit(nogil=True, cache=True)
+def grid_codes(xs, inv, bits, out):
+    """Codes of the levels of ``GRIDS[bits]`` nearest to ``xs * inv`` (1-D), written to ``out``."""
+    if bits == 4:
+        for j in range(xs.size):
+            out[j] = _code4(xs[j] * inv)
+    elif bits == 3:
+        for j in range(xs.size):
+            out[j] = _code3(xs[j] * inv)
+    elif bits == 2:
+        for j in range(xs.size):
+            out[j] = _code2(xs[j] * inv)
+    else:
+        for j in range(xs.size):
+            out[j] = _code8(xs[j] * inv)
+
+
+@njit(**SEARCH)
+def _grid_sums(xs, inv, bits):
+    """``(sum x*L, sum L*L)`` with ``L`` the level nearest to ``x * inv``, over the 1-D ``xs``.
+
+    Float32 sums at 2-4 bits (vectorised twice as wide); float64 at 8 bits, where
+    the error is ~1e-5 of ``sum x^2`` and float32 sums would cancel badly in
+    ``sum x^2 - 2 s sum xL + s^2 sum L^2``.
+    """
+    a = np.float32(0.0)
+    b = np.float32(0.0)
+    if bits == 4:
+        for j in range(xs.size):
+            lv = _value4(xs[j] * inv)
+            a += xs[j] * lv
+            b += lv * lv
+    elif bits == 3:
+        for j in range(xs.size):
+            lv = _value3(xs[j] * inv)
+            a += xs[j] * lv
+            b += lv * lv
+    elif bits == 2:
+        for j in range(xs.size):
+            lv = _value2(xs[j] * inv)
+            a += xs[j] * lv
+            b += lv * lv
+    else:
+        a64 = 0.0
+        b64 = 0.0
+        for j in range(xs.size):
+            lv = np.float32(_code8(xs[j] * inv)) - np.float32(127.5)
+            a64 += np.float64(xs[j]) * lv
+            b64 += np.float64(lv) * lv
+        return a64, b64
+    return np.float64(a), np.float64(b)
+
+
+@njit(**FINAL)
+def quantize_grid(x, scales, group, bits):
+    """Round each element to the nearest point of its group's grid ``y = GRIDS[bits][q] * scale``.
+
+    ``scales`` float32 ``(rows, groups)``, exactly what dequantization will use.
+    Returns the codes (rows*cols uint8, row-major) and the fused statistics
+    ``[sum x*y, sum x*x, sum y*y, sum (x-y)**2]`` of ``y`` in float64.
+    """
+    levels = GRID4 if bits == 4 else (GRID3 if bits == 3 else (GRID2 if bits == 2 else GRID8))
+    rows, cols = x.shape
+    ng = (cols + group - 1) // group
+    codes = np.empty(rows * cols, dtype=np.uint8)
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for r in range(rows):
+        xr = x[r]
+        cr = codes[r * cols:(r + 1) * cols]
+        for g in range(ng):
+            a = g * group
+            b = min(a + group, cols)
+            s = scales[r, g]
+            inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
+            grid_codes(xr[a:b], inv, bits, cr[a:b])
+            for j in range(a, b):
+                v = np.float64(xr[j])
+                y = np.float64(levels[cr[j]] * s)
+                s0 += v * y
+                s1 += v * v
+                s2 += y * y
+                s3 += (v - y) * (v - y)
+    stats = np.empty(4, dtype=np.float64)
+    stats[0] = s0
+    stats[1] = s1
+    stats[2] = s2
+    stats[3] = s3
+    return codes, stats
+
+
+@njit(**JIT)
+def dequantize_grid(codes, scales, rows, cols, group, bits):
+    """``y = GRIDS[bits][q] * scale`` per group: the same float32 product ``quantize_grid`` used."""
+    levels = GRID4 if bits == 4 else (GRID3 if bits == 3 else (GRID2 if bits == 2 else GRID8))
+    out = np.empty((rows, cols), dtype=np.float32)
+    ng = (cols + group - 1) // group
+    for r in range(rows):
+        for g in range(ng):
+            s = scales[r, g]
+            for j in range(g * group, min(g * group + group, cols)):
+                out[r, j] = levels[codes[r * cols + j]] * s
+    return out
+
+
+@njit(**SEARCH)
+def _grid_fit(xs, d, bits, sxx):
+    """Round the 1-D group ``xs`` to the grid at scale ``d``, then re-fit the scale by least squares.
+
+    Returns ``(sse, d_ls)``: the least-squares scale for the codes just chosen and
+    its squared error ``sum x^2 - (sum x*L)^2 / sum L^2`` (L the chosen levels).
+    """
+    sxl, sll = _grid_sums(xs, np.float32(1.0) / d, bits)
+    if sll <= 0.0 or sxl == 0.0:
+        return sxx, d
+    return sxx - sxl * sxl / sll, np.float32(sxl / sll)
+
+
+@njit(**SEARCH)
+def search_grid_scales(x, group, bits, ts, iters):
+    """Per-group scale ``d`` (float32 ``(rows, groups)``) that makes ``d * GRIDS[bits][q]`` fit best.
+
+    Start from the smallest scale that covers the group's min and max without
+    clipping, in both orientations of the grid (a negative scale mirrors it; only
+    one when the grid is symmetric); divide it by each ``t`` in ``ts`` (``t > 1``
+    clips the tails: usually better, since the extreme value is one element while
+    the step shrinks for all); round, and re-fit the scale by least squares. Keep
+    the candidate with the lowest squared error, then run up to ``iters`` more
+    round/re-fit (Lloyd) steps on it. A zero group gets scale 0.
+    """
+    levels = GRID4 if bits == 4 else (GRID3 if bits == 3 else (GRID2 if bits == 2 else GRID8))
+    top = levels[levels.size - 1]
+    bot = -levels[0]
+    two_sides = top != bot
+    rows, cols = x.shape
+    ng = (cols + group - 1) // group
+    out = np.empty((rows, ng), dtype=np.float32)
+    for r in range(rows):
+        xr = x[r]
+        for g in range(ng):
+            xs = xr[g * group:min(g * group + group, cols)]
+            mn = xs[0]
+            mx = xs[0]
+            sxx = 0.0
+            for j in range(xs.size):
+                mn = min(mn, xs[j])
+                mx = max(mx, xs[j])
+                sxx += np.float64(xs[j]) * xs[j]
+            if mn == 0 and mx == 0:
+                out[r, g] = 0.0
+                continue
+            best_e = np.inf
+            best_d = max(mx / top, -mn / bot)
+            for side in range(2 if two_sides else 1):
+                if side == 0:
+                    d0 = max(mx / top, -mn / bot)
+                else:
+                    d0 = -max(mx / bot, -mn / top)
+                for t in ts:
+                    e, d = _grid_fit(xs, d0 / t, bits, sxx)
+                    if e < best_e and d != 0:
+                        best_e = e
+                        best_d = d
+            for _ in range(iters):
+                e, d = _grid_fit(xs, best_d, bits, sxx)
+                if not (e < best_e and d != 0):
+                    break
+                best_e = e
+                best_d = d
+            out[r, g] = best_d
+    return out
+
+
+@njit(**SEARCH)
+def choose_scale_codes(x, group, bits, d, super_scales, per_super, cmin, cmax, refine):
+    """Integer sub-scale codes ``c`` (int32 ``(rows, groups)``) so that ``c * D`` fits each group.
+
+    ``D = super_scales[r, g // per_super]`` is the group's super-block scale, already
+    rounded to what is stored. Without ``refine`` ``c`` is ``round(d / D)``. With it
+    both codes around ``d / D`` are tried with a rounding pass and the one with the
+    lower squared error is kept: with coarse codes (4-bit sub-scales) the nearer
+    code may clip the group's largest element, which costs more than it saves.
+    """
+    rows, cols = x.shape
+    ng = (cols + group - 1) // group
+    out = np.empty((rows, ng), dtype=np.int32)
+    for r in range(rows):
+        xr = x[r]
+        for g in range(ng):
+            big = super_scales[r, g // per_super]
+            f = d[r, g] / big if big != 0 else np.float32(0.0)
+            if not refine:
+                out[r, g] = np.int32(min(max(np.rint(f), cmin), cmax))
+                continue
+            c0 = min(max(np.floor(f), cmin), cmax)
+            c1 = min(max(c0 + 1, cmin), cmax)
+            if c1 == c0 or big == 0:
+                out[r, g] = np.int32(c0)
+                continue
+            xs = xr[g * group:min(g * group + group, cols)]
+            best_c = c0
+            best_e = np.inf
+            for c in (c0, c1):
+                s = np.float32(c) * big
+                if s == 0:
+                    e = 0.0  # y = 0: the error is exactly the common sum x^2 term
+                else:
+                    # sum (x - s L)^2 = sum x^2 - 2 s sum xL + s^2 sum L^2; the sum x^2
+                    # term is common to both candidates, so it is left out.
+                    sxl, sll = _grid_sums(xs, np.float32(1.0) / s, bits)
+                    e = s * (s * sll - 2.0 * sxl)
+                if e < best_e:
+                    best_e = e
+                    best_c = c
+            out[r, g] = np.int32(best_c)
+    return out
+
+
+@njit(**SEARCH)
+def search_affine(x, group, bits, ts, iters):
+    """Per-group ``(scale, offset)`` (float32 ``(rows, groups)`` each) for ``y = q * scale + offset``.
+
+    Least-squares clipping search (the idea behind llama.cpp's ``make_qkx2_quants``
+    and HQQ, simplified): shrink the group's [min, max] around its centre by each
+    ``t`` in ``ts``, round, then solve the 2x2 least-squares problem for the scale
+    and offset that best fit the codes just chosen; keep the lowest squared error;
+    then up to ``iters`` round/re-fit steps on the winner. Min-max is the ``t = 1``
+    candidate, so the result is never worse than it before float16 rounding.
+    """
+    rows, cols = x.shape
+    ng = (cols + group - 1) // group
+    qmax = np.float32((1 << bits) - 1)
+    scales = np.empty((rows, ng), dtype=np.float32)
+    offsets = np.empty((rows, ng), dtype=np.float32)
+    for r in range(rows):
+        for g in range(ng):
+            a = g * group
+            b = min(a + group, cols)
+            n = b - a
+            mn = x[r, a]
+            mx = x[r, a]
+            sx = 0.0
+            sxx = 0.0
+            for j in range(a, b):
+                v = x[r, j]
+                mn = min(mn, v)
+                mx = max(mx, v)
+                sx += np.float64(v)
+                sxx += np.float64(v * v)
+            best_s = (mx - mn) / qmax
+            best_z = mn
+            if mx == mn:
+                scales[r, g] = 0.0
+                offsets[r, g] = mn
+                continue
+            best_e = np.inf
+            mid = (np.float64(mx) + mn) / 2
+            half = (np.float64(mx) - mn) / 2
+            k = 0
+            while k < ts.size + iters:
+                if k < ts.size:
+                    s = np.float32(2 * half / ts[k] / qmax)
+                    z = np.float32(mid - half / ts[k])
+                else:
+                    s = best_s
+                    z = best_z
+                inv = np.float32(1.0) / s
+                sq = 0.0
+                sqq = 0.0
+                sxq = 0.0
+                for j in range(a, b):
+                    v = x[r, j]
+                    q = min(max(np.rint((v - z) * inv), np.float32(0.0)), qmax)
+                    sq += np.float64(q)
+                    sqq += np.float64(q * q)
+                    sxq += np.float64(v) * q
+                det = n * sqq - sq * sq
+                if det > 0:
+                    s2 = (n * sxq - sx * sq) / det
+                    z2 = (sx - s2 * sq) / n
+                    # sum (x - q*s2 - z2)^2 expanded; the least-squares residual
+                    e = sxx - s2 * sxq - z2 * sx
+                    if e < best_e and s2 > 0:
+                        best_e = e
+                        best_s = np.float32(s2)
+                        best_z = np.float32(z2)
+                    elif k >= ts.size:
+                        break
+                k += 1
+            scales[r, g] = best_s
+            offsets[r, g] = best_z
+    return scales, offsets
