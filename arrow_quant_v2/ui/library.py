@@ -1,0 +1,270 @@
+"""The model library: sample models plus model folders found under the configured roots.
+
+:class:`ModelLibrary` is plain ``param`` state (no Panel): it lists models with their
+parameter count, dtype, size on disk, shard count and detected modality, and refuses any
+path outside its roots (``..`` and symlinks are resolved first).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import param
+
+from .. import samples
+from ..errors import ArrowQuantError
+from ..plan import detect_modality
+from ..source import INDEX_NAME, open_model
+from ..store import MANIFEST
+from .roots import PathNotAllowed, confine, env_model_roots, roots_list, samples_root
+
+#: How deep below a root the library looks for model folders (root/org/model = 2).
+SCAN_DEPTH = 2
+#: At most this many folders are examined per root (a root pointing at / stays cheap).
+SCAN_LIMIT = 2000
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of the library."""
+
+    name: str
+    path: str
+    kind: str  # "sample" or "folder"
+    available: bool = True  # False: a sample not built yet (it is built when first used)
+    params: Optional[int] = None
+    dtype: str = ""
+    size_bytes: Optional[int] = None
+    shards: Optional[int] = None
+    modality: str = ""
+    modality_reason: str = ""
+    description: str = ""
+    error: str = ""
+    tensors: Optional[int] = None
+
+    @property
+    def label(self) -> str:
+        tag = "sample" if self.kind == "sample" else Path(self.path).parent.name or "model"
+        return f"{self.name} ({tag})"
+
+    @property
+    def usable(self) -> bool:
+        return not self.error
+
+    def as_row(self) -> dict:
+        return {
+            "model": self.name, "source": "sample" if self.kind == "sample" else "folder",
+            "params": self.params, "dtype": self.dtype or ("(built on first use)" if not self.available else ""),
+            "size_mb": None if self.size_bytes is None else round(self.size_bytes / 2**20, 1),
+            "shards": self.shards, "modality": self.modality, "path": self.path, "note": self.error or self.description,
+        }
+
+
+def folder_size(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def describe_model(path, *, name: Optional[str] = None, kind: str = "folder", description: str = "") -> ModelEntry:
+    """Read a model's headers (never its weights) and summarise it; errors go into ``entry.error``."""
+    path = Path(path)
+    name = name or path.name
+    try:
+        src = open_model(path)
+        modality, why = detect_modality(src)
+        dtypes: Dict[str, int] = {}
+        for t in src.tensors.values():
+            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.numel
+        dtype = "+".join(sorted(dtypes, key=lambda d: -dtypes[d]))
+        return ModelEntry(
+            name=name, path=str(path), kind=kind, params=sum(t.numel for t in src.tensors.values()),
+            dtype=dtype, size_bytes=folder_size(path) if path.is_dir() else path.stat().st_size,
+            shards=len(src.files), modality=modality, modality_reason=why, description=description,
+            tensors=len(src.tensors),
+        )
+    except ArrowQuantError as e:
+        return ModelEntry(name=name, path=str(path), kind=kind, error=str(e), description=description)
+
+
+def looks_like_model(path: Path) -> bool:
+    """A folder with safetensors weights (top level or diffusers components) that is not a store."""
+    if not path.is_dir() or (path / MANIFEST).is_file():
+        return False
+    try:
+        if (path / INDEX_NAME).is_file() or any(path.glob("*.safetensors")):
+            return True
+        return any(p.suffix == ".safetensors" for p in path.glob("*/*.safetensors"))
+    except OSError:
+        return False
+
+
+class ModelLibrary(param.Parameterized):
+    """Sample models and the model folders under ``roots``.
+
+    ``roots`` defaults to ``$ARROW_QUANT_MODEL_ROOTS``; the sample cache is always allowed.
+    """
+
+    roots = param.List(default=[], item_type=Path, doc="Folders models may be read from.")
+    include_samples = param.Boolean(default=True, doc="List the sample models.")
+    models = param.List(default=[], item_type=ModelEntry, doc="The models, samples first.")
+    message = param.String(default="", doc="The last refusal or error, for the view.")
+
+    def __init__(self, roots: Optional[Iterable] = None, *, include_samples: bool = True, scan: bool = True, **params):
+        roots = env_model_roots() if roots is None else [Path(os.path.expanduser(os.fspath(r))) for r in roots]
+        super().__init__(roots=roots_list(roots), include_samples=include_samples, **params)
+        self._lock = threading.Lock()
+        self._cache: Dict[str, tuple] = {}
+        self._extra: List[ModelEntry] = []
+        if scan:
+            self.refresh()
+
+    # -- roots ------------------------------------------------------------------------
+
+    @property
+    def allowed_roots(self) -> List[Path]:
+        """Every folder a model may come from: the roots and the sample cache."""
+        extra = [samples_root()] if self.include_samples else []
+        return roots_list(list(self.roots) + extra)
+
+    def resolve(self, path) -> Path:
+        """``path`` resolved, or :class:`PathNotAllowed` if it lies outside the roots."""
+        return confine(path, self.allowed_roots, what="model")
+
+    # -- listing ----------------------------------------------------------------------
+
+    def _describe_cached(self, path: Path, **kw) -> ModelEntry:
+        try:
+            key_stat = max((f.stat().st_mtime_ns for f in path.iterdir()), default=0) if path.is_dir() else path.stat().st_mtime_ns
+        except OSError:
+            key_stat = None
+        hit = self._cache.get(str(path))
+        if hit and hit[0] == key_stat and key_stat is not None:
+            return replace(hit[1], **{k: v for k, v in kw.items() if k in ("name", "kind", "description")})
+        entry = describe_model(path, **kw)
+        self._cache[str(path)] = (key_stat, entry)
+        return entry
+
+    def sample_entries(self) -> List[ModelEntry]:
+        out = []
+        for s in samples.list_samples():
+            if s.available:
+                out.append(self._describe_cached(Path(s.path), name=s.name, kind="sample", description=s.description))
+            else:
+                out.append(ModelEntry(name=s.name, path=str(s.path), kind="sample", available=False, params=s.params,
+                                      modality=s.modality, description=s.description))
+        return out
+
+    def scan_root(self, root: Path) -> List[ModelEntry]:
+        found: List[ModelEntry] = []
+        if not root.exists():
+            return found
+        frontier, seen = [(root, 0)], 0
+        while frontier and seen < SCAN_LIMIT:
+            folder, depth = frontier.pop(0)
+            seen += 1
+            if looks_like_model(folder):
+                if is_inside_roots(folder, [root]):
+                    found.append(self._describe_cached(folder))
+                continue
+            if depth >= SCAN_DEPTH:
+                continue
+            try:
+                children = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+            except OSError:
+                continue
+            for child in children:
+                if child.is_dir():
+                    # a symlinked folder leading out of the root is not followed
+                    if is_inside_roots(child, [root]):
+                        frontier.append((child, depth + 1))
+                elif child.suffix == ".safetensors" and depth == 0 and is_inside_roots(child, [root]):
+                    found.append(self._describe_cached(child, name=child.stem))
+        return found
+
+    def refresh(self) -> List[ModelEntry]:
+        """Re-list samples and root folders (headers only; cheap)."""
+        with self._lock:
+            entries = self.sample_entries() if self.include_samples else []
+            for root in self.roots:
+                entries.extend(self.scan_root(root))
+            known = {e.path for e in entries}
+            entries.extend(e for e in self._extra if e.path not in known)
+            names: Dict[str, int] = {}
+            for e in entries:
+                names[e.name] = names.get(e.name, 0) + 1
+            # the same folder name under two roots: tell them apart by their parent folder
+            entries = [e if names[e.name] == 1 or e.kind == "sample" else replace(e, name=f"{Path(e.path).parent.name}/{e.name}")
+                       for e in entries]
+        self.models = entries
+        return entries
+
+    def add_path(self, path) -> ModelEntry:
+        """Add a model folder or file a person typed; refused (``message`` set, :class:`PathNotAllowed`
+        raised) if it lies outside the roots."""
+        try:
+            resolved = self.resolve(path)
+        except PathNotAllowed as e:
+            self.message = str(e)
+            raise
+        entry = describe_model(resolved)
+        if entry.error:
+            self.message = entry.error
+        else:
+            self.message = ""
+            if all(e.path != entry.path for e in self._extra):
+                self._extra.append(entry)
+            self.refresh()
+        return entry
+
+    def get(self, name_or_path: str) -> ModelEntry:
+        for e in self.models:
+            if e.name == name_or_path or e.path == name_or_path:
+                return e
+        resolved = str(self.resolve(name_or_path))
+        for e in self.models:
+            if e.path == resolved:
+                return e
+        raise KeyError(f"no model {name_or_path!r} in the library")
+
+    def materialize(self, entry: ModelEntry) -> Path:
+        """The model's folder, building a sample first if needed (blocking; run it off the loop)."""
+        if entry.kind == "sample":
+            path = samples.sample_path(entry.name)
+            if not entry.available:
+                self._cache.pop(str(path), None)
+            return path
+        return self.resolve(entry.path)
+
+    def prepare_samples(self, names: Optional[Sequence[str]] = None, *, refresh: bool = True) -> Dict[str, str]:
+        """Build the samples not built yet (blocking). Returns ``{name: error}`` for those that failed."""
+        failed = {}
+        for s in samples.list_samples():
+            if s.available or (names is not None and s.name not in names):
+                continue
+            try:
+                samples.sample_path(s.name)
+            except Exception as e:  # noqa: BLE001 - reported to the person, the rest still builds
+                failed[s.name] = str(e)
+        if refresh:
+            self.refresh()
+        return failed
+
+    def rows(self) -> List[dict]:
+        return [e.as_row() for e in self.models]
+
+
+def is_inside_roots(path: Path, roots: Sequence[Path]) -> bool:
+    try:
+        confine(path, roots)
+        return True
+    except PathNotAllowed:
+        return False

@@ -1,0 +1,301 @@
+"""Per-layer quality as tables: the data behind the heatmaps (no Panel, no HoloViews).
+
+* :func:`parse_block_module` reads ``(block index, module)`` from a tensor name of a
+  transformer (Dream/Qwen2/LLaMA ``model.layers.3.mlp.down_proj.weight``, BERT
+  ``encoder.layer.3.attention.self.query.weight``, GPT-2 ``h.3.attn.c_attn.weight``, DiT
+  ``blocks.3.attn.qkv.weight``...), with modules renamed to a common short vocabulary
+  (q, k, v, qkv, o, gate, up, down, ...).
+* :func:`layer_frame` turns a validation report's ``per_layer`` into one row per tensor with
+  the colour value: **nines** = ``-log10(1 - cosine)``, so 0.9 → 1, 0.99 → 2, 0.999 → 3.
+* :func:`heatmap_frame` lays it out block × module (transformers) or layer × metric (others).
+* :class:`QualityReport` holds one result's report and the derived tables.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+import param
+
+#: Highest nines shown (a cosine of exactly 1 is clipped here rather than infinite).
+MAX_NINES = 7.0
+#: The colour range every heatmap uses, so two models' maps read alike: cosine 0.9 .. 0.99999.
+NINES_RANGE = (1.0, 5.0)
+
+_BLOCK_RE = re.compile(
+    r"(?:^|\.)(?:layers|layer|blocks|block|h|transformer_blocks|single_transformer_blocks|encoder_layers|decoder_layers)"
+    r"\.(\d+)\.(.+)$"
+)
+_SUFFIX_RE = re.compile(r"\.(weight|bias|scale|qweight)$")
+
+#: Module path (or its tail) -> short canonical name. Longest/most specific first.
+_MODULE_ALIASES: List[Tuple[str, str]] = [
+    ("attention.self.query", "q"), ("attention.self.key", "k"), ("attention.self.value", "v"),
+    ("attention.output.dense", "o"), ("intermediate.dense", "up"), ("output.dense", "down"),
+    ("attn.c_attn", "qkv"), ("attn.c_proj", "o"), ("mlp.c_fc", "up"), ("mlp.c_proj", "down"),
+    ("attn.to_out.0", "o"), ("attn.to_q", "q"), ("attn.to_k", "k"), ("attn.to_v", "v"),
+    ("attn1.to_out.0", "o"), ("attn1.to_q", "q"), ("attn1.to_k", "k"), ("attn1.to_v", "v"),
+    ("attn2.to_out.0", "x.o"), ("attn2.to_q", "x.q"), ("attn2.to_k", "x.k"), ("attn2.to_v", "x.v"),
+    ("ff.net.0.proj", "up"), ("ff.net.2", "down"), ("mlp.fc1", "up"), ("mlp.fc2", "down"),
+    ("attn.proj", "o"), ("attn.qkv", "qkv"), ("adaLN_modulation.1", "adaLN"),
+]
+_LEAF_ALIASES: Dict[str, str] = {
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "out_proj": "o", "qkv_proj": "qkv", "Wqkv": "qkv",
+    "query": "q", "key": "k", "value": "v", "wq": "q", "wk": "k", "wv": "v", "wo": "o",
+    "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down",
+    "fc1": "up", "fc2": "down", "c_attn": "qkv", "c_fc": "up", "to_q": "q", "to_k": "k", "to_v": "v",
+    "qkv": "qkv", "gate_up_proj": "gate_up",
+}
+#: Column order of the block × module heatmap; other modules follow alphabetically.
+MODULE_ORDER = ("q", "k", "v", "qkv", "o", "x.q", "x.k", "x.v", "x.o", "gate", "gate_up", "up", "down", "adaLN")
+#: Columns of the layer × metric heatmap: (column label, report key, nines of the value).
+METRICS: Tuple[Tuple[str, str], ...] = (("cosine", "cosine"), ("rel. error", "rel_error"), ("SQNR", "sqnr_db"))
+
+
+def parse_block_module(name: str) -> Tuple[Optional[int], Optional[str]]:
+    """``(block, module)`` of a transformer tensor name, or ``(None, None)`` outside blocks.
+
+    >>> parse_block_module("model.layers.3.mlp.down_proj.weight")
+    (3, 'down')
+    >>> parse_block_module("encoder.layer.5.attention.self.query.weight")
+    (5, 'q')
+    >>> parse_block_module("model.embed_tokens.weight")
+    (None, None)
+    """
+    m = _BLOCK_RE.search(name)
+    if not m:
+        return None, None
+    block, rest = int(m.group(1)), _SUFFIX_RE.sub("", m.group(2))
+    for path, short in _MODULE_ALIASES:
+        if rest == path or rest.endswith("." + path):
+            return block, short
+    leaf = rest.rsplit(".", 1)[-1]
+    if leaf in _LEAF_ALIASES:
+        return block, _LEAF_ALIASES[leaf]
+    for prefix in ("self_attn.", "attention.", "attn.", "mlp.", "feed_forward.", "ffn."):
+        if rest.startswith(prefix) and rest[len(prefix):]:
+            return block, rest[len(prefix):]
+    return block, rest
+
+
+def nines(cosine) -> np.ndarray:
+    """``-log10(1 - cosine)``, clipped to [0, MAX_NINES]: 0.9 → 1, 0.99 → 2, 0.999 → 3."""
+    c = np.asarray(cosine, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = -np.log10(np.clip(1.0 - c, 10.0 ** -MAX_NINES, None))
+    return np.clip(out, 0.0, MAX_NINES)
+
+
+def cosine_label(n: float) -> str:
+    """The cosine a nines value stands for: 2 → '0.99', 2.5 → '0.9968'."""
+    if n is None or not np.isfinite(n):
+        return ""
+    if float(n).is_integer():
+        return "0." + "9" * int(n) if n > 0 else "0"
+    return f"{1 - 10 ** -n:.{int(n) + 2}f}"
+
+
+def _fmt_shape(shape) -> str:
+    return "×".join(str(int(s)) for s in shape) if shape is not None and len(shape) else "scalar"
+
+
+def layer_frame(per_layer: Dict[str, dict]) -> pd.DataFrame:
+    """One row per quantized tensor: name, block, module, cosine, nines, rel_error, bits, reason, ..."""
+    rows = []
+    for order, (name, p) in enumerate(per_layer.items()):
+        block, module = parse_block_module(name)
+        cos = p.get("cosine", float("nan"))
+        rows.append({
+            "name": name, "order": order, "block": block, "module": module,
+            "cosine": cos, "nines": float(nines(cos)) if cos == cos else float("nan"),
+            "rel_error": p.get("rel_error", float("nan")), "sqnr_db": p.get("sqnr_db", float("nan")),
+            "bits": int(p.get("bits", 0) or 0), "encoding": p.get("encoding", ""),
+            "shape": _fmt_shape(p.get("shape")), "numel": int(p.get("numel", 0) or 0),
+            "bits_per_weight": p.get("bits_per_weight", float("nan")), "reason": p.get("reason", ""),
+            "threshold": p.get("threshold", float("nan")), "passed": bool(p.get("passed", True)),
+            "fallback": "fallback" in (p.get("reason") or ""),
+        })
+    cols = ["name", "order", "block", "module", "cosine", "nines", "rel_error", "sqnr_db", "bits", "encoding",
+            "shape", "numel", "bits_per_weight", "reason", "threshold", "passed", "fallback"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def is_transformer(frame: pd.DataFrame) -> bool:
+    """Block × module reads well: most quantized tensors sit in ≥ 2 numbered blocks of a few module kinds."""
+    if frame.empty:
+        return False
+    inside = frame.dropna(subset=["block"])
+    return (len(inside) >= 0.6 * len(frame) and inside["block"].nunique() >= 2
+            and inside["module"].nunique() <= 24)
+
+
+def module_order(modules) -> List[str]:
+    mods = list(dict.fromkeys(modules))
+    known = [m for m in MODULE_ORDER if m in mods]
+    return known + sorted(m for m in mods if m not in MODULE_ORDER)
+
+
+def heatmap_frame(frame: pd.DataFrame, layout: Optional[str] = None) -> Tuple[pd.DataFrame, str]:
+    """``(cells, layout)``: the heatmap's cells with ``x``, ``y`` and ``value`` (nines) columns.
+
+    ``layout`` is ``"block"`` (x = module, y = block index; tensors outside blocks are left
+    out: see :func:`outside_blocks`) or ``"metric"`` (x = metric, y = tensor name; value is the
+    metric's nines: cosine ``-log10(1-cos)``, rel. error ``-log10(err)``, SQNR ``dB/10``).
+    Chosen automatically when None.
+    """
+    layout = layout or ("block" if is_transformer(frame) else "metric")
+    if layout == "block":
+        cells = frame.dropna(subset=["block"]).copy()
+        cells["x"] = cells["module"]
+        cells["y"] = cells["block"].astype(int)
+        cells["metric"] = "cosine"
+        cells["value"] = cells["nines"]
+        rank = {m: i for i, m in enumerate(module_order(cells["x"]))}
+        cells["x_rank"] = cells["x"].map(rank)
+        # a block with two tensors of the same module kind (e.g. MoE experts): keep the worst
+        cells = cells.sort_values("cosine").drop_duplicates(["x", "y"]).sort_values(["y", "x_rank"])
+        return cells.drop(columns="x_rank").reset_index(drop=True), layout
+    parts = []
+    for label, key in METRICS:
+        part = frame.copy()
+        part["x"] = label
+        part["y"] = part["name"]
+        part["metric"] = label
+        v = part[key].astype(float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if key == "cosine":
+                part["value"] = part["nines"]
+            elif key == "rel_error":
+                part["value"] = np.clip(-np.log10(np.clip(v, 1e-12, None)), 0, MAX_NINES)
+            else:
+                part["value"] = np.clip(v / 10.0, 0, MAX_NINES)
+        parts.append(part)
+    cells = pd.concat(parts, ignore_index=True) if parts else frame.assign(x=[], y=[], metric=[], value=[])
+    return cells, layout
+
+
+def outside_blocks(frame: pd.DataFrame) -> pd.DataFrame:
+    """Quantized tensors outside the numbered blocks (embeddings, heads, time embedding...)."""
+    return frame[frame["block"].isna()]
+
+
+def diff_frame(a: pd.DataFrame, b: pd.DataFrame, layout: Optional[str] = None) -> Tuple[pd.DataFrame, str]:
+    """Cells of B minus A in nines, for tensors quantized in both (same model, two configs)."""
+    m = a.merge(b, on="name", suffixes=("_a", "_b"))
+    base = pd.DataFrame({
+        "name": m["name"], "order": m["order_a"], "block": m["block_a"], "module": m["module_a"],
+        "cosine_a": m["cosine_a"], "cosine_b": m["cosine_b"], "bits_a": m["bits_a"], "bits_b": m["bits_b"],
+        "reason_a": m["reason_a"], "reason_b": m["reason_b"], "shape": m["shape_a"],
+        "delta": m["nines_b"] - m["nines_a"], "cosine": m["cosine_b"], "nines": m["nines_b"] - m["nines_a"],
+        "rel_error": m["rel_error_b"], "sqnr_db": m["sqnr_db_b"],
+    })
+    layout = layout or ("block" if is_transformer(a) else "metric")
+    if layout == "block":
+        cells = base.dropna(subset=["block"]).copy()
+        cells["x"] = cells["module"]
+        cells["y"] = cells["block"].astype(int)
+    else:
+        cells = base.copy()
+        cells["x"] = "Δ cosine"
+        cells["y"] = cells["name"]
+    cells["value"] = cells["delta"]
+    return cells.sort_values("order").reset_index(drop=True), layout
+
+
+def fallbacks(frame: pd.DataFrame, result: Optional[dict] = None) -> pd.DataFrame:
+    """Tensors that fell back to more bits, with why (from the result, else from the stored reasons)."""
+    rows = []
+    for fb in (result or {}).get("fallbacks") or []:
+        rows.append({"name": fb.get("tensor"), "from": f"int{fb.get('from_bits')}",
+                     "to": f"int{fb.get('to_bits')}" if fb.get("to_bits") else "lossless",
+                     "cosine before": fb.get("cosine"), "why": ""})
+    reasons = dict(zip(frame["name"], frame["reason"])) if not frame.empty else {}
+    if rows:
+        for r in rows:
+            r["why"] = reasons.get(r["name"], "")
+    else:
+        for _, r in frame[frame["fallback"]].iterrows():
+            rows.append({"name": r["name"], "from": "", "to": f"int{r['bits']}", "cosine before": None, "why": r["reason"]})
+    return pd.DataFrame(rows, columns=["name", "from", "to", "cosine before", "why"])
+
+
+def report_from_store(path) -> dict:
+    """A report in validate_quality's shape from the figures a store recorded while writing
+    (no re-reading of the source): used for stores found on disk."""
+    from ..config import DEFAULT_MIN_ACCURACY
+    from ..store import load_quantized
+
+    store = load_quantized(path)
+    per_layer = {}
+    for e in store.tensors.values():
+        if not e.quantized:
+            continue
+        need = DEFAULT_MIN_ACCURACY.get(e.bits, 0.0)
+        per_layer[e.name] = dict(cosine=e.cosine, rel_error=e.rel_error, sqnr_db=e.sqnr_db, bits=e.bits,
+                                 encoding=e.encoding, group_size=e.group_size, shape=list(e.shape), numel=e.numel,
+                                 bits_per_weight=e.bits_per_weight, reason=e.reason, threshold=need,
+                                 passed=e.cosine >= need)
+    params = sum(p["numel"] for p in per_layer.values())
+    cos = sum(p["numel"] * p["cosine"] for p in per_layer.values()) / params if params else 1.0
+    totals = store.manifest.get("totals", {})
+    worst = sorted(per_layer, key=lambda n: per_layer[n]["cosine"])[:10]
+    return {
+        "cosine_similarity": cos,
+        "compression_ratio": totals.get("compression_ratio"),
+        "per_layer_accuracy": {n: p["cosine"] for n, p in per_layer.items()},
+        "passed": all(p["passed"] for p in per_layer.values()),
+        "min_cosine": min((p["cosine"] for p in per_layer.values()), default=1.0),
+        "worst_layers": [(n, per_layer[n]["cosine"]) for n in worst],
+        "per_layer": per_layer,
+        "model_size_mb": store.weight_bytes / 2**20,
+        "bits_per_weight": totals.get("bits_per_weight"),
+        "recorded": True,
+    }
+
+
+class QualityReport(param.Parameterized):
+    """One result's per-layer quality: the report plus the tables the views draw."""
+
+    title = param.String(default="")
+    report = param.Dict(default={})
+    result = param.Dict(default={}, allow_None=True)
+    layout = param.Selector(default=None, objects=[None, "block", "metric"], allow_None=True,
+                            doc="Heatmap layout; None chooses block × module for transformers.")
+    worst_count = param.Integer(default=10, bounds=(1, 100))
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        key = id(self.report)
+        if getattr(self, "_frame_key", None) != key:
+            self._frame = layer_frame((self.report or {}).get("per_layer") or {})
+            self._frame_key = key
+        return self._frame
+
+    def cells(self) -> Tuple[pd.DataFrame, str]:
+        return heatmap_frame(self.frame, self.layout)
+
+    def worst(self) -> pd.DataFrame:
+        cols = ["name", "cosine", "rel_error", "bits", "shape", "reason"]
+        return self.frame.nsmallest(self.worst_count, "cosine")[cols].reset_index(drop=True)
+
+    def fallbacks(self) -> pd.DataFrame:
+        return fallbacks(self.frame, self.result)
+
+    def outside_blocks(self) -> pd.DataFrame:
+        cols = ["name", "cosine", "rel_error", "bits", "shape", "reason"]
+        return outside_blocks(self.frame)[cols].reset_index(drop=True)
+
+    def bits_table(self) -> pd.DataFrame:
+        """Tensors and parameters per bit width (quantized tensors only)."""
+        f = self.frame
+        if f.empty:
+            return pd.DataFrame(columns=["bits", "tensors", "params", "mean cosine"])
+        g = f.groupby("bits")
+        out = pd.DataFrame({"tensors": g.size(), "params": g["numel"].sum(),
+                            "mean cosine": g.apply(lambda d: np.average(d["cosine"], weights=d["numel"].clip(lower=1)),
+                                                   include_groups=False)})
+        out.index = [f"int{b}" for b in out.index]
+        return out.reset_index(names="bits")

@@ -1,0 +1,130 @@
+"""The quantization settings a person edits: a ``param`` class generated from ``field_specs()``.
+
+Each :class:`~arrow_quant_v2.config.DiffusionQuantConfig` field becomes a parameter with
+the declared default, doc, choices and bounds, so a field added to the config shows up in
+the app's form with no change here or in the view. Choosing a profile loads its values;
+:meth:`QuantSettings.to_config` builds (and so validates) the config.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Type
+
+import param
+
+from .. import encodings
+from ..config import PROFILES, DiffusionQuantConfig, field_specs
+
+#: Fields the form does not show: the profile selector stands for ``deployment_profile``.
+HIDDEN_FIELDS = ("deployment_profile",)
+#: Shown first, above the fold; the rest go in the "advanced" part of the form.
+MAIN_FIELDS = ("bit_width", "group_size", "min_accuracy", "enable_time_aware", "protect_embeddings", "sensitive_bits")
+
+
+def _label(name: str) -> str:
+    return name.replace("_", " ").capitalize()
+
+
+def parameter_for(name: str, spec: Dict[str, Any]) -> param.Parameter:
+    """The ``param.Parameter`` that stands for one config field's declaration."""
+    default, doc, typ = spec["default"], spec.get("doc", ""), str(spec.get("type", ""))
+    choices, bounds, kind = spec.get("choices"), spec.get("bounds"), spec.get("kind")
+    optional = typ.startswith("Optional") or default is None
+    common = dict(doc=doc, label=_label(name))
+    if isinstance(default, bool) or typ == "bool":
+        return param.Boolean(default=bool(default), **common)
+    if choices is not None:
+        return param.Selector(default=default, objects=list(choices), allow_None=None in choices, **common)
+    if kind == "encoding":
+        return param.Selector(default=default, objects=[None, *encodings.encoding_names()], allow_None=True, **common)
+    if bounds is not None:
+        lo, hi = bounds
+        hi = None if hi is None or (isinstance(hi, float) and math.isinf(hi)) else hi
+        if typ == "int" or (isinstance(default, int) and "float" not in typ):
+            return param.Integer(default=default, bounds=(lo, hi), allow_None=optional, **common)
+        return param.Number(default=default, bounds=(lo, hi), allow_None=optional, **common)
+    if kind == "patterns" or isinstance(default, (tuple, list)):
+        return param.List(default=list(default or []), item_type=str, **common)
+    if kind == "rules" or isinstance(default, dict):
+        return param.Dict(default=dict(default or {}), **common)
+    if isinstance(default, int):
+        return param.Integer(default=default, allow_None=optional, **common)
+    if isinstance(default, float):
+        return param.Number(default=default, allow_None=optional, **common)
+    return param.String(default=default, allow_None=optional, **common)
+
+
+def _build_class() -> Type[param.Parameterized]:
+    specs = field_specs()
+    attrs: Dict[str, Any] = {
+        "profile": param.Selector(default="local", objects=list(PROFILES), label="Profile",
+                                  doc="edge: int2, smallest; local: int4; cloud: int8, accuracy first."),
+    }
+    for name, spec in specs.items():
+        if name not in HIDDEN_FIELDS:
+            attrs[name] = parameter_for(name, spec)
+    return type("QuantSettingsBase", (param.Parameterized,), attrs)
+
+
+class QuantSettings(_build_class()):
+    """A profile plus every config field as a parameter (generated from ``field_specs()``)."""
+
+    def __init__(self, profile: str = "local", **params):
+        super().__init__(**params)
+        self._loading = False
+        self.load_profile(profile)
+
+    @classmethod
+    def field_names(cls) -> List[str]:
+        return [n for n in field_specs() if n not in HIDDEN_FIELDS]
+
+    @classmethod
+    def main_fields(cls) -> List[str]:
+        return [n for n in MAIN_FIELDS if n in cls.field_names()]
+
+    @classmethod
+    def advanced_fields(cls) -> List[str]:
+        return [n for n in cls.field_names() if n not in MAIN_FIELDS]
+
+    def load_profile(self, profile: str) -> None:
+        """Set every field to the profile's value."""
+        config = DiffusionQuantConfig.from_profile(profile)
+        values = {n: getattr(config, n) for n in self.field_names()}
+        values = {n: list(v) if isinstance(v, tuple) else v for n, v in values.items()}
+        self._loading = True
+        try:
+            self.param.update(profile=profile, **values)
+        finally:
+            self._loading = False
+
+    @param.depends("profile", watch=True)
+    def _on_profile(self) -> None:
+        if not self._loading:
+            self.load_profile(self.profile)
+
+    def values(self) -> Dict[str, Any]:
+        return {n: getattr(self, n) for n in self.field_names()}
+
+    def changed_from_profile(self) -> Dict[str, Any]:
+        """The fields that differ from the chosen profile (what the person tuned)."""
+        base = DiffusionQuantConfig.from_profile(self.profile)
+        out = {}
+        for n, v in self.values().items():
+            b = getattr(base, n)
+            if (list(b) if isinstance(b, tuple) else b) != v:
+                out[n] = v
+        return out
+
+    def to_config(self) -> DiffusionQuantConfig:
+        """The config (raises :class:`~arrow_quant_v2.ConfigurationError` naming a bad field)."""
+        values = self.values()
+        values = {n: tuple(v) if n == "sensitive_layers" else v for n, v in values.items()}
+        return DiffusionQuantConfig(deployment_profile=self.profile, **values)
+
+    @property
+    def label(self) -> str:
+        """Short name for outputs and job rows: the profile, or e.g. ``int4-g32`` when tuned."""
+        changed = self.changed_from_profile()
+        if not changed:
+            return self.profile
+        return f"int{self.bit_width}-g{self.group_size or 'row'}" if set(changed) <= {"bit_width", "group_size"} else f"{self.profile}-custom"

@@ -1,0 +1,662 @@
+"""Panel views over the state classes: the pieces of the app and of the notebook dashboard.
+
+Every view is a :class:`panel.viewable.Viewer`; widgets are made from parameters
+(``from_param`` / ``pn.Param``). The shared state (library, job manager) is process-wide,
+each browser tab gets its own views. The job board refreshes from the shared jobs on a
+per-session periodic callback (every 0.2 s), so every tab sees every job and nothing of a
+closed tab lingers.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import pandas as pd
+import panel as pn
+import param
+from panel.viewable import Viewer
+
+from ..config import DiffusionQuantConfig
+from ..errors import ArrowQuantError
+from . import format as fmt
+from .jobs import ACTIVE, Job, JobManager, shared_manager
+from .library import ModelLibrary
+from .quality import QualityReport, diff_frame, layer_frame, report_from_store
+from .roots import PathNotAllowed
+from .settings import QuantSettings
+
+log = logging.getLogger(__name__)
+
+#: Milliseconds between two refreshes of the job board (progress events come every 0.2 s).
+POLL_MS = 200
+
+STATUS_COLORS = {
+    "queued": "#718096", "preparing": "#805ad5", "running": "#2b6cb0", "validating": "#0f766e",
+    "done": "#2f855a", "failed": "#c53030", "cancelled": "#975a16",
+}
+BAR_COLORS = {"running": "primary", "validating": "info", "done": "success", "failed": "danger",
+              "cancelled": "warning", "queued": "secondary", "preparing": "secondary"}
+
+CSS = """
+:host { --aq-border: #e2e8f0; --aq-muted: #64748b; }
+.aq-card { border: 1px solid #e2e8f0; border-radius: 8px; background: #fff; }
+.aq-row { border: 1px solid #e2e8f0; border-radius: 8px; background: #fff; padding: 4px 10px; margin: 4px 0; }
+.aq-title { font-weight: 600; font-size: 14px; color: #1a202c; }
+.aq-muted { color: #64748b; font-size: 12px; }
+.aq-badge { display: inline-block; padding: 1px 8px; border-radius: 10px; color: #fff; font-size: 11px;
+            font-weight: 600; text-transform: uppercase; letter-spacing: .03em; margin-right: 6px; }
+.aq-kv { display: inline-block; margin-right: 14px; font-size: 12px; color: #334155; }
+.aq-kv b { color: #0f172a; font-weight: 600; }
+.aq-error { color: #b91c1c; font-size: 12px; white-space: pre-wrap; }
+.aq-tensor { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 11.5px; color: #334155; }
+.aq-stat { display: inline-block; min-width: 110px; margin: 0 10px 6px 0; padding: 6px 10px; border-radius: 8px;
+           background: #f8fafc; border: 1px solid #e2e8f0; }
+.aq-stat .v { font-size: 18px; font-weight: 600; color: #0f172a; }
+.aq-stat .k { font-size: 11px; color: #64748b; text-transform: uppercase; letter-spacing: .04em; }
+table.aq-table { border-collapse: collapse; font-size: 12px; width: 100%; }
+table.aq-table th { text-align: left; color: #475569; font-weight: 600; border-bottom: 1px solid #cbd5e1; padding: 3px 6px; }
+table.aq-table td { border-bottom: 1px solid #f1f5f9; padding: 3px 6px; }
+"""
+
+
+def _html(text: str = "", **kw) -> pn.pane.HTML:
+    kw.setdefault("margin", (2, 5))
+    return pn.pane.HTML(text, stylesheets=[CSS], **kw)
+
+
+def _table(df: pd.DataFrame, empty: str = "none") -> str:
+    if df is None or df.empty:
+        return f"<span class='aq-muted'>{fmt.esc(empty)}</span>"
+    head = "".join(f"<th>{fmt.esc(c)}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{fmt.esc(v)}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False))
+    return f"<table class='aq-table'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _badge(status: str) -> str:
+    return f"<span class='aq-badge' style='background:{STATUS_COLORS.get(status, '#718096')}'>{fmt.esc(status)}</span>"
+
+
+def _in_session() -> bool:
+    return pn.state.curdoc is not None
+
+
+# ----------------------------------------------------------------------------- library
+
+
+class LibraryView(Viewer):
+    """The models the app can quantize: samples and folders under the model roots."""
+
+    library = param.ClassSelector(class_=ModelLibrary)
+    path = param.String(default="", label="Add a model folder (inside a model root)")
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._table = _html(sizing_mode="stretch_width")
+        self._alert = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width")
+        self._add = pn.widgets.Button(name="Add", button_type="primary", width=80, align="end")
+        self._refresh = pn.widgets.Button(name="Rescan", width=90, align="end")
+        self._add.on_click(self._on_add)
+        self._refresh.on_click(lambda e: self.library.refresh())
+        self.library.param.watch(self._render, ["models", "message"])
+        self._render()
+
+    def _render(self, *_):
+        rows = []
+        for e in self.library.models:
+            rows.append({
+                "model": e.name, "source": e.kind, "parameters": fmt.human_count(e.params),
+                "dtype": e.dtype or ("built on first use" if not e.available else "—"),
+                "size on disk": fmt.human_bytes(e.size_bytes), "shards": e.shards if e.shards is not None else "—",
+                "modality": e.modality or "—", "path / note": e.error or e.path,
+            })
+        roots = ", ".join(str(r) for r in self.library.allowed_roots)
+        self._table.object = _table(pd.DataFrame(rows), "no models") + \
+            f"<div class='aq-muted' style='margin-top:6px'>Model roots: {fmt.esc(roots)}</div>"
+        self._alert.object = self.library.message
+        self._alert.visible = bool(self.library.message)
+
+    def _on_add(self, _):
+        try:
+            self.library.add_path(self.path)
+        except (PathNotAllowed, ArrowQuantError, OSError) as e:
+            self.library.message = str(e)
+
+    def __panel__(self):
+        return pn.Column(
+            self._table,
+            pn.Row(pn.widgets.TextInput.from_param(self.param.path, placeholder="/models/my-model",
+                                                  sizing_mode="stretch_width"), self._add, self._refresh,
+                   sizing_mode="stretch_width"),
+            self._alert, sizing_mode="stretch_width",
+        )
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def form_widgets(obj: param.Parameterized, names: List[str]) -> Dict[str, dict]:
+    """Widget choices for generated config parameters: numeric inputs (they may be None and
+    have huge bounds, where a slider is useless), button groups for short choice lists."""
+    out: Dict[str, dict] = {}
+    for n in names:
+        p = obj.param[n]
+        lo, hi = getattr(p, "bounds", None) or (None, None)
+        if isinstance(p, param.Integer) and not isinstance(p, param.Boolean):
+            out[n] = {"type": pn.widgets.IntInput, "start": lo, "end": hi}
+        elif isinstance(p, param.Number):
+            out[n] = {"type": pn.widgets.FloatInput, "start": lo, "end": hi,
+                      "step": 0.001 if hi is not None and hi <= 1 else 1.0}
+        elif isinstance(p, param.Selector) and len(p.objects) <= 5 and None not in p.objects:
+            out[n] = {"type": pn.widgets.RadioButtonGroup, "button_type": "default"}
+    return out
+
+
+class Launcher(Viewer):
+    """Pick a model and a profile (or tune the config) and start a job."""
+
+    manager = param.ClassSelector(class_=JobManager)
+    model = param.Selector(default=None, objects=[], label="Model")
+    settings = param.ClassSelector(class_=QuantSettings)
+    status = param.String(default="")
+
+    def __init__(self, **params):
+        params.setdefault("settings", QuantSettings("local"))
+        super().__init__(**params)
+        self._start = pn.widgets.Button(name="▶  Start quantizing", button_type="primary", sizing_mode="stretch_width",
+                                        height=40)
+        self._start.on_click(self._on_start)
+        self._info = _html(sizing_mode="stretch_width")
+        self._alert = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width", margin=(5, 5))
+        self._note = _html(sizing_mode="stretch_width")
+        self.manager.library.param.watch(self._update_models, "models")
+        self._update_models()
+        self.param.watch(self._update_info, "model")
+        self.settings.param.watch(self._update_info, list(self.settings.param))
+        self._update_info()
+
+    def _update_models(self, *_):
+        entries = [e for e in self.manager.library.models if not e.error]
+        objects = {e.label: e.name for e in entries}
+        current = self.model
+        self.param.model.objects = objects
+        if current not in objects.values():
+            self.model = entries[0].name if entries else None
+
+    def _entry(self):
+        return self.manager.library.get(self.model) if self.model else None
+
+    def _update_info(self, *_):
+        try:
+            e = self._entry()
+        except (KeyError, ArrowQuantError):
+            e = None
+        if e is None:
+            self._info.object = "<span class='aq-muted'>No model selected.</span>"
+            return
+        bits = [fmt.human_count(e.params) + " params", e.dtype or ("built on first use" if not e.available else ""),
+                fmt.human_bytes(e.size_bytes) if e.size_bytes else "",
+                f"{e.shards} shard{'s' if e.shards != 1 else ''}" if e.shards else "", e.modality]
+        line = " · ".join(b for b in bits if b)
+        why = f"<div class='aq-muted'>modality: {fmt.esc(e.modality_reason)}</div>" if e.modality_reason else ""
+        out = ""
+        try:
+            out = self.manager.plan_output(e, self.settings.label).name
+        except Exception:  # noqa: BLE001 - only a preview
+            pass
+        self._info.object = (f"<div class='aq-muted'>{fmt.esc(line)}</div>{why}"
+                             f"<div class='aq-muted'>→ output: <code>{fmt.esc(out)}</code></div>")
+
+    def _on_start(self, _=None) -> Optional[Job]:
+        self._alert.visible = False
+        try:
+            config = self.settings.to_config()
+            job = self.manager.submit(self.model, config, label=self.settings.label)
+        except (ArrowQuantError, ValueError, KeyError, PermissionError) as e:
+            self._alert.object = f"Cannot start: {e}"
+            self._alert.visible = True
+            return None
+        self.status = f"started job #{job.job_id}"
+        self._note.object = f"<span class='aq-muted'>Started {fmt.esc(job.title)}. Start another any time.</span>"
+        self._update_info()
+        return job
+
+    def start(self) -> Optional[Job]:
+        """Start a job with the current choices (what the button does)."""
+        return self._on_start()
+
+    def __panel__(self):
+        s = self.settings
+        main_names, adv_names = QuantSettings.main_fields(), QuantSettings.advanced_fields()
+        main = pn.Param(s, parameters=main_names, show_name=False, sizing_mode="stretch_width",
+                        widgets=form_widgets(s, main_names))
+        advanced = pn.Card(
+            pn.Param(s, parameters=adv_names, show_name=False, sizing_mode="stretch_width",
+                     widgets=form_widgets(s, adv_names)),
+            title="More settings", collapsed=True, sizing_mode="stretch_width", margin=(5, 5),
+        )
+        return pn.Column(
+            _html("<div class='aq-title'>New job</div>"),
+            pn.widgets.Select.from_param(self.param.model, sizing_mode="stretch_width"),
+            self._info,
+            _html("<div class='aq-muted' style='margin-top:4px'>Profile</div>"),
+            pn.widgets.RadioButtonGroup.from_param(s.param.profile, button_type="primary", button_style="outline",
+                                                   sizing_mode="stretch_width", name=""),
+            pn.Card(main, title="Tune the config", collapsed=True, sizing_mode="stretch_width", margin=(5, 5)),
+            advanced,
+            self._start, self._alert, self._note,
+            sizing_mode="stretch_width",
+        )
+
+
+# ----------------------------------------------------------------------------- job board
+
+
+class JobRow(Viewer):
+    """One job: status, stage, progress bar, current tensor, elapsed/ETA, results, Cancel/Quality."""
+
+    job = param.ClassSelector(class_=Job)
+
+    def __init__(self, manager: JobManager, on_open: Optional[Callable[[Job], None]] = None, **params):
+        super().__init__(**params)
+        self.manager = manager
+        self._on_open = on_open
+        job = self.job
+        self._head = _html(sizing_mode="stretch_width", margin=(4, 5, 0, 5))
+        self._bar = pn.indicators.Progress(value=0, max=1000, sizing_mode="stretch_width", height=14, margin=(2, 5),
+                                           bar_color="primary", css_classes=[f"aq-progress-{job.job_id}"])
+        self._line = _html(sizing_mode="stretch_width", margin=(0, 5))
+        self._results = _html(sizing_mode="stretch_width", margin=(0, 5, 4, 5))
+        self._cancel = pn.widgets.Button(name="Cancel", button_type="danger", button_style="outline", width=90,
+                                         css_classes=[f"aq-cancel-{job.job_id}"], margin=(4, 5))
+        self._open = pn.widgets.Button(name="Quality ▸", button_type="success", button_style="outline", width=90,
+                                       css_classes=[f"aq-open-{job.job_id}"], margin=(4, 5), visible=False)
+        self._cancel.on_click(lambda e: self.manager.cancel(self.job))
+        self._open.on_click(lambda e: self._on_open and self._on_open(self.job))
+        self._last: tuple = ()
+        self._layout = pn.Row(
+            pn.Column(self._head, self._bar, self._line, self._results, sizing_mode="stretch_width", margin=0),
+            pn.Column(self._cancel, self._open, width=100, margin=0),
+            sizing_mode="stretch_width", css_classes=["aq-row", f"aq-job-{job.job_id}"], stylesheets=[CSS],
+        )
+        self.sync()
+
+    def sync(self) -> None:
+        j = self.job
+        active = j.active
+        eta = j.eta
+        key = (j.status, j.stage, round(j.fraction, 4), j.tensor, j.message, j.error, bool(j.result), bool(j.report),
+               int((j.elapsed or 0) * 2) if active else None, None if eta is None else int(eta))
+        if key == self._last:
+            return
+        self._last = key
+        self._head.object = (
+            f"{_badge(j.status)}<span class='aq-title'>#{j.job_id} {fmt.esc(j.model_name)}</span>"
+            f"<span class='aq-muted'> · {fmt.esc(j.label)} · → {fmt.esc(Path(j.output_path).name)}</span>"
+        )
+        self._bar.value = int(round(j.fraction * 1000))
+        self._bar.bar_color = BAR_COLORS.get(j.status, "primary")
+        self._bar.visible = not j.from_disk
+        pct = f"{j.fraction * 100:.0f}%"
+        if active:
+            counts = f" [{j.tensors_done}/{j.tensors_total}]" if j.tensors_total else ""
+            tensor = f" · <span class='aq-tensor'>{fmt.esc(j.tensor)}</span>{counts}" if j.tensor else f" · {fmt.esc(j.message)}"
+            self._line.object = (
+                f"<span class='aq-kv'><b>{fmt.esc(j.stage or j.status)}</b> {pct}</span>"
+                f"<span class='aq-kv'>elapsed <b>{fmt.duration(j.elapsed)}</b></span>"
+                f"<span class='aq-kv'>ETA <b>{fmt.duration(eta)}</b></span>{tensor}"
+            )
+        elif j.status == "done":
+            self._line.object = (f"<span class='aq-kv'>took <b>{fmt.duration(j.elapsed)}</b></span>"
+                                 f"<span class='aq-muted'>{fmt.esc(j.message)}</span>")
+        else:
+            self._line.object = f"<span class='aq-kv'>after <b>{fmt.duration(j.elapsed)}</b></span>" \
+                                f"<span class='aq-muted'>{fmt.esc(j.message)}</span>"
+        if j.status == "failed":
+            self._results.object = f"<div class='aq-error'>{fmt.esc(j.error)}</div>"
+        elif j.status == "done":
+            s = j.summary()
+            passed = "" if s["passed"] is None else (
+                "<span class='aq-kv' style='color:#2f855a'><b>✓ passed</b></span>" if s["passed"]
+                else "<span class='aq-kv' style='color:#c53030'><b>✗ below threshold</b></span>")
+            ratio = f"{s['compression_ratio']:.2f}×" if s["compression_ratio"] else "—"
+            size = fmt.human_bytes(s["size_mb"] * 2**20) if s["size_mb"] is not None else "—"
+            self._results.object = (
+                f"<span class='aq-kv'>size <b>{size}</b></span><span class='aq-kv'>compression <b>{ratio}</b></span>"
+                f"<span class='aq-kv'>mean cos <b>{fmt.cos(s['cosine'])}</b></span>"
+                f"<span class='aq-kv'>min cos <b>{fmt.cos(s['min_cosine'])}</b></span>"
+                + (f"<span class='aq-kv'>bpw <b>{s['bits_per_weight']:.2f}</b></span>" if s["bits_per_weight"] else "")
+                + (f"<span class='aq-kv'>fallbacks <b>{s['fallbacks']}</b></span>" if s["fallbacks"] else "")
+                + passed
+            )
+        else:
+            self._results.object = ""
+        self._cancel.visible = active
+        self._open.visible = j.status == "done"
+
+    def __panel__(self):
+        return self._layout
+
+
+class JobBoard(Viewer):
+    """Every job of the process, newest first, refreshed 5 times a second."""
+
+    manager = param.ClassSelector(class_=JobManager)
+    changed = param.Event(doc="Fires when a job appears or changes status.")
+
+    def __init__(self, on_open: Optional[Callable[[Job], None]] = None, **params):
+        super().__init__(**params)
+        self._on_open = on_open
+        self._rows: Dict[int, JobRow] = {}
+        self._column = pn.Column(sizing_mode="stretch_width", margin=0)
+        self._empty = _html("<div class='aq-muted' style='padding:12px'>No jobs yet: pick a model and a profile, "
+                            "then <b>Start</b>. Start more while they run.</div>")
+        self._statuses: tuple = ()
+        self._cb = None
+        self.sync()
+
+    def sync(self) -> None:
+        jobs = list(self.manager.jobs)
+        ids = [j.job_id for j in jobs]
+        if ids != list(self._rows):
+            rows = {}
+            for j in jobs:
+                rows[j.job_id] = self._rows.get(j.job_id) or JobRow(self.manager, self._on_open, job=j)
+            self._rows = rows
+            self._column.objects = [r for r in rows.values()] or [self._empty]
+        for r in self._rows.values():
+            r.sync()
+        statuses = tuple((j.job_id, j.status) for j in jobs)
+        if statuses != self._statuses:
+            self._statuses = statuses
+            self.param.trigger("changed")
+
+    def start_polling(self) -> None:
+        if self._cb is None and _in_session():
+            self._cb = pn.state.add_periodic_callback(self._safe_sync, period=POLL_MS)
+
+    def _safe_sync(self):
+        try:
+            self.sync()
+        except Exception:  # noqa: BLE001 - a bad row must not stop the board
+            log.exception("job board refresh failed")
+
+    def __panel__(self):
+        self.start_polling()
+        n = sum(1 for j in self.manager.jobs if j.status in ACTIVE)
+        del n
+        return self._column
+
+
+# ----------------------------------------------------------------------------- quality
+
+
+def _report_for(job: Job) -> dict:
+    """The job's validation report; for stores found on disk, the figures the store recorded."""
+    if job.report:
+        return job.report
+    report = report_from_store(job.output_path)
+    job.report = report
+    return report
+
+
+def _stat(label: str, value: str) -> str:
+    return f"<div class='aq-stat'><div class='v'>{fmt.esc(value)}</div><div class='k'>{fmt.esc(label)}</div></div>"
+
+
+def _result_options(manager: JobManager, model: Optional[str] = None) -> Dict[str, int]:
+    return {f"#{j.job_id} {j.model_name} · {j.label}": j.job_id for j in manager.results(model)}
+
+
+class QualityView(Viewer):
+    """Per-layer quality of one finished job: heatmap with hover, worst layers, fallbacks."""
+
+    manager = param.ClassSelector(class_=JobManager)
+    job_id = param.Selector(default=None, objects=[], label="Result", allow_None=True)
+    layout = param.Selector(default="auto", objects=["auto", "block × module", "layer × metric"], label="Layout")
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._stats = _html(sizing_mode="stretch_width")
+        self._plot = pn.pane.HoloViews(None, sizing_mode="fixed", linked_axes=False)
+        self._worst = _html(sizing_mode="stretch_width")
+        self._fallbacks = _html(sizing_mode="stretch_width")
+        self._bits = _html(sizing_mode="stretch_width")
+        self._outside = _html(sizing_mode="stretch_width")
+        self._msg = _html()
+        self.refresh_options()
+        self.param.watch(self._render, ["job_id", "layout"])
+        self._render()
+
+    def refresh_options(self) -> None:
+        opts = _result_options(self.manager)
+        current = self.job_id
+        self.param.job_id.objects = list(opts.values())
+        self.param.job_id.names = opts
+        if current not in opts.values():
+            self.job_id = next(iter(opts.values()), None)
+
+    def show(self, job: Job) -> None:
+        self.refresh_options()
+        self.job_id = job.job_id
+
+    def report(self) -> Optional[QualityReport]:
+        if self.job_id is None:
+            return None
+        job = self.manager.get(self.job_id)
+        layout = {"auto": None, "block × module": "block", "layer × metric": "metric"}[self.layout]
+        return QualityReport(title=job.title, report=_report_for(job), result=job.result or {}, layout=layout)
+
+    def _render(self, *_):
+        try:
+            q = self.report()
+        except Exception as e:  # noqa: BLE001 - e.g. the store was deleted
+            self._msg.object = f"<div class='aq-error'>Cannot read this result: {fmt.esc(e)}</div>"
+            self._plot.object = None
+            return
+        if q is None:
+            self._msg.object = "<div class='aq-muted' style='padding:12px'>No finished job yet. When a job is done, " \
+                               "its per-layer heatmap shows here.</div>"
+            self._plot.object, self._stats.object = None, ""
+            for p in (self._worst, self._fallbacks, self._bits, self._outside):
+                p.object = ""
+            return
+        from .plots import quality_heatmap
+
+        self._msg.object = ""
+        job = self.manager.get(self.job_id)
+        rep, s = q.report, job.summary()
+        cells, layout = q.cells()
+        how = "block × module" if layout == "block" else "layer × metric"
+        self._plot.object = quality_heatmap(cells, layout, title=f"{job.title}: per-layer cosine ({how})")
+        recorded = " (figures recorded while writing)" if rep.get("recorded") else " (re-measured by validation)"
+        size = fmt.human_bytes(s["size_mb"] * 2**20) if s["size_mb"] is not None else "—"
+        self._stats.object = (
+            _stat("size", size) + _stat("compression", f"{s['compression_ratio']:.2f}×" if s["compression_ratio"] else "—")
+            + _stat("mean cosine", fmt.cos(s["cosine"])) + _stat("min cosine", fmt.cos(s["min_cosine"]))
+            + _stat("bits / weight", f"{s['bits_per_weight']:.2f}" if s["bits_per_weight"] else "—")
+            + _stat("thresholds", "passed" if rep.get("passed") else "missed")
+            + f"<div class='aq-muted'>{len(q.frame)} quantized tensors{recorded}. Colour: −log10(1 − cosine), "
+              "so 0.99 and 0.999 are a full step apart. Hover a cell for the tensor.</div>"
+        )
+        worst = q.worst().assign(cosine=lambda d: d["cosine"].map(lambda c: f"{c:.6f}"),
+                                 rel_error=lambda d: d["rel_error"].map(lambda c: f"{c:.4f}"))
+        self._worst.object = "<div class='aq-title'>Worst layers</div>" + _table(worst)
+        fb = q.fallbacks()
+        if not fb.empty and fb["cosine before"].notna().any():
+            fb["cosine before"] = fb["cosine before"].map(lambda c: "" if c is None or c != c else f"{c:.4f}")
+        self._fallbacks.object = "<div class='aq-title'>Fell back to more bits</div>" + _table(
+            fb, "no tensor needed more bits than planned")
+        bits = q.bits_table()
+        if not bits.empty:
+            bits["mean cosine"] = bits["mean cosine"].map(lambda c: f"{c:.5f}")
+            bits["params"] = bits["params"].map(fmt.human_count)
+        self._bits.object = "<div class='aq-title'>Bits</div>" + _table(bits)
+        out = q.outside_blocks()
+        if layout == "block" and not out.empty:
+            out = out.assign(cosine=out["cosine"].map(lambda c: f"{c:.6f}"), rel_error=out["rel_error"].map(lambda c: f"{c:.4f}"))
+            self._outside.object = "<div class='aq-title'>Outside the blocks</div>" + _table(out)
+        else:
+            self._outside.object = ""
+
+    def __panel__(self):
+        return pn.Column(
+            pn.Row(pn.widgets.Select.from_param(self.param.job_id, width=360),
+                   pn.widgets.RadioButtonGroup.from_param(self.param.layout, align="end", button_type="default")),
+            self._msg, self._stats,
+            pn.Row(pn.Column(self._plot, margin=0),
+                   pn.Column(self._worst, self._fallbacks, self._bits, self._outside, min_width=380,
+                             sizing_mode="stretch_width"),
+                   sizing_mode="stretch_width"),
+            sizing_mode="stretch_width",
+        )
+
+
+class CompareView(Viewer):
+    """Two results of the same model: size vs quality and a difference heatmap."""
+
+    manager = param.ClassSelector(class_=JobManager)
+    a = param.Selector(default=None, objects=[], allow_None=True, label="Result A")
+    b = param.Selector(default=None, objects=[], allow_None=True, label="Result B (same model)")
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._scatter = pn.pane.HoloViews(None, sizing_mode="stretch_width", min_width=380)
+        self._diff = pn.pane.HoloViews(None, linked_axes=False)
+        self._table = _html(sizing_mode="stretch_width")
+        self._msg = _html()
+        self.refresh_options()
+        self.param.watch(self._on_a, "a")
+        self.param.watch(self._render, ["a", "b"])
+        self._render()
+
+    def refresh_options(self) -> None:
+        opts = _result_options(self.manager)
+        self.param.a.objects = list(opts.values())
+        self.param.a.names = opts
+        if self.a not in opts.values():
+            self.a = next(iter(opts.values()), None)
+        self._on_a()
+
+    def _on_a(self, *_):
+        model = self.manager.get(self.a).model_name if self.a is not None else None
+        opts = {k: v for k, v in _result_options(self.manager, model).items() if v != self.a} if model else {}
+        self.param.b.objects = list(opts.values())
+        self.param.b.names = opts
+        if self.b not in opts.values():
+            self.b = next(iter(opts.values()), None)
+
+    def compare(self, a: Job, b: Job) -> None:
+        self.refresh_options()
+        self.a = a.job_id
+        self._on_a()
+        self.b = b.job_id
+
+    def _render(self, *_):
+        from .plots import diff_heatmap, size_quality_plot
+
+        if self.a is None:
+            self._msg.object = "<div class='aq-muted' style='padding:12px'>Finish two jobs of the same model " \
+                               "(e.g. edge and local) to compare them.</div>"
+            self._scatter.object = self._diff.object = None
+            self._table.object = ""
+            return
+        ja = self.manager.get(self.a)
+        jobs = self.manager.results(ja.model_name)
+        pts = []
+        for j in jobs:
+            s = j.summary()
+            if s["size_mb"] is None or s["cosine"] is None:
+                continue
+            pts.append({"label": f"#{j.job_id} {j.label}", "size_mb": s["size_mb"], "cosine": s["cosine"],
+                        "min_cosine": s["min_cosine"] if s["min_cosine"] is not None else s["cosine"],
+                        "ratio": s["compression_ratio"] or 0.0})
+        jb = self.manager.get(self.b) if self.b is not None else None
+        chosen = [f"#{j.job_id} {j.label}" for j in (ja, jb) if j is not None]
+        self._scatter.object = size_quality_plot(pd.DataFrame(pts), chosen, title=f"{ja.model_name}: size vs quality")
+        rows = []
+        for tag, j in (("A", ja), ("B", jb)):
+            if j is None:
+                continue
+            s = j.summary()
+            rows.append({"": tag, "result": f"#{j.job_id} {j.label}",
+                         "size": fmt.human_bytes(s["size_mb"] * 2**20) if s["size_mb"] is not None else "—",
+                         "compression": f"{s['compression_ratio']:.2f}×" if s["compression_ratio"] else "—",
+                         "mean cos": fmt.cos(s["cosine"]), "min cos": fmt.cos(s["min_cosine"]),
+                         "bpw": f"{s['bits_per_weight']:.2f}" if s["bits_per_weight"] else "—"})
+        self._table.object = _table(pd.DataFrame(rows))
+        if jb is None:
+            self._msg.object = "<div class='aq-muted'>Only one result of this model so far: start it with another " \
+                               "profile to compare.</div>"
+            self._diff.object = None
+            return
+        self._msg.object = ""
+        fa, fb = layer_frame(_report_for(ja)["per_layer"]), layer_frame(_report_for(jb)["per_layer"])
+        cells, layout = diff_frame(fa, fb)
+        self._diff.object = diff_heatmap(cells, layout, labels=(f"#{ja.job_id}", f"#{jb.job_id}"),
+                                         title=f"Δ per layer: #{jb.job_id} {jb.label} vs #{ja.job_id} {ja.label}")
+
+    def __panel__(self):
+        return pn.Column(
+            pn.Row(pn.widgets.Select.from_param(self.param.a, width=320), pn.widgets.Select.from_param(self.param.b, width=320)),
+            self._msg, self._table,
+            pn.Row(pn.Column(self._diff, margin=0), self._scatter, sizing_mode="stretch_width"),
+            sizing_mode="stretch_width",
+        )
+
+
+# ----------------------------------------------------------------------------- dashboard
+
+
+class Dashboard(Viewer):
+    """Launcher, job board, quality and comparison, and the model library: the whole app.
+
+    In a served app ``sidebar`` and ``main`` go into a template; in a notebook the
+    dashboard displays itself as one row.
+    """
+
+    manager = param.ClassSelector(class_=JobManager)
+
+    def __init__(self, manager: Optional[JobManager] = None, **params):
+        super().__init__(manager=manager or shared_manager(), **params)
+        self.library_view = LibraryView(library=self.manager.library)
+        self.launcher = Launcher(manager=self.manager)
+        self.board = JobBoard(manager=self.manager, on_open=self.open_quality)
+        self.quality = QualityView(manager=self.manager)
+        self.compare = CompareView(manager=self.manager)
+        self.tabs = pn.Tabs(
+            ("Jobs", self.board), ("Quality", self.quality), ("Compare", self.compare), ("Models", self.library_view),
+            sizing_mode="stretch_width", dynamic=False,
+        )
+        self.board.param.watch(self._on_jobs_changed, "changed")
+
+    def _on_jobs_changed(self, *_):
+        self.quality.refresh_options()
+        self.compare.refresh_options()
+
+    def open_quality(self, job: Job) -> None:
+        self.quality.show(job)
+        self.tabs.active = 1
+
+    @property
+    def sidebar(self) -> pn.viewable.Viewable:
+        return self.launcher
+
+    @property
+    def main(self) -> pn.viewable.Viewable:
+        return self.tabs
+
+    def __panel__(self):
+        self.board.start_polling()
+        return pn.Row(pn.Column(self.launcher, width=330), self.tabs, sizing_mode="stretch_width")
+
+
+def dashboard(manager: Optional[JobManager] = None, **kwargs) -> Dashboard:
+    """The whole dashboard in one call (for notebooks): ``arrow_quant_v2.ui.dashboard()``.
+
+    ``kwargs`` go to :class:`JobManager` when no manager is given (e.g. ``output_root=``,
+    ``library=ModelLibrary(roots=[...])``).
+    """
+    if manager is None:
+        manager = JobManager(**kwargs) if kwargs else shared_manager()
+    return Dashboard(manager=manager)
