@@ -120,7 +120,7 @@ class QuantizeJob:
     def run(self) -> None:
         pending: collections.deque = collections.deque()
         tasks = self._tasks()
-        window = self.threads + 1
+        window = self.threads  # this job's chunks in flight: num_threads (0 = all cores), never more
         parts: List[Tuple[int, int, object]] = []
         stats = np.zeros(4)
         self.bytes_total = max(self.source.total_bytes, 1)
@@ -129,14 +129,18 @@ class QuantizeJob:
         self.tensors_done = len(self.final)
         self.bytes_done = sum(t["source_bytes"] for t in self.final.values())
         self._emit("quantize", "", "starting")
+
+        def refill() -> None:
+            while len(pending) < window:
+                item = next(tasks, None)
+                if item is None:
+                    return
+                info, plan, i, r0, r1, last = item
+                pending.append((item, self.pool.submit(self._encode, info, plan, r0, r1)))
+
         try:
             while True:
-                while len(pending) < window:
-                    item = next(tasks, None)
-                    if item is None:
-                        break
-                    info, plan, i, r0, r1, last = item
-                    pending.append((item, self.pool.submit(self._encode, info, plan, r0, r1)))
+                refill()
                 if not pending:
                     break
                 self.cancel.check()
@@ -149,6 +153,7 @@ class QuantizeJob:
                 except _NonFinite:
                     parts.append((r0, r1, None))
                     stats[:] = np.nan
+                refill()  # keep `window` chunks computing while this thread writes
                 self.bytes_done += info.nbytes * (r1 - r0) // max(info.matrix_shape[0], 1)
                 self._emit("quantize", info.name, f"{'storing' if plan.lossless else 'quantizing'} {info.name} "
                            f"{'lossless' if plan.lossless else f'int{plan.bits}'} "

@@ -142,6 +142,15 @@ def hash_tree(root: Path) -> Dict[str, str]:
     return out
 
 
+def exists(path: Path) -> bool:
+    """``path.exists()`` that answers False for names the OS refuses (NUL byte, too long, loops)."""
+    try:
+        os.lstat(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def leftovers(out: Path) -> List[str]:
     """Temporary siblings a store write can leave beside ``out`` (``.name.partial-*``, ``.name.old-*``)."""
     parent = Path(out).parent
@@ -343,6 +352,33 @@ def _under_regular_file(tmp):
     return m, blocker / "out", {}
 
 
+def _diffusers_truncated(tmp):
+    m = tmp / "model"
+    write(m / "model_index.json", b'{"_class_name": "DiTPipeline"}')
+    write(m / "transformer" / "diffusion_pytorch_model.safetensors", valid_bytes()[:600])
+    write(m / "vae" / "diffusion_pytorch_model.safetensors", valid_bytes())
+    return m, tmp / "out", {}
+
+
+def _symlink_loop_weights(tmp):
+    m = tmp / "model"
+    m.mkdir()
+    os.symlink(m / "model.safetensors", m / "model.safetensors")
+    return m, tmp / "out", {}
+
+
+def _output_symlink_to_input(tmp):
+    m = make_model(tmp / "model")
+    os.symlink(m, tmp / "out")
+    return m, tmp / "out", {"overwrite": True}
+
+
+def _output_symlink_loop(tmp):
+    m = make_model(tmp / "model")
+    os.symlink(tmp / "loop", tmp / "loop")
+    return m, tmp / "loop" / "out", {}
+
+
 def _under_proc(tmp):
     m = make_model(tmp / "model")
     return m, Path("/proc/version/arrowquant-out"), {}
@@ -354,6 +390,9 @@ CASES: List[Case] = [
     Case("file that is not .safetensors", _not_safetensors_file, "ModelNotFoundError"),
     Case("model.safetensors is a folder", _dir_named_safetensors, "ModelFormatError", _file_mentions),
     Case("model.safetensors is a broken symlink", _broken_symlink, "ModelNotFoundError", _file_mentions),
+    Case("model.safetensors is a symlink loop", _symlink_loop_weights, "ModelFormatError", _file_mentions),
+    Case("diffusers component truncated", _diffusers_truncated, "ModelFormatError",
+         lambda m, o: [str(m / "transformer" / "diffusion_pytorch_model.safetensors")]),
     *[Case(f"truncated at byte {at}", _truncated(at), "ModelFormatError", _file_mentions) for at in truncation_points()],
     Case("header length runs into the data", _model_with(length=10_000), "ModelFormatError", _file_mentions),
     Case("header length > file size", _model_with(length=10**6), "ModelFormatError", _file_mentions),
@@ -425,6 +464,12 @@ CASES: List[Case] = [
     Case("output is a file (overwrite)", _existing_file_output(True), "OutputError", lambda m, o: [str(o)]),
     Case("output under a regular file", _under_regular_file, "OutputError", lambda m, o: [str(o.parent)]),
     Case("output under /proc", _under_proc, "OutputError", lambda m, o: [str(o.parent)]),
+    Case("output name with a NUL byte", lambda tmp: (make_model(tmp / "model"), tmp / "o\0ut", {}), "OutputError",
+         lambda m, o: [repr(str(o))]),
+    Case("output name too long", lambda tmp: (make_model(tmp / "model"), tmp / ("o" * 300), {}), "OutputError",
+         lambda m, o: [str(o)]),
+    Case("output under a symlink loop", _output_symlink_loop, "OutputError", lambda m, o: [str(o)]),
+    Case("output is a symlink to the input", _output_symlink_to_input, "OutputError", lambda m, o: [str(o), "inside"]),
 ]
 
 
