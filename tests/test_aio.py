@@ -542,3 +542,25 @@ async def test_cancel_during_a_fallback_re_encode_stops_every_chunk(big_model, t
     assert active_chunks["ran"] > first_pass  # the re-encode had started
     assert active_chunks["active"] == 0 and kernel_pool_idle()
     assert partials(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+async def test_num_threads_caps_the_chunks_a_job_runs_at_once(make_model, tmp_path, monkeypatch):
+    # What makes "N jobs x num_threads" a real bound on the cores in use.
+    state = {"active": 0, "max": 0}
+    lock = threading.Lock()
+    original = engine.QuantizeJob._encode
+
+    def counting(self, *args):
+        with lock:
+            state["active"] += 1
+            state["max"] = max(state["max"], state["active"])
+        try:
+            return original(self, *args)
+        finally:
+            with lock:
+                state["active"] -= 1
+
+    monkeypatch.setattr(engine.QuantizeJob, "_encode", counting)
+    q = AsyncArrowQuantV2()
+    await q.quantize_diffusion_model_async(make_model("large"), tmp_path / "one", DiffusionQuantConfig(num_threads=1))
+    assert state["max"] == 1
