@@ -96,13 +96,15 @@ def describe_model(path, *, name: Optional[str] = None, kind: str = "folder", de
 
 
 def looks_like_model(path: Path) -> bool:
-    """A folder with safetensors weights (top level or diffusers components) that is not a store."""
+    """A folder with safetensors weights (top level, or diffusers components under a
+    ``model_index.json``) that is not an ArrowQuant store."""
     if not path.is_dir() or (path / MANIFEST).is_file():
         return False
     try:
         if (path / INDEX_NAME).is_file() or any(path.glob("*.safetensors")):
             return True
-        return any(p.suffix == ".safetensors" for p in path.glob("*/*.safetensors"))
+        # a diffusers pipeline: model_index.json and components in subfolders
+        return (path / "model_index.json").is_file() and any(path.glob("*/*.safetensors"))
     except OSError:
         return False
 

@@ -34,7 +34,7 @@ def _ensure_extension() -> None:
 
 def _colorbar(lo: float, hi: float) -> dict:
     ticks = [float(t) for t in range(int(math.ceil(lo)), int(math.floor(hi)) + 1)]
-    return {"title": "cosine", "ticker": FixedTicker(ticks=ticks),
+    return {"ticker": FixedTicker(ticks=ticks),
             "major_label_overrides": {t: cosine_label(t) for t in ticks}}
 
 
@@ -68,19 +68,20 @@ def quality_heatmap(cells: pd.DataFrame, layout: str, title: str = "") -> hv.Ove
     data = _plain(data)
     if layout == "block":
         xs = module_order(data["x"])
-        ys = sorted(data["y"].unique())
+        ys = [str(y) for y in sorted(data["y"].unique())]
+        data["y"] = data["y"].astype(str)
         xlabel, ylabel = "module", "block"
     else:
         xs = list(dict.fromkeys(data["x"]))
         ys = list(dict.fromkeys(data["y"]))
         xlabel, ylabel = "metric", "tensor"
     hover = HoverTool(tooltips=HOVER_FIELDS + ([("metric", "@x")] if layout != "block" else []))
-    hm = hv.HeatMap(data, kdims=["x", "y"], vdims=vdims).redim.values(x=xs, y=ys[::-1] if layout != "block" else ys)
+    hm = hv.HeatMap(data, kdims=["x", "y"], vdims=vdims).redim.values(x=xs, y=ys[::-1])
     width = max(420, 80 * len(xs) + 200) if layout == "block" else 640
     hm = hm.opts(
         cmap=CMAP, clim=NINES_RANGE, colorbar=True, colorbar_opts=_colorbar(*NINES_RANGE), tools=[hover],
         xlabel=xlabel, ylabel=ylabel, title=title, height=_height(len(ys)), width=min(width, 900),
-        invert_yaxis=layout == "block", line_color="white", line_width=1, toolbar="above",
+        clabel="cosine", line_color="white", line_width=1, toolbar="above",
         default_tools=["save", "reset"], xaxis="top", clipping_colors={"NaN": "#dddddd"},
         fontsize={"title": "11pt", "labels": "10pt", "ticks": "9pt"},
     )
@@ -90,8 +91,10 @@ def quality_heatmap(cells: pd.DataFrame, layout: str, title: str = "") -> hv.Ove
         text = data.assign(text=[_cell_text(c) if layout == "block" or x == "cosine" else ""
                                  for c, x in zip(data["cosine"], data["x"])])
         text = _plain(text[text["text"] != ""])
-        labels = hv.Labels(text, kdims=["x", "y"], vdims=["text"]).opts(
-            text_font_size="8pt", text_color="#1d1d1d")
+        # white on the darkest colours (deep red, deep blue), near-black elsewhere
+        text["ink"] = ["white" if v < 1.6 or v > 4.3 else "#1d1d1d" for v in text["value"]]
+        labels = hv.Labels(text, kdims=["x", "y"], vdims=["text", "ink"]).opts(
+            text_font_size="8pt", text_color="ink")
         return (hm * labels).opts(title=title)
     return hm
 
@@ -107,7 +110,8 @@ def diff_heatmap(cells: pd.DataFrame, layout: str, title: str = "", labels: Sequ
     m = float(np.nanmax(np.abs(data["value"]))) if len(data) else 1.0
     m = max(m if np.isfinite(m) else 1.0, 0.25)
     if layout == "block":
-        xs, ys = module_order(data["x"]), sorted(data["y"].unique())
+        xs, ys = module_order(data["x"]), [str(y) for y in sorted(data["y"].unique())][::-1]
+        data["y"] = data["y"].astype(str)
     else:
         xs, ys = list(dict.fromkeys(data["x"])), list(dict.fromkeys(data["y"]))[::-1]
     hover = HoverTool(tooltips=[("tensor", "@name"), ("shape", "@shape"), (f"cosine {a}", "@cosine_a{0.000000}"),
@@ -115,10 +119,10 @@ def diff_heatmap(cells: pd.DataFrame, layout: str, title: str = "", labels: Sequ
                                 ("Δ nines", "@value{+0.00}"), (f"reason {b}", "@reason_b")])
     return hv.HeatMap(data, kdims=["x", "y"], vdims=vdims).redim.values(x=xs, y=ys).opts(
         cmap=DIFF_CMAP, clim=(-m, m), colorbar=True, tools=[hover], toolbar="above", default_tools=["save", "reset"],
-        colorbar_opts={"title": f"Δ nines ({b} − {a})"}, title=title, xaxis="top",
+        clabel=f"Δ nines ({b} − {a})", title=title, xaxis="top",
         xlabel="module" if layout == "block" else "", ylabel="block" if layout == "block" else "tensor",
         height=_height(len(ys)), width=min(max(420, 80 * len(xs) + 200), 900) if layout == "block" else 560,
-        invert_yaxis=layout == "block", line_color="white", line_width=1,
+        line_color="white", line_width=1,
     )
 
 

@@ -105,7 +105,7 @@ def page(manager: Optional[JobManager] = None) -> pn.viewable.Viewable:
     dash.board.start_polling()
     template = pn.template.BootstrapTemplate(
         title=TITLE, sidebar=[dash.sidebar], main=[dash.main], sidebar_width=340, header_background="#1e293b",
-        raw_css=[PAGE_CSS], header=[pn.pane.HTML(
+        raw_css=[PAGE_CSS], busy_indicator=None, header=[pn.pane.HTML(
             "<span class='aq-sub'>quantize diffusion models to INT2 / INT4 / INT8 · watch · inspect per-layer quality</span>",
             stylesheets=[CSS], margin=(12, 0))],
     )

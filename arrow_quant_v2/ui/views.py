@@ -9,6 +9,7 @@ closed tab lingers.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -56,7 +57,10 @@ CSS = """
 .aq-stat .k { font-size: 11px; color: #64748b; text-transform: uppercase; letter-spacing: .04em; }
 table.aq-table { border-collapse: collapse; font-size: 12px; width: 100%; }
 table.aq-table th { text-align: left; color: #475569; font-weight: 600; border-bottom: 1px solid #cbd5e1; padding: 3px 6px; }
-table.aq-table td { border-bottom: 1px solid #f1f5f9; padding: 3px 6px; }
+table.aq-table td { border-bottom: 1px solid #f1f5f9; padding: 3px 6px; white-space: nowrap; }
+table.aq-table th { white-space: nowrap; }
+.aq-scroll { overflow-x: auto; max-width: 100%; }
+.aq-section { font-weight: 600; font-size: 13px; color: #1a202c; margin: 10px 0 4px 0; }
 """
 
 
@@ -70,7 +74,7 @@ def _table(df: pd.DataFrame, empty: str = "none") -> str:
         return f"<span class='aq-muted'>{fmt.esc(empty)}</span>"
     head = "".join(f"<th>{fmt.esc(c)}</th>" for c in df.columns)
     body = "".join("<tr>" + "".join(f"<td>{fmt.esc(v)}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False))
-    return f"<table class='aq-table'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class='aq-scroll'><table class='aq-table'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def _badge(status: str) -> str:
@@ -306,6 +310,9 @@ class JobRow(Viewer):
                 f"<span class='aq-kv'>elapsed <b>{fmt.duration(j.elapsed)}</b></span>"
                 f"<span class='aq-kv'>ETA <b>{fmt.duration(eta)}</b></span>{tensor}"
             )
+        elif j.status == "done" and j.from_disk:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(j.created))
+            self._line.object = f"<span class='aq-kv'>made <b>{when}</b></span><span class='aq-muted'>{fmt.esc(j.message)}</span>"
         elif j.status == "done":
             self._line.object = (f"<span class='aq-kv'>took <b>{fmt.duration(j.elapsed)}</b></span>"
                                  f"<span class='aq-muted'>{fmt.esc(j.message)}</span>")
@@ -414,9 +421,11 @@ class QualityView(Viewer):
     manager = param.ClassSelector(class_=JobManager)
     job_id = param.Selector(default=None, objects=[], label="Result", allow_None=True)
     layout = param.Selector(default="auto", objects=["auto", "block × module", "layer × metric"], label="Layout")
+    live = param.Boolean(default=True, doc="Draw now; when False (a hidden tab) drawing waits until it is shown.")
 
     def __init__(self, **params):
         super().__init__(**params)
+        self._dirty = True
         self._stats = _html(sizing_mode="stretch_width")
         self._plot = pn.pane.HoloViews(None, sizing_mode="fixed", linked_axes=False)
         self._worst = _html(sizing_mode="stretch_width")
@@ -426,13 +435,18 @@ class QualityView(Viewer):
         self._msg = _html()
         self.refresh_options()
         self.param.watch(self._render, ["job_id", "layout"])
+        self.param.watch(self._on_live, "live")
         self._render()
+
+    def _on_live(self, *_):
+        if self.live and self._dirty:
+            self._render()
 
     def refresh_options(self) -> None:
         opts = _result_options(self.manager)
         current = self.job_id
-        self.param.job_id.objects = list(opts.values())
-        self.param.job_id.names = opts
+        if opts != self.param.job_id.names:
+            self.param.job_id.objects = opts
         if current not in opts.values():
             self.job_id = next(iter(opts.values()), None)
 
@@ -448,6 +462,10 @@ class QualityView(Viewer):
         return QualityReport(title=job.title, report=_report_for(job), result=job.result or {}, layout=layout)
 
     def _render(self, *_):
+        if not self.live:
+            self._dirty = True
+            return
+        self._dirty = False
         try:
             q = self.report()
         except Exception as e:  # noqa: BLE001 - e.g. the store was deleted
@@ -481,33 +499,32 @@ class QualityView(Viewer):
         )
         worst = q.worst().assign(cosine=lambda d: d["cosine"].map(lambda c: f"{c:.6f}"),
                                  rel_error=lambda d: d["rel_error"].map(lambda c: f"{c:.4f}"))
-        self._worst.object = "<div class='aq-title'>Worst layers</div>" + _table(worst)
+        self._worst.object = "<div class='aq-section'>Worst layers</div>" + _table(worst)
         fb = q.fallbacks()
         if not fb.empty and fb["cosine before"].notna().any():
             fb["cosine before"] = fb["cosine before"].map(lambda c: "" if c is None or c != c else f"{c:.4f}")
-        self._fallbacks.object = "<div class='aq-title'>Fell back to more bits</div>" + _table(
+        self._fallbacks.object = "<div class='aq-section'>Fell back to more bits</div>" + _table(
             fb, "no tensor needed more bits than planned")
         bits = q.bits_table()
         if not bits.empty:
             bits["mean cosine"] = bits["mean cosine"].map(lambda c: f"{c:.5f}")
             bits["params"] = bits["params"].map(fmt.human_count)
-        self._bits.object = "<div class='aq-title'>Bits</div>" + _table(bits)
+        self._bits.object = "<div class='aq-section'>Bits</div>" + _table(bits)
         out = q.outside_blocks()
         if layout == "block" and not out.empty:
             out = out.assign(cosine=out["cosine"].map(lambda c: f"{c:.6f}"), rel_error=out["rel_error"].map(lambda c: f"{c:.4f}"))
-            self._outside.object = "<div class='aq-title'>Outside the blocks</div>" + _table(out)
+            self._outside.object = "<div class='aq-section'>Outside the blocks</div>" + _table(out)
         else:
             self._outside.object = ""
 
     def __panel__(self):
         return pn.Column(
-            pn.Row(pn.widgets.Select.from_param(self.param.job_id, width=360),
+            pn.Row(pn.widgets.Select.from_param(self.param.job_id, width=380),
                    pn.widgets.RadioButtonGroup.from_param(self.param.layout, align="end", button_type="default")),
             self._msg, self._stats,
-            pn.Row(pn.Column(self._plot, margin=0),
-                   pn.Column(self._worst, self._fallbacks, self._bits, self._outside, min_width=380,
-                             sizing_mode="stretch_width"),
+            pn.Row(self._plot, pn.Column(self._bits, self._outside, min_width=300, sizing_mode="stretch_width"),
                    sizing_mode="stretch_width"),
+            self._worst, self._fallbacks,
             sizing_mode="stretch_width",
         )
 
@@ -518,22 +535,25 @@ class CompareView(Viewer):
     manager = param.ClassSelector(class_=JobManager)
     a = param.Selector(default=None, objects=[], allow_None=True, label="Result A")
     b = param.Selector(default=None, objects=[], allow_None=True, label="Result B (same model)")
+    live = param.Boolean(default=True, doc="Draw now; when False (a hidden tab) drawing waits until it is shown.")
 
     def __init__(self, **params):
         super().__init__(**params)
-        self._scatter = pn.pane.HoloViews(None, sizing_mode="stretch_width", min_width=380)
+        self._dirty = True
+        self._scatter = pn.pane.HoloViews(None, sizing_mode="stretch_width", min_width=360, max_width=720)
         self._diff = pn.pane.HoloViews(None, linked_axes=False)
         self._table = _html(sizing_mode="stretch_width")
         self._msg = _html()
         self.refresh_options()
         self.param.watch(self._on_a, "a")
         self.param.watch(self._render, ["a", "b"])
+        self.param.watch(lambda e: self._dirty and self.live and self._render(), "live")
         self._render()
 
     def refresh_options(self) -> None:
         opts = _result_options(self.manager)
-        self.param.a.objects = list(opts.values())
-        self.param.a.names = opts
+        if opts != self.param.a.names:
+            self.param.a.objects = opts
         if self.a not in opts.values():
             self.a = next(iter(opts.values()), None)
         self._on_a()
@@ -541,8 +561,8 @@ class CompareView(Viewer):
     def _on_a(self, *_):
         model = self.manager.get(self.a).model_name if self.a is not None else None
         opts = {k: v for k, v in _result_options(self.manager, model).items() if v != self.a} if model else {}
-        self.param.b.objects = list(opts.values())
-        self.param.b.names = opts
+        if opts != self.param.b.names:
+            self.param.b.objects = opts
         if self.b not in opts.values():
             self.b = next(iter(opts.values()), None)
 
@@ -555,6 +575,10 @@ class CompareView(Viewer):
     def _render(self, *_):
         from .plots import diff_heatmap, size_quality_plot
 
+        if not self.live:
+            self._dirty = True
+            return
+        self._dirty = False
         if self.a is None:
             self._msg.object = "<div class='aq-muted' style='padding:12px'>Finish two jobs of the same model " \
                                "(e.g. edge and local) to compare them.</div>"
@@ -599,8 +623,9 @@ class CompareView(Viewer):
     def __panel__(self):
         return pn.Column(
             pn.Row(pn.widgets.Select.from_param(self.param.a, width=320), pn.widgets.Select.from_param(self.param.b, width=320)),
-            self._msg, self._table,
-            pn.Row(pn.Column(self._diff, margin=0), self._scatter, sizing_mode="stretch_width"),
+            self._msg,
+            pn.Row(pn.Column(self._table, width=560), self._scatter, sizing_mode="stretch_width"),
+            self._diff,
             sizing_mode="stretch_width",
         )
 
@@ -622,13 +647,18 @@ class Dashboard(Viewer):
         self.library_view = LibraryView(library=self.manager.library)
         self.launcher = Launcher(manager=self.manager)
         self.board = JobBoard(manager=self.manager, on_open=self.open_quality)
-        self.quality = QualityView(manager=self.manager)
-        self.compare = CompareView(manager=self.manager)
+        self.quality = QualityView(manager=self.manager, live=False)
+        self.compare = CompareView(manager=self.manager, live=False)
         self.tabs = pn.Tabs(
             ("Jobs", self.board), ("Quality", self.quality), ("Compare", self.compare), ("Models", self.library_view),
             sizing_mode="stretch_width", dynamic=False,
         )
         self.board.param.watch(self._on_jobs_changed, "changed")
+        self.tabs.param.watch(self._on_tab, "active")
+
+    def _on_tab(self, *_):
+        self.quality.live = self.tabs.active == 1
+        self.compare.live = self.tabs.active == 2
 
     def _on_jobs_changed(self, *_):
         self.quality.refresh_options()
@@ -637,6 +667,10 @@ class Dashboard(Viewer):
     def open_quality(self, job: Job) -> None:
         self.quality.show(job)
         self.tabs.active = 1
+
+    def open_compare(self, a: Job, b: Job) -> None:
+        self.compare.compare(a, b)
+        self.tabs.active = 2
 
     @property
     def sidebar(self) -> pn.viewable.Viewable:
