@@ -66,8 +66,8 @@ def test_config_errors_are_value_errors_and_raised_before_touching_anything(tmp_
     before = hash_tree(tmp_path)
     with pytest.raises(ConfigurationError, match="config="):
         quantize_model(model, tmp_path / "out", {"bit_width": 4})
-    with pytest.raises(ConfigurationError, match="target_model_size_mb"):
-        quantize_model(model, tmp_path / "out", C(target_model_size_mb=10.0))
+    with pytest.raises(ConfigurationError, match="config='cloud'"):
+        quantize_model(model, tmp_path / "out", "cloud")
     with pytest.raises(ConfigurationError, match="mode"):
         ArrowQuantV2(mode="llm")
     assert hash_tree(tmp_path) == before and leftovers(tmp_path / "out") == []
