@@ -1,0 +1,290 @@
+"""The app's state classes, without a server: library + root confinement, settings form,
+job lifecycle through AsyncArrowQuantV2 (real quantizations of small models), cancel,
+and the heatmap data layout."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from arrow_quant_v2 import ConfigurationError, DiffusionQuantConfig, QuantizationError
+from arrow_quant_v2.config import field_specs
+from arrow_quant_v2.ui import JobManager, ModelLibrary, PathNotAllowed, QualityReport, QuantSettings
+from arrow_quant_v2.ui.quality import (
+    cosine_label, diff_frame, heatmap_frame, is_transformer, layer_frame, nines, parse_block_module,
+)
+from arrow_quant_v2.ui.roots import MODEL_ROOTS_ENV, unique_path
+from arrow_quant_v2.ui.settings import parameter_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty sample cache: samples are listed but not built (nothing is downloaded)."""
+    monkeypatch.setenv("ARROW_QUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(MODEL_ROOTS_ENV, raising=False)
+    monkeypatch.delenv("ARROW_QUANT_OUTPUT_ROOT", raising=False)
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def roots(tmp_path, make_model):
+    """A model root with a model, a nested org/model, a store, and a symlink leading out."""
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(make_model("small"), models / "small-lm")
+    shutil.copytree(make_model("tiny"), models / "org" / "tiny-lm")
+    outside = tmp_path / "outside"
+    shutil.copytree(make_model("tiny"), outside / "secret-lm")
+    (models / "escape").symlink_to(outside / "secret-lm", target_is_directory=True)
+    (models / "a-store").mkdir()
+    (models / "a-store" / "manifest.json").write_text("{}")
+    (models / "a-store" / "weights.safetensors").write_bytes(b"")
+    return models, outside
+
+
+# ----------------------------------------------------------------------------- library
+
+
+def test_library_lists_samples_and_root_models(cache, roots):
+    models, _ = roots
+    lib = ModelLibrary([models])
+    by_name = {e.name: e for e in lib.models}
+    assert {"tiny-dream", "terrain-unet", "minilm"} <= set(by_name)
+    assert all(by_name[n].kind == "sample" and not by_name[n].available for n in ("tiny-dream", "terrain-unet"))
+    assert by_name["tiny-dream"].params > 30_000_000  # known before it is built
+    small = by_name["small-lm"]
+    assert small.kind == "folder" and not small.error
+    assert small.params > 200_000 and small.dtype == "F32" and small.shards == 1
+    assert small.size_bytes > small.params * 4 and small.modality in ("text", "image")
+    assert "tiny-lm" in by_name  # root/org/model is found
+    assert "a-store" not in by_name  # a quantized store is not a model
+    assert "escape" not in by_name and "secret-lm" not in by_name  # the symlink leads out of the root
+
+
+def test_library_roots_from_env(cache, roots, monkeypatch, tmp_path):
+    models, _ = roots
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.setenv(MODEL_ROOTS_ENV, os.pathsep.join([str(models), str(other)]))
+    lib = ModelLibrary()
+    assert [Path(r) for r in lib.roots] == [models.resolve(), other.resolve()]
+    assert any(e.name == "small-lm" for e in lib.models)
+
+
+def test_paths_outside_roots_are_refused(cache, roots):
+    models, outside = roots
+    lib = ModelLibrary([models])
+    for bad in (outside / "secret-lm", models / ".." / "outside" / "secret-lm", models / "escape", "/etc",
+                "../outside/secret-lm"):
+        with pytest.raises(PathNotAllowed, match="outside the allowed model folders"):
+            lib.add_path(bad)
+        assert "outside the allowed" in lib.message
+    entry = lib.add_path(models / "org" / ".." / "small-lm")  # `..` that stays inside is fine
+    assert entry.path == str((models / "small-lm").resolve()) and lib.message == ""
+
+
+def test_unique_output_never_clobbers(tmp_path):
+    (tmp_path / "m-edge").mkdir()
+    (tmp_path / "m-edge-2").mkdir()
+    assert unique_path(tmp_path, "m-edge").name == "m-edge-3"
+    assert unique_path(tmp_path, "m-edge", reserved=[tmp_path / "m-edge-3"]).name == "m-edge-4"
+    assert unique_path(tmp_path, "../../etc/passwd").parent == tmp_path
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_settings_form_is_generated_from_field_specs():
+    s = QuantSettings("edge")
+    for name in field_specs():
+        if name != "deployment_profile":
+            assert name in s.param, name
+            assert s.param[name].doc == field_specs()[name]["doc"]
+    assert s.to_config() == DiffusionQuantConfig.from_profile("edge")
+    s.profile = "cloud"
+    assert s.bit_width == 8 and s.to_config() == DiffusionQuantConfig.from_profile("cloud") and s.label == "cloud"
+    s.bit_width = 4
+    assert s.label == "int4-g128" and s.to_config().bit_width == 4
+    s.bit_rules = {"*.q_proj.weight": 3}
+    with pytest.raises(ConfigurationError, match="bit_rules"):
+        s.to_config()
+    assert set(s.param.bit_width.objects) == {2, 4, 8}
+    assert s.param.min_accuracy.bounds == (0.0, 1.0) and s.param.min_accuracy.allow_None
+
+
+def test_a_new_config_field_gets_a_widget_parameter():
+    p = parameter_for("new_knob", {"default": 3, "doc": "a knob", "choices": None, "bounds": (1, 9), "kind": None,
+                                   "type": "int"})
+    assert p.bounds == (1, 9) and p.default == 3 and p.doc == "a knob"
+    p = parameter_for("mode", {"default": "a", "doc": "", "choices": ("a", "b"), "bounds": None, "kind": None, "type": "str"})
+    assert p.objects == ["a", "b"]
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+def _manager(tmp_path, models, **kw):
+    return JobManager(ModelLibrary([models], include_samples=False), output_root=tmp_path / "out", **kw)
+
+
+async def test_job_lifecycle_real_quantization(cache, roots, tmp_path):
+    models, _ = roots
+    mgr = _manager(tmp_path, models, progress_interval=0.01)
+    job = mgr.submit("small-lm", DiffusionQuantConfig.from_profile("edge"))
+    assert job.status == "queued" and job.active
+    await mgr.wait(job)
+    assert job.status == "done", job.error
+    assert Path(job.output_path) == tmp_path / "out" / "small-lm-edge"
+    assert (Path(job.output_path) / "manifest.json").is_file()
+    assert job.events >= 2 and job.fraction == 1.0 and job.elapsed > 0
+    s = job.summary()
+    assert s["compression_ratio"] > 1 and 0.8 < s["min_cosine"] <= s["cosine"] <= 1 and s["passed"] is not None
+    assert job.report["per_layer"] and job.result["quantized_path"] == job.output_path
+    # the same model and profile again: a fresh folder, the first store untouched
+    before = sorted(p.name for p in Path(job.output_path).iterdir())
+    job2 = await mgr.run("small-lm", DiffusionQuantConfig.from_profile("edge"))
+    assert job2.status == "done" and Path(job2.output_path).name == "small-lm-edge-2"
+    assert sorted(p.name for p in Path(job.output_path).iterdir()) == before
+    assert [j.job_id for j in mgr.results("small-lm")] == [job2.job_id, job.job_id]
+    # a new manager (a restarted server) finds both stores as finished results
+    again = _manager(tmp_path, models)
+    found = {Path(j.output_path).name: j for j in again.jobs}
+    assert set(found) == {"small-lm-edge", "small-lm-edge-2"} and found["small-lm-edge"].from_disk
+    assert found["small-lm-edge"].model_name == "small-lm" and found["small-lm-edge"].label == "edge"
+
+
+async def test_two_jobs_run_together_and_one_is_cancelled(cache, roots, tmp_path, make_model):
+    import shutil
+
+    models, _ = roots
+    shutil.copytree(make_model("large"), models / "large-lm")
+    mgr = _manager(tmp_path, models, progress_interval=0.01)
+    mgr.library.refresh()
+    keep = mgr.submit("small-lm", DiffusionQuantConfig.from_profile("local"))
+    victim = mgr.submit("large-lm", DiffusionQuantConfig.from_profile("edge"))
+    assert mgr.active_jobs == [victim, keep]
+    for _ in range(500):
+        if victim.status == "running":
+            break
+        await asyncio.sleep(0.01)
+    assert victim.status == "running"
+    assert mgr.cancel(victim)
+    await mgr.wait(victim)
+    await mgr.wait(keep)
+    assert victim.status == "cancelled" and not victim.active
+    assert not Path(victim.output_path).exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no partial store left
+    assert keep.status == "done"
+    assert mgr.cancel(keep) is False
+
+
+async def test_failed_job_shows_its_error(cache, roots, tmp_path):
+    models, _ = roots
+
+    class Broken:
+        async def quantize_diffusion_model_async(self, *a, **kw):
+            raise QuantizationError("model.layers.0.mlp.up_proj.weight: disk on fire")
+
+    mgr = _manager(tmp_path, models, quantizer=Broken())
+    job = await mgr.run("small-lm")
+    assert job.status == "failed" and "disk on fire" in job.error and "QuantizationError" in job.error
+    with pytest.raises(KeyError):
+        mgr.submit("no-such-model")
+
+
+def test_shared_manager_is_one_per_process(cache):
+    from arrow_quant_v2.ui.jobs import reset_shared_manager, shared_manager
+
+    reset_shared_manager()
+    try:
+        assert shared_manager(scan_outputs=False) is shared_manager()
+    finally:
+        reset_shared_manager()
+
+
+# ----------------------------------------------------------------------------- quality layout
+
+DREAM_NAMES = [f"model.layers.{i}.{m}.weight" for i in range(3) for m in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+    "mlp.down_proj")] + ["model.embed_tokens.weight", "lm_head.weight"]
+BERT_NAMES = [f"encoder.layer.{i}.{m}.weight" for i in range(2) for m in (
+    "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+    "intermediate.dense", "output.dense")] + ["embeddings.word_embeddings.weight", "pooler.dense.weight"]
+UNET_NAMES = ["network.input_blocks.1.0.in_layers.2.weight", "network.middle_block.0.out_layers.3.weight",
+              "network.time_embed.0.weight", "network.out.2.weight"]
+
+
+def _per_layer(names, seed=0, bits=4):
+    rng = np.random.default_rng(seed)
+    return {n: {"cosine": float(1 - 10 ** -rng.uniform(1, 4)), "rel_error": 0.05, "sqnr_db": 25.0, "bits": bits,
+                "encoding": "affine", "shape": [64, 32], "numel": 2048, "bits_per_weight": 4.5,
+                "reason": "int4 g64" if i % 5 else "int8 g64: fallback from int4, cos 0.98 < 0.99",
+                "threshold": 0.99, "passed": True} for i, n in enumerate(names)}
+
+
+def test_block_module_parse():
+    assert parse_block_module("model.layers.3.mlp.down_proj.weight") == (3, "down")
+    assert parse_block_module("model.layers.12.self_attn.q_proj.weight") == (12, "q")
+    assert parse_block_module("encoder.layer.5.attention.self.query.weight") == (5, "q")
+    assert parse_block_module("encoder.layer.5.attention.output.dense.weight") == (5, "o")
+    assert parse_block_module("encoder.layer.5.intermediate.dense.weight") == (5, "up")
+    assert parse_block_module("encoder.layer.5.output.dense.weight") == (5, "down")
+    assert parse_block_module("transformer.h.2.attn.c_attn.weight") == (2, "qkv")
+    assert parse_block_module("blocks.7.adaLN_modulation.1.weight") == (7, "adaLN")
+    assert parse_block_module("model.embed_tokens.weight") == (None, None)
+    assert parse_block_module("network.input_blocks.1.0.in_layers.2.weight") == (None, None)
+
+
+@pytest.mark.parametrize("names,blocks,modules", [
+    (DREAM_NAMES, 3, ["q", "k", "v", "o", "gate", "up", "down"]),
+    (BERT_NAMES, 2, ["q", "k", "v", "o", "up", "down"]),
+])
+def test_transformer_heatmap_is_block_by_module(names, blocks, modules):
+    frame = layer_frame(_per_layer(names))
+    assert is_transformer(frame)
+    cells, layout = heatmap_frame(frame)
+    assert layout == "block"
+    assert len(cells) == blocks * len(modules)
+    assert list(dict.fromkeys(cells["x"])) == modules  # module order q, k, v, o, gate, up, down
+    assert sorted(cells["y"].unique()) == list(range(blocks))
+    row = cells[(cells["y"] == 1) & (cells["x"] == "down")].iloc[0]
+    assert row["name"] in ("model.layers.1.mlp.down_proj.weight", "encoder.layer.1.output.dense.weight")
+    assert row["value"] == pytest.approx(-np.log10(1 - row["cosine"]))
+    q = QualityReport(report={"per_layer": _per_layer(names)})
+    assert len(q.outside_blocks()) == 2 and len(q.worst()) == 10
+    assert not q.fallbacks().empty and q.fallbacks()["why"].str.contains("fallback").all()
+
+
+def test_other_models_are_layer_by_metric():
+    frame = layer_frame(_per_layer(UNET_NAMES))
+    assert not is_transformer(frame)
+    cells, layout = heatmap_frame(frame)
+    assert layout == "metric" and len(cells) == 3 * len(UNET_NAMES)
+    assert set(cells["x"]) == {"cosine", "rel. error", "SQNR"} and set(cells["y"]) == set(UNET_NAMES)
+
+
+def test_colour_scale_separates_nines():
+    assert list(nines([0.9, 0.99, 0.999, 0.9999])) == pytest.approx([1, 2, 3, 4])
+    assert nines(1.0) == 7.0 and cosine_label(2) == "0.99" and cosine_label(3) == "0.999"
+
+
+def test_difference_of_two_results():
+    a, b = layer_frame(_per_layer(DREAM_NAMES, seed=1)), layer_frame(_per_layer(DREAM_NAMES, seed=2))
+    cells, layout = diff_frame(a, b)
+    assert layout == "block" and len(cells) == 21
+    r = cells.iloc[0]
+    assert r["value"] == pytest.approx(nines(r["cosine_b"]) - nines(r["cosine_a"]))
+
+
+def test_state_modules_do_not_import_panel():
+    code = ("import sys, arrow_quant_v2.ui as ui; ui.ModelLibrary; ui.JobManager; ui.QualityReport; "
+            "bad = [m for m in ('panel', 'holoviews', 'bokeh') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
