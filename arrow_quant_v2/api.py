@@ -56,10 +56,16 @@ class ArrowQuantV2:
         return quantize_model(model_path, output_path, config, overwrite=overwrite, resume=resume,
                               progress=plain_progress(progress_callback, self.progress_interval))
 
-    def validate_quality(self, original_path, quantized_path, min_accuracy: Optional[float] = None) -> dict:
+    def validate_quality(self, original_path, quantized_path, min_accuracy: Optional[float] = None, *,
+                         end_to_end: Optional[bool] = None, num_time_groups: Optional[int] = None) -> dict:
         """Re-read source and store and compare every tensor.
 
         Returns ``cosine_similarity, compression_ratio, per_layer_accuracy, passed`` and
-        more (min_cosine, worst_layers, per_layer details). Raises :class:`ValidationError`.
+        more (min_cosine, worst_layers, per_layer details). When the model folder keeps an
+        executable graph (``model.onnx``) the original and dequantized networks are also run
+        at ``num_time_groups`` noise levels (default: the store's config); the per-level output
+        cosine / relative error / PSNR are under ``end_to_end`` (``end_to_end=False`` skips it).
+        Raises :class:`ValidationError`.
         """
-        return validate_store(original_path, quantized_path, min_accuracy=min_accuracy)
+        return validate_store(original_path, quantized_path, min_accuracy=min_accuracy,
+                              end_to_end=end_to_end, num_time_groups=num_time_groups)

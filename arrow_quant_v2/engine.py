@@ -74,6 +74,13 @@ class _NonFinite(Exception):
     pass
 
 
+def chunk_ranges(source: ModelSource, info: TensorInfo) -> List[Tuple[int, int]]:
+    """The row ranges of ``info``'s 2-D view that become the store rows of this tensor."""
+    rows, cols = info.matrix_shape
+    per = min(CHUNK_ELEMENTS, max(MIN_SPLIT_ELEMENTS, math.ceil(info.numel / SPLIT_WAYS)))
+    return list(source.chunks(info.name, per)) if info.numel else [(0, rows)]
+
+
 class QuantizeJob:
     """Quantizes one model into one store. Use :func:`quantize_model`."""
 
@@ -90,9 +97,7 @@ class QuantizeJob:
     # -- work items ---------------------------------------------------------------------
 
     def _chunk_rows(self, info: TensorInfo) -> List[Tuple[int, int]]:
-        rows, cols = info.matrix_shape
-        per = min(CHUNK_ELEMENTS, max(MIN_SPLIT_ELEMENTS, math.ceil(info.numel / SPLIT_WAYS)))
-        return list(self.source.chunks(info.name, per)) if info.numel else [(0, rows)]
+        return chunk_ranges(self.source, info)
 
     def _tasks(self):
         for name, info in self.source.tensors.items():
@@ -344,6 +349,8 @@ def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfi
             "warnings": job.warnings,
             "deployment_profile": config.deployment_profile,
         }
+        if planner.budget is not None:  # target_model_size_mb: what the allocator aimed at versus the disk
+            result["budget"] = planner.budget.outcome(weight_bytes, job.final)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,

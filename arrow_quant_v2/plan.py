@@ -40,6 +40,10 @@ class TensorPlan:
     group_size: int
     reason: str
     encoding: str = "raw"
+    #: Why this width class: "lossless", "rule" (bit_rules), "protected" (time conditioning,
+    #: embeddings/heads, sensitive_layers) or "ordinary". A size budget moves only the last
+    #: two (protected ones never below ``sensitive_bits``); see ``budget``.
+    role: str = ""
 
     @property
     def lossless(self) -> bool:
@@ -74,15 +78,12 @@ class Planner:
     def __init__(self, config: DiffusionQuantConfig, diffusion: bool = True) -> None:
         self.config = config
         self.time_aware = config.enable_time_aware and diffusion
-        if config.target_model_size_mb is not None:
-            raise ConfigurationError(
-                f"target_model_size_mb={config.target_model_size_mb!r}: size budgets are not supported yet; "
-                "leave it None and use bit_width / bit_rules instead"
-            )
+        #: The :class:`~arrow_quant_v2.budget.BudgetPlan` of the last ``plan_model`` under a size budget.
+        self.budget = None
 
     def plan(self, t: TensorInfo) -> TensorPlan:
         c = self.config
-        lossless = lambda why: TensorPlan(t.name, LOSSLESS, 0, f"lossless: {why}")  # noqa: E731
+        lossless = lambda why: TensorPlan(t.name, LOSSLESS, 0, f"lossless: {why}", role="lossless")  # noqa: E731
         if not t.is_float:
             return lossless(f"{t.dtype} tensor")
         if t.numel == 0:
@@ -93,7 +94,7 @@ class Planner:
             if fnmatch.fnmatchcase(t.name, pattern):
                 if bits == LOSSLESS:
                     return lossless(f"rule {pattern!r}")
-                return self._quantized(t, bits, f"rule {pattern!r}")
+                return self._quantized(t, bits, f"rule {pattern!r}", "rule")
         if len(t.shape) == 1:
             return lossless("1-D " + ("norm" if NORM_RE.search(t.name) else "bias" if t.name.endswith("bias") else "vector"))
         if NORM_RE.search(t.name) and not t.name.endswith("_proj.weight"):
@@ -104,21 +105,30 @@ class Planner:
             return lossless(f"tiny ({t.numel} < {c.lossless_below} elements)")
         protected_bits = max(c.sensitive_bits, c.bit_width)
         if self.time_aware and (m := _module_hit(t.name, TIME_MODULES)):
-            return self._quantized(t, protected_bits, f"time conditioning ({m})")
+            return self._quantized(t, protected_bits, f"time conditioning ({m})", "protected")
         if c.protect_embeddings and (m := _module_hit(t.name, EMBEDDING_MODULES)):
-            return self._quantized(t, protected_bits, f"{'output head' if 'head' in m or 'out' in m else 'embedding'} ({m})")
+            return self._quantized(t, protected_bits, f"{'output head' if 'head' in m or 'out' in m else 'embedding'} ({m})",
+                                   "protected")
         for pattern in c.sensitive_layers:
             if fnmatch.fnmatchcase(t.name, pattern):
-                return self._quantized(t, protected_bits, f"sensitive layer {pattern!r}")
-        return self._quantized(t, c.bit_width, "")
+                return self._quantized(t, protected_bits, f"sensitive layer {pattern!r}", "protected")
+        return self._quantized(t, c.bit_width, "", "ordinary")
 
-    def _quantized(self, t: TensorInfo, bits: int, why: str) -> TensorPlan:
+    def _quantized(self, t: TensorInfo, bits: int, why: str, role: str = "") -> TensorPlan:
         g = self.config.group_size
         enc = encoding_for(self.config, bits)
         label = f"int{bits} g{g if g else 'row'}"
-        return TensorPlan(t.name, bits, g, f"{label}: {why}" if why else label, enc)
+        return TensorPlan(t.name, bits, g, f"{label}: {why}" if why else label, enc, role)
 
     def plan_model(self, source: ModelSource) -> Dict[str, TensorPlan]:
+        """Every tensor's plan. Under ``target_model_size_mb`` the widths come from the budget
+        allocator (:func:`arrow_quant_v2.budget.allocate`), which keeps :meth:`plan`'s lossless
+        and rule decisions and treats its protected widths as floors; ``self.budget`` keeps its report."""
+        if self.config.target_model_size_mb is not None:
+            from .budget import allocate
+
+            self.budget = allocate(source, self.config, self)
+            return dict(self.budget.plans)
         return {name: self.plan(t) for name, t in source.tensors.items()}
 
 

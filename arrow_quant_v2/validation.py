@@ -26,9 +26,20 @@ COSINE_AGREEMENT = 1e-6
 
 
 def validate_store(original_path, quantized_path, *, min_accuracy: Optional[float] = None,
-                   progress: Optional[ProgressSink] = None, cancel: Optional[CancelToken] = None) -> dict:
-    """Compare every tensor of the store with the source; see README for the result keys."""
+                   progress: Optional[ProgressSink] = None, cancel: Optional[CancelToken] = None,
+                   end_to_end: Optional[bool] = None, num_time_groups: Optional[int] = None) -> dict:
+    """Compare every tensor of the store with the source; see README for the result keys.
+
+    ``end_to_end`` (None = whenever the model folder keeps an executable graph, e.g.
+    ``model.onnx``; False = never) also runs the original and the dequantized network at
+    ``num_time_groups`` noise levels (None = the value in the store's config) and reports
+    per-level output fidelity under ``report["end_to_end"]`` (see :mod:`arrow_quant_v2.e2e`).
+    """
+    from . import e2e
+
     cancel = cancel or CancelToken()
+    graph = e2e.find_graph(original_path) if end_to_end is not False else None
+    keep: Optional[Dict[str, np.ndarray]] = {} if graph is not None else None  # dequantized weights for the graph
     try:
         source = open_model(original_path)
     except ArrowQuantError as e:
@@ -59,6 +70,8 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
         else:
             x = source.read_float32(name)
             y = store.dequantize(name)
+            if keep is not None:
+                keep[name] = y
             fig = figures(kernels.error_stats(np.ascontiguousarray(x), np.ascontiguousarray(y)))
             if not math.isclose(fig["cosine"], entry.cosine, rel_tol=0, abs_tol=COSINE_AGREEMENT):
                 raise ValidationError(
@@ -95,6 +108,22 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
         "num_lossless": len(store.tensors) - len(per_layer),
         "modality": store.manifest.get("modality", {}).get("name"),
     }
+    if graph is None:
+        report["end_to_end"] = e2e.unavailable(
+            "not requested (end_to_end=False)" if end_to_end is False else
+            f"no executable graph ({' / '.join(e2e.GRAPH_NAMES)}) next to the weights of {Path(original_path).name}")
+    else:
+        groups = num_time_groups or store.manifest.get("config", {}).get("num_time_groups") or 10
+
+        def on_level(done: int, total_passes: int) -> None:
+            if progress is not None:
+                progress(ProgressEvent(stage="validate", fraction=0.99, tensor="",
+                                       message=f"end-to-end: forward pass {done}/{total_passes}",
+                                       tensors_done=len(store.tensors), tensors_total=len(store.tensors),
+                                       bytes_done=total, bytes_total=total))
+
+        report["end_to_end"] = e2e.end_to_end(original_path, store, num_time_groups=int(groups), weights=keep,
+                                              check=cancel.check, on_level=on_level)
     if progress is not None:
         progress(ProgressEvent(stage="done", fraction=1.0, message="validation done",
                                tensors_done=len(store.tensors), tensors_total=len(store.tensors),

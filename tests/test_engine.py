@@ -144,9 +144,10 @@ def test_existing_output_is_never_clobbered_silently(model, tmp_path):
     assert json.loads((tmp_path / "q" / "manifest.json").read_text())["config"]["bit_width"] == 2
 
 
-def test_size_budget_is_refused_until_supported(model, tmp_path):
-    with pytest.raises(ConfigurationError, match="target_model_size_mb"):
-        quantize(model, tmp_path / "q", target_model_size_mb=1.0)
+def test_unreachable_size_budget_names_the_reachable_range(model, tmp_path):
+    with pytest.raises(ConfigurationError, match=r"target_model_size_mb=0.01 cannot be reached.*allowed: [\d.]+ to [\d.]+ MiB"):
+        quantize(model, tmp_path / "q", target_model_size_mb=0.01)
+    assert not (tmp_path / "q").exists()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])

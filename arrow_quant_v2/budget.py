@@ -1,0 +1,580 @@
+"""Size budgets: give bits where they buy the most quality (``target_model_size_mb``).
+
+What is minimised
+    The parameter-weighted squared relative Frobenius error of the quantized tensors,
+    ``sum_i n_i * relF_i**2`` (``relF = ||W - Q(W)|| / ||W||``; ``n_i`` elements of tensor i).
+    ``relF**2`` of a layer is the relative noise power it adds to its output for isotropic
+    inputs (``E||dW x||**2 / E||W x||**2``), it is scale-free (a layer followed by a norm does
+    not count more because its weights are large) and, weighted by ``n_i``, it is the measure
+    whose model mean the quantize result reports, so "lower objective" means "lower reported
+    error". Since a tensor's bytes also grow with ``n_i``, the marginal value of a step
+    (error saved per byte) does not favour big tensors for being big.
+
+How it is measured (cheaply)
+    Each budgeted tensor is read on a deterministic sample of rows (:data:`SAMPLE_BLOCKS`
+    evenly spaced blocks totalling about :data:`SAMPLE_ELEMENTS` elements; small tensors
+    whole) and quantized at every candidate width (2, 4, 8 with the config's group size and
+    ``plan.encoding_for``); ``relF**2`` and the cosine are read from the encoding's
+    statistics. Blob bytes are exact: ``encoding.nbytes`` over the store rows the engine
+    will write (``engine.chunk_ranges``). The store is zstd-compressed Parquet, so the
+    sample blobs are compressed with the same codec and the measured ratio scales the exact
+    blob bytes. Lossless storage (the source bytes) is the top candidate of every tensor.
+
+Overhead model
+    Everything else a weight file holds - the per-row metadata columns, page headers, the
+    per-row-group footer entries, one footer and magic per shard - is measured, not
+    guessed: :func:`store_overhead` writes the planned rows through the real
+    :class:`~arrow_quant_v2.store.StoreWriter` into a temporary folder with zero-filled
+    blobs of the exact sizes (same names, reasons, chunking and shard boundaries) and
+    subtracts the compressed size of those zero blobs. It runs twice per plan (a few
+    milliseconds for a few hundred rows).
+
+Allocation
+    Per tensor the candidates (bytes, weighted error) are reduced to their lower convex
+    hull; steps along all hulls are taken greedily by error saved per byte while they fit
+    (a step that does not fit ends that tensor's climb; cheaper steps of other tensors are
+    still taken). For convex per-tensor curves this is the Lagrangian optimum up to the one
+    step that straddles the budget. The slope of the last step taken is the budget's
+    "price" (relF**2 per MiB) and each tensor's reason says what its last step bought.
+
+Rules that still hold
+    ``plan.Planner.plan`` decides first: lossless tensors and ``bit_rules`` are fixed
+    (their bytes count); protected tensors (time conditioning, embeddings/heads,
+    ``sensitive_layers``) never go below ``sensitive_bits``; ordinary ones start at int2.
+
+The per-layer accuracy fallback
+    A candidate whose sampled cosine misses ``min_accuracy`` for its width (with a small
+    margin when sampled) is dropped before allocating, because the engine would re-quantize
+    it wider anyway; so the fallback is already paid for in the plan and the smallest
+    reachable size honours ``min_accuracy``. Near the threshold the estimate can still be
+    wrong: the engine then falls back as always and the size can exceed the target; the
+    quantize result's ``budget`` entry reports the measured size, the fallbacks and by how
+    much the target was missed.
+"""
+from __future__ import annotations
+
+import functools
+import heapq
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+
+from . import encodings
+from .config import DiffusionQuantConfig
+from .errors import ConfigurationError
+from .plan import LOSSLESS, Planner, TensorPlan, encoding_for
+from .source import DTYPES, ModelSource, TensorInfo, open_model
+
+#: About this many elements of each tensor are quantized per candidate width.
+SAMPLE_ELEMENTS = 1 << 16
+#: The sample is this many evenly spaced blocks of consecutive rows.
+SAMPLE_BLOCKS = 8
+#: Candidate code widths of budgeted tensors (lossless is always the top candidate).
+WIDTHS = (2, 4, 8)
+#: The codec of the store's Parquet files (``store.StoreWriter``); used to measure compressibility.
+CODEC = "zstd"
+#: A sampled cosine must clear min_accuracy by this fraction of (1 - min_accuracy).
+SAMPLE_MARGIN = 0.02
+MIB = 2 ** 20
+
+
+@dataclass
+class Option:
+    """One way to store a tensor."""
+
+    bits: int              # 0 = lossless
+    encoding: str
+    blob_bytes: int        # exact bytes of its blobs (encoding.nbytes over the store rows)
+    disk_bytes: float      # estimated bytes of those blobs in the zstd Parquet file
+    rel_error2: float      # relF**2 measured on the sample (0 for lossless)
+    cosine: float
+    #: per blob field: (share of the blob bytes, zstd bytes per byte, zstd fixed bytes per store row)
+    fields: Dict[str, Tuple[float, float, float]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return "lossless" if self.bits == LOSSLESS else f"int{self.bits}"
+
+
+@dataclass
+class TensorBudget:
+    """A tensor's candidates and what the allocator picked."""
+
+    name: str
+    numel: int
+    role: str                  # lossless / rule / protected / ordinary (from Planner.plan)
+    base: TensorPlan           # Planner.plan's decision (width floor for protected tensors)
+    options: List[Option]      # allowed, sorted by disk bytes
+    sampled: float             # fraction of the tensor's rows that were measured
+    excluded: List[Tuple[int, float]] = field(default_factory=list)  # (bits, sampled cosine) dropped for min_accuracy
+    chosen: int = 0            # index into options
+    slope: float = 0.0         # relF**2 (model mean) per MiB bought by the step into the chosen option
+    next_slope: float = 0.0    # ... what the next step would have bought (0 = none)
+
+    @property
+    def option(self) -> Option:
+        return self.options[self.chosen]
+
+    @property
+    def fixed(self) -> bool:
+        return len(self.options) == 1
+
+
+@dataclass
+class BudgetPlan:
+    """The allocation for one model and config; ``plans`` is what the engine runs."""
+
+    target_bytes: float
+    estimated_bytes: float
+    min_bytes: float
+    max_bytes: float
+    overhead_bytes: float
+    objective: float           # parameter-weighted mean relF**2 of the quantized tensors (estimated)
+    price: float               # relF**2 per MiB of the last step taken (the Lagrange multiplier)
+    tensors: Dict[str, TensorBudget]
+    plans: Dict[str, TensorPlan]
+    seconds: float
+    quantized_params: int
+
+    def summary(self) -> dict:
+        """JSON-ready figures (no per-tensor candidates)."""
+        per_bits: Dict[str, int] = {}
+        for t in self.tensors.values():
+            per_bits[t.option.label] = per_bits.get(t.option.label, 0) + 1
+        return {
+            "target_mb": self.target_bytes / MIB,
+            "estimated_mb": self.estimated_bytes / MIB,
+            "min_mb": self.min_bytes / MIB,
+            "max_mb": self.max_bytes / MIB,
+            "overhead_mb": self.overhead_bytes / MIB,
+            "estimated_weighted_rel_error2": self.objective,
+            "price_rel_error2_per_mib": self.price,
+            "tensors_per_width": per_bits,
+            "excluded_for_min_accuracy": sum(len(t.excluded) for t in self.tensors.values()),
+            "planning_time_s": self.seconds,
+        }
+
+    def outcome(self, measured_bytes: int, final: Dict[str, dict]) -> dict:
+        """The budget entry of a quantize result: target versus what was measured on disk."""
+        fallbacks = [n for n, t in final.items() if n in self.plans and t["bits"] != self.plans[n].bits]
+        over = measured_bytes - self.target_bytes
+        return dict(
+            self.summary(),
+            measured_mb=measured_bytes / MIB,
+            error_vs_target_pct=100.0 * over / self.target_bytes,
+            estimate_error_pct=100.0 * (measured_bytes - self.estimated_bytes) / self.estimated_bytes,
+            met=bool(measured_bytes <= self.target_bytes * 1.01),
+            fallbacks=fallbacks,
+            note=("over the target because the accuracy fallback widened " + ", ".join(fallbacks[:5])
+                  if fallbacks and over > 0 else ""),
+        )
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+def sample_ranges(info: TensorInfo) -> List[Tuple[int, int]]:
+    """Deterministic row blocks of ``info``'s 2-D view holding about SAMPLE_ELEMENTS elements."""
+    rows, cols = info.matrix_shape
+    want = max(1, math.ceil(SAMPLE_ELEMENTS / max(cols, 1)))
+    if want >= rows:
+        return [(0, rows)]
+    blocks = min(SAMPLE_BLOCKS, want)
+    per = math.ceil(want / blocks)
+    starts = np.linspace(0, rows - per, blocks).round().astype(int)
+    out: List[Tuple[int, int]] = []
+    for s in starts:
+        s = int(s)
+        if out and s < out[-1][1]:
+            s = out[-1][1]
+        if s < rows:
+            out.append((s, min(s + per, rows)))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _codec() -> pa.Codec:
+    return pa.Codec(CODEC)
+
+
+def compressed_len(blob: np.ndarray) -> int:
+    data = np.ascontiguousarray(blob).view(np.uint8).reshape(-1)
+    return len(_codec().compress(data)) if data.size else 0
+
+
+def compression_model(blob: np.ndarray) -> Tuple[float, float]:
+    """``(a, b)`` so that the codec stores ``n`` bytes like ``blob``'s in about ``a * n + b`` bytes.
+
+    ``b`` (frame and table costs) is what compressing the two halves separately costs more
+    than the whole; ``a`` is the rest per byte. A sample's ratio alone would charge a big
+    blob the fixed costs of a small one.
+    """
+    data = np.ascontiguousarray(blob).view(np.uint8).reshape(-1)
+    if data.size == 0:
+        return 1.0, 0.0
+    whole = compressed_len(data)
+    if data.size < 1024:
+        return whole / data.size, 0.0
+    half = data.size // 2
+    fixed = max(0.0, float(compressed_len(data[:half]) + compressed_len(data[half:]) - whole))
+    fixed = min(fixed, whole / 2)
+    return (whole - fixed) / data.size, fixed
+
+
+def _field_sizes(nbytes: int, fields: Dict[str, Tuple[float, float, float]]) -> Dict[str, int]:
+    names = list(fields)
+    out = {k: int(nbytes * fields[k][0]) for k in names[:-1]}
+    out[names[-1]] = nbytes - sum(out.values())
+    return out
+
+
+def _disk(fields: Dict[str, Tuple[float, float, float]], chunk_nbytes: List[int]) -> float:
+    """Estimated zstd bytes of the blobs of store rows holding ``chunk_nbytes`` blob bytes each."""
+    total = 0.0
+    for n in chunk_nbytes:
+        for k, size in _field_sizes(n, fields).items():
+            _, a, b = fields[k]
+            total += min(a * size + b, size + 16.0) if size else 0.0
+    return total
+
+
+def _chunks(source: ModelSource, info: TensorInfo) -> List[Tuple[int, int]]:
+    from .engine import chunk_ranges  # the engine imports plan, which imports this lazily
+
+    return chunk_ranges(source, info)
+
+
+def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, config: DiffusionQuantConfig,
+                   planner_widths: Optional[Tuple[int, ...]] = None) -> TensorBudget:
+    """The candidates of one tensor, measured on its sample."""
+    rows, cols = info.matrix_shape
+    ranges = sample_ranges(info)
+    sampled_rows = sum(r1 - r0 for r0, r1 in ranges)
+    chunks = _chunks(source, info)
+    raw_bytes = info.numel * DTYPES[info.dtype].itemsize
+
+    raw = np.concatenate([source.read_raw(info.name, r0 * cols, (r1 - r0) * cols) for r0, r1 in ranges])
+    raw_fields = {"codes": (1.0,) + compression_model(raw)}
+    itemsize = DTYPES[info.dtype].itemsize
+    raw_disk = _disk(raw_fields, [(r1 - r0) * cols * itemsize for r0, r1 in chunks])
+    lossless = Option(LOSSLESS, "raw", raw_bytes, raw_disk, 0.0, 1.0, raw_fields)
+    role = base.role or ("lossless" if base.lossless else "ordinary")
+    if role == "lossless":
+        return TensorBudget(info.name, info.numel, role, base, [lossless], sampled_rows / max(rows, 1))
+
+    if role == "rule":
+        widths = [b for b in WIDTHS if b >= base.bits]
+    elif role == "protected":
+        widths = [b for b in WIDTHS if b >= config.sensitive_bits]
+    else:
+        widths = list(WIDTHS)
+    if planner_widths is not None:
+        widths = [b for b in widths if b in planner_widths]
+
+    x = np.ascontiguousarray(np.concatenate([source.read_rows(info.name, r0, r1) for r0, r1 in ranges]))
+    exact = sampled_rows >= rows
+    options: List[Option] = []
+    excluded: List[Tuple[int, float]] = []
+    if not np.isfinite(x).all():  # the engine keeps such tensors lossless
+        return TensorBudget(info.name, info.numel, "lossless", base, [lossless], sampled_rows / max(rows, 1))
+    for bits in widths:
+        name = encoding_for(config, bits)
+        enc = encodings.get_encoding(name, bits, config.group_size)
+        blobs, stats = encodings.quantize(x, enc)
+        fig = encodings.figures(stats)
+        need = config.min_accuracy_for(bits)
+        margin = 0.0 if exact else SAMPLE_MARGIN * (1.0 - need)
+        if fig["cosine"] < need + margin:
+            excluded.append((bits, fig["cosine"]))
+            continue
+        present = {k: v for k, v in blobs.items() if v is not None and v.size}
+        total = sum(int(v.size) for v in present.values()) or 1
+        fields = {k: (v.size / total,) + compression_model(v) for k, v in present.items()} or {"codes": (1.0, 1.0, 0.0)}
+        chunk_nbytes = [enc.nbytes(r1 - r0, cols) for r0, r1 in chunks]
+        rel2 = float(stats[3] / stats[1]) if stats[1] > 0 else 0.0
+        options.append(Option(bits, name, sum(chunk_nbytes), _disk(fields, chunk_nbytes), rel2, fig["cosine"], fields))
+        if role == "rule":
+            break  # a rule fixes the width; only the fallback chain may widen it
+    if role == "rule" and options:
+        return TensorBudget(info.name, info.numel, role, base, options, sampled_rows / max(rows, 1), excluded)
+    options.append(lossless)
+    options.sort(key=lambda o: o.disk_bytes)
+    return TensorBudget(info.name, info.numel, role, base, options, sampled_rows / max(rows, 1), excluded)
+
+
+def measure_model(source: ModelSource, config: DiffusionQuantConfig, planner: Optional[Planner] = None
+                  ) -> Dict[str, TensorBudget]:
+    planner = planner or Planner(config)
+    return {name: measure_tensor(source, info, planner.plan(info), config) for name, info in source.tensors.items()}
+
+
+# -- the Parquet overhead ---------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _noise(n: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8)
+
+
+def _stand_in(size: int, compressed: float) -> np.ndarray:
+    """``size`` bytes that compress to about ``compressed`` bytes: random bytes, then zeros."""
+    blob = np.zeros(size, np.uint8)
+    k = int(min(max(compressed, 0), size))
+    if k:
+        pool = _noise(max(1 << 20, 1 << (k - 1).bit_length()))
+        blob[:k] = pool[:k]
+    return blob
+
+
+def store_overhead(source: ModelSource, tensors: Dict[str, TensorBudget], plans: Dict[str, TensorPlan],
+                   config: DiffusionQuantConfig) -> float:
+    """Bytes of the weight files that are not blob data, for these plans.
+
+    Writes the planned rows through the real :class:`StoreWriter` into a temporary folder,
+    each blob replaced by a stand-in of its exact size that compresses to about its
+    estimated size (so page headers and footer entries get their real widths), and
+    subtracts the compressed size of the stand-ins.
+    """
+    from .store import RAW, ChunkRecord, StoreWriter
+
+    with tempfile.TemporaryDirectory(prefix="aq-budget-") as tmp:
+        writer = StoreWriter(Path(tmp) / "calibration", max_shard_bytes=config.max_shard_mb << 20)
+        blob_disk = 0
+        try:
+            for name, info in source.tensors.items():
+                t, plan = tensors[name], plans[name]
+                opt = t.option
+                _, cols = info.matrix_shape
+                rel = str(info.file.relative_to(source.root)) if source.path.is_dir() else info.file.name
+                records = []
+                for i, (r0, r1) in enumerate(_chunks(source, info)):
+                    if plan.lossless:
+                        n = (r1 - r0) * cols * DTYPES[info.dtype].itemsize
+                        fields = opt.fields if opt.bits == LOSSLESS else {"codes": (1.0, 1.0, 0.0)}
+                    else:
+                        n = encodings.get_encoding(plan.encoding, plan.bits, plan.group_size).nbytes(r1 - r0, cols)
+                        fields = opt.fields
+                    blobs = {k: _stand_in(v, fields[k][1] * v + fields[k][2]) for k, v in _field_sizes(n, fields).items()}
+                    blob_disk += sum(compressed_len(b) for b in blobs.values() if b.size)
+                    records.append(ChunkRecord(name, rel, info.shape, info.dtype, i, r0, r1 - r0,
+                                               RAW if plan.lossless else plan.encoding, plan.bits,
+                                               plan.group_size, blobs))
+                fig = {"cosine": opt.cosine, "rel_error": math.sqrt(opt.rel_error2),
+                       "sqnr_db": 10.0 * math.log10(1.0 / opt.rel_error2) if opt.rel_error2 > 0 else math.inf}
+                writer.write_tensor(records, fig, plan.reason, {})
+            total = writer.close()
+        finally:
+            writer.abort()
+    return float(total - blob_disk)
+
+
+# -- allocating -------------------------------------------------------------------------------
+
+
+def _hull(t: TensorBudget, n_total: int) -> List[int]:
+    """Indices of the options on the lower convex hull of (disk bytes, weighted error)."""
+    pts = [(o.disk_bytes, t.numel * o.rel_error2 / n_total, i) for i, o in enumerate(t.options)]
+    hull: List[Tuple[float, float, int]] = []
+    for p in pts:
+        if hull and p[1] >= hull[-1][1]:
+            continue  # dominated: more bytes, no less error
+        while len(hull) >= 2:
+            (x0, y0, _), (x1, y1, _) = hull[-2], hull[-1]
+            if (y0 - y1) * (p[0] - x1) <= (y1 - p[1]) * (x1 - x0):
+                hull.pop()  # the middle point is above the chord: not worth stopping at
+            else:
+                break
+        hull.append(p)
+    return [i for _, _, i in hull]
+
+
+def _slope(t: TensorBudget, a: int, b: int, n_total: int) -> float:
+    oa, ob = t.options[a], t.options[b]
+    dy = t.numel * (oa.rel_error2 - ob.rel_error2) / n_total
+    dx = (ob.disk_bytes - oa.disk_bytes) / MIB
+    return dy / dx if dx > 0 else math.inf
+
+
+def _greedy(tensors: Dict[str, TensorBudget], budget: float, n_total: int) -> Tuple[float, List[str]]:
+    """Climb the hulls by error saved per byte within ``budget`` blob bytes; returns the price and step order."""
+    hulls = {n: _hull(t, n_total) for n, t in tensors.items()}
+    heap = []
+    spent = 0.0
+    for n, t in tensors.items():
+        t.chosen = hulls[n][0]
+        t.slope = 0.0
+        t.next_slope = 0.0
+        spent += t.option.disk_bytes
+        if len(hulls[n]) > 1:
+            s = _slope(t, hulls[n][0], hulls[n][1], n_total)
+            t.next_slope = s
+            heapq.heappush(heap, (-s, n, 1))
+    price, rejected = 0.0, None
+    steps: List[str] = []
+    while heap:
+        neg, n, k = heapq.heappop(heap)
+        t, h = tensors[n], hulls[n]
+        cost = t.options[h[k]].disk_bytes - t.option.disk_bytes
+        if spent + cost > budget:
+            rejected = -neg if rejected is None else rejected  # the first step the budget refused: its price
+            continue  # this tensor stops here; cheaper steps of others may still fit
+        spent += cost
+        t.chosen, t.slope = h[k], -neg
+        price = price if rejected is not None else -neg
+        steps.append(n)
+        t.next_slope = 0.0
+        if k + 1 < len(h):
+            s = _slope(t, h[k], h[k + 1], n_total)
+            t.next_slope = s
+            heapq.heappush(heap, (-s, n, k + 1))
+    return (rejected if rejected is not None else price), steps
+
+
+def _reason(t: TensorBudget, plan_label: str, price: float) -> str:
+    if t.role == "lossless":
+        return t.base.reason
+    if t.role == "rule":
+        if t.option.bits == t.base.bits:
+            return t.base.reason
+        return f"{plan_label}: {t.base.reason.split(': ', 1)[-1]}, widened: " + ", ".join(
+            f"int{b} misses min_accuracy (sampled cos {c:.4f})" for b, c in t.excluded)
+    floor = t.base.reason.split(": ", 1)[1] if t.role == "protected" and ": " in t.base.reason else ""
+    why = f"{floor}, " if floor else ""
+    if t.slope > 0:
+        why += f"budget (saves {t.slope:.3g} relF² per MiB)"
+    elif t.next_slope > 0:
+        why += f"budget ({t.options[_next(t)].label} would save {t.next_slope:.3g} relF² per MiB; price {price:.3g})"
+    else:
+        why += "budget"
+    if t.excluded:
+        why += "; " + ", ".join(f"int{b} misses min_accuracy (sampled cos {c:.4f})" for b, c in t.excluded)
+    return f"{plan_label}: {why}"
+
+
+def _next(t: TensorBudget) -> int:
+    for i, o in enumerate(t.options):
+        if o.disk_bytes > t.option.disk_bytes and o.rel_error2 < t.option.rel_error2:
+            return i
+    return t.chosen
+
+
+def _plans(tensors: Dict[str, TensorBudget], config: DiffusionQuantConfig, price: float) -> Dict[str, TensorPlan]:
+    plans = {}
+    for n, t in tensors.items():
+        o = t.option
+        if t.role == "lossless":
+            plans[n] = t.base
+            continue
+        g = config.group_size
+        label = "lossless" if o.bits == LOSSLESS else f"int{o.bits} g{g if g else 'row'}"
+        reason = _reason(t, label, price)
+        if o.bits == LOSSLESS:
+            plans[n] = TensorPlan(n, LOSSLESS, 0, reason, role=t.role)
+        else:
+            plans[n] = TensorPlan(n, o.bits, g, reason, o.encoding, t.role)
+    return plans
+
+
+def _objective(tensors: Dict[str, TensorBudget]) -> Tuple[float, int]:
+    q = [t for t in tensors.values() if t.role != "lossless" and t.option.bits != LOSSLESS]
+    n = sum(t.numel for t in q)
+    return (sum(t.numel * t.option.rel_error2 for t in q) / n if n else 0.0), n
+
+
+def _extremes(source, tensors, config) -> Tuple[float, float, float]:
+    """(overhead, smallest, largest) estimated sizes in bytes."""
+    for t in tensors.values():
+        t.chosen, t.slope, t.next_slope = 0, 0.0, 0.0
+    low = _plans(tensors, config, 0.0)
+    overhead = store_overhead(source, tensors, low, config)
+    smallest = overhead + sum(t.options[0].disk_bytes for t in tensors.values())
+    largest = overhead + sum(max(o.disk_bytes for o in t.options) for t in tensors.values())
+    return overhead, smallest, largest
+
+
+def allocate(source: ModelSource, config: DiffusionQuantConfig, planner: Optional[Planner] = None,
+             tensors: Optional[Dict[str, TensorBudget]] = None) -> BudgetPlan:
+    """Plan every tensor of ``source`` so the store's weight files fit ``config.target_model_size_mb``.
+
+    Raises :class:`ConfigurationError` naming the smallest and largest reachable sizes when
+    the target is outside them.
+    """
+    started = time.perf_counter()
+    target = float(config.target_model_size_mb) * MIB
+    tensors = tensors if tensors is not None else measure_model(source, config, planner)
+    n_total = max(sum(t.numel for t in tensors.values() if t.role != "lossless"), 1)
+    overhead, smallest, largest = _extremes(source, tensors, config)
+    if not smallest <= target <= largest * 1.01:
+        excluded = sum(1 for t in tensors.values() if t.excluded)
+        hint = (f"; {excluded} tensor(s) cannot go narrower because they would miss min_accuracy "
+                "(lower min_accuracy to allow it)" if excluded and target < smallest else "")
+        raise ConfigurationError(
+            f"target_model_size_mb={config.target_model_size_mb!r} cannot be reached for {source.path.name}: "
+            f"allowed: {smallest / MIB:.3f} to {largest / MIB:.3f} MiB (smallest: every tensor at its narrowest "
+            f"allowed width; largest: every budgeted tensor lossless){hint}"
+        )
+    price, steps = 0.0, []
+    for _ in range(4):  # the overhead depends a little on the plan (reasons, sizes): iterate
+        price, steps = _greedy(tensors, target - overhead, n_total)
+        plans = _plans(tensors, config, price)
+        overhead = store_overhead(source, tensors, plans, config)
+        estimated = overhead + sum(t.option.disk_bytes for t in tensors.values())
+        if estimated <= target:
+            break
+        # undo the last steps until the estimate fits, then re-measure the overhead
+        while steps and estimated > target:
+            n = steps.pop()
+            t = tensors[n]
+            h = _hull(t, n_total)
+            k = h.index(t.chosen)
+            estimated -= t.option.disk_bytes - t.options[h[k - 1]].disk_bytes
+            t.chosen = h[k - 1]
+            t.slope = _slope(t, h[k - 2], h[k - 1], n_total) if k >= 2 else 0.0
+        plans = _plans(tensors, config, price)
+        overhead = store_overhead(source, tensors, plans, config)
+        estimated = overhead + sum(t.option.disk_bytes for t in tensors.values())
+        if estimated <= target:
+            break
+    objective, nq = _objective(tensors)
+    return BudgetPlan(target, estimated, smallest, largest, overhead, objective, price, tensors, plans,
+                      time.perf_counter() - started, nq)
+
+
+# -- for the app ------------------------------------------------------------------------------
+
+
+def size_range(model_path, config: Optional[DiffusionQuantConfig] = None) -> dict:
+    """The reachable sizes of ``model_path`` under ``config`` (its budget field is ignored).
+
+    Returns ``{"min_mb", "max_mb", "uniform_mb": {"int2": .., "int4": .., "int8": ..}, "seconds"}``:
+    the estimated weight-file MiB with every budgeted tensor at its narrowest allowed width,
+    every budgeted tensor lossless, and every ordinary tensor at one width (protected tensors
+    at their floor) - good anchors for a budget slider.
+    """
+    started = time.perf_counter()
+    config = (config or DiffusionQuantConfig()).replace(target_model_size_mb=None)
+    source = open_model(model_path)
+    tensors = measure_model(source, config)
+    overhead, smallest, largest = _extremes(source, tensors, config)
+    uniform = {}
+    for bits in WIDTHS:
+        total = overhead
+        for t in tensors.values():
+            fits = [o for o in t.options if o.bits != LOSSLESS and o.bits >= bits] or t.options
+            total += min(fits, key=lambda o: o.disk_bytes).disk_bytes
+        uniform[f"int{bits}"] = total / MIB
+    return {"min_mb": smallest / MIB, "max_mb": largest / MIB, "uniform_mb": uniform,
+            "overhead_mb": overhead / MIB, "seconds": time.perf_counter() - started}
+
+
+def plan_budget(model_path, config: DiffusionQuantConfig) -> BudgetPlan:
+    """The allocation ``quantize_model`` would run for ``config`` (nothing is written)."""
+    if config.target_model_size_mb is None:
+        raise ConfigurationError("target_model_size_mb=None is not allowed here; allowed: a size in MiB > 0")
+    return allocate(open_model(model_path), config, Planner(config))
