@@ -68,7 +68,7 @@ def check_result(result: dict, output: Path, bits: int) -> None:
     assert all(not isinstance(v, float) or math.isfinite(v) for v in result.values())
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # starlette's note about httpx vs httpx2
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")  # not ours
 def test_fastapi_testclient(make_model, tmp_path):
     from fastapi.testclient import TestClient
 
