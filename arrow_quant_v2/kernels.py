@@ -35,23 +35,53 @@ def groups_per_row(cols: int, group: int) -> int:
     return (cols + group - 1) // group
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _pack8_n(codes, out, nblk, bits):
+    # 8 codes of ``bits`` bits fill exactly ``bits`` bytes: build them in a 64-bit
+    # word and store its low ``bits`` bytes (LSB first). With a literal ``bits``
+    # both inner loops unroll and LLVM vectorises across blocks.
+    mask = np.uint64((1 << bits) - 1)
+    for i in range(nblk):
+        v = np.uint64(0)
+        for k in range(8):
+            v |= (np.uint64(codes[8 * i + k]) & mask) << np.uint64(k * bits)
+        for k in range(bits):
+            out[i * bits + k] = np.uint8((v >> np.uint64(8 * k)) & np.uint64(0xFF))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unpack8_n(packed, out, nblk, bits):
+    mask = np.uint64((1 << bits) - 1)
+    for i in range(nblk):
+        v = np.uint64(0)
+        for k in range(bits):
+            v |= np.uint64(packed[i * bits + k]) << np.uint64(8 * k)
+        for k in range(8):
+            out[8 * i + k] = np.uint8((v >> np.uint64(k * bits)) & mask)
+
+
 @njit(**JIT)
 def pack_codes(codes, bits):
-    """Pack uint8 codes (< 2**bits) into the LSB-first bitstream."""
+    """Pack uint8 codes (< 2**bits, 1 <= bits <= 8) into the LSB-first bitstream."""
     n = codes.size
     out = np.zeros((n * bits + 7) // 8, dtype=np.uint8)
-    if bits == 8:
-        for i in range(n):
-            out[i] = codes[i]
-        return out
-    per = 8 // bits
-    if 8 % bits == 0:
-        for i in range(n):
-            out[i // per] |= np.uint8(codes[i] << ((i % per) * bits))
-        return out
-    for i in range(n):  # widths that straddle bytes (3, 5, 6 bits)
+    nblk = n // 8
+    if bits == 4:
+        _pack8_n(codes, out, nblk, 4)
+    elif bits == 2:
+        _pack8_n(codes, out, nblk, 2)
+    elif bits == 8:
+        _pack8_n(codes, out, nblk, 8)
+    elif bits == 3:
+        _pack8_n(codes, out, nblk, 3)
+    elif bits == 6:
+        _pack8_n(codes, out, nblk, 6)
+    else:
+        _pack8_n(codes, out, nblk, bits)
+    mask = (1 << bits) - 1
+    for i in range(nblk * 8, n):  # the last < 8 codes, bit by bit
         bit = i * bits
-        v = np.uint32(codes[i]) << np.uint32(bit % 8)
+        v = np.uint32(codes[i] & mask) << np.uint32(bit % 8)
         out[bit // 8] |= np.uint8(v & 0xFF)
         if (bit % 8) + bits > 8:
             out[bit // 8 + 1] |= np.uint8(v >> 8)
@@ -62,12 +92,21 @@ def pack_codes(codes, bits):
 def unpack_codes(packed, bits, n):
     """Inverse of :func:`pack_codes`: the first ``n`` codes as uint8."""
     out = np.empty(n, dtype=np.uint8)
+    nblk = n // 8
+    if bits == 4:
+        _unpack8_n(packed, out, nblk, 4)
+    elif bits == 2:
+        _unpack8_n(packed, out, nblk, 2)
+    elif bits == 8:
+        _unpack8_n(packed, out, nblk, 8)
+    elif bits == 3:
+        _unpack8_n(packed, out, nblk, 3)
+    elif bits == 6:
+        _unpack8_n(packed, out, nblk, 6)
+    else:
+        _unpack8_n(packed, out, nblk, bits)
     mask = (1 << bits) - 1
-    if bits == 8:
-        for i in range(n):
-            out[i] = packed[i]
-        return out
-    for i in range(n):
+    for i in range(nblk * 8, n):
         bit = i * bits
         v = np.uint32(packed[bit // 8]) >> np.uint32(bit % 8)
         if (bit % 8) + bits > 8:
@@ -171,7 +210,7 @@ def error_stats(x, y):
 # vectorise the reductions) without affecting exactness.
 # ---------------------------------------------------------------------------
 
-SEARCH = dict(nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+SEARCH = dict(nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp", "nnan"})
 # Final rounding kernels: the dequantized value ``y`` is one exact float32 product,
 # as in dequantization; only the float64 statistics sums may be re-associated
 # (so they vectorise). No "contract": it could fuse the product into an FMA.
@@ -269,57 +308,148 @@ def _value2(t):
     return v
 
 
-@njit(nogil=True, cache=True)
-def grid_codes(xs, inv, bits, out):
-    """Codes of the levels of ``GRIDS[bits]`` nearest to ``xs * inv`` (1-D), written to ``out``."""
+# Groups are short (8-64 elements), and a loop whose trip count LLVM does not know
+# runs mostly in its scalar remainder. So the kernels work a row at a time: the
+# ``_row_*`` helpers run one pass over every group of a row with the group length
+# as a *literal* for the common sizes (the dispatch happens once per row, so the
+# per-group loop is straight vector code with its constants kept in registers),
+# the short last group separately; the per-group decisions (best candidate so
+# far, ...) are then made in separate loops over the row's groups.
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _sums_n(xr, a, n, inv, bits):
+    """``(sum x*L, sum L*L)`` over ``xr[a:a+n]``, ``L`` the level nearest to ``x * inv``."""
+    s1 = np.float32(0.0)
+    s2 = np.float32(0.0)
     if bits == 4:
-        for j in range(xs.size):
-            out[j] = _code4(xs[j] * inv)
+        for j in range(a, a + n):
+            lv = _value4(xr[j] * inv)
+            s1 += xr[j] * lv
+            s2 += lv * lv
     elif bits == 3:
-        for j in range(xs.size):
-            out[j] = _code3(xs[j] * inv)
+        for j in range(a, a + n):
+            lv = _value3(xr[j] * inv)
+            s1 += xr[j] * lv
+            s2 += lv * lv
     elif bits == 2:
-        for j in range(xs.size):
-            out[j] = _code2(xs[j] * inv)
+        for j in range(a, a + n):
+            lv = _value2(xr[j] * inv)
+            s1 += xr[j] * lv
+            s2 += lv * lv
     else:
-        for j in range(xs.size):
-            out[j] = _code8(xs[j] * inv)
+        # 8 bits: float64 sums. The error is ~1e-5 of sum x^2 there, and float32
+        # sums would cancel badly in sum x^2 - 2 s sum xL + s^2 sum L^2.
+        d1 = 0.0
+        d2 = 0.0
+        for j in range(a, a + n):
+            lv = np.float32(_code8(xr[j] * inv)) - np.float32(127.5)
+            d1 += np.float64(xr[j]) * lv
+            d2 += np.float64(lv) * lv
+        return d1, d2
+    return np.float64(s1), np.float64(s2)
 
 
-@njit(**SEARCH)
-def _grid_sums(xs, inv, bits):
-    """``(sum x*L, sum L*L)`` with ``L`` the level nearest to ``x * inv``, over the 1-D ``xs``.
+@njit(nogil=True, cache=True, inline="always")
+def _row_sums_n(xr, ng, n, inv, bits, s1, s2):
+    for g in range(ng):
+        s1[g], s2[g] = _sums_n(xr, g * n, n, inv[g], bits)
 
-    Float32 sums at 2-4 bits (vectorised twice as wide); float64 at 8 bits, where
-    the error is ~1e-5 of ``sum x^2`` and float32 sums would cancel badly in
-    ``sum x^2 - 2 s sum xL + s^2 sum L^2``.
-    """
-    a = np.float32(0.0)
-    b = np.float32(0.0)
+
+@njit(nogil=True, cache=True, inline="always")
+def _row_sums(xr, cols, group, inv, bits, s1, s2):
+    """``_sums_n`` of every group of the row ``xr`` at the scales ``1 / inv[g]``, into ``s1, s2``."""
+    full = cols // group
+    if group == 16:
+        _row_sums_n(xr, full, 16, inv, bits, s1, s2)
+    elif group == 32:
+        _row_sums_n(xr, full, 32, inv, bits, s1, s2)
+    elif group == 8:
+        _row_sums_n(xr, full, 8, inv, bits, s1, s2)
+    elif group == 64:
+        _row_sums_n(xr, full, 64, inv, bits, s1, s2)
+    else:
+        _row_sums_n(xr, full, group, inv, bits, s1, s2)
+    if full * group < cols:
+        a = full * group
+        s1[full], s2[full] = _sums_n(xr, a, cols - a, inv[full], bits)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _moments_n(xr, a, n):
+    mn = xr[a]
+    mx = xr[a]
+    sxx = 0.0
+    for j in range(a, a + n):
+        v = xr[j]
+        mn = v if v < mn else mn
+        mx = v if v > mx else mx
+        sxx += np.float64(v) * v
+    return mn, mx, sxx
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _row_moments_n(xr, ng, n, mn, mx, sxx):
+    for g in range(ng):
+        mn[g], mx[g], sxx[g] = _moments_n(xr, g * n, n)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _row_moments(xr, cols, group, mn, mx, sxx):
+    """Per group of the row: min, max and sum of squares."""
+    full = cols // group
+    if group == 16:
+        _row_moments_n(xr, full, 16, mn, mx, sxx)
+    elif group == 32:
+        _row_moments_n(xr, full, 32, mn, mx, sxx)
+    elif group == 8:
+        _row_moments_n(xr, full, 8, mn, mx, sxx)
+    elif group == 64:
+        _row_moments_n(xr, full, 64, mn, mx, sxx)
+    else:
+        _row_moments_n(xr, full, group, mn, mx, sxx)
+    if full * group < cols:
+        a = full * group
+        mn[full], mx[full], sxx[full] = _moments_n(xr, a, cols - a)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _round_n(xr, a, n, inv, s, bits, levels, cr):
+    """Code ``xr[a:a+n]`` into ``cr`` and return its partial fused statistics."""
     if bits == 4:
-        for j in range(xs.size):
-            lv = _value4(xs[j] * inv)
-            a += xs[j] * lv
-            b += lv * lv
+        for j in range(a, a + n):
+            cr[j] = _code4(xr[j] * inv)
     elif bits == 3:
-        for j in range(xs.size):
-            lv = _value3(xs[j] * inv)
-            a += xs[j] * lv
-            b += lv * lv
+        for j in range(a, a + n):
+            cr[j] = _code3(xr[j] * inv)
     elif bits == 2:
-        for j in range(xs.size):
-            lv = _value2(xs[j] * inv)
-            a += xs[j] * lv
-            b += lv * lv
+        for j in range(a, a + n):
+            cr[j] = _code2(xr[j] * inv)
     else:
-        a64 = 0.0
-        b64 = 0.0
-        for j in range(xs.size):
-            lv = np.float32(_code8(xs[j] * inv)) - np.float32(127.5)
-            a64 += np.float64(xs[j]) * lv
-            b64 += np.float64(lv) * lv
-        return a64, b64
-    return np.float64(a), np.float64(b)
+        for j in range(a, a + n):
+            cr[j] = _code8(xr[j] * inv)
+    p0 = 0.0
+    p1 = 0.0
+    p2 = 0.0
+    p3 = 0.0
+    for j in range(a, a + n):
+        v = np.float64(xr[j])
+        y = np.float64(levels[cr[j]] * s)  # the float32 product dequantization computes
+        p0 += v * y
+        p1 += v * v
+        p2 += y * y
+        p3 += (v - y) * (v - y)
+    return p0, p1, p2, p3
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _row_round_n(xr, ng, n, inv, sc, bits, levels, cr, st):
+    for g in range(ng):
+        p0, p1, p2, p3 = _round_n(xr, g * n, n, inv[g], sc[g], bits, levels, cr)
+        st[0] += p0
+        st[1] += p1
+        st[2] += p2
+        st[3] += p3
 
 
 @njit(**FINAL)
@@ -333,32 +463,33 @@ def quantize_grid(x, scales, group, bits):
     levels = GRID4 if bits == 4 else (GRID3 if bits == 3 else (GRID2 if bits == 2 else GRID8))
     rows, cols = x.shape
     ng = (cols + group - 1) // group
+    full = cols // group
     codes = np.empty(rows * cols, dtype=np.uint8)
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
+    stats = np.zeros(4, dtype=np.float64)
+    inv = np.empty(ng, dtype=np.float32)
     for r in range(rows):
         xr = x[r]
         cr = codes[r * cols:(r + 1) * cols]
+        sc = scales[r]
         for g in range(ng):
-            a = g * group
-            b = min(a + group, cols)
-            s = scales[r, g]
-            inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
-            grid_codes(xr[a:b], inv, bits, cr[a:b])
-            for j in range(a, b):
-                v = np.float64(xr[j])
-                y = np.float64(levels[cr[j]] * s)
-                s0 += v * y
-                s1 += v * v
-                s2 += y * y
-                s3 += (v - y) * (v - y)
-    stats = np.empty(4, dtype=np.float64)
-    stats[0] = s0
-    stats[1] = s1
-    stats[2] = s2
-    stats[3] = s3
+            inv[g] = np.float32(1.0) / sc[g] if sc[g] != 0 else np.float32(0.0)
+        if group == 16:
+            _row_round_n(xr, full, 16, inv, sc, bits, levels, cr, stats)
+        elif group == 32:
+            _row_round_n(xr, full, 32, inv, sc, bits, levels, cr, stats)
+        elif group == 8:
+            _row_round_n(xr, full, 8, inv, sc, bits, levels, cr, stats)
+        elif group == 64:
+            _row_round_n(xr, full, 64, inv, sc, bits, levels, cr, stats)
+        else:
+            _row_round_n(xr, full, group, inv, sc, bits, levels, cr, stats)
+        if full < ng:
+            a = full * group
+            p0, p1, p2, p3 = _round_n(xr, a, cols - a, inv[full], sc[full], bits, levels, cr)
+            stats[0] += p0
+            stats[1] += p1
+            stats[2] += p2
+            stats[3] += p3
     return codes, stats
 
 
@@ -377,19 +508,6 @@ def dequantize_grid(codes, scales, rows, cols, group, bits):
 
 
 @njit(**SEARCH)
-def _grid_fit(xs, d, bits, sxx):
-    """Round the 1-D group ``xs`` to the grid at scale ``d``, then re-fit the scale by least squares.
-
-    Returns ``(sse, d_ls)``: the least-squares scale for the codes just chosen and
-    its squared error ``sum x^2 - (sum x*L)^2 / sum L^2`` (L the chosen levels).
-    """
-    sxl, sll = _grid_sums(xs, np.float32(1.0) / d, bits)
-    if sll <= 0.0 or sxl == 0.0:
-        return sxx, d
-    return sxx - sxl * sxl / sll, np.float32(sxl / sll)
-
-
-@njit(**SEARCH)
 def search_grid_scales(x, group, bits, ts, iters):
     """Per-group scale ``d`` (float32 ``(rows, groups)``) that makes ``d * GRIDS[bits][q]`` fit best.
 
@@ -397,50 +515,49 @@ def search_grid_scales(x, group, bits, ts, iters):
     clipping, in both orientations of the grid (a negative scale mirrors it; only
     one when the grid is symmetric); divide it by each ``t`` in ``ts`` (``t > 1``
     clips the tails: usually better, since the extreme value is one element while
-    the step shrinks for all); round, and re-fit the scale by least squares. Keep
-    the candidate with the lowest squared error, then run up to ``iters`` more
-    round/re-fit (Lloyd) steps on it. A zero group gets scale 0.
+    the step shrinks for all); round, and re-fit the scale by least squares: for
+    codes with levels ``L`` the best scale is ``sum x*L / sum L^2`` and its squared
+    error ``sum x^2 - (sum x*L)^2 / sum L^2``. Keep the candidate with the lowest
+    error, then run ``iters`` more round/re-fit (Lloyd) steps on it. A zero group
+    gets scale 0.
     """
     levels = GRID4 if bits == 4 else (GRID3 if bits == 3 else (GRID2 if bits == 2 else GRID8))
     top = levels[levels.size - 1]
     bot = -levels[0]
-    two_sides = top != bot
+    nsides = 2 if top != bot else 1
     rows, cols = x.shape
     ng = (cols + group - 1) // group
     out = np.empty((rows, ng), dtype=np.float32)
+    mn = np.empty(ng, dtype=np.float32)
+    mx = np.empty(ng, dtype=np.float32)
+    sxx = np.empty(ng, dtype=np.float64)
+    inv = np.empty(ng, dtype=np.float32)
+    s1 = np.empty(ng, dtype=np.float64)
+    s2 = np.empty(ng, dtype=np.float64)
+    best_e = np.empty(ng, dtype=np.float64)
     for r in range(rows):
         xr = x[r]
+        best_d = out[r]
+        _row_moments(xr, cols, group, mn, mx, sxx)
         for g in range(ng):
-            xs = xr[g * group:min(g * group + group, cols)]
-            mn = xs[0]
-            mx = xs[0]
-            sxx = 0.0
-            for j in range(xs.size):
-                mn = min(mn, xs[j])
-                mx = max(mx, xs[j])
-                sxx += np.float64(xs[j]) * xs[j]
-            if mn == 0 and mx == 0:
-                out[r, g] = 0.0
-                continue
-            best_e = np.inf
-            best_d = max(mx / top, -mn / bot)
-            for side in range(2 if two_sides else 1):
-                if side == 0:
-                    d0 = max(mx / top, -mn / bot)
-                else:
-                    d0 = -max(mx / bot, -mn / top)
-                for t in ts:
-                    e, d = _grid_fit(xs, d0 / t, bits, sxx)
-                    if e < best_e and d != 0:
-                        best_e = e
-                        best_d = d
-            for _ in range(iters):
-                e, d = _grid_fit(xs, best_d, bits, sxx)
-                if not (e < best_e and d != 0):
-                    break
-                best_e = e
-                best_d = d
-            out[r, g] = best_d
+            best_d[g] = max(mx[g] / top, -mn[g] / bot)  # 0 for a zero group, which stays 0
+            best_e[g] = np.inf
+        for k in range(nsides * ts.size + iters):
+            for g in range(ng):
+                if k < ts.size:
+                    d = max(mx[g] / top, -mn[g] / bot) / ts[k]
+                elif k < nsides * ts.size:  # the mirrored grid (negative scale)
+                    d = -max(mx[g] / bot, -mn[g] / top) / ts[k - ts.size]
+                else:  # a Lloyd step from the best so far
+                    d = best_d[g]
+                inv[g] = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            _row_sums(xr, cols, group, inv, bits, s1, s2)
+            for g in range(ng):
+                if s2[g] > 0.0 and s1[g] != 0.0:
+                    e = sxx[g] - s1[g] * s1[g] / s2[g]
+                    if e < best_e[g]:
+                        best_e[g] = e
+                        best_d[g] = np.float32(s1[g] / s2[g])
     return out
 
 
@@ -457,35 +574,40 @@ def choose_scale_codes(x, group, bits, d, super_scales, per_super, cmin, cmax, r
     rows, cols = x.shape
     ng = (cols + group - 1) // group
     out = np.empty((rows, ng), dtype=np.int32)
+    c0 = np.empty(ng, dtype=np.float32)
+    c1 = np.empty(ng, dtype=np.float32)
+    inv0 = np.empty(ng, dtype=np.float32)
+    inv1 = np.empty(ng, dtype=np.float32)
+    a0 = np.empty(ng, dtype=np.float64)
+    b0 = np.empty(ng, dtype=np.float64)
+    a1 = np.empty(ng, dtype=np.float64)
+    b1 = np.empty(ng, dtype=np.float64)
     for r in range(rows):
-        xr = x[r]
         for g in range(ng):
             big = super_scales[r, g // per_super]
             f = d[r, g] / big if big != 0 else np.float32(0.0)
             if not refine:
                 out[r, g] = np.int32(min(max(np.rint(f), cmin), cmax))
-                continue
-            c0 = min(max(np.floor(f), cmin), cmax)
-            c1 = min(max(c0 + 1, cmin), cmax)
-            if c1 == c0 or big == 0:
-                out[r, g] = np.int32(c0)
-                continue
-            xs = xr[g * group:min(g * group + group, cols)]
-            best_c = c0
-            best_e = np.inf
-            for c in (c0, c1):
-                s = np.float32(c) * big
-                if s == 0:
-                    e = 0.0  # y = 0: the error is exactly the common sum x^2 term
-                else:
-                    # sum (x - s L)^2 = sum x^2 - 2 s sum xL + s^2 sum L^2; the sum x^2
-                    # term is common to both candidates, so it is left out.
-                    sxl, sll = _grid_sums(xs, np.float32(1.0) / s, bits)
-                    e = s * (s * sll - 2.0 * sxl)
-                if e < best_e:
-                    best_e = e
-                    best_c = c
-            out[r, g] = np.int32(best_c)
+            c0[g] = min(max(np.floor(f), cmin), cmax)
+            c1[g] = min(max(c0[g] + 1, cmin), cmax)
+            s0 = c0[g] * big
+            sa = c1[g] * big
+            inv0[g] = np.float32(1.0) / s0 if s0 != 0 else np.float32(0.0)
+            inv1[g] = np.float32(1.0) / sa if sa != 0 else np.float32(0.0)
+        if not refine:
+            continue
+        xr = x[r]
+        _row_sums(xr, cols, group, inv0, bits, a0, b0)
+        _row_sums(xr, cols, group, inv1, bits, a1, b1)
+        for g in range(ng):
+            big = super_scales[r, g // per_super]
+            s0 = np.float64(c0[g] * big)
+            sa = np.float64(c1[g] * big)
+            # sum (x - s L)^2 = sum x^2 - 2 s sum xL + s^2 sum L^2; sum x^2 is common to
+            # both candidates, so it is left out (and s = 0 gives exactly 0).
+            e0 = s0 * (s0 * b0[g] - 2.0 * a0[g])
+            e1 = sa * (sa * b1[g] - 2.0 * a1[g])
+            out[r, g] = np.int32(c0[g] if e0 <= e1 else c1[g])
     return out
 
 
