@@ -1,0 +1,109 @@
+"""End-to-end validation: original versus dequantized network at noise levels over the model's range."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from arrow_quant_v2 import ArrowQuantV2, DiffusionQuantConfig
+from arrow_quant_v2.e2e import end_to_end, find_graph, noise_levels
+from arrow_quant_v2.engine import quantize_model
+from arrow_quant_v2.validation import validate_store
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+LEVEL_KEYS = {"sigma", "cosine", "rel_error", "psnr_db"}
+SUMMARY_KEYS = {"available", "reason", "levels", "mean_cosine", "worst_cosine", "mean_psnr_db", "worst_psnr_db",
+                "mean_rel_error", "worst_rel_error", "worst_sigma"}
+
+
+@pytest.fixture(scope="module")
+def graph_model(tmp_path_factory) -> Path:
+    """A tiny denoiser with a graph: out = (x + conv(x, W)) / (1 + sigma), W a real weight."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    root = tmp_path_factory.mktemp("graph-model")
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((16, 16, 3, 3)) * 0.1).astype(np.float32)
+    save_file({"conv.weight": w}, str(root / "model.safetensors"))
+    nodes = [
+        helper.make_node("Conv", ["noisy", "conv.weight"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["noisy", "c"], ["s"]),
+        helper.make_node("Reshape", ["sigma", "shape4"], ["sig4"]),
+        helper.make_node("Add", ["sig4", "one"], ["den"]),
+        helper.make_node("Div", ["s", "den"], ["denoised"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny-denoiser",
+        [helper.make_tensor_value_info("noisy", TensorProto.FLOAT, ["batch", 16, 8, 8]),
+         helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["batch"])],
+        [helper.make_tensor_value_info("denoised", TensorProto.FLOAT, ["batch", 16, 8, 8])],
+        initializer=[numpy_helper.from_array(w, "conv.weight"),
+                     numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "shape4"),
+                     numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(root / "model.onnx"))
+    (root / "config.json").write_text(json.dumps({"_class_name": "UNetModel", "sigma_min": 0.002, "sigma_max": 80.0}))
+    return root
+
+
+def test_noise_levels_are_log_spaced_over_the_config_range():
+    levels, desc = noise_levels({"sigma_min": 0.002, "sigma_max": 80.0}, 5)
+    assert levels[0] == pytest.approx(80.0) and levels[-1] == pytest.approx(0.002)
+    assert np.allclose(np.diff(np.log(levels)), np.log(0.002 / 80) / 4) and "log-spaced" in desc
+    steps, _ = noise_levels({"num_train_timesteps": 1000}, 3)
+    assert list(steps) == [999.0, 500.0, 0.0]
+    assert noise_levels({}, 3) is None
+
+
+def test_graph_model_reports_every_level_and_uses_num_time_groups(graph_model, tmp_path):
+    quantize_model(graph_model, tmp_path / "q", DiffusionQuantConfig(bit_width=4, num_time_groups=4, lossless_below=0))
+    report = ArrowQuantV2().validate_quality(graph_model, tmp_path / "q")
+    e2e = report["end_to_end"]
+    assert e2e["available"], e2e["reason"]
+    assert SUMMARY_KEYS <= set(e2e) and e2e["num_levels"] == 4 and e2e["replaced_tensors"] == 1
+    assert [round(lv["sigma"], 6) for lv in e2e["levels"]] == pytest.approx(list(np.geomspace(80, 0.002, 4)), rel=1e-5)
+    for lv in e2e["levels"]:
+        assert LEVEL_KEYS <= set(lv) and 0.9 < lv["cosine"] <= 1.0 and lv["rel_error"] > 0
+    assert e2e["worst_cosine"] == min(lv["cosine"] for lv in e2e["levels"])
+    json.dumps(report["end_to_end"])  # the app stores reports as JSON
+    # an explicit count wins over the store's config; reruns are reproducible
+    again = validate_store(graph_model, tmp_path / "q", num_time_groups=2)["end_to_end"]
+    assert again["num_levels"] == 2 and again["levels"][0]["cosine"] == pytest.approx(e2e["levels"][0]["cosine"])
+
+
+def test_more_bits_give_a_closer_network(graph_model, tmp_path):
+    worst = {}
+    for bits in (2, 8):
+        quantize_model(graph_model, tmp_path / f"q{bits}", DiffusionQuantConfig(bit_width=bits, lossless_below=0,
+                                                                                min_accuracy=0.0))
+        worst[bits] = end_to_end(graph_model, tmp_path / f"q{bits}", num_time_groups=3)
+    assert worst[8]["worst_cosine"] > worst[2]["worst_cosine"]
+    assert worst[8]["mean_psnr_db"] > worst[2]["mean_psnr_db"] + 20
+
+
+def test_unavailable_cases_say_why(graph_model, make_model, tmp_path):
+    plain = make_model("tiny")
+    quantize_model(plain, tmp_path / "p", DiffusionQuantConfig(bit_width=8))
+    e2e = validate_store(plain, tmp_path / "p")["end_to_end"]
+    assert e2e["available"] is False and "no executable graph" in e2e["reason"] and e2e["levels"] == []
+    quantize_model(graph_model, tmp_path / "g", DiffusionQuantConfig(bit_width=8, lossless_below=0))
+    off = validate_store(graph_model, tmp_path / "g", end_to_end=False)["end_to_end"]
+    assert off["available"] is False and "not requested" in off["reason"]
+    assert find_graph(graph_model) == graph_model / "model.onnx" and find_graph(plain) is None
+
+
+def test_terrain_unet_int8_is_faithful_at_every_noise_level(tmp_path):
+    from arrow_quant_v2.samples import sample_path
+
+    model = sample_path("terrain-unet")
+    quantize_model(model, tmp_path / "q", DiffusionQuantConfig(bit_width=8))
+    e2e = end_to_end(model, tmp_path / "q", num_time_groups=3)
+    assert e2e["available"], e2e["reason"]
+    assert [lv["sigma"] for lv in e2e["levels"]] == pytest.approx([80.0, 0.4, 0.002])
+    assert e2e["input_shape"] == [2, 1, 128, 128]
+    assert e2e["worst_cosine"] > 0.999 and e2e["worst_psnr_db"] > 35
