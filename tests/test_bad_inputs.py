@@ -276,7 +276,7 @@ def test_disk_full_mid_write(tmp_path, limit, where):
     before = hash_tree(tmp_path)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", _FULL_DISK, str(model), str(out), str(limit)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["type"] == "OutputError", got

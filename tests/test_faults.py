@@ -38,7 +38,11 @@ def big_model(tmp_path_factory) -> Path:
     ts = [tensor(f"blocks.{i // 3}.{['attn.qkv', 'mlp.fc1', 'mlp.fc2'][i % 3]}.weight", dtypes[i % 3], (256, 256), seed=i)
           for i in range(96)]
     ts += [tensor(f"blocks.{i}.norm1.weight", "F32", (256,), np.ones(256)) for i in range(32)]
-    return make_model(tmp_path_factory.mktemp("big") / "model", ts)
+    root = tmp_path_factory.mktemp("big")
+    # Compile (and write numba's on-disk cache for) the kernels here, so the children below load
+    # them instead of each compiling, which under load can take longer than the whole run.
+    quantize_model(make_model(root / "warm", ts[:3] + ts[-1:]), root / "warm-out")
+    return make_model(root / "model", ts)
 
 
 # -- SIGKILL ------------------------------------------------------------------------------------------
@@ -67,7 +71,7 @@ def _run_and_kill(model: Path, out: Path, mode: str, arg: str, delay: float = 0.
             proc.stdout.readline()  # the first progress event: the job has started
             time.sleep(delay)
             proc.send_signal(signal.SIGKILL)  # our own child, by pid
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -342,6 +346,6 @@ def test_kill_between_the_two_renames_of_an_overwrite(tmp_path):
     out = tmp_path / "out"
     quantize_model(m, out)
     proc = subprocess.run([sys.executable, "-c", _KILL_BETWEEN_RENAMES, str(m), str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert out.is_dir() and validate_store(m, out)["passed"], f"no store at the output; left: {leftovers(out)}"
