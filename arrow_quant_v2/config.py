@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -60,14 +61,24 @@ class DiffusionQuantConfig:
     deployment_profile: Optional[str] = spec(None, "The profile this config came from, if any.", choices=(None,) + PROFILES)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # numpy scalars (from arrays, UI widgets) -> plain Python numbers
+            setattr(self, f.name, _plain(getattr(self, f.name)))
         if isinstance(self.sensitive_layers, str):
             self.sensitive_layers = (self.sensitive_layers,)
-        self.sensitive_layers = tuple(self.sensitive_layers or ())
-        self.bit_rules = dict(self.bit_rules or {})
+        try:
+            self.sensitive_layers = tuple(self.sensitive_layers or ())
+        except TypeError:
+            raise ConfigurationError(f"sensitive_layers={self.sensitive_layers!r} is not allowed; "
+                                     "allowed: a list of glob patterns (strings)") from None
+        try:
+            self.bit_rules = {k: _plain(v) for k, v in dict(self.bit_rules or {}).items()}
+        except (TypeError, ValueError):
+            raise ConfigurationError(f"bit_rules={self.bit_rules!r} is not allowed; "
+                                     f"allowed: a dict of glob pattern -> one of {(0,) + BIT_WIDTHS}") from None
         for f in dataclasses.fields(self):
             check_field(f, getattr(self, f.name))
         for pattern, bits in self.bit_rules.items():
-            if not isinstance(pattern, str) or bits not in (0,) + BIT_WIDTHS:
+            if not isinstance(pattern, str) or type(bits) is not int or bits not in (0,) + BIT_WIDTHS:
                 raise ConfigurationError(
                     f"bit_rules[{pattern!r}]={bits!r} is not allowed; allowed: a glob pattern mapped to one of {(0,) + BIT_WIDTHS}"
                 )
@@ -96,6 +107,8 @@ class DiffusionQuantConfig:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "DiffusionQuantConfig":
+        if not isinstance(data, dict):
+            raise ConfigurationError(f"config={data!r} is not allowed; allowed: a dict of config fields")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -140,6 +153,15 @@ def field_specs() -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def _plain(value: Any) -> Any:
+    """numpy integers/floats as int/float (they compare equal to the choices but break JSON and kernels)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return float(value)
+    return value
+
+
 def check_field(f: dataclasses.Field, value: Any) -> None:
     """Raise ConfigurationError naming the field, the value and what is allowed."""
     meta = f.metadata
@@ -154,7 +176,7 @@ def check_field(f: dataclasses.Field, value: Any) -> None:
             bad("True or False")
         return
     if choices is not None:
-        if isinstance(value, bool) or value not in choices:
+        if isinstance(value, (bool, float)) or value not in choices:  # 4.0 == 4 but is not an allowed bit width
             bad(", ".join(repr(c) for c in choices))
         return
     if bounds is not None:

@@ -59,7 +59,11 @@ def resolve_threads(config: DiffusionQuantConfig) -> int:
 def check_paths(source: ModelSource, output: Path, overwrite: bool) -> None:
     """Refuse outputs that would touch the input or an existing store."""
     src = source.root.resolve()
-    out = output.resolve()
+    try:
+        out = output.resolve()
+        output.exists()
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a name too long, a symlink loop...
+        raise OutputError(f"{str(output)!r}: not a usable output path ({e})") from None
     if out == src or src in out.parents:
         raise OutputError(f"{output}: lies inside the input folder {source.root}; choose an output outside it")
     if out in src.parents:
@@ -246,7 +250,13 @@ class QuantizeJob:
 
 
 def _file_state(source: ModelSource):
-    return [(f, f.stat().st_size, f.stat().st_mtime_ns) for f, _ in source.files]
+    def state(f):
+        try:
+            st = f.stat()
+        except OSError:  # vanished: compares unequal, so the run fails as "changed"
+            return None
+        return st.st_size, st.st_mtime_ns
+    return [(f, state(f)) for f, _ in source.files]
 
 
 def run_key(source: ModelSource, config: DiffusionQuantConfig) -> str:

@@ -228,9 +228,9 @@ class StoreWriter:
         journaled with the shard so a resumed run can report it without re-reading.
         """
         size = sum(r.nbytes for r in records)
-        if self._writer is None or (self._shard_bytes and self._shard_bytes + size > self.max_shard_bytes):
-            self._open_shard()
         try:
+            if self._writer is None or (self._shard_bytes and self._shard_bytes + size > self.max_shard_bytes):
+                self._open_shard()  # closes (and journals) the previous shard: disk errors here too
             for r in records:
                 row = {
                     "name": [r.name], "source_file": [r.source_file], "shape": [list(r.shape)], "dtype": [r.dtype],
@@ -272,6 +272,7 @@ class StoreWriter:
 
     def finish(self, manifest: dict) -> Path:
         """Write the manifest and move the finished store into place."""
+        trash = None
         try:
             self._close_shard()
             shards = [{k: s[k] for k in ("file", "tensors", "rows", "bytes", "sha256")} for s in self.shards]
@@ -283,11 +284,17 @@ class StoreWriter:
                 f.flush()
                 os.fsync(f.fileno())
             trash = None
+            if self.output.exists() and (not self.overwrite or not (self.output / MANIFEST).is_file()):
+                self.abort()  # something appeared at the output while we wrote: never clobber it
+                raise OutputError(f"{self.output}: appeared while this run was writing and is not a store we may "
+                                  "replace; nothing was overwritten")
             if self.output.exists():  # overwrite was asked: swap, then delete the old store
                 trash = self.output.parent / f".{self.output.name}.old-{uuid.uuid4().hex[:8]}"
                 os.rename(self.output, trash)
             os.rename(self.tmp, self.output)
         except OSError as e:
+            if trash is not None and not self.output.exists():
+                os.rename(trash, self.output)  # put the old store back: overwrite is all or nothing
             self.abort()
             raise _disk_error(e, self.output) from None
         if trash is not None:
