@@ -486,10 +486,14 @@ class AsyncArrowQuantV2:
     async def quantize_diffusion_model_async(self, model_path, output_path,
                                              config: Optional[DiffusionQuantConfig] = None,
                                              progress_callback: Optional[ProgressCallback] = None, *,
-                                             overwrite: bool = False, progress_interval: Optional[float] = None,
+                                             overwrite: bool = False, resume: bool = False,
+                                             progress_interval: Optional[float] = None,
                                              on_event: Optional[EventHook] = None) -> dict:
         """Quantize ``model_path`` into a new store at ``output_path`` without blocking the loop.
 
+        ``overwrite`` replaces an existing store (atomically, only once the new one is
+        complete); ``resume`` reuses what a killed run with the same source and config had
+        finished (as in the blocking API).
         ``progress_callback(message, progress)`` may be a function or ``async def``;
         ``on_event(event)`` receives the raw :class:`ProgressEvent` objects. Both are called on
         this loop, throttled to ``progress_interval`` (default: the instance's).
@@ -500,14 +504,15 @@ class AsyncArrowQuantV2:
         or ``asyncio.CancelledError`` when cancelled (the worker has stopped by then).
         """
         return await self._quantize(model_path, output_path, config, progress_callback, overwrite=overwrite,
-                                    progress_interval=progress_interval, on_event=on_event, model_index=None)
+                                    resume=resume, progress_interval=progress_interval, on_event=on_event,
+                                    model_index=None)
 
-    async def _quantize(self, model_path, output_path, config, progress_callback, *, overwrite, progress_interval,
-                        on_event, model_index) -> dict:
+    async def _quantize(self, model_path, output_path, config, progress_callback, *, overwrite, resume,
+                        progress_interval, on_event, model_index) -> dict:
         _check_config(config)
         interval = self.progress_interval if progress_interval is None else _check_interval(progress_interval)
         listeners = _listeners(progress_callback, on_event, multi=model_index is not None)
-        fn = functools.partial(quantize_model, model_path, output_path, config, overwrite=overwrite)
+        fn = functools.partial(quantize_model, model_path, output_path, config, overwrite=overwrite, resume=resume)
 
         def wrap(e: Exception) -> Exception:
             return QuantizationError(f"{model_path}: quantizing failed: {type(e).__name__}: {e}")
@@ -519,7 +524,7 @@ class AsyncArrowQuantV2:
                                              progress_callback: Optional[ProgressCallback] = None, *,
                                              return_exceptions: bool = False,
                                              progress_interval: Optional[float] = None,
-                                             overwrite: bool = False,
+                                             overwrite: bool = False, resume: bool = False,
                                              on_event: Optional[EventHook] = None) -> List[Any]:
         """Quantize several models concurrently (within the instance's bounds).
 
@@ -541,7 +546,7 @@ class AsyncArrowQuantV2:
             _check_interval(progress_interval)
         _listeners(progress_callback, on_event, multi=True)  # fail early on a non-callable
         tasks = [
-            asyncio.ensure_future(self._quantize(m, o, c, progress_callback, overwrite=overwrite,
+            asyncio.ensure_future(self._quantize(m, o, c, progress_callback, overwrite=overwrite, resume=resume,
                                                  progress_interval=progress_interval, on_event=on_event,
                                                  model_index=i))
             for i, (m, o, c) in enumerate(specs)
@@ -556,11 +561,13 @@ class AsyncArrowQuantV2:
     async def validate_quality_async(self, original_path, quantized_path, min_accuracy: Optional[float] = None, *,
                                      progress_callback: Optional[ProgressCallback] = None,
                                      progress_interval: Optional[float] = None,
-                                     on_event: Optional[EventHook] = None) -> dict:
+                                     on_event: Optional[EventHook] = None,
+                                     end_to_end: Optional[bool] = None, num_time_groups: Optional[int] = None) -> dict:
         """Re-read source and store and compare every tensor, without blocking the loop.
 
         Returns ``cosine_similarity, compression_ratio, per_layer_accuracy, passed`` and
-        more (as :meth:`ArrowQuantV2.validate_quality`). Raises :class:`ValidationError`
+        more (as :meth:`ArrowQuantV2.validate_quality`, whose ``end_to_end`` and
+        ``num_time_groups`` are passed through). Raises :class:`ValidationError`
         (or :class:`ConfigurationError` for a bad argument); cancellable like a quantization.
         """
         if min_accuracy is not None and (isinstance(min_accuracy, bool) or not isinstance(min_accuracy, (int, float))
@@ -568,7 +575,8 @@ class AsyncArrowQuantV2:
             raise ConfigurationError(f"min_accuracy={min_accuracy!r} is not allowed; allowed: None or a number in [0.0, 1.0]")
         interval = self.progress_interval if progress_interval is None else _check_interval(progress_interval)
         listeners = _listeners(progress_callback, on_event, multi=False)
-        fn = functools.partial(validate_store, original_path, quantized_path, min_accuracy=min_accuracy)
+        fn = functools.partial(validate_store, original_path, quantized_path, min_accuracy=min_accuracy,
+                               end_to_end=end_to_end, num_time_groups=num_time_groups)
 
         def wrap(e: Exception) -> Exception:
             return ValidationError(f"validating {quantized_path} against {original_path} failed: {type(e).__name__}: {e}")
