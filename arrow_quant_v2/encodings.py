@@ -380,6 +380,48 @@ def dequantize(blobs: Blobs, encoding: Encoding, rows: int, cols: int) -> np.nda
     return encoding.dequantize(blobs, rows, cols)
 
 
+def sample_rows(x: np.ndarray, max_elements: int = 1 << 18) -> np.ndarray:
+    """Evenly spaced rows of ``x`` (2-D) holding at most about ``max_elements`` values."""
+    rows = x.shape[0]
+    take = max(1, min(rows, max_elements // max(1, x.shape[1])))
+    idx = np.unique(np.linspace(0, rows - 1, take).round().astype(np.int64))
+    return np.ascontiguousarray(x[idx], dtype=np.float32)
+
+
+def choose_group_for_target(
+    x: np.ndarray,
+    encoding_name: str,
+    bits: int,
+    target_cosine: float,
+    candidates: Tuple[int, ...] = (256, 128, 64, 32),
+    max_elements: int = 1 << 18,
+) -> Encoding:
+    """The cheapest ``encoding_name`` at ``bits`` among ``candidates`` group sizes reaching ``target_cosine``.
+
+    "Cheapest" is fewest stored bytes for ``x``'s shape (the largest group for every
+    encoding here; ``0`` = one group per row may be a candidate). Quality is measured
+    on an evenly spaced sample of rows (at most ~``max_elements`` values, so this
+    costs a few milliseconds whatever the tensor). When no candidate reaches the
+    target, the most accurate one is returned. ``x`` is viewed as 2-D ``(rows, -1)``
+    with groups along the last axis, as the store does.
+    """
+    x2 = np.asarray(x).reshape(np.asarray(x).shape[0], -1) if np.ndim(x) > 1 else np.asarray(x).reshape(1, -1)
+    sample = sample_rows(x2, max_elements)
+    rows, cols = x2.shape
+    encs = sorted(
+        {get_encoding(encoding_name, bits, int(g)) for g in candidates},
+        key=lambda e: (e.nbytes(rows, cols), -e.group_for(cols)),
+    )
+    best, best_cos = None, -np.inf
+    for enc in encs:
+        cos = figures(enc.quantize(sample)[1])["cosine"]
+        if cos >= target_cosine:
+            return enc
+        if cos > best_cos:
+            best, best_cos = enc, cos
+    return best
+
+
 def figures(stats: np.ndarray) -> Dict[str, float]:
     """Cosine, relative Frobenius error and SQNR (dB) from fused statistics."""
     xy, xx, yy, ee = (float(v) for v in stats)
