@@ -441,7 +441,7 @@ class AsyncArrowQuantV2:
                 f"queued: waiting for a job slot ({limits.jobs.used} of {self.max_concurrent_jobs} in use)")))
         await limits.jobs.acquire(1)
         try:
-            nbytes = await loop.run_in_executor(None, source_bytes, source)
+            nbytes = source_bytes(source)  # a few stat() calls: inline, so jobs keep their order
             if limits.memory.would_wait(nbytes):
                 free = max(limits.memory.capacity - limits.memory.used, 0)
                 channel.post(ProgressEvent(stage=QUEUED, fraction=0.0, message=(

@@ -174,7 +174,7 @@ async def test_throttle_interval_zero_versus_large(small, tmp_path):
 
 
 async def test_per_call_interval_overrides_the_instance(small, tmp_path):
-    q = AsyncArrowQuantV2()  # 5 s by default: a quick job sees first and final only
+    q = AsyncArrowQuantV2(progress_interval=3600)  # the instance's: first and final only
     default, per_call = [], []
     await q.quantize_diffusion_model_async(small, tmp_path / "a", INT4, lambda m, p: default.append(p))
     await q.quantize_diffusion_model_async(small, tmp_path / "b", INT4, lambda m, p: per_call.append(p),
