@@ -322,14 +322,28 @@ def _noise(n: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8)
 
 
-def _stand_in(size: int, compressed: float) -> np.ndarray:
-    """``size`` bytes that compress to about ``compressed`` bytes: random bytes, then zeros."""
+#: Stand-in blobs compress to at most this many bytes: enough for the page-header and footer
+#: integers to get the width they will have (within a byte), without writing a whole model's
+#: worth of bytes to the temporary folder for a large model.
+STAND_IN_CAP = 1 << 16
+
+
+def _stand_in(size: int, compressed: float) -> Tuple[np.ndarray, int]:
+    """``size`` bytes that compress to about ``min(compressed, STAND_IN_CAP)`` bytes (random
+    bytes, then zeros), and their compressed length."""
+    k = int(min(max(compressed, 0), size, STAND_IN_CAP))
     blob = np.zeros(size, np.uint8)
-    k = int(min(max(compressed, 0), size))
     if k:
-        pool = _noise(max(1 << 20, 1 << (k - 1).bit_length()))
-        blob[:k] = pool[:k]
-    return blob
+        blob[:k] = _noise(STAND_IN_CAP)[:k]
+    return blob, _stand_in_len(size, k)
+
+
+@functools.lru_cache(maxsize=8192)
+def _stand_in_len(size: int, k: int) -> int:
+    blob = np.zeros(size, np.uint8)
+    if k:
+        blob[:k] = _noise(STAND_IN_CAP)[:k]
+    return compressed_len(blob) if size else 0
 
 
 def store_overhead(source: ModelSource, tensors: Dict[str, TensorBudget], plans: Dict[str, TensorPlan],
@@ -360,8 +374,10 @@ def store_overhead(source: ModelSource, tensors: Dict[str, TensorBudget], plans:
                     else:
                         n = encodings.get_encoding(plan.encoding, plan.bits, plan.group_size).nbytes(r1 - r0, cols)
                         fields = opt.fields
-                    blobs = {k: _stand_in(v, fields[k][1] * v + fields[k][2]) for k, v in _field_sizes(n, fields).items()}
-                    blob_disk += sum(compressed_len(b) for b in blobs.values() if b.size)
+                    blobs = {}
+                    for k, v in _field_sizes(n, fields).items():
+                        blobs[k], stored = _stand_in(v, fields[k][1] * v + fields[k][2])
+                        blob_disk += stored
                     records.append(ChunkRecord(name, rel, info.shape, info.dtype, i, r0, r1 - r0,
                                                RAW if plan.lossless else plan.encoding, plan.bits,
                                                plan.group_size, blobs))
