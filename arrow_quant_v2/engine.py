@@ -28,7 +28,7 @@ from .errors import ConfigurationError, OutputError, QuantizationError
 from .plan import LOSSLESS, Planner, TensorPlan, detect_modality, encoding_for, next_bits
 from .progress import CancelToken, ProgressEvent, ProgressSink
 from .source import ModelSource, TensorInfo, open_model
-from .store import FORMAT_NAME, FORMAT_VERSION, RAW, ChunkRecord, StoreWriter
+from .store import FORMAT_NAME, FORMAT_VERSION, RAW, ChunkRecord, StoreWriter, recover_interrupted_overwrite
 
 #: Largest chunk, in elements (32 MiB of float32): bounds memory and cancel latency.
 CHUNK_ELEMENTS = 8 << 20
@@ -324,6 +324,10 @@ def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfi
         progress(ProgressEvent(stage=stage, fraction=frac, message=message, **kw))
 
     source = open_model(model_path)
+    try:
+        recover_interrupted_overwrite(output)
+    except OSError:
+        pass  # an unusable output path is reported by check_paths
     check_paths(source, output, overwrite)
     modality, modality_reason = detect_modality(source, config.modality)
     planner = Planner(config, diffusion=True)

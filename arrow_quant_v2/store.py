@@ -16,12 +16,14 @@ into place only when complete; :class:`QuantizedModel` (``load_quantized``) read
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
 import math
 import os
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +90,9 @@ class ChunkRecord:
 
 
 def _disk_error(e: OSError, where: Path) -> OutputError:
+    """A typed error naming the output (not our hidden temporary folder) and the fix."""
+    if e.errno in (errno.ENOTDIR, errno.EEXIST) and not where.is_dir():
+        return OutputError(f"{where}: cannot create the output: a part of its path is a file, not a folder")
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return OutputError(f"{where}: no space left while writing the store ({e.strerror}); free space or choose another output")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -98,6 +103,38 @@ def _disk_error(e: OSError, where: Path) -> OutputError:
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def recover_interrupted_overwrite(output: Path) -> None:
+    """A kill between the two renames of a non-atomic overwrite leaves the old store as
+    ``.<output>.old-*`` and nothing at the output: put it back (or drop it if a newer
+    store made it into place). Called before anything looks at the output path."""
+    for old in sorted(output.parent.glob(f".{output.name}.old-*")):
+        if not output.exists() and (old / MANIFEST).is_file():
+            os.rename(old, output)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+#: Partial folders being written by this process: the pid lock cannot tell two jobs
+#: of one process (the async API, the app) apart.
+_claimed: set = set()
+_claimed_lock = threading.Lock()
 
 
 def _lock_owner(partial: Path) -> Optional[int]:
@@ -152,8 +189,13 @@ class StoreWriter:
     # -- partial folders, lock and journal ---------------------------------------------
 
     def _claim(self, resume: bool) -> None:
+        with _claimed_lock:
+            busy = {p for p in _claimed if p.parent == self.output.parent}
+            if self.tmp in busy:
+                raise OutputError(f"{self.output}: another job of this process is writing it right now")
+            _claimed.add(self.tmp)
         for other in self.output.parent.glob(f".{self.output.name}.partial-*"):
-            owner = _lock_owner(other)
+            owner = os.getpid() if other in busy else _lock_owner(other)
             if owner is not None:
                 if other == self.tmp:
                     raise OutputError(f"{self.output}: another run (pid {owner}) is writing it right now")
@@ -167,6 +209,10 @@ class StoreWriter:
         for f in self.tmp.glob("weights-*.parquet"):  # a shard that was open when the run died
             if f.name not in {s["file"] for s in self.shards}:
                 f.unlink()
+
+    def _release(self) -> None:
+        with _claimed_lock:
+            _claimed.discard(self.tmp)
 
     def _load_journal(self) -> None:
         try:
@@ -244,7 +290,7 @@ class StoreWriter:
                     row[f] = [None if blob is None else memoryview(np.ascontiguousarray(blob))]
                 self._writer.write_table(pa.table(row, schema=SCHEMA))
         except OSError as e:
-            raise _disk_error(e, self.tmp) from None
+            raise _disk_error(e, self.output) from None
         self._shard_bytes += size
         self.shards[-1]["tensors"] += 1
         self.shards[-1]["rows"] += len(records)
@@ -260,14 +306,14 @@ class StoreWriter:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(root / rel, dest)
         except OSError as e:
-            raise _disk_error(e, self.tmp) from None
+            raise _disk_error(e, self.output) from None
 
     def close(self) -> int:
         """Close the open shard and return the bytes of all weight files (what model_size_mb counts)."""
         try:
             self._close_shard()
         except OSError as e:
-            raise _disk_error(e, self.tmp) from None
+            raise _disk_error(e, self.output) from None
         return sum((self.tmp / s["file"]).stat().st_size for s in self.shards)
 
     def finish(self, manifest: dict) -> Path:
@@ -288,15 +334,19 @@ class StoreWriter:
                 self.abort()  # something appeared at the output while we wrote: never clobber it
                 raise OutputError(f"{self.output}: appeared while this run was writing and is not a store we may "
                                   "replace; nothing was overwritten")
-            if self.output.exists():  # overwrite was asked: swap, then delete the old store
-                trash = self.output.parent / f".{self.output.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(self.output, trash)
-            os.rename(self.tmp, self.output)
+            if self.output.exists() and _exchange(self.tmp, self.output):
+                trash = self.tmp  # now holds the old store; the output was never missing
+            else:
+                if self.output.exists():  # no atomic exchange here: two renames, recovered by the next run
+                    trash = self.output.parent / f".{self.output.name}.old-{uuid.uuid4().hex[:8]}"
+                    os.rename(self.output, trash)
+                os.rename(self.tmp, self.output)
         except OSError as e:
             if trash is not None and not self.output.exists():
                 os.rename(trash, self.output)  # put the old store back: overwrite is all or nothing
             self.abort()
             raise _disk_error(e, self.output) from None
+        self._release()
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         return self.output
@@ -310,6 +360,7 @@ class StoreWriter:
                 pass
             self._writer = None
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._release()
 
 
 # -- reading ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from arrow_quant_v2 import (ArrowQuantV2, DiffusionQuantConfig, ModelFormatError, ModelNotFoundError,
-                            QuantizationError, load_quantized)
+                            OutputError, QuantizationError, load_quantized)
 from arrow_quant_v2.engine import quantize_model
 from arrow_quant_v2.validation import validate_store
 
@@ -325,7 +325,7 @@ def test_store_replaced_by_other_data_mid_overwrite_is_not_clobbered(tmp_path):
 _KILL_BETWEEN_RENAMES = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from arrow_quant_v2 import DiffusionQuantConfig
+    from arrow_quant_v2 import DiffusionQuantConfig, store
     from arrow_quant_v2.engine import quantize_model
     model, out = sys.argv[1], Path(sys.argv[2])
     real = os.rename
@@ -334,18 +334,76 @@ _KILL_BETWEEN_RENAMES = textwrap.dedent("""
         if Path(a) == out:   # the old store was just moved aside: die before the new one moves in
             os.kill(os.getpid(), signal.SIGKILL)
     os.rename = rename
+    store._exchange = lambda a, b: False  # as on a system without renameat2
+    quantize_model(model, out, DiffusionQuantConfig(bit_width=8), overwrite=True)
+""")
+
+_KILL_AFTER_EXCHANGE = textwrap.dedent("""
+    import os, shutil, signal, sys
+    from pathlib import Path
+    from arrow_quant_v2 import DiffusionQuantConfig, store
+    from arrow_quant_v2.engine import quantize_model
+    model, out = sys.argv[1], Path(sys.argv[2])
+    def rmtree(path, *a, **k):   # the old store is about to be deleted: die first
+        os.kill(os.getpid(), signal.SIGKILL)
+    store.shutil.rmtree = rmtree
     quantize_model(model, out, DiffusionQuantConfig(bit_width=8), overwrite=True)
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="store.finish swaps with two renames (old -> .old-*, new -> output); a kill "
-                                       "between them leaves no store at the output path (needs RENAME_EXCHANGE or "
-                                       "recovery of .old-* on the next run)")
-def test_kill_between_the_two_renames_of_an_overwrite(tmp_path):
+def test_kill_between_the_two_renames_of_an_overwrite(tmp_path, monkeypatch):
+    """Where the atomic exchange is unavailable, an overwrite is two renames; a kill between them
+    leaves the old store as .old-*, and the next run puts it back before doing anything else."""
     m = _model(tmp_path)
     out = tmp_path / "out"
     quantize_model(m, out)
     proc = subprocess.run([sys.executable, "-c", _KILL_BETWEEN_RENAMES, str(m), str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not out.exists() and list(tmp_path.glob(".out.old-*"))
+    with pytest.raises(OutputError, match="already exists"):
+        quantize_model(m, out)  # the next run restores the old store first, then refuses to clobber it
+    assert validate_store(m, out)["passed"] and not list(tmp_path.glob(".out.old-*"))
+
+
+def test_overwrite_exchanges_atomically(tmp_path):
+    """With renameat2(RENAME_EXCHANGE) the output path always holds a complete store."""
+    m = _model(tmp_path)
+    out = tmp_path / "out"
+    quantize_model(m, out)
+    proc = subprocess.run([sys.executable, "-c", _KILL_AFTER_EXCHANGE, str(m), str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert json.loads((out / "manifest.json").read_text())["config"]["bit_width"] == 8, "the new store is in place"
     assert out.is_dir() and validate_store(m, out)["passed"], f"no store at the output; left: {leftovers(out)}"
+
+
+def test_two_jobs_of_one_process_never_share_an_output(tmp_path):
+    """The async API and the app run several jobs in one process: a second job to the same output
+    must be refused while the first writes, whatever the pid lock says."""
+    import threading
+
+    m = _model(tmp_path)
+    out = tmp_path / "out"
+    started, release = threading.Event(), threading.Event()
+    results = {}
+
+    def sink(event):
+        started.set()
+        release.wait(60)
+
+    def first():
+        results["first"] = quantize_model(m, out, progress=sink)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert started.wait(60)
+    try:
+        with pytest.raises(OutputError, match="another job of this process is writing it"):
+            quantize_model(m, out)
+        other = quantize_model(m, tmp_path / "other", DiffusionQuantConfig(bit_width=8))  # other outputs are fine
+    finally:
+        release.set()
+        t.join(120)
+    assert validate_store(m, out)["passed"] and results["first"]["quantized_path"] == str(out)
+    assert other["bit_width"] == 8
