@@ -147,7 +147,7 @@ class JobManager(param.Parameterized):
 
     jobs = param.List(default=[], item_type=Job, doc="All jobs, newest first.")
     output_root = param.Parameter(default=None, doc="Folder the stores are written under.")
-    progress_interval = param.Number(default=0.2, bounds=(0.01, 60), doc="Seconds between progress events.")
+    progress_interval = param.Number(default=0.1, bounds=(0.01, 60), doc="Seconds between progress events (the board shows each).")
     validate = param.Boolean(default=True, doc="Validate each store against its source after quantizing.")
     message = param.String(default="")
 

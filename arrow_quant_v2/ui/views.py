@@ -3,7 +3,7 @@
 Every view is a :class:`panel.viewable.Viewer`; widgets are made from parameters
 (``from_param`` / ``pn.Param``). The shared state (library, job manager) is process-wide,
 each browser tab gets its own views. The job board refreshes from the shared jobs on a
-per-session periodic callback (every 0.2 s), so every tab sees every job and nothing of a
+per-session periodic callback (every 0.1 s), so every tab sees every job and nothing of a
 closed tab lingers.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from .settings import QuantSettings
 
 log = logging.getLogger(__name__)
 
-#: Milliseconds between two refreshes of the job board (progress events come every 0.2 s).
-POLL_MS = 200
+#: Milliseconds between two refreshes of the job board (progress events come every 0.1 s).
+POLL_MS = 100
 
 STATUS_COLORS = {
     "queued": "#718096", "preparing": "#805ad5", "running": "#2b6cb0", "validating": "#0f766e",
@@ -241,7 +241,7 @@ class Launcher(Viewer):
         )
         return pn.Column(
             _html("<div class='aq-title'>New job</div>"),
-            pn.widgets.Select.from_param(self.param.model, sizing_mode="stretch_width"),
+            pn.widgets.Select.from_param(self.param.model, sizing_mode="stretch_width", css_classes=["aq-model"]),
             self._info,
             _html("<div class='aq-muted' style='margin-top:4px'>Profile</div>"),
             pn.widgets.RadioButtonGroup.from_param(s.param.profile, button_type="primary", button_style="outline",
@@ -346,7 +346,7 @@ class JobRow(Viewer):
 
 
 class JobBoard(Viewer):
-    """Every job of the process, newest first, refreshed 5 times a second."""
+    """Every job of the process, newest first, refreshed 10 times a second."""
 
     manager = param.ClassSelector(class_=JobManager)
     changed = param.Event(doc="Fires when a job appears or changes status.")
@@ -519,7 +519,7 @@ class QualityView(Viewer):
 
     def __panel__(self):
         return pn.Column(
-            pn.Row(pn.widgets.Select.from_param(self.param.job_id, width=380),
+            pn.Row(pn.widgets.Select.from_param(self.param.job_id, width=380, css_classes=["aq-quality-result"]),
                    pn.widgets.RadioButtonGroup.from_param(self.param.layout, align="end", button_type="default")),
             self._msg, self._stats,
             pn.Row(self._plot, pn.Column(self._bits, self._outside, min_width=300, sizing_mode="stretch_width"),
@@ -622,7 +622,8 @@ class CompareView(Viewer):
 
     def __panel__(self):
         return pn.Column(
-            pn.Row(pn.widgets.Select.from_param(self.param.a, width=320), pn.widgets.Select.from_param(self.param.b, width=320)),
+            pn.Row(pn.widgets.Select.from_param(self.param.a, width=320, css_classes=["aq-compare-a"]),
+                   pn.widgets.Select.from_param(self.param.b, width=320, css_classes=["aq-compare-b"])),
             self._msg,
             pn.Row(pn.Column(self._table, width=560), self._scatter, sizing_mode="stretch_width"),
             self._diff,

@@ -1,0 +1,172 @@
+"""Fixtures of the browser tests: a served app (``panel serve app`` in a subprocess) and
+Debian's Chromium driven by Playwright. Run them apart from the rest:
+
+    python -m pytest -m ui tests/ui
+
+Screenshots go to ``test-artifacts/`` (gitignored).
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+#: A model big enough that two jobs side by side run for several seconds (168M BF16 parameters).
+MEDIUM = dict(hidden=1024, intermediate=2816, layers=12, heads=8, kv_heads=2, vocab=16000, seed=1,
+              max_shard_bytes=200 * 2**20)
+#: Lines of the server's stderr that mean something went wrong.
+BAD_LOG = re.compile(r"Traceback|\bERROR\b|Exception in callback|error handling message")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory) -> Path:
+    from arrow_quant_v2.samples import generate_dream
+
+    root = tmp_path_factory.mktemp("models")
+    generate_dream(root / "dream-medium", **MEDIUM)
+    return root
+
+
+class Server:
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path, env: dict):
+        self.url, self.proc, self.log, self.env = url, proc, log, env
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def problems(self):
+        return [line for line in self.log_text().splitlines() if BAD_LOG.search(line)]
+
+
+def start_server(tmp: Path, model_root: Path, extra_env=None) -> Server:
+    port = free_port()
+    env = dict(os.environ)
+    env.update({
+        "ARROW_QUANT_CACHE": str(tmp / "cache"),
+        "ARROW_QUANT_OUTPUT_ROOT": str(tmp / "outputs"),
+        "ARROW_QUANT_MODEL_ROOTS": str(model_root),
+        "ARROW_QUANT_OFFLINE": "1",  # the real samples are not fetched in tests: only tiny-dream is built
+        "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        "BOKEH_LOG_LEVEL": "info",
+    })
+    env.update(extra_env or {})
+    log = tmp / f"server-{port}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "panel", "serve", "app", "--port", str(port), "--address", "127.0.0.1",
+         "--allow-websocket-origin", f"127.0.0.1:{port}", "--num-procs", "1"],
+        cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/app"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"panel serve exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.terminate()
+        raise RuntimeError(f"panel serve did not start:\n{log.read_text(errors='replace')}")
+    return Server(url, proc, log, env)
+
+
+def stop_server(server: Server) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_root):
+    tmp = tmp_path_factory.mktemp("served")
+    srv = start_server(tmp, model_root)
+    yield srv
+    stop_server(srv)
+    problems = srv.problems()
+    assert not problems, "server logged errors:\n" + srv.log_text()[-6000:]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Watched:
+    """A page whose console errors, page errors and off-machine requests are recorded."""
+
+    def __init__(self, page):
+        self.page = page
+        self.errors = []
+        self.requests = []
+        self.external = []
+        page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.on("request", self._on_request)
+        # nothing may leave the machine: abort (and record) any request to another host
+        page.route(re.compile(r"^(?!https?://(127\.0\.0\.1|localhost)[:/]).*"), self._block)
+
+    def _on_request(self, req):
+        self.requests.append(req.url)
+
+    def _block(self, route):
+        url = route.request.url
+        if url.startswith(("data:", "blob:", "about:")):
+            return route.continue_()
+        self.external.append(url)
+        return route.abort()
+
+
+@pytest.fixture
+def open_page(browser, server):
+    pages = []
+
+    def _open(width=1440, height=1000):
+        ctx = browser.new_context(viewport={"width": width, "height": height})
+        w = Watched(ctx.new_page())
+        w.page.goto(server.url)
+        w.page.wait_for_selector("text=Start quantizing", timeout=60_000)
+        pages.append((ctx, w))
+        return w
+
+    yield _open
+    for ctx, w in pages:
+        ctx.close()
+    for _, w in pages:
+        assert not w.errors, f"browser console errors: {w.errors}"
+        assert not w.external, f"requests left the machine: {w.external}"

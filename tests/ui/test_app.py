@@ -1,0 +1,194 @@
+"""The served app, used as a person would, in Debian's Chromium.
+
+Run apart from the asyncio tests:  python -m pytest -m ui tests/ui
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.ui
+
+JOB_TIMEOUT = 180  # seconds; two 168M-parameter jobs share 2 cores with validation
+
+
+def wait_until(cond, timeout=30.0, every=0.1, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def progress(page, job_id) -> int:
+    loc = page.locator(f".aq-progress-{job_id} progress")
+    return int(loc.evaluate("e => e.value")) if loc.count() else -1
+
+
+def status(page, job_id) -> str:
+    loc = page.locator(f".aq-job-{job_id} .aq-badge")
+    return loc.inner_text().strip().lower() if loc.count() else ""
+
+
+def select_model(page, prefix: str) -> str:
+    select = page.locator(".aq-model select")
+    labels = select.evaluate("e => Array.from(e.options).map(o => o.text)")
+    label = next(lbl for lbl in labels if lbl.startswith(prefix))
+    select.select_option(label=label)
+    return label
+
+
+def start(page, profile: str) -> None:
+    page.get_by_role("button", name=profile, exact=True).click()
+    time.sleep(0.3)
+    page.get_by_role("button", name=re.compile("Start quantizing")).click()
+
+
+def tab(page, name: str):
+    return page.locator(".bk-tab").filter(has_text=re.compile(f"^{name}$")).first
+
+
+def updates_per_second(page, job_id, seconds=2.0) -> float:
+    """How often the job's progress bar changes in the browser, sampled every 10 ms."""
+    handle = page.locator(f".aq-progress-{job_id} progress").element_handle()
+    n = handle.evaluate(
+        """(e, ms) => new Promise(done => {
+             let n = 0, last = e.value; const t0 = performance.now();
+             const id = setInterval(() => {
+               if (e.value !== last) { n++; last = e.value; }
+               if (performance.now() - t0 > ms) { clearInterval(id); done(n); }
+             }, 10);
+           })""", seconds * 1000)
+    return n / seconds
+
+
+def hover_cell_tooltip(page, fig_index=0) -> str:
+    fig = page.locator(".bk-Figure").nth(fig_index)
+    fig.wait_for(timeout=30_000)
+    time.sleep(1.0)
+    box = fig.bounding_box()
+    for fx, fy in ((0.3, 0.5), (0.45, 0.4), (0.25, 0.6), (0.5, 0.55)):
+        page.mouse.move(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
+        time.sleep(0.5)
+        tip = page.locator(".bk-tooltip-content")
+        if tip.count() and tip.first.inner_text().strip():
+            return tip.first.inner_text()
+    return ""
+
+
+def test_page_is_local_and_offline(server, open_page, artifacts):
+    """Every asset comes from the Panel server: no CDN, no web fonts."""
+    with urllib.request.urlopen(server.url, timeout=10) as r:
+        html = r.read().decode()
+    external = [u for u in re.findall(r"""(?:src|href)=["']([^"']+)""", html)
+                if re.match(r"(https?:)?//", u) and not re.match(r"https?://(127\.0\.0\.1|localhost)[:/]", u)]
+    assert not external, external
+    assert "fonts.googleapis" not in html and "cdn.jsdelivr" not in html and "unpkg.com" not in html
+    w = open_page()
+    w.page.wait_for_timeout(1500)
+    hosts = {re.sub(r"^\w+://([^/]+)/.*$", r"\1", u) for u in w.requests if u.startswith("http")}
+    assert hosts == {server.url.split("/")[2]}, hosts
+    w.page.screenshot(path=str(artifacts / "app-start.png"), full_page=True)
+
+
+def test_sample_models_are_ready_from_the_first_start(open_page):
+    w = open_page()
+    page = w.page
+    tab(page, "Models").click()
+    # tiny-dream is generated offline at server start; its row then shows dtype and shards
+    wait_until(lambda: page.get_by_text("BF16").count() > 0, 60, what="tiny-dream to be built")
+    assert page.get_by_text("tiny-dream").count() and page.get_by_text("dream-medium").count()
+
+
+def test_two_jobs_side_by_side_cancel_one_then_quality_and_compare(server, open_page, artifacts):
+    w = open_page()
+    page = w.page
+    select_model(page, "dream-medium")
+    start(page, "edge")
+    wait_until(lambda: status(page, 1), 10, what="job #1's row")
+    start(page, "local")
+    wait_until(lambda: status(page, 2), 10, what="job #2's row")
+
+    # both bars move (the first run after a kernel change may spend a while compiling)
+    wait_until(lambda: progress(page, 1) > 50 and progress(page, 2) > 50, 180, 0.2, what="both jobs under way")
+    first = (progress(page, 1), progress(page, 2))
+    rate = updates_per_second(page, 2)
+    wait_until(lambda: progress(page, 1) > first[0] and progress(page, 2) > first[1], 30, what="both bars to move")
+    print(f"progress updates reaching the page: {rate:.1f}/s")
+    assert rate >= 4, f"progress reached the page only {rate:.1f} times a second"
+    page.screenshot(path=str(artifacts / "jobs-running.png"), full_page=True)
+
+    # a second tab sees the same jobs, and cancels one of them
+    other = open_page(1200, 800).page
+    wait_until(lambda: status(other, 1) and status(other, 2), 10, what="the jobs in a second tab")
+    assert progress(other, 2) > 0
+    other.screenshot(path=str(artifacts / "second-tab.png"), full_page=True)
+    other.locator(".aq-cancel-1 button").click()
+    wait_until(lambda: status(page, 1) == "cancelled", 20, what="job #1 cancelled in the first tab")
+    assert page.locator(".aq-cancel-1 button").is_hidden()
+
+    wait_until(lambda: status(page, 2) == "done", JOB_TIMEOUT, every=0.5, what="job #2 to finish")
+    text = " ".join(page.locator(".aq-job-2 .aq-kv").all_inner_texts())
+    for word in ("size", "compression", "mean cos", "min cos"):
+        assert word in text, text
+    out = Path(server.env["ARROW_QUANT_OUTPUT_ROOT"])
+    assert (out / "dream-medium-local" / "manifest.json").is_file()
+    assert not (out / "dream-medium-edge").exists()  # the cancelled job left nothing
+    page.screenshot(path=str(artifacts / "jobs-done.png"), full_page=True)
+
+    # open the finished job's heatmap and hover a cell
+    page.locator(".aq-open-2 button").click()
+    wait_until(lambda: page.get_by_text("Worst layers").count() > 0 and page.locator(".bk-Figure").count() > 0, 30,
+               what="the quality view")
+    tip = hover_cell_tooltip(page)
+    assert "tensor:" in tip and "model.layers." in tip, tip
+    for word in ("shape:", "bits:", "reason:", "cosine:", "rel. error:"):
+        assert word in tip, tip
+    page.screenshot(path=str(artifacts / "quality-hover.png"), full_page=False)
+    assert page.get_by_text("Worst layers").count() and page.get_by_text("Fell back to more bits").count()
+
+    # two results of one model, side by side: the sample model at int2 and int4
+    select_model(page, "tiny-dream")
+    start(page, "edge")
+    time.sleep(0.3)
+    start(page, "local")
+    tab(page, "Jobs").click()
+    wait_until(lambda: status(page, 3) == "done" and status(page, 4) == "done", JOB_TIMEOUT, every=0.5,
+               what="the tiny-dream jobs")
+    tab(page, "Compare").click()
+    a = page.locator(".aq-compare-a select")
+    b = page.locator(".aq-compare-b select")
+    a.select_option(label=next(t for t in a.evaluate("e => Array.from(e.options).map(o => o.text)") if "edge" in t
+                               and "tiny-dream" in t))
+    wait_until(lambda: "tiny-dream" in b.evaluate("e => e.options[e.selectedIndex]?.text || ''"), 10,
+               what="result B of the same model")
+    wait_until(lambda: page.locator(".bk-Figure").count() >= 2, 30, what="the difference heatmap")
+    time.sleep(1.5)
+    tip = hover_cell_tooltip(page, fig_index=1)
+    assert "cosine #3" in tip and "cosine #4" in tip, tip
+    page.screenshot(path=str(artifacts / "compare.png"), full_page=True)
+
+
+def test_remote_browsers_are_refused():
+    from arrow_quant_v2.ui.serving import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("192.168.1.20") and not is_loopback("10.0.0.1") and not is_loopback(None)
+
+
+def test_copy_good_screenshots_to_assets(artifacts):
+    """Keep the docs' pictures current (only when the tests above produced them)."""
+    assets = ROOT / "assets"
+    for name in ("jobs-running.png", "quality-hover.png", "compare.png"):
+        src = artifacts / name
+        if src.is_file():
+            shutil.copy2(src, assets / f"app-{name}")
