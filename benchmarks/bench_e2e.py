@@ -21,7 +21,9 @@ from pathlib import Path
 from arrow_quant_v2 import DiffusionQuantConfig
 from arrow_quant_v2.e2e import end_to_end
 from arrow_quant_v2.engine import quantize_model
+from arrow_quant_v2.plan import Planner
 from arrow_quant_v2.samples import sample_path
+from arrow_quant_v2.source import open_model
 
 
 def main() -> None:
@@ -50,6 +52,20 @@ def main() -> None:
             t = time.perf_counter()
             e = end_to_end(model, path, num_time_groups=args.levels, batch=args.batch, threads=args.threads)
             results[label] = (r, e, time.perf_counter() - t)
+            if label.startswith("budget 50%"):  # a uniform mix of at least that size: int4 for the first layers
+                planner = Planner(DiffusionQuantConfig(bit_width=2))
+                source = open_model(model)
+                ordinary = [n for n, info in source.tensors.items() if planner.plan(info).role == "ordinary"]
+                for k in range(len(ordinary) * r["budget"]["tensors_per_width"].get("int4", 0) // len(ordinary),
+                               len(ordinary) + 1):
+                    rules = {n: 4 for n in ordinary[:k]}
+                    r2 = quantize_model(model, out / "mix", DiffusionQuantConfig(bit_width=2, bit_rules=rules,
+                                                                                 min_accuracy=0.0), overwrite=True)
+                    if r2["model_size_mb"] >= r["model_size_mb"]:
+                        break
+                t = time.perf_counter()
+                e2 = end_to_end(model, out / "mix", num_time_groups=args.levels, batch=args.batch, threads=args.threads)
+                results[f"int2 + first {k} layers int4 (uniform mix, same size)"] = (r2, e2, time.perf_counter() - t)
 
         for label, (r, e, secs) in results.items():
             print(f"\n== terrain-unet {label}: {r['model_size_mb']:.3f} MiB, weight cosine {r['cosine_similarity']:.5f}, "
