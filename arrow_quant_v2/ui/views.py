@@ -21,7 +21,7 @@ from panel.viewable import Viewer
 from ..config import DiffusionQuantConfig
 from ..errors import ArrowQuantError
 from . import format as fmt
-from .jobs import ACTIVE, Job, JobManager, shared_manager
+from .jobs import Job, JobManager, shared_manager
 from .library import ModelLibrary
 from .quality import QualityReport, diff_frame, layer_frame, report_from_store
 from .roots import PathNotAllowed
@@ -82,7 +82,15 @@ def _badge(status: str) -> str:
 
 
 def _in_session() -> bool:
-    return pn.state.curdoc is not None
+    """A served page or a notebook kernel: somewhere a periodic refresh can run."""
+    if pn.state.curdoc is not None:
+        return True
+    try:
+        from IPython import get_ipython
+
+        return get_ipython() is not None and "IPKernelApp" in get_ipython().config
+    except Exception:  # noqa: BLE001 - no IPython
+        return False
 
 
 # ----------------------------------------------------------------------------- library
@@ -390,8 +398,6 @@ class JobBoard(Viewer):
 
     def __panel__(self):
         self.start_polling()
-        n = sum(1 for j in self.manager.jobs if j.status in ACTIVE)
-        del n
         return self._column
 
 

@@ -5,7 +5,6 @@ Run apart from the asyncio tests:  python -m pytest -m ui tests/ui
 from __future__ import annotations
 
 import re
-import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -178,17 +177,27 @@ def test_two_jobs_side_by_side_cancel_one_then_quality_and_compare(server, open_
     page.screenshot(path=str(artifacts / "compare.png"), full_page=True)
 
 
-def test_remote_browsers_are_refused():
-    from arrow_quant_v2.ui.serving import is_loopback
+def test_remote_browsers_are_refused(monkeypatch):
+    """``panel serve`` listens on every interface by default: the page itself answers only this machine."""
+    from types import SimpleNamespace
 
-    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
-    assert not is_loopback("192.168.1.20") and not is_loopback("10.0.0.1") and not is_loopback(None)
+    import panel as pn
 
+    from arrow_quant_v2.ui import serving
 
-def test_copy_good_screenshots_to_assets(artifacts):
-    """Keep the docs' pictures current (only when the tests above produced them)."""
-    assets = ROOT / "assets"
-    for name in ("jobs-running.png", "quality-hover.png", "compare.png"):
-        src = artifacts / name
-        if src.is_file():
-            shutil.copy2(src, assets / f"app-{name}")
+    assert serving.is_loopback("127.0.0.1") and serving.is_loopback("::1") and serving.is_loopback("localhost")
+    assert not serving.is_loopback("192.168.1.20") and not serving.is_loopback(None)
+
+    def doc_from(ip):
+        return SimpleNamespace(session_context=SimpleNamespace(request=SimpleNamespace(remote_ip=ip)))
+
+    monkeypatch.delenv(serving.ALLOW_REMOTE_ENV, raising=False)
+    monkeypatch.setattr(type(pn.state), "curdoc", property(lambda self: doc_from("192.168.1.20")))
+    assert not serving.client_is_local()
+    page = serving.page()
+    assert "only answers browsers on the machine" in page.object
+    monkeypatch.setenv(serving.ALLOW_REMOTE_ENV, "1")
+    assert serving.client_is_local()
+    monkeypatch.delenv(serving.ALLOW_REMOTE_ENV)
+    monkeypatch.setattr(type(pn.state), "curdoc", property(lambda self: doc_from("127.0.0.1")))
+    assert serving.client_is_local()
