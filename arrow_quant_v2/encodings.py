@@ -354,6 +354,93 @@ class KQuantNL(Encoding):
         )
 
 
+@register
+@dataclass(frozen=True)
+class KQuant(KQuantNL):
+    """Asymmetric uniform grid with two-level scales *and* offsets (k-quant style).
+
+    Same geometry as ``kquant_nl``: groups of ``g = group_for(cols)`` elements
+    (``ng`` per row), super-blocks of ``K = max(1, 256 // g)`` groups of a row (``ns``
+    per row). Sub-code width ``sb = SCALE_BITS[bits]``.
+    Blobs:
+      * ``codes``: ``q`` in ``[0, 2**bits - 1]`` per element, row-major, LSB-first bitstream.
+      * ``scales``: unsigned sub-scale codes ``cs`` in ``[0, 2**sb - 1]``, ``(rows, ng)``
+        row-major, ``sb`` bits each, LSB-first bitstream.
+      * ``zeros``: signed sub-offset codes ``cz`` in ``[-2**(sb-1), 2**(sb-1) - 1]``,
+        ``(rows, ng)`` row-major, stored as ``cz + 2**(sb-1)`` in ``sb`` bits, LSB-first.
+      * ``aux``: per super-block the bfloat16 pair ``(D, Dz)``, ``(rows, ns, 2)`` row-major.
+    Dequantization (float32, exactly as written): ``s = float32(cs) * D``,
+    ``z = float32(cz) * Dz``, ``y = float32(q) * s + z``.
+    Bytes: ``ceil(rows*cols*bits / 8) + 2 * ceil(rows*ng*sb / 8) + 4 * rows * ns``;
+    bpw = bits + 2 sb / g + 32 / (K g): 4.5 at 4 bits g32 (Q4_K's size), 2.625 at
+    2 bits g16 (Q2_K's size), 8.375 at 8 bits g64.
+    Encoder (not part of the format): least-squares clipping search of each group's
+    (scale, offset) (``kernels.search_affine``), ``Dz = bf16(max |z| / (2**(sb-1) - 1))``
+    and ``cz = round(z / Dz)``; ``D = bf16(max s / (2**sb - 1))`` and the scale code
+    by rounding (or the better neighbour, ``refine``) given the stored offset; then
+    nearest-level coding with the stored parameters (``kernels.quantize_affine``).
+    """
+
+    name: ClassVar[str] = "kquant"
+    #: encoder effort per bit width: (shrink factors, Lloyd steps, refine scale codes).
+    SEARCH: ClassVar[Dict[int, Tuple[Tuple[float, ...], int, bool]]] = {
+        2: ((1.0, 1.2, 1.4, 1.6), 2, True),
+        3: ((1.0, 1.15, 1.3), 2, True),
+        4: ((1.0, 1.1, 1.2), 1, True),
+        8: ((1.0, 1.05), 1, True),
+    }
+
+    def quantize(self, x):
+        rows, cols = x.shape
+        g, ng, k, ns = self._geometry(cols)
+        ts, iters, refine = self.SEARCH[self.bits]
+        sb = self.SCALE_BITS[self.bits]
+        cmax_s, cmax_z = (1 << sb) - 1, (1 << (sb - 1)) - 1
+        s, z = kernels.search_affine(x, g, self.bits, np.asarray(ts, np.float32), iters)
+        big_s = self._super(np.maximum(s, 0), k, ns) / np.float32(cmax_s)
+        big_z = self._super(np.abs(z), k, ns) / np.float32(cmax_z)
+        pair = to_bf16_bits(np.stack([big_s, big_z], axis=2))
+        big_s, big_z = from_bf16_bits(pair[..., 0]), from_bf16_bits(pair[..., 1])
+        dz = np.repeat(big_z, k, axis=1)[:, :ng]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cz = np.where(dz > 0, np.rint(z / dz), 0)
+        cz = np.clip(cz, -cmax_z - 1, cmax_z).astype(np.int32)
+        zq = cz.astype(np.float32) * dz
+        cs = kernels.choose_affine_scale_codes(x, g, self.bits, s, zq, big_s, k, cmax_s, refine)
+        scales = cs.astype(np.float32) * np.repeat(big_s, k, axis=1)[:, :ng]
+        codes, stats = kernels.quantize_affine(x, scales, zq, self.bits, g)
+        return {
+            "codes": kernels.pack_codes(codes, self.bits),
+            "scales": kernels.pack_codes(cs.astype(np.uint8).reshape(-1), sb),
+            "zeros": kernels.pack_codes((cz + cmax_z + 1).astype(np.uint8).reshape(-1), sb),
+            "aux": as_u8(pair),
+        }, stats
+
+    @staticmethod
+    def _super(v, k, ns):
+        """Per super-block maximum of the ``(rows, ng)`` array ``v`` (>= 0)."""
+        rows, ng = v.shape
+        pad = np.zeros((rows, ns * k), np.float32)
+        pad[:, :ng] = v
+        return pad.reshape(rows, ns, k).max(axis=2)
+
+    def dequantize(self, blobs, rows, cols):
+        g, ng, k, ns = self._geometry(cols)
+        sb = self.SCALE_BITS[self.bits]
+        codes = kernels.unpack_codes(blobs["codes"], self.bits, rows * cols)
+        cs = kernels.unpack_codes(blobs["scales"], sb, rows * ng).reshape(rows, ng)
+        cz = kernels.unpack_codes(blobs["zeros"], sb, rows * ng).astype(np.int32).reshape(rows, ng) - (1 << (sb - 1))
+        pair = from_bf16_bits(blobs["aux"].view(np.uint16)).reshape(rows, ns, 2)
+        scales = cs.astype(np.float32) * np.repeat(pair[..., 0], k, axis=1)[:, :ng]
+        zq = cz.astype(np.float32) * np.repeat(pair[..., 1], k, axis=1)[:, :ng]
+        return kernels.dequantize_affine(codes, scales, zq, rows, cols, g)
+
+    def nbytes(self, rows, cols):
+        _, ng, _, ns = self._geometry(cols)
+        sb = self.SCALE_BITS[self.bits]
+        return kernels.packed_nbytes(rows * cols, self.bits) + 2 * kernels.packed_nbytes(rows * ng, sb) + 4 * rows * ns
+
+
 def _grid_listing() -> str:
     lines = ["", "    Grids (``kernels.GRIDS``, float32):"]
     for b, levels in kernels.GRIDS.items():
@@ -366,12 +453,24 @@ def _grid_listing() -> str:
 
 KQuantNL.__doc__ += _grid_listing()
 
-#: Default encoding per bit width (read by the config). Measured on 4096x4096
-#: Gaussian (sigma 0.02) and Student-t (df 4, per-row scale spread) matrices by
-#: benchmarks/bench_encodings.py: see the comment block below for the numbers.
-DEFAULT_ENCODING: Dict[int, str] = {2: "kquant_nl", 3: "kquant_nl", 4: "kquant_nl", 8: "kquant_nl"}
-#: Group (sub-block) size at which the default encoding was measured per bit width.
-DEFAULT_GROUP_SIZE: Dict[int, int] = {2: 8, 3: 16, 4: 16, 8: 32}
+#: Default encoding per bit width (read by the config/plan), and the group size it
+#: was chosen at. Measured by benchmarks/bench_encodings.py on 4096-column float32
+#: matrices, Gaussian sigma 0.02 / Student-t df 4 with per-row scale spread
+#: (relF = ||W - W_hat||_F / ||W||_F; bpw counts every stored byte):
+#:   int2: kquant_nl g8   2.5625 bpw  0.251 / 0.287  (kquant g16 2.625: 0.270 / 0.302;
+#:         affine g64 2.5: 0.450 / 0.591; llama.cpp Q2_K 2.625: 0.296)
+#:   int3: kquant_nl g16  3.4375 bpw  0.134 / 0.154  (kquant g32 3.5: 0.149 / 0.178;
+#:         affine g64 3.5: 0.192 / 0.252; llama.cpp Q3_K 3.44: 0.151)
+#:   int4: kquant_nl g16  4.4375 bpw  0.0654 / 0.076 (kquant g32 4.5: 0.0733 / 0.088;
+#:         affine_opt g64 4.5: 0.0836 / 0.109; affine g64 4.5: 0.0897 / 0.118;
+#:         llama.cpp Q4_K 4.5: 0.0713), ~450 MB/s per core.
+#:   int8: affine_opt g64 8.5 bpw  0.00508 / 0.00667 (affine g64 8.5: 0.0053 / 0.0069;
+#:         kquant g64 8.375: 0.00528 / 0.00697; kquant_nl g32 8.3125: 0.00523 / 0.00724,
+#:         its symmetric grid loses on skewed heavy-tailed groups; Q8_0 8.5: 0.0053).
+#: With the profiles' larger groups the same order holds per group size
+#: (int4 g64: kquant_nl 4.156 bpw 0.0835 vs affine 4.5 bpw 0.0897).
+DEFAULT_ENCODING: Dict[int, str] = {2: "kquant_nl", 3: "kquant_nl", 4: "kquant_nl", 8: "affine_opt"}
+DEFAULT_GROUP_SIZE: Dict[int, int] = {2: 8, 3: 16, 4: 16, 8: 64}
 
 
 def quantize(x: np.ndarray, encoding: Encoding) -> Tuple[Blobs, np.ndarray]:

@@ -611,77 +611,187 @@ def choose_scale_codes(x, group, bits, d, super_scales, per_super, cmin, cmax, r
     return out
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _affine_sums_n(xr, a, n, inv, z, qmax, wide):
+    """``(sum q, sum q^2, sum x*q)`` over ``xr[a:a+n]`` with ``q = clip(rint((x - z) * inv), 0, qmax)``."""
+    if wide:  # float64 (8 bits: see _sums_n)
+        d0 = 0.0
+        d1 = 0.0
+        d2 = 0.0
+        for j in range(a, a + n):
+            q = min(max(np.rint((xr[j] - z) * inv), np.float32(0.0)), qmax)
+            d0 += np.float64(q)
+            d1 += np.float64(q) * q
+            d2 += np.float64(xr[j]) * q
+        return d0, d1, d2
+    f0 = np.float32(0.0)
+    f1 = np.float32(0.0)
+    f2 = np.float32(0.0)
+    for j in range(a, a + n):
+        q = min(max(np.rint((xr[j] - z) * inv), np.float32(0.0)), qmax)
+        f0 += q
+        f1 += q * q
+        f2 += xr[j] * q
+    return np.float64(f0), np.float64(f1), np.float64(f2)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _row_affine_sums_n(xr, ng, n, inv, z, qmax, wide, s0, s1, s2):
+    for g in range(ng):
+        s0[g], s1[g], s2[g] = _affine_sums_n(xr, g * n, n, inv[g], z[g], qmax, wide)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _row_affine_sums(xr, cols, group, inv, z, qmax, wide, s0, s1, s2):
+    full = cols // group
+    if group == 16:
+        _row_affine_sums_n(xr, full, 16, inv, z, qmax, wide, s0, s1, s2)
+    elif group == 32:
+        _row_affine_sums_n(xr, full, 32, inv, z, qmax, wide, s0, s1, s2)
+    elif group == 64:
+        _row_affine_sums_n(xr, full, 64, inv, z, qmax, wide, s0, s1, s2)
+    elif group == 128:
+        _row_affine_sums_n(xr, full, 128, inv, z, qmax, wide, s0, s1, s2)
+    else:
+        # long groups: float64 (float32 sums of q^2 stop being exact past 2^24)
+        _row_affine_sums_n(xr, full, group, inv, z, qmax, True, s0, s1, s2)
+    if full * group < cols:
+        a = full * group
+        s0[full], s1[full], s2[full] = _affine_sums_n(xr, a, cols - a, inv[full], z[full], qmax, True)
+
+
 @njit(**SEARCH)
 def search_affine(x, group, bits, ts, iters):
     """Per-group ``(scale, offset)`` (float32 ``(rows, groups)`` each) for ``y = q * scale + offset``.
 
     Least-squares clipping search (the idea behind llama.cpp's ``make_qkx2_quants``
-    and HQQ, simplified): shrink the group's [min, max] around its centre by each
+    and HQQ, simplified): shrink the group's [min, max] about its centre by each
     ``t`` in ``ts``, round, then solve the 2x2 least-squares problem for the scale
     and offset that best fit the codes just chosen; keep the lowest squared error;
-    then up to ``iters`` round/re-fit steps on the winner. Min-max is the ``t = 1``
-    candidate, so the result is never worse than it before float16 rounding.
+    then ``iters`` round/re-fit (Lloyd) steps on the winner. Min-max is the
+    ``t = 1`` candidate. A constant group gets scale 0 and offset its value.
     """
     rows, cols = x.shape
     ng = (cols + group - 1) // group
     qmax = np.float32((1 << bits) - 1)
+    wide = bits > 4
     scales = np.empty((rows, ng), dtype=np.float32)
     offsets = np.empty((rows, ng), dtype=np.float32)
+    mn = np.empty(ng, dtype=np.float32)
+    mx = np.empty(ng, dtype=np.float32)
+    sxx = np.empty(ng, dtype=np.float64)
+    sx = np.empty(ng, dtype=np.float64)
+    cnt = np.empty(ng, dtype=np.float64)
+    inv = np.empty(ng, dtype=np.float32)
+    zc = np.empty(ng, dtype=np.float32)
+    s0 = np.empty(ng, dtype=np.float64)
+    s1 = np.empty(ng, dtype=np.float64)
+    s2 = np.empty(ng, dtype=np.float64)
+    best_e = np.empty(ng, dtype=np.float64)
     for r in range(rows):
+        xr = x[r]
+        best_s = scales[r]
+        best_z = offsets[r]
+        _row_moments(xr, cols, group, mn, mx, sxx)
         for g in range(ng):
             a = g * group
             b = min(a + group, cols)
-            n = b - a
-            mn = x[r, a]
-            mx = x[r, a]
-            sx = 0.0
-            sxx = 0.0
+            t = 0.0
             for j in range(a, b):
-                v = x[r, j]
-                mn = min(mn, v)
-                mx = max(mx, v)
-                sx += np.float64(v)
-                sxx += np.float64(v * v)
-            best_s = (mx - mn) / qmax
-            best_z = mn
-            if mx == mn:
-                scales[r, g] = 0.0
-                offsets[r, g] = mn
-                continue
-            best_e = np.inf
-            mid = (np.float64(mx) + mn) / 2
-            half = (np.float64(mx) - mn) / 2
-            k = 0
-            while k < ts.size + iters:
+                t += np.float64(xr[j])
+            sx[g] = t
+            cnt[g] = b - a
+            best_s[g] = (mx[g] - mn[g]) / qmax
+            best_z[g] = mn[g]
+            best_e[g] = np.inf
+        for k in range(ts.size + iters):
+            for g in range(ng):
                 if k < ts.size:
-                    s = np.float32(2 * half / ts[k] / qmax)
-                    z = np.float32(mid - half / ts[k])
+                    half = (np.float64(mx[g]) - mn[g]) / 2
+                    sc = np.float32(2 * half / ts[k] / qmax)
+                    zc[g] = np.float32((np.float64(mx[g]) + mn[g]) / 2 - half / ts[k])
                 else:
-                    s = best_s
-                    z = best_z
-                inv = np.float32(1.0) / s
-                sq = 0.0
-                sqq = 0.0
-                sxq = 0.0
-                for j in range(a, b):
-                    v = x[r, j]
-                    q = min(max(np.rint((v - z) * inv), np.float32(0.0)), qmax)
-                    sq += np.float64(q)
-                    sqq += np.float64(q * q)
-                    sxq += np.float64(v) * q
-                det = n * sqq - sq * sq
+                    sc = best_s[g]
+                    zc[g] = best_z[g]
+                inv[g] = np.float32(1.0) / sc if sc > 0 else np.float32(0.0)
+            _row_affine_sums(xr, cols, group, inv, zc, qmax, wide, s0, s1, s2)
+            for g in range(ng):
+                if mx[g] == mn[g]:
+                    continue
+                n = cnt[g]
+                det = n * s1[g] - s0[g] * s0[g]
                 if det > 0:
-                    s2 = (n * sxq - sx * sq) / det
-                    z2 = (sx - s2 * sq) / n
-                    # sum (x - q*s2 - z2)^2 expanded; the least-squares residual
-                    e = sxx - s2 * sxq - z2 * sx
-                    if e < best_e and s2 > 0:
-                        best_e = e
-                        best_s = np.float32(s2)
-                        best_z = np.float32(z2)
-                    elif k >= ts.size:
-                        break
-                k += 1
-            scales[r, g] = best_s
-            offsets[r, g] = best_z
+                    sl = (n * s2[g] - sx[g] * s0[g]) / det
+                    off = (sx[g] - sl * s0[g]) / n
+                    # least-squares residual: sum x^2 - s sum xq - z sum x
+                    e = sxx[g] - sl * s2[g] - off * sx[g]
+                    if e < best_e[g] and sl > 0:
+                        best_e[g] = e
+                        best_s[g] = np.float32(sl)
+                        best_z[g] = np.float32(off)
+        for g in range(ng):
+            if mx[g] == mn[g]:
+                best_s[g] = 0.0
+                best_z[g] = mn[g]
     return scales, offsets
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _affine_err_n(xr, a, n, s, z, qmax):
+    """``sum (x - y)^2`` over ``xr[a:a+n]`` after nearest-level coding on ``y = q * s + z``."""
+    inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
+    e = 0.0
+    for j in range(a, a + n):
+        q = min(max(np.rint((xr[j] - z) * inv), np.float32(0.0)), qmax)
+        u = np.float64(xr[j]) - np.float64(q * s + z)
+        e += u * u
+    return e
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _better_scale_code(xr, a, n, f, big, z, qmax, cmax):
+    c0 = min(max(np.floor(f), np.float32(0.0)), cmax)
+    c1 = min(c0 + 1, cmax)
+    if c1 == c0:
+        return c0
+    e0 = _affine_err_n(xr, a, n, c0 * big, z, qmax)
+    e1 = _affine_err_n(xr, a, n, c1 * big, z, qmax)
+    return c0 if e0 <= e1 else c1
+
+
+@njit(**SEARCH)
+def choose_affine_scale_codes(x, group, bits, s, zq, super_scales, per_super, cmax, refine):
+    """Unsigned sub-scale codes ``c`` (int32 ``(rows, groups)``) so that ``c * D`` fits each group.
+
+    ``zq`` are the group offsets as stored (float32), ``D = super_scales[r, g //
+    per_super]``. Without ``refine``: ``round(s / D)``. With it the two codes around
+    ``s / D`` are tried with a rounding pass each and the one with the lower
+    squared error is kept (the offset was rounded too, so the nearer scale code
+    can leave the group's top uncovered).
+    """
+    rows, cols = x.shape
+    ng = (cols + group - 1) // group
+    qmax = np.float32((1 << bits) - 1)
+    cm = np.float32(cmax)
+    out = np.empty((rows, ng), dtype=np.int32)
+    for r in range(rows):
+        xr = x[r]
+        for g in range(ng):
+            big = super_scales[r, g // per_super]
+            f = s[r, g] / big if big != 0 else np.float32(0.0)
+            if not refine or big == 0:
+                out[r, g] = np.int32(min(max(np.rint(f), np.float32(0.0)), cm))
+                continue
+            a = g * group
+            n = min(group, cols - a)
+            z = zq[r, g]
+            if n == 16:
+                c = _better_scale_code(xr, a, 16, f, big, z, qmax, cm)
+            elif n == 32:
+                c = _better_scale_code(xr, a, 32, f, big, z, qmax, cm)
+            elif n == 64:
+                c = _better_scale_code(xr, a, 64, f, big, z, qmax, cm)
+            else:
+                c = _better_scale_code(xr, a, n, f, big, z, qmax, cm)
+            out[r, g] = np.int32(c)
+    return out

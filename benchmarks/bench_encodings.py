@@ -130,8 +130,13 @@ def table_rows(quick):
     rows = []
     for bits in (2, 3, 4, 8):
         rows += [(bits, "ours", "affine", 64), (bits, "ours", "symmetric", 32), (bits, "ours", "affine_opt", 64)]
-        groups = [d[bits]] + ([] if quick else [g for g in (16, 32, 64) if g != d[bits]])
-        rows += [(bits, "ours", "kquant_nl", g) for g in groups]
+        groups = [g for g in (8, 16, 32, 64) if g >= d[bits] or g == 8 and bits == 2] if not quick else []
+        nl_default = d[bits] if E.DEFAULT_ENCODING[bits] == "kquant_nl" else {8: 32}.get(bits, 16)
+        rows += [(bits, "ours", "kquant_nl", g) for g in dict.fromkeys([nl_default] + groups)]
+        kq = {2: 16, 3: 32, 4: 32, 8: 64}[bits]  # the group giving llama.cpp k-quant sizes
+        rows += [(bits, "ours", "kquant", g) for g in dict.fromkeys([kq] + ([] if quick else [64]))]
+        if E.DEFAULT_ENCODING[bits] == "affine_opt" and d[bits] != 64:
+            rows += [(bits, "ours", "affine_opt", d[bits])]
         if bits == 4:
             rows += [(4, "gguf", "Q4_0", None), (4, "gguf", "Q4_1", None), (5, "gguf", "Q5_0", None)]
         if bits == 8:
@@ -203,7 +208,8 @@ def throughput(x, repeats):
              (lambda enc: (lambda p: enc.quantize(p)))(E.get_encoding(E.DEFAULT_ENCODING[b], b, E.DEFAULT_GROUP_SIZE[b])))
             for b in (2, 3, 4, 8)]
     jobs += [("affine int4 g64 (plain rounding)", lambda p: E.get_encoding("affine", 4, 64).quantize(p)),
-             ("affine_opt int4 g64", lambda p: E.get_encoding("affine_opt", 4, 64).quantize(p))]
+             ("affine_opt int4 g64", lambda p: E.get_encoding("affine_opt", 4, 64).quantize(p)),
+             ("kquant int4 g32", lambda p: E.get_encoding("kquant", 4, 32).quantize(p))]
     if quants is not None:
         jobs += [("gguf Q4_0 (python)", lambda p: quants.quantize(p, types["Q4_0"])),
                  ("gguf Q8_0 (python)", lambda p: quants.quantize(p, types["Q8_0"]))]

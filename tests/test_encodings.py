@@ -15,7 +15,7 @@ from arrow_quant_v2.errors import ConfigurationError
 NAMES = E.encoding_names()
 ALL = [(n, b) for n in NAMES for b in E._REGISTRY[n].supported_bits]
 PLAIN = ("affine", "symmetric")  # plain rounding: nearest level of the group's grid
-SEARCHED = ("affine_opt", "kquant_nl")
+SEARCHED = ("affine_opt", "kquant_nl", "kquant")
 #: (rows, cols, group): cols not divisible by the group, one row, cols < group,
 #: per-row groups, a single element, groups of 8/16 and a long row.
 SHAPES = [(3, 100, 64), (1, 37, 16), (5, 20, 64), (4, 96, 0), (1, 1, 32), (2, 300, 16),
@@ -100,21 +100,32 @@ def test_plain_rounding_within_half_a_step(name, bits):
     assert np.all(err[inside] <= np.abs(s_el[inside]) / 2 * (1 + 1e-3) + 1e-9)
 
 
-def test_searched_encodings_beat_affine_on_heavy_tails():
+def _rel(x, name, bits, group):
+    enc = E.get_encoding(name, bits, group)
+    return E.figures(E.quantize(x, enc)[1])["rel_error"], enc.bits_per_weight(*x.shape)
+
+
+def _affine_at_least(x, bits, bpw):
+    """relF of plain affine rounding with at least ``bpw`` bits per weight."""
+    g = int(32 // (bpw - bits))  # affine: bits + 32 / g >= bpw
+    rel, b = _rel(x, "affine", bits, g)
+    assert b >= bpw
+    return rel
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_searched_encodings_beat_affine_on_heavy_tails(bits):
     x = _t((128, 1024), seed=11, df=3.0)
-    for bits in (2, 3, 4, 8):
-        base = E.figures(E.quantize(x, E.get_encoding("affine", bits, 64))[1])["rel_error"]
-        opt = E.figures(E.quantize(x, E.get_encoding("affine_opt", bits, 64))[1])["rel_error"]
-        assert opt < base, (bits, opt, base)
-        # kquant_nl against affine with at least as many bits per weight
-        enc = E.get_encoding("kquant_nl", bits, E.DEFAULT_GROUP_SIZE[bits])
-        bpw = enc.bits_per_weight(128, 1024)
-        g_aff = int(32 // (bpw - bits))  # affine: bits + 32 / g >= bpw
-        same = E.get_encoding("affine", bits, g_aff)
-        assert same.bits_per_weight(128, 1024) >= bpw
-        base_same = E.figures(E.quantize(x, same)[1])["rel_error"]
-        nl = E.figures(E.quantize(x, enc)[1])["rel_error"]
-        assert nl < base_same, (bits, nl, base_same)
+    base, _ = _rel(x, "affine", bits, 64)
+    opt, _ = _rel(x, "affine_opt", bits, 64)  # same layout, same bytes
+    assert opt < base
+    # the default encoding, and the k-quant style one, against affine at >= their bpw
+    for name, group in ((E.DEFAULT_ENCODING[bits], E.DEFAULT_GROUP_SIZE[bits]), ("kquant", 64 if bits == 8 else 32)):
+        rel, bpw = _rel(x, name, bits, group)
+        assert rel < _affine_at_least(x, bits, bpw), (name, bits)
+    if bits < 8:  # kquant_nl's learned grids; at 8 bits its grid is uniform and symmetric
+        rel, bpw = _rel(x, "kquant_nl", bits, E.DEFAULT_GROUP_SIZE[bits])
+        assert rel < 0.8 * _affine_at_least(x, bits, bpw)
 
 
 def test_gaussian_targets():
@@ -135,10 +146,13 @@ def test_nbytes_formulas():
     assert E.get_encoding("kquant_nl", 2, 8).bits_per_weight(4096, 4096) == 2 + 4 / 8 + 16 / 256
     assert E.get_encoding("kquant_nl", 3, 16).bits_per_weight(4096, 4096) == 3 + 6 / 16 + 16 / 256
     assert E.get_encoding("kquant_nl", 8, 32).bits_per_weight(4096, 4096) == 8 + 8 / 32 + 16 / 256
+    assert E.get_encoding("kquant", 4, 32).bits_per_weight(4096, 4096) == 4.5  # Q4_K's size
+    assert E.get_encoding("kquant", 2, 16).bits_per_weight(4096, 4096) == 2.625  # Q2_K's size
+    assert E.get_encoding("kquant", 8, 64).bits_per_weight(4096, 4096) == 8 + 16 / 64 + 32 / 256
 
 
 def test_registry_and_errors():
-    assert {"affine", "affine_opt", "symmetric", "kquant_nl"} <= set(NAMES)
+    assert {"affine", "affine_opt", "symmetric", "kquant_nl", "kquant"} <= set(NAMES)
     for bits, name in E.DEFAULT_ENCODING.items():
         assert name in NAMES and bits in E._REGISTRY[name].supported_bits
     with pytest.raises(ConfigurationError, match="nope"):
