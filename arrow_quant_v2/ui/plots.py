@@ -55,7 +55,9 @@ def _plain(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _height(n_rows: int) -> int:
-    return int(min(max(n_rows * CELL_PX + 110, 260), 4000))
+    """Tall enough for readable rows: roomy for a few blocks, denser for hundreds of tensors."""
+    px = CELL_PX if n_rows <= 40 else 16 if n_rows <= 150 else 12
+    return int(min(max(n_rows * px + 110, 260), 6000))
 
 
 def quality_heatmap(cells: pd.DataFrame, layout: str, title: str = "") -> hv.Overlay:
@@ -77,7 +79,8 @@ def quality_heatmap(cells: pd.DataFrame, layout: str, title: str = "") -> hv.Ove
         xlabel, ylabel = "metric", "tensor"
     hover = HoverTool(tooltips=HOVER_FIELDS + ([("metric", "@x")] if layout != "block" else []))
     hm = hv.HeatMap(data, kdims=["x", "y"], vdims=vdims).redim.values(x=xs, y=ys[::-1])
-    width = max(420, 80 * len(xs) + 200) if layout == "block" else 640
+    longest = max((len(str(y)) for y in ys), default=10)
+    width = max(420, 80 * len(xs) + 200) if layout == "block" else min(300 + 90 * len(xs) + 6 * longest, 900)
     hm = hm.opts(
         cmap=CMAP, clim=NINES_RANGE, colorbar=True, colorbar_opts=_colorbar(*NINES_RANGE), tools=[hover],
         xlabel=xlabel, ylabel=ylabel, title=title, height=_height(len(ys)), width=min(width, 900),

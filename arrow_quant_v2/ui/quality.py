@@ -143,7 +143,8 @@ def heatmap_frame(frame: pd.DataFrame, layout: Optional[str] = None) -> Tuple[pd
 
     ``layout`` is ``"block"`` (x = module, y = block index; tensors outside blocks are left
     out: see :func:`outside_blocks`) or ``"metric"`` (x = metric, y = tensor name; value is the
-    metric's nines: cosine ``-log10(1-cos)``, rel. error ``-log10(err)``, SQNR ``dB/10``).
+    metric on the cosine's nines scale, since 1 − cos ≈ err²/2 ≈ 10^(−SQNR/10)/2 for small errors:
+    cosine ``-log10(1-cos)``, rel. error ``-log10(err²/2)``, SQNR ``dB/10 + log10 2``).
     Chosen automatically when None.
     """
     layout = layout or ("block" if is_transformer(frame) else "metric")
@@ -159,6 +160,7 @@ def heatmap_frame(frame: pd.DataFrame, layout: Optional[str] = None) -> Tuple[pd
         cells = cells.sort_values("cosine").drop_duplicates(["x", "y"]).sort_values(["y", "x_rank"])
         return cells.drop(columns="x_rank").reset_index(drop=True), layout
     parts = []
+    frame = frame.iloc[sorted(range(len(frame)), key=lambda i: natural_key(frame["name"].iloc[i]))]
     for label, key in METRICS:
         part = frame.copy()
         part["x"] = label
@@ -168,13 +170,18 @@ def heatmap_frame(frame: pd.DataFrame, layout: Optional[str] = None) -> Tuple[pd
         with np.errstate(divide="ignore", invalid="ignore"):
             if key == "cosine":
                 part["value"] = part["nines"]
-            elif key == "rel_error":
-                part["value"] = np.clip(-np.log10(np.clip(v, 1e-12, None)), 0, MAX_NINES)
-            else:
-                part["value"] = np.clip(v / 10.0, 0, MAX_NINES)
+            elif key == "rel_error":  # on the cosine scale: 1 - cos ≈ err² / 2
+                part["value"] = np.clip(-np.log10(np.clip(v, 1e-12, None) ** 2 / 2), 0, MAX_NINES)
+            else:  # SQNR: noise/signal = 10^(-dB/10) ≈ err², so the same scale is dB/10 + log10(2)
+                part["value"] = np.clip(v / 10.0 + math.log10(2), 0, MAX_NINES)
         parts.append(part)
     cells = pd.concat(parts, ignore_index=True) if parts else frame.assign(x=[], y=[], metric=[], value=[])
     return cells, layout
+
+
+def natural_key(name: str):
+    """Sort key that orders ``blocks.2`` before ``blocks.10``."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
 
 
 def outside_blocks(frame: pd.DataFrame) -> pd.DataFrame:

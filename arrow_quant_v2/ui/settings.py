@@ -25,6 +25,25 @@ def _label(name: str) -> str:
     return name.replace("_", " ").capitalize()
 
 
+#: What a None choice (e.g. "detect the modality") is called in the form.
+AUTO = "auto"
+
+
+def _named(choices):
+    """Selector objects; a None choice is the string "auto" in the form (widgets cannot show None)."""
+    return [AUTO if c is None else c for c in choices]
+
+
+def _to_form(value):
+    return AUTO if value is None else list(value) if isinstance(value, tuple) else value
+
+
+def _from_form(param_obj, value):
+    if value == AUTO and isinstance(param_obj, param.Selector) and AUTO in param_obj.objects:
+        return None
+    return value
+
+
 def parameter_for(name: str, spec: Dict[str, Any]) -> param.Parameter:
     """The ``param.Parameter`` that stands for one config field's declaration."""
     default, doc, typ = spec["default"], spec.get("doc", ""), str(spec.get("type", ""))
@@ -34,9 +53,9 @@ def parameter_for(name: str, spec: Dict[str, Any]) -> param.Parameter:
     if isinstance(default, bool) or typ == "bool":
         return param.Boolean(default=bool(default), **common)
     if choices is not None:
-        return param.Selector(default=default, objects=list(choices), allow_None=None in choices, **common)
+        return param.Selector(default=_to_form(default), objects=_named(choices), **common)
     if kind == "encoding":
-        return param.Selector(default=default, objects=[None, *encodings.encoding_names()], allow_None=True, **common)
+        return param.Selector(default=_to_form(default), objects=_named([None, *encodings.encoding_names()]), **common)
     if bounds is not None:
         lo, hi = bounds
         hi = None if hi is None or (isinstance(hi, float) and math.isinf(hi)) else hi
@@ -89,8 +108,8 @@ class QuantSettings(_build_class()):
     def load_profile(self, profile: str) -> None:
         """Set every field to the profile's value."""
         config = DiffusionQuantConfig.from_profile(profile)
-        values = {n: getattr(config, n) for n in self.field_names()}
-        values = {n: list(v) if isinstance(v, tuple) else v for n, v in values.items()}
+        values = {n: _to_form(getattr(config, n)) for n in self.field_names()}
+        values = {n: v if v != AUTO or AUTO in getattr(self.param[n], "objects", ()) else None for n, v in values.items()}
         self._loading = True
         try:
             self.param.update(profile=profile, **values)
@@ -103,7 +122,8 @@ class QuantSettings(_build_class()):
             self.load_profile(self.profile)
 
     def values(self) -> Dict[str, Any]:
-        return {n: getattr(self, n) for n in self.field_names()}
+        """The fields as the config takes them ("auto" back to None)."""
+        return {n: _from_form(self.param[n], getattr(self, n)) for n in self.field_names()}
 
     def changed_from_profile(self) -> Dict[str, Any]:
         """The fields that differ from the chosen profile (what the person tuned)."""

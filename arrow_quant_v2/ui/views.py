@@ -147,21 +147,41 @@ class LibraryView(Viewer):
 # ----------------------------------------------------------------------------- launcher
 
 
-def form_widgets(obj: param.Parameterized, names: List[str]) -> Dict[str, dict]:
-    """Widget choices for generated config parameters: numeric inputs (they may be None and
-    have huge bounds, where a slider is useless), button groups for short choice lists."""
-    out: Dict[str, dict] = {}
+def config_form(obj: param.Parameterized, names: List[str]) -> pn.Column:
+    """A form for generated config parameters, one widget per parameter, made from it.
+
+    Numbers get numeric inputs (they may be None, and their bounds can be huge: a slider
+    would be useless), short choice lists get labelled button groups, None reads "auto".
+    Each widget carries the field's doc as its tooltip and the field name as a CSS class.
+    """
+    rows = []
     for n in names:
         p = obj.param[n]
+        css = [f"aq-field-{n}"]
+        desc = p.doc or None
         lo, hi = getattr(p, "bounds", None) or (None, None)
-        if isinstance(p, param.Integer) and not isinstance(p, param.Boolean):
-            out[n] = {"type": pn.widgets.IntInput, "start": lo, "end": hi}
+        if isinstance(p, param.Boolean):
+            w = pn.widgets.Checkbox.from_param(p, css_classes=css)
+        elif isinstance(p, param.Integer):
+            w = pn.widgets.IntInput.from_param(p, start=lo, end=hi, description=desc, css_classes=css,
+                                               placeholder="auto" if p.allow_None else "")
         elif isinstance(p, param.Number):
-            out[n] = {"type": pn.widgets.FloatInput, "start": lo, "end": hi,
-                      "step": 0.001 if hi is not None and hi <= 1 else 1.0}
+            w = pn.widgets.FloatInput.from_param(p, start=lo, end=hi, step=0.001 if hi is not None and hi <= 1 else 1.0,
+                                                 description=desc, css_classes=css,
+                                                 placeholder="auto" if p.allow_None else "")
         elif isinstance(p, param.Selector) and len(p.objects) <= 5 and None not in p.objects:
-            out[n] = {"type": pn.widgets.RadioButtonGroup, "button_type": "default"}
-    return out
+            w = pn.Column(
+                _html(f"<div class='aq-muted' title='{fmt.esc(desc or '')}'>{fmt.esc(p.label)}</div>", margin=(4, 5, 0, 5)),
+                pn.widgets.RadioButtonGroup.from_param(p, name="", button_type="default", css_classes=css,
+                                                       sizing_mode="stretch_width", margin=(2, 5)),
+                sizing_mode="stretch_width", margin=0)
+        else:
+            w = pn.Param(obj, parameters=[n], show_name=False, sizing_mode="stretch_width", css_classes=css,
+                         margin=0)
+        if not isinstance(w, pn.Column):
+            w.sizing_mode = "stretch_width"
+        rows.append(w)
+    return pn.Column(*rows, sizing_mode="stretch_width", margin=0)
 
 
 class Launcher(Viewer):
@@ -239,14 +259,9 @@ class Launcher(Viewer):
 
     def __panel__(self):
         s = self.settings
-        main_names, adv_names = QuantSettings.main_fields(), QuantSettings.advanced_fields()
-        main = pn.Param(s, parameters=main_names, show_name=False, sizing_mode="stretch_width",
-                        widgets=form_widgets(s, main_names))
-        advanced = pn.Card(
-            pn.Param(s, parameters=adv_names, show_name=False, sizing_mode="stretch_width",
-                     widgets=form_widgets(s, adv_names)),
-            title="More settings", collapsed=True, sizing_mode="stretch_width", margin=(5, 5),
-        )
+        main = config_form(s, QuantSettings.main_fields())
+        advanced = pn.Card(config_form(s, QuantSettings.advanced_fields()), title="Advanced", collapsed=True,
+                           sizing_mode="stretch_width", margin=(5, 5))
         return pn.Column(
             _html("<div class='aq-title'>New job</div>"),
             pn.widgets.Select.from_param(self.param.model, sizing_mode="stretch_width", css_classes=["aq-model"]),
