@@ -43,8 +43,9 @@ Rules that still hold
     ``sensitive_layers``) never go below ``sensitive_bits``; ordinary ones start at int2.
 
 The per-layer accuracy fallback
-    A candidate whose sampled cosine misses ``min_accuracy`` for its width (with a small
-    margin when sampled) is dropped before allocating, because the engine would re-quantize
+    A candidate whose sampled cosine misses ``min_accuracy`` for its width, or clears it by
+    less than three standard errors of the sample estimate (row blocks as sampling units),
+    is dropped before allocating, because the engine would re-quantize
     it wider anyway; so the fallback is already paid for in the plan and the smallest
     reachable size honours ``min_accuracy``. Near the threshold the estimate can still be
     wrong: the engine then falls back as always and the size can exceed the target; the
@@ -73,14 +74,14 @@ from .source import DTYPES, ModelSource, TensorInfo, open_model
 
 #: About this many elements of each tensor are quantized per candidate width.
 SAMPLE_ELEMENTS = 1 << 16
-#: The sample is this many evenly spaced blocks of consecutive rows.
-SAMPLE_BLOCKS = 8
+#: The sample is (up to) this many evenly spaced blocks of consecutive rows.
+SAMPLE_BLOCKS = 32
 #: Candidate code widths of budgeted tensors (lossless is always the top candidate).
 WIDTHS = (2, 4, 8)
 #: The codec of the store's Parquet files (``store.StoreWriter``); used to measure compressibility.
 CODEC = "zstd"
-#: A sampled cosine must clear min_accuracy by this fraction of (1 - min_accuracy).
-SAMPLE_MARGIN = 0.02
+#: A sampled cosine must clear min_accuracy by this many standard errors of its estimate.
+SAMPLE_MARGIN = 3.0
 MIB = 2 ** 20
 
 
@@ -227,6 +228,26 @@ def compression_model(blob: np.ndarray) -> Tuple[float, float]:
     return (whole - fixed) / data.size, fixed
 
 
+def _cosine_stderr(x: np.ndarray, y: np.ndarray, fraction: float, blocks: List[int]) -> float:
+    """Standard error of the tensor cosine estimated from the sampled rows ``x`` (``y`` their
+    dequantized values): the row blocks (``blocks`` rows each) are the sampling units of the
+    ratio estimator relF**2 = sum err / sum norm (neighbouring rows can be alike, so rows
+    are not independent units), and cos ~ 1 - relF**2 / 2 near 1."""
+    m = len(blocks)
+    if m < 2:
+        return 0.0
+    x64 = x.astype(np.float64)
+    edges = np.cumsum([0] + list(blocks))[:-1]
+    err = np.add.reduceat(((x64 - y) ** 2).sum(axis=1), edges)
+    nrm = np.add.reduceat((x64 ** 2).sum(axis=1), edges)
+    total = nrm.sum()
+    if total <= 0:
+        return 0.0
+    r = err.sum() / total
+    var = ((err - r * nrm) ** 2).sum() / (m - 1) * m / total ** 2 * max(0.0, 1.0 - fraction)
+    return 0.5 * math.sqrt(var)
+
+
 def _field_sizes(nbytes: int, fields: Dict[str, Tuple[float, float, float]]) -> Dict[str, int]:
     names = list(fields)
     out = {k: int(nbytes * fields[k][0]) for k in names[:-1]}
@@ -289,7 +310,8 @@ def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, conf
         blobs, stats = encodings.quantize(x, enc)
         fig = encodings.figures(stats)
         need = config.min_accuracy_for(bits)
-        margin = 0.0 if exact else SAMPLE_MARGIN * (1.0 - need)
+        margin = 0.0 if exact else SAMPLE_MARGIN * _cosine_stderr(
+            x, encodings.dequantize(blobs, enc, *x.shape), sampled_rows / rows, [r1 - r0 for r0, r1 in ranges])
         if fig["cosine"] < need + margin:
             excluded.append((bits, fig["cosine"]))
             continue
