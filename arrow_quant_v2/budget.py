@@ -536,6 +536,20 @@ def _extremes(source, tensors, config) -> Tuple[float, float, float]:
     return overhead, smallest, largest
 
 
+#: Allocate / re-measure the overhead at most this many times; stop when it moves less than OVERHEAD_SETTLED bytes.
+OVERHEAD_ROUNDS = 4
+OVERHEAD_SETTLED = 512
+
+
+def _snapshot(tensors: Dict[str, TensorBudget]) -> Dict[str, Tuple[int, float, float]]:
+    return {n: (t.chosen, t.slope, t.next_slope) for n, t in tensors.items()}
+
+
+def _restore(tensors: Dict[str, TensorBudget], snap: Dict[str, Tuple[int, float, float]]) -> None:
+    for n, (chosen, slope, next_slope) in snap.items():
+        tensors[n].chosen, tensors[n].slope, tensors[n].next_slope = chosen, slope, next_slope
+
+
 def allocate(source: ModelSource, config: DiffusionQuantConfig, planner: Optional[Planner] = None,
              tensors: Optional[Dict[str, TensorBudget]] = None) -> BudgetPlan:
     """Plan every tensor of ``source`` so the store's weight files fit ``config.target_model_size_mb``.
@@ -557,15 +571,21 @@ def allocate(source: ModelSource, config: DiffusionQuantConfig, planner: Optiona
             f"allowed: {smallest / MIB:.3f} to {largest / MIB:.3f} MiB (smallest: every tensor at its narrowest "
             f"allowed width; largest: every budgeted tensor lossless){hint}"
         )
-    price, steps = 0.0, []
-    for _ in range(4):  # the overhead depends a little on the plan (reasons, sizes): iterate
+    # The overhead depends a little on the plan (reasons, varint widths, shard cuts): allocate
+    # against the last measured overhead, re-measure, and keep the fullest plan that fits.
+    best = None
+    for _ in range(OVERHEAD_ROUNDS):
         price, steps = _greedy(tensors, target - overhead, n_total)
         plans = _plans(tensors, config, price)
-        overhead = store_overhead(source, tensors, plans, config)
-        estimated = overhead + sum(t.option.disk_bytes for t in tensors.values())
-        if estimated <= target:
+        measured = store_overhead(source, tensors, plans, config)
+        estimated = measured + sum(t.option.disk_bytes for t in tensors.values())
+        if estimated <= target and (best is None or estimated > best[0]):
+            best = (estimated, measured, price, plans, _snapshot(tensors))
+        settled = abs(measured - overhead) <= OVERHEAD_SETTLED
+        overhead = measured
+        if settled:
             break
-        # undo the last steps until the estimate fits, then re-measure the overhead
+    if best is None:  # still over: undo the last steps until the estimate fits
         while steps and estimated > target:
             n = steps.pop()
             t = tensors[n]
@@ -577,8 +597,9 @@ def allocate(source: ModelSource, config: DiffusionQuantConfig, planner: Optiona
         plans = _plans(tensors, config, price)
         overhead = store_overhead(source, tensors, plans, config)
         estimated = overhead + sum(t.option.disk_bytes for t in tensors.values())
-        if estimated <= target:
-            break
+    else:
+        estimated, overhead, price, plans, snap = best
+        _restore(tensors, snap)
     objective, nq = _objective(tensors)
     return BudgetPlan(target, estimated, smallest, largest, overhead, objective, price, tensors, plans,
                       time.perf_counter() - started, nq)
