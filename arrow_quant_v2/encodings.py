@@ -258,9 +258,8 @@ class KQuantNL(Encoding):
     ``ns = ceil(ng / K)`` per row (the last ones possibly shorter).
     Per bit width: grid ``L = kernels.GRIDS[bits]`` (sorted float32 levels, listed
     below), sub-scale width ``sb = SCALE_BITS[bits]`` and code range
-    ``[cmin, cmax]``: signed ``[-2**(sb-1), 2**(sb-1) - 1]`` for the asymmetric
-    2/3/4-bit grids (a negative scale mirrors the grid), unsigned
-    ``[0, 2**sb - 1]`` for the symmetric 8-bit grid.
+    ``[cmin, cmax] = [-2**(sb-1), 2**(sb-1) - 1]`` (signed: the grids are not
+    symmetric, and a negative scale mirrors the grid).
     Blobs:
       * ``codes``: the level index ``q`` of every element, ``bits`` bits each,
         row-major, packed in the kernels' LSB-first bitstream.
@@ -272,6 +271,9 @@ class KQuantNL(Encoding):
     row ``r``: ``s = float32(c[r, gi]) * D[r, gi // K]``, ``y = L[q] * s``.
     Bytes: ``ceil(rows*cols*bits / 8) + ceil(rows*ng*sb / 8) + 2 * rows * ns``;
     bpw = bits + sb / g + 16 / (K * g), e.g. 4.4375 at 4 bits g16, 2.5625 at 2 bits g8.
+    No 8-bit variant: a uniform grid is near-optimal there and the asymmetric
+    ``affine_opt`` / ``kquant`` fit skewed heavy-tailed groups better than a
+    symmetric one would.
     Encoder (not part of the format): per group, the scale minimising the squared
     error (``kernels.search_grid_scales``); ``D = bf16(max |d| / cmax)`` per
     super-block; the sub-scale code by rounding ``d / D`` (or, with ``refine``,
@@ -280,9 +282,9 @@ class KQuantNL(Encoding):
     """
 
     name: ClassVar[str] = "kquant_nl"
-    supported_bits: ClassVar[Tuple[int, ...]] = (2, 3, 4, 8)
+    supported_bits: ClassVar[Tuple[int, ...]] = (2, 3, 4)
     #: bits of the sub-scale code per weight bit width (part of the format).
-    SCALE_BITS: ClassVar[Dict[int, int]] = {2: 4, 3: 6, 4: 6, 8: 8}
+    SCALE_BITS: ClassVar[Dict[int, int]] = {2: 4, 3: 6, 4: 6}
     #: elements per super-block (part of the format: K = max(1, SUPER // g)).
     SUPER: ClassVar[int] = 256
     #: encoder effort per bit width: (clip factors, Lloyd steps, refine sub-scale codes).
@@ -293,8 +295,6 @@ class KQuantNL(Encoding):
         3: ((1.0, 1.2), 0, True),
         # int4 g16: (1.0, 1.1) 0.0649 / ~400; (1.0,)+1 Lloyd step 0.0654 / ~450; (1.0,) 0.0657 / ~520.
         4: ((1.0,), 1, False),
-        # int8 g32: clipping never pays at 255 levels; refining the sub-scale code does.
-        8: ((1.0,), 0, True),
     }
 
     def _geometry(self, cols):
@@ -305,8 +305,6 @@ class KQuantNL(Encoding):
 
     def _code_range(self):
         sb = self.SCALE_BITS[self.bits]
-        if self.bits == 8:  # symmetric grid: the sign of the scale is useless
-            return 0, (1 << sb) - 1
         return -(1 << (sb - 1)), (1 << (sb - 1)) - 1
 
     def quantize(self, x):
@@ -382,6 +380,9 @@ class KQuant(KQuantNL):
     """
 
     name: ClassVar[str] = "kquant"
+    supported_bits: ClassVar[Tuple[int, ...]] = (2, 3, 4, 8)
+    #: bits of the sub-scale and sub-offset codes per weight bit width (part of the format).
+    SCALE_BITS: ClassVar[Dict[int, int]] = {2: 4, 3: 6, 4: 6, 8: 8}
     #: encoder effort per bit width: (shrink factors, Lloyd steps, refine scale codes).
     SEARCH: ClassVar[Dict[int, Tuple[Tuple[float, ...], int, bool]]] = {
         2: ((1.0, 1.2, 1.4, 1.6), 2, True),
@@ -444,10 +445,7 @@ class KQuant(KQuantNL):
 def _grid_listing() -> str:
     lines = ["", "    Grids (``kernels.GRIDS``, float32):"]
     for b, levels in kernels.GRIDS.items():
-        if b == 8:
-            lines.append("      * 8 bits: ``L[q] = q - 127.5`` (uniform mid-rise).")
-        else:
-            lines.append(f"      * {b} bits: ``{[float(v) for v in levels]}``.")
+        lines.append(f"      * {b} bits: ``{[float(v) for v in levels]}``.")
     return "\n".join(lines) + "\n"
 
 
@@ -465,8 +463,9 @@ KQuantNL.__doc__ += _grid_listing()
 #:         affine_opt g64 4.5: 0.0836 / 0.109; affine g64 4.5: 0.0897 / 0.118;
 #:         llama.cpp Q4_K 4.5: 0.0713), ~450 MB/s per core.
 #:   int8: affine_opt g64 8.5 bpw  0.00508 / 0.00667 (affine g64 8.5: 0.0053 / 0.0069;
-#:         kquant g64 8.375: 0.00528 / 0.00697; kquant_nl g32 8.3125: 0.00523 / 0.00724,
-#:         its symmetric grid loses on skewed heavy-tailed groups; Q8_0 8.5: 0.0053).
+#:         kquant g64 8.375: 0.00528 / 0.00697; a symmetric uniform 8-bit grid with
+#:         two-level scales, g32 8.3125: 0.00523 / 0.00724, loses on skewed heavy-tailed
+#:         groups, so kquant_nl stops at 4 bits; Q8_0 8.5: 0.0053).
 #: With the profiles' larger groups the same order holds per group size
 #: (int4 g64: kquant_nl 4.156 bpw 0.0835 vs affine 4.5 bpw 0.0897).
 DEFAULT_ENCODING: Dict[int, str] = {2: "kquant_nl", 3: "kquant_nl", 4: "kquant_nl", 8: "affine_opt"}

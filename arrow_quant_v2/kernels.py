@@ -222,14 +222,12 @@ FINAL = dict(nogil=True, cache=True, fastmath={"reassoc"})
 # (script: benchmarks/bench_encodings.py --train-grids). They are deliberately not
 # symmetric: a group's scale may be negative, which mirrors the grid, so each
 # group picks the orientation that fits its tails best (one free bit per group).
-# GRID8 is the uniform mid-rise grid (symmetric; 256 levels).
 # These arrays are part of the on-disk format: never change them in place.
 GRID2 = np.array([-0.6779, -0.1266, 0.3511, 1.0], dtype=np.float32)
 GRID3 = np.array([-0.8593, -0.5181, -0.268, -0.0566, 0.1423, 0.3495, 0.5986, 1.0], dtype=np.float32)
 GRID4 = np.array([-0.9156, -0.7382, -0.5902, -0.4682, -0.3624, -0.2654, -0.1694, -0.0723,
                   0.0259, 0.1259, 0.2293, 0.3389, 0.4563, 0.5877, 0.7484, 1.0], dtype=np.float32)
-GRID8 = (np.arange(256) - np.float32(127.5)).astype(np.float32)
-GRIDS = {2: GRID2, 3: GRID3, 4: GRID4, 8: GRID8}
+GRIDS = {2: GRID2, 3: GRID3, 4: GRID4}
 
 # Rounding to the nearest level is a count of the midpoints below t. With the
 # midpoints as compile-time constants (numba freezes global arrays) the count is
@@ -276,12 +274,6 @@ def _code2(t):
     for k in range(3):
         q += t > _MID2[k]
     return q
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _code8(t):
-    # uniform mid-rise: level k sits at k - 127.5, the midpoints at the integers - 128
-    return np.int64(min(max(np.floor(t + np.float32(128.0)), np.float32(0.0)), np.float32(255.0)))
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -332,21 +324,11 @@ def _sums_n(xr, a, n, inv, bits):
             lv = _value3(xr[j] * inv)
             s1 += xr[j] * lv
             s2 += lv * lv
-    elif bits == 2:
+    else:
         for j in range(a, a + n):
             lv = _value2(xr[j] * inv)
             s1 += xr[j] * lv
             s2 += lv * lv
-    else:
-        # 8 bits: float64 sums. The error is ~1e-5 of sum x^2 there, and float32
-        # sums would cancel badly in sum x^2 - 2 s sum xL + s^2 sum L^2.
-        d1 = 0.0
-        d2 = 0.0
-        for j in range(a, a + n):
-            lv = np.float32(_code8(xr[j] * inv)) - np.float32(127.5)
-            d1 += np.float64(xr[j]) * lv
-            d2 += np.float64(lv) * lv
-        return d1, d2
     return np.float64(s1), np.float64(s2)
 
 
@@ -359,20 +341,19 @@ def _row_sums_n(xr, ng, n, inv, bits, s1, s2):
 @njit(nogil=True, cache=True, inline="always")
 def _row_sums(xr, cols, group, inv, bits, s1, s2):
     """``_sums_n`` of every group of the row ``xr`` at the scales ``1 / inv[g]``, into ``s1, s2``."""
-    full = cols // group
+    ng = (cols + group - 1) // group
+    start = cols // group
     if group == 16:
-        _row_sums_n(xr, full, 16, inv, bits, s1, s2)
+        _row_sums_n(xr, start, 16, inv, bits, s1, s2)
     elif group == 32:
-        _row_sums_n(xr, full, 32, inv, bits, s1, s2)
+        _row_sums_n(xr, start, 32, inv, bits, s1, s2)
     elif group == 8:
-        _row_sums_n(xr, full, 8, inv, bits, s1, s2)
-    elif group == 64:
-        _row_sums_n(xr, full, 64, inv, bits, s1, s2)
+        _row_sums_n(xr, start, 8, inv, bits, s1, s2)
     else:
-        _row_sums_n(xr, full, group, inv, bits, s1, s2)
-    if full * group < cols:
-        a = full * group
-        s1[full], s2[full] = _sums_n(xr, a, cols - a, inv[full], bits)
+        start = 0
+    for g in range(start, ng):  # other group sizes, and the short last group
+        a = g * group
+        s1[g], s2[g] = _sums_n(xr, a, min(group, cols - a), inv[g], bits)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -397,20 +378,21 @@ def _row_moments_n(xr, ng, n, mn, mx, sxx):
 @njit(nogil=True, cache=True, inline="always")
 def _row_moments(xr, cols, group, mn, mx, sxx):
     """Per group of the row: min, max and sum of squares."""
-    full = cols // group
+    ng = (cols + group - 1) // group
+    start = cols // group
     if group == 16:
-        _row_moments_n(xr, full, 16, mn, mx, sxx)
+        _row_moments_n(xr, start, 16, mn, mx, sxx)
     elif group == 32:
-        _row_moments_n(xr, full, 32, mn, mx, sxx)
+        _row_moments_n(xr, start, 32, mn, mx, sxx)
     elif group == 8:
-        _row_moments_n(xr, full, 8, mn, mx, sxx)
+        _row_moments_n(xr, start, 8, mn, mx, sxx)
     elif group == 64:
-        _row_moments_n(xr, full, 64, mn, mx, sxx)
+        _row_moments_n(xr, start, 64, mn, mx, sxx)
     else:
-        _row_moments_n(xr, full, group, mn, mx, sxx)
-    if full * group < cols:
-        a = full * group
-        mn[full], mx[full], sxx[full] = _moments_n(xr, a, cols - a)
+        start = 0
+    for g in range(start, ng):
+        a = g * group
+        mn[g], mx[g], sxx[g] = _moments_n(xr, a, min(group, cols - a))
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -422,12 +404,9 @@ def _round_n(xr, a, n, inv, s, bits, levels, cr):
     elif bits == 3:
         for j in range(a, a + n):
             cr[j] = _code3(xr[j] * inv)
-    elif bits == 2:
-        for j in range(a, a + n):
-            cr[j] = _code2(xr[j] * inv)
     else:
         for j in range(a, a + n):
-            cr[j] = _code8(xr[j] * inv)
+            cr[j] = _code2(xr[j] * inv)
     p0 = 0.0
     p1 = 0.0
     p2 = 0.0
@@ -460,7 +439,7 @@ def quantize_grid(x, scales, group, bits):
     Returns the codes (rows*cols uint8, row-major) and the fused statistics
     ``[sum x*y, sum x*x, sum y*y, sum (x-y)**2]`` of ``y`` in float64.
     """
-    levels = GRID4 if bits == 4 else (GRID3 if bits == 3 else (GRID2 if bits == 2 else GRID8))
+    levels = GRID4 if bits == 4 else (GRID3 if bits == 3 else GRID2)
     rows, cols = x.shape
     ng = (cols + group - 1) // group
     full = cols // group
@@ -473,19 +452,18 @@ def quantize_grid(x, scales, group, bits):
         sc = scales[r]
         for g in range(ng):
             inv[g] = np.float32(1.0) / sc[g] if sc[g] != 0 else np.float32(0.0)
+        start = full
         if group == 16:
             _row_round_n(xr, full, 16, inv, sc, bits, levels, cr, stats)
         elif group == 32:
             _row_round_n(xr, full, 32, inv, sc, bits, levels, cr, stats)
         elif group == 8:
             _row_round_n(xr, full, 8, inv, sc, bits, levels, cr, stats)
-        elif group == 64:
-            _row_round_n(xr, full, 64, inv, sc, bits, levels, cr, stats)
         else:
-            _row_round_n(xr, full, group, inv, sc, bits, levels, cr, stats)
-        if full < ng:
-            a = full * group
-            p0, p1, p2, p3 = _round_n(xr, a, cols - a, inv[full], sc[full], bits, levels, cr)
+            start = 0
+        for g in range(start, ng):  # other group sizes, and the short last group
+            a = g * group
+            p0, p1, p2, p3 = _round_n(xr, a, min(group, cols - a), inv[g], sc[g], bits, levels, cr)
             stats[0] += p0
             stats[1] += p1
             stats[2] += p2
@@ -496,7 +474,7 @@ def quantize_grid(x, scales, group, bits):
 @njit(**JIT)
 def dequantize_grid(codes, scales, rows, cols, group, bits):
     """``y = GRIDS[bits][q] * scale`` per group: the same float32 product ``quantize_grid`` used."""
-    levels = GRID4 if bits == 4 else (GRID3 if bits == 3 else (GRID2 if bits == 2 else GRID8))
+    levels = GRID4 if bits == 4 else (GRID3 if bits == 3 else GRID2)
     out = np.empty((rows, cols), dtype=np.float32)
     ng = (cols + group - 1) // group
     for r in range(rows):
@@ -521,7 +499,7 @@ def search_grid_scales(x, group, bits, ts, iters):
     error, then run ``iters`` more round/re-fit (Lloyd) steps on it. A zero group
     gets scale 0.
     """
-    levels = GRID4 if bits == 4 else (GRID3 if bits == 3 else (GRID2 if bits == 2 else GRID8))
+    levels = GRID4 if bits == 4 else (GRID3 if bits == 3 else GRID2)
     top = levels[levels.size - 1]
     bot = -levels[0]
     nsides = 2 if top != bot else 1
@@ -575,46 +553,43 @@ def choose_scale_codes(x, group, bits, d, super_scales, per_super, cmin, cmax, r
     ng = (cols + group - 1) // group
     out = np.empty((rows, ng), dtype=np.int32)
     c0 = np.empty(ng, dtype=np.float32)
-    c1 = np.empty(ng, dtype=np.float32)
-    inv0 = np.empty(ng, dtype=np.float32)
-    inv1 = np.empty(ng, dtype=np.float32)
-    a0 = np.empty(ng, dtype=np.float64)
-    b0 = np.empty(ng, dtype=np.float64)
+    bigs = np.empty(ng, dtype=np.float32)
+    inv = np.empty(ng, dtype=np.float32)
     a1 = np.empty(ng, dtype=np.float64)
     b1 = np.empty(ng, dtype=np.float64)
+    best_e = np.empty(ng, dtype=np.float64)
     for r in range(rows):
+        xr = x[r]
         for g in range(ng):
             big = super_scales[r, g // per_super]
+            bigs[g] = big
             f = d[r, g] / big if big != 0 else np.float32(0.0)
-            if not refine:
-                out[r, g] = np.int32(min(max(np.rint(f), cmin), cmax))
+            out[r, g] = np.int32(min(max(np.rint(f), cmin), cmax))
             c0[g] = min(max(np.floor(f), cmin), cmax)
-            c1[g] = min(max(c0[g] + 1, cmin), cmax)
-            s0 = c0[g] * big
-            sa = c1[g] * big
-            inv0[g] = np.float32(1.0) / s0 if s0 != 0 else np.float32(0.0)
-            inv1[g] = np.float32(1.0) / sa if sa != 0 else np.float32(0.0)
+            best_e[g] = np.inf
         if not refine:
             continue
-        xr = x[r]
-        _row_sums(xr, cols, group, inv0, bits, a0, b0)
-        _row_sums(xr, cols, group, inv1, bits, a1, b1)
-        for g in range(ng):
-            big = super_scales[r, g // per_super]
-            s0 = np.float64(c0[g] * big)
-            sa = np.float64(c1[g] * big)
-            # sum (x - s L)^2 = sum x^2 - 2 s sum xL + s^2 sum L^2; sum x^2 is common to
-            # both candidates, so it is left out (and s = 0 gives exactly 0).
-            e0 = s0 * (s0 * b0[g] - 2.0 * a0[g])
-            e1 = sa * (sa * b1[g] - 2.0 * a1[g])
-            out[r, g] = np.int32(c0[g] if e0 <= e1 else c1[g])
+        for k in range(2):  # the codes below and above d / D
+            for g in range(ng):
+                s = min(max(c0[g] + k, cmin), cmax) * bigs[g]
+                inv[g] = np.float32(1.0) / s if s != 0 else np.float32(0.0)
+            _row_sums(xr, cols, group, inv, bits, a1, b1)
+            for g in range(ng):
+                c = min(max(c0[g] + k, cmin), cmax)
+                s = np.float64(c * bigs[g])
+                # sum (x - s L)^2 = sum x^2 - 2 s sum xL + s^2 sum L^2; sum x^2 is common to
+                # both candidates, so it is left out (and s = 0 gives exactly 0).
+                e = s * (s * b1[g] - 2.0 * a1[g])
+                if e < best_e[g]:
+                    best_e[g] = e
+                    out[r, g] = np.int32(c)
     return out
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _affine_sums_n(xr, a, n, inv, z, qmax, wide):
     """``(sum q, sum q^2, sum x*q)`` over ``xr[a:a+n]`` with ``q = clip(rint((x - z) * inv), 0, qmax)``."""
-    if wide:  # float64 (8 bits: see _sums_n)
+    if wide:  # float64: at 8 bits the error is ~1e-5 of sum x^2, float32 sums would cancel
         d0 = 0.0
         d1 = 0.0
         d2 = 0.0
@@ -643,21 +618,21 @@ def _row_affine_sums_n(xr, ng, n, inv, z, qmax, wide, s0, s1, s2):
 
 @njit(nogil=True, cache=True, inline="always")
 def _row_affine_sums(xr, cols, group, inv, z, qmax, wide, s0, s1, s2):
-    full = cols // group
+    ng = (cols + group - 1) // group
+    start = cols // group
     if group == 16:
-        _row_affine_sums_n(xr, full, 16, inv, z, qmax, wide, s0, s1, s2)
+        _row_affine_sums_n(xr, start, 16, inv, z, qmax, wide, s0, s1, s2)
     elif group == 32:
-        _row_affine_sums_n(xr, full, 32, inv, z, qmax, wide, s0, s1, s2)
+        _row_affine_sums_n(xr, start, 32, inv, z, qmax, wide, s0, s1, s2)
     elif group == 64:
-        _row_affine_sums_n(xr, full, 64, inv, z, qmax, wide, s0, s1, s2)
-    elif group == 128:
-        _row_affine_sums_n(xr, full, 128, inv, z, qmax, wide, s0, s1, s2)
+        _row_affine_sums_n(xr, start, 64, inv, z, qmax, wide, s0, s1, s2)
     else:
-        # long groups: float64 (float32 sums of q^2 stop being exact past 2^24)
-        _row_affine_sums_n(xr, full, group, inv, z, qmax, True, s0, s1, s2)
-    if full * group < cols:
-        a = full * group
-        s0[full], s1[full], s2[full] = _affine_sums_n(xr, a, cols - a, inv[full], z[full], qmax, True)
+        start = 0
+    for g in range(start, ng):
+        # other sizes, and the short last group: float64 (float32 sums of q^2 stop
+        # being exact past 2^24, i.e. for groups longer than ~256 at 8 bits)
+        a = g * group
+        s0[g], s1[g], s2[g] = _affine_sums_n(xr, a, min(group, cols - a), inv[g], z[g], qmax, True)
 
 
 @njit(**SEARCH)

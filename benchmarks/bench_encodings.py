@@ -131,8 +131,8 @@ def table_rows(quick):
     for bits in (2, 3, 4, 8):
         rows += [(bits, "ours", "affine", 64), (bits, "ours", "symmetric", 32), (bits, "ours", "affine_opt", 64)]
         groups = [g for g in (8, 16, 32, 64) if g >= d[bits] or g == 8 and bits == 2] if not quick else []
-        nl_default = d[bits] if E.DEFAULT_ENCODING[bits] == "kquant_nl" else {8: 32}.get(bits, 16)
-        rows += [(bits, "ours", "kquant_nl", g) for g in dict.fromkeys([nl_default] + groups)]
+        if bits in E.KQuantNL.supported_bits:
+            rows += [(bits, "ours", "kquant_nl", g) for g in dict.fromkeys([d[bits]] + groups)]
         kq = {2: 16, 3: 32, 4: 32, 8: 64}[bits]  # the group giving llama.cpp k-quant sizes
         rows += [(bits, "ours", "kquant", g) for g in dict.fromkeys([kq] + ([] if quick else [64]))]
         if E.DEFAULT_ENCODING[bits] == "affine_opt" and d[bits] != 64:

@@ -123,7 +123,7 @@ def test_searched_encodings_beat_affine_on_heavy_tails(bits):
     for name, group in ((E.DEFAULT_ENCODING[bits], E.DEFAULT_GROUP_SIZE[bits]), ("kquant", 64 if bits == 8 else 32)):
         rel, bpw = _rel(x, name, bits, group)
         assert rel < _affine_at_least(x, bits, bpw), (name, bits)
-    if bits < 8:  # kquant_nl's learned grids; at 8 bits its grid is uniform and symmetric
+    if bits < 8:  # kquant_nl's learned grids (no 8-bit variant)
         rel, bpw = _rel(x, "kquant_nl", bits, E.DEFAULT_GROUP_SIZE[bits])
         assert rel < 0.8 * _affine_at_least(x, bits, bpw)
 
@@ -145,7 +145,6 @@ def test_nbytes_formulas():
     assert E.get_encoding("kquant_nl", 4, 16).bits_per_weight(4096, 4096) == 4 + 6 / 16 + 16 / 256
     assert E.get_encoding("kquant_nl", 2, 8).bits_per_weight(4096, 4096) == 2 + 4 / 8 + 16 / 256
     assert E.get_encoding("kquant_nl", 3, 16).bits_per_weight(4096, 4096) == 3 + 6 / 16 + 16 / 256
-    assert E.get_encoding("kquant_nl", 8, 32).bits_per_weight(4096, 4096) == 8 + 8 / 32 + 16 / 256
     assert E.get_encoding("kquant", 4, 32).bits_per_weight(4096, 4096) == 4.5  # Q4_K's size
     assert E.get_encoding("kquant", 2, 16).bits_per_weight(4096, 4096) == 2.625  # Q2_K's size
     assert E.get_encoding("kquant", 8, 64).bits_per_weight(4096, 4096) == 8 + 16 / 64 + 32 / 256
@@ -159,6 +158,8 @@ def test_registry_and_errors():
         E.get_encoding("nope", 4, 64)
     with pytest.raises(ConfigurationError, match="bit_width=5"):
         E.get_encoding("kquant_nl", 5, 64)
+    with pytest.raises(ConfigurationError, match="bit_width=8"):
+        E.get_encoding("kquant_nl", 8, 64)
     assert "L[q] * s" in E.KQuantNL.__doc__ and "Grids" in E.KQuantNL.__doc__
 
 

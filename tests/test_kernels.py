@@ -48,12 +48,12 @@ def test_grids_are_the_format():
     assert kernels.GRID4.tolist() == np.array(
         [-0.9156, -0.7382, -0.5902, -0.4682, -0.3624, -0.2654, -0.1694, -0.0723,
          0.0259, 0.1259, 0.2293, 0.3389, 0.4563, 0.5877, 0.7484, 1.0], np.float32).tolist()
-    assert kernels.GRID8.tolist() == (np.arange(256) - 127.5).tolist()
+    assert set(kernels.GRIDS) == {2, 3, 4}
     for b, g in kernels.GRIDS.items():
         assert g.dtype == np.float32 and g.size == 1 << b and np.all(np.diff(g) > 0)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_quantize_grid_picks_nearest_level_and_fuses_stats(bits):
     rng = np.random.default_rng(bits)
     x = rng.standard_normal((5, 67)).astype(np.float32)
@@ -61,8 +61,6 @@ def test_quantize_grid_picks_nearest_level_and_fuses_stats(bits):
     ng = kernels.groups_per_row(67, group)
     scales = rng.uniform(-0.5, 0.5, (5, ng)).astype(np.float32)
     scales[0, 0] = 0.0  # a zero scale decodes to 0, without NaN
-    if bits == 8:
-        scales = np.abs(scales) / 50
     codes, stats = kernels.quantize_grid(x, scales, group, bits)
     y = kernels.dequantize_grid(codes, scales, 5, 67, group, bits)
     levels = kernels.GRIDS[bits]
@@ -86,7 +84,7 @@ def test_quantize_affine_stats_match_dequantized():
     np.testing.assert_allclose(stats, kernels.error_stats(x, y), rtol=1e-12)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_search_grid_scales_beats_covering_scale(bits):
     """The searched scale is at least as good as the min-max covering one, group by group."""
     rng = np.random.default_rng(7)
