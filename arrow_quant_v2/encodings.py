@@ -7,6 +7,18 @@ each blob holds (its docstring is the byte layout). The public surface is
 :func:`get_encoding`, :func:`quantize` and :func:`dequantize`.
 
 The ``raw`` encoding carries a tensor losslessly in its source dtype.
+
+Encodings (bpw for a row length that the group divides):
+
+* ``affine``     plain min-max rounding, fp16 scale + offset per group: bits + 32/g.
+* ``symmetric``  plain absmax rounding (Q4_0/Q8_0 style), fp16 scale per group: bits + 16/g.
+* ``affine_opt`` ``affine``'s layout with a least-squares clipping search: bits + 32/g.
+* ``kquant``     k-quant style: uniform grid, scale and offset codes per group under
+                 bf16 super-block scales (256 elements): bits + 2*sb/g + 32/256.
+* ``kquant_nl``  learned non-uniform 2/3/4-bit grids, one signed scale code per group
+                 under a bf16 super-block scale: bits + sb/g + 16/256.
+
+:data:`DEFAULT_ENCODING` says which one each bit width uses by default, and why.
 """
 from __future__ import annotations
 
