@@ -31,6 +31,7 @@ Progress
     intermediate events it has not yet seen are replaced by the newest one (the worker
     never waits for a callback); the first, ``queued`` and final events are never dropped.
     A callback that raises is logged with ``logging.warning`` and the job carries on.
+    A job's coroutine returns once its final event has been delivered.
     A single-model callback gets ``(message, progress)``, a multi-model one
     ``(model_idx, message, progress)``; ``on_event`` gets the raw
     :class:`~arrow_quant_v2.progress.ProgressEvent` (stage, tensor, counts, bytes, time).
