@@ -211,8 +211,13 @@ def gen_encodings() -> str:
     for name, cls in encodings._REGISTRY.items():  # noqa: SLF001 - the registry is the list we document
         bits = ", ".join(str(b) for b in cls.supported_bits)
         summary = _inline(inspect.getdoc(cls).split("\n", 1)[0])
+        # Upper-case class constants are part of the format (SCALE_BITS, SUPER, ...), except the
+        # encoder's search effort (SEARCH), which the docstrings say is free to change.
+        consts = [f"`{k} = {getattr(cls, k)!r}`" for k in sorted(dir(cls)) if k.isupper() and k != "SEARCH"]
+        const_line = f"\n\nFormat constants of `{cls.__name__}`: {', '.join(consts)}." if consts else ""
         parts.append(f"### `{name}` {{#encoding-{name.replace('_', '-')}}}\n\n"
-                     f"*{summary}* — class `{cls.__name__}`, bits {bits}.\n\n{_rst_to_md(inspect.getdoc(cls))}\n")
+                     f"*{summary}* — class `{cls.__name__}`, bits {bits}.{const_line}\n\n"
+                     f"{_rst_to_md(inspect.getdoc(cls))}\n")
     return "\n".join(parts)
 
 
