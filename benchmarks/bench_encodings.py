@@ -342,6 +342,8 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", metavar="DIR", help="also run over every float tensor of these models")
     ap.add_argument("--train-grids", action="store_true", help="re-fit the kquant_nl grids and print them")
     ap.add_argument("--rows", type=int, default=None, help="matrix rows (default 4096, 1024 with --quick)")
+    ap.add_argument("--speed-only", action="store_true", help="only the throughput table")
+    ap.add_argument("--repeats", type=int, default=None, help="throughput runs (best kept; default 3, 2 with --quick)")
     args = ap.parse_args(argv)
     print(machine())
     if args.train_grids:
@@ -351,13 +353,14 @@ def main(argv=None):
     print(f"matrices: {rows}x4096 float32 ({rows * 4096 * 4 / 1e6:.0f} MB each); groups run along rows")
     mats = {"Gaussian": gaussian(rows, 4096), "Student-t": student_t(rows, 4096)}
     for x in mats.values():  # compile / load every kernel before timing anything
-        for bits, _, name, group in table_rows(True):
-            if _ == "ours":
+        for bits, kind, name, group in table_rows(True):
+            if kind == "ours":
                 E.get_encoding(name, bits, group).quantize(x[:4])
-    results = accuracy_tables(mats, args.quick)
-    check_targets(results, "Gaussian")
-    print()
-    throughput(mats["Gaussian"], 2 if args.quick else 3)
+    if not args.speed_only:
+        results = accuracy_tables(mats, args.quick)
+        check_targets(results, "Gaussian")
+        print()
+    throughput(mats["Gaussian"], args.repeats or (2 if args.quick else 3))
     if args.models:
         print()
         models_table(args.models)
