@@ -93,6 +93,20 @@ def _in_session() -> bool:
         return False
 
 
+def watch_shared(obj: param.Parameterized, fn, names) -> None:
+    """Watch process-wide state from one browser session; the watcher goes when the session does."""
+    watcher = obj.param.watch(fn, names)
+    doc = pn.state.curdoc
+    if doc is not None and getattr(doc, "session_context", None) is not None:
+        def _unwatch(_ctx, obj=obj, watcher=watcher):
+            try:
+                obj.param.unwatch(watcher)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+        doc.on_session_destroyed(_unwatch)
+
+
 # ----------------------------------------------------------------------------- library
 
 
@@ -110,7 +124,7 @@ class LibraryView(Viewer):
         self._refresh = pn.widgets.Button(name="Rescan", width=90, align="end")
         self._add.on_click(self._on_add)
         self._refresh.on_click(lambda e: self.library.refresh())
-        self.library.param.watch(self._render, ["models", "message"])
+        watch_shared(self.library, self._render, ["models", "message"])
         self._render()
 
     def _render(self, *_):
@@ -201,7 +215,7 @@ class Launcher(Viewer):
         self._info = _html(sizing_mode="stretch_width")
         self._alert = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width", margin=(5, 5))
         self._note = _html(sizing_mode="stretch_width")
-        self.manager.library.param.watch(self._update_models, "models")
+        watch_shared(self.manager.library, self._update_models, "models")
         self._update_models()
         self.param.watch(self._update_info, "model")
         self.settings.param.watch(self._update_info, list(self.settings.param))
