@@ -257,9 +257,11 @@ def _safetensors_tensors(path):
 
 
 def models_table(dirs):
-    configs = [("affine", 4, 64), ("kquant_nl", 4, E.DEFAULT_GROUP_SIZE[4]), ("kquant_nl", 4, 64),
-               ("affine", 2, 32), ("kquant_nl", 2, E.DEFAULT_GROUP_SIZE[2]), ("affine", 8, 128),
-               ("kquant_nl", 8, E.DEFAULT_GROUP_SIZE[8])]
+    configs = []
+    for bits, plain_group in ((2, 32), (4, 64), (8, 128)):
+        configs += [("affine", bits, plain_group), (E.DEFAULT_ENCODING[bits], bits, plain_group),
+                    (E.DEFAULT_ENCODING[bits], bits, E.DEFAULT_GROUP_SIZE[bits])]
+    configs = list(dict.fromkeys(configs))
     for d in dirs:
         files = sorted(Path(d).rglob("*.safetensors")) if Path(d).is_dir() else [Path(d)]
         acc = {c: [0.0, 0.0, 0.0, 0.0, 0] for c in configs}  # err, xx, bytes, min cos, n
