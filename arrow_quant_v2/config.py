@@ -93,7 +93,18 @@ class DiffusionQuantConfig:
 
     @classmethod
     def from_profile(cls, profile: str, **overrides) -> "DiffusionQuantConfig":
-        """The config of a deployment profile: ``edge`` (int2), ``local`` (int4) or ``cloud`` (int8)."""
+        """The config of a deployment profile: ``edge`` (int2), ``local`` (int4) or ``cloud`` (int8).
+
+        Args:
+            profile: ``"edge"``, ``"local"`` or ``"cloud"``; what each sets is :data:`PROFILE_DEFAULTS`.
+            **overrides: config fields to set on top of the profile, e.g. ``min_accuracy=0.95``.
+
+        Returns:
+            The config, with ``deployment_profile`` set to ``profile``.
+
+        Raises:
+            ConfigurationError: for an unknown profile or an invalid override.
+        """
         if profile not in PROFILES:
             raise ConfigurationError(f"deployment_profile={profile!r} is not allowed; allowed: {', '.join(PROFILES)}")
         base = dict(PROFILE_DEFAULTS[profile], deployment_profile=profile)
@@ -101,12 +112,18 @@ class DiffusionQuantConfig:
         return cls(**base)
 
     def to_dict(self) -> Dict[str, Any]:
+        """Every field as plain JSON-ready data (``sensitive_layers`` as a list); what a store's manifest keeps."""
         d = dataclasses.asdict(self)
         d["sensitive_layers"] = list(self.sensitive_layers)
         return d
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "DiffusionQuantConfig":
+        """Build a config from :meth:`to_dict`'s output (missing fields take their defaults).
+
+        Raises:
+            ConfigurationError: if ``data`` is not a dict, names an unknown field, or holds an invalid value.
+        """
         if not isinstance(data, dict):
             raise ConfigurationError(f"config={data!r} is not allowed; allowed: a dict of config fields")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -116,9 +133,11 @@ class DiffusionQuantConfig:
         return cls(**data)
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as a JSON string with sorted keys."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def replace(self, **changes) -> "DiffusionQuantConfig":
+        """A copy with ``changes`` applied (validated like a new config; raises :class:`ConfigurationError`)."""
         return dataclasses.replace(self, **changes)
 
     def __repr__(self) -> str:
@@ -133,6 +152,7 @@ class DiffusionQuantConfig:
         return f"DiffusionQuantConfig({', '.join(shown)})"
 
     def min_accuracy_for(self, bits: int) -> float:
+        """The cosine a tensor quantized at ``bits`` must reach: ``min_accuracy``, or the default of that width."""
         return self.min_accuracy if self.min_accuracy is not None else DEFAULT_MIN_ACCURACY[bits]
 
 
