@@ -398,6 +398,7 @@ class AsyncArrowQuantV2:
 
     @property
     def executor(self) -> concurrent.futures.Executor:
+        """The executor jobs run on: the one passed in, or a ``ThreadPoolExecutor`` created on first use."""
         with self._executor_lock:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(

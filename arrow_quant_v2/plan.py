@@ -82,6 +82,20 @@ class Planner:
         self.budget = None
 
     def plan(self, t: TensorInfo) -> TensorPlan:
+        """The plan of one tensor under this config, by the first rule that applies.
+
+        In order: non-float, empty and 0-d tensors are lossless; the first matching
+        ``bit_rules`` pattern decides; 1-D tensors, norms, biases and tensors below
+        ``lossless_below`` elements are lossless; time conditioning (when time-aware),
+        embeddings and output heads (``protect_embeddings``) and ``sensitive_layers`` get
+        ``max(sensitive_bits, bit_width)``; everything else gets ``bit_width``.
+
+        Args:
+            t: the tensor's name, dtype and shape (from :class:`~arrow_quant_v2.source.ModelSource`).
+
+        Returns:
+            Its :class:`TensorPlan`: bits (0 = lossless), group size, encoding, role and a readable reason.
+        """
         c = self.config
         lossless = lambda why: TensorPlan(t.name, LOSSLESS, 0, f"lossless: {why}", role="lossless")  # noqa: E731
         if not t.is_float:

@@ -36,6 +36,7 @@ class ProgressEvent:
     time: float = field(default_factory=time.monotonic)
 
     def for_model(self, index: int) -> "ProgressEvent":
+        """A copy of this event tagged with ``model_index`` (multi-model runs)."""
         return replace(self, model_index=index)
 
 
@@ -49,13 +50,16 @@ class CancelToken:
         self._event = threading.Event()
 
     def cancel(self) -> None:
+        """Ask the worker to stop; it raises :class:`Cancelled` at its next :meth:`check`."""
         self._event.set()
 
     @property
     def cancelled(self) -> bool:
+        """True once :meth:`cancel` was called."""
         return self._event.is_set()
 
     def check(self) -> None:
+        """Raise :class:`Cancelled` if :meth:`cancel` was called; otherwise return at once."""
         if self._event.is_set():
             raise Cancelled()
 

@@ -386,14 +386,17 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
+        """Elements of the tensor (the product of its shape)."""
         return math.prod(self.shape)
 
     @property
     def quantized(self) -> bool:
+        """True unless the tensor is stored losslessly (encoding ``raw``)."""
         return self.encoding != RAW
 
     @property
     def bits_per_weight(self) -> float:
+        """Every byte the tensor's rows store (all blobs) x 8 / its element count."""
         return self.nbytes * 8 / self.numel if self.numel else 0.0
 
 
@@ -491,6 +494,7 @@ class QuantizedModel:
 
     @property
     def weight_bytes(self) -> int:
+        """Bytes of the store's Parquet weight files on disk (what ``model_size_mb`` counts)."""
         return sum(f.stat().st_size for f in self.files)
 
     def summary(self) -> List[dict]:
