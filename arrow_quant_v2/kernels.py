@@ -396,24 +396,24 @@ def _row_moments(xr, cols, group, mn, mx, sxx):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _round_n(xr, a, n, inv, s, bits, levels, cr):
+def _round_n(xr, a, n, inv, s, o, bits, levels, cr):
     """Code ``xr[a:a+n]`` into ``cr`` and return its partial fused statistics."""
     if bits == 4:
         for j in range(a, a + n):
-            cr[j] = _code4(xr[j] * inv)
+            cr[j] = _code4((xr[j] - o) * inv)
     elif bits == 3:
         for j in range(a, a + n):
-            cr[j] = _code3(xr[j] * inv)
+            cr[j] = _code3((xr[j] - o) * inv)
     else:
         for j in range(a, a + n):
-            cr[j] = _code2(xr[j] * inv)
+            cr[j] = _code2((xr[j] - o) * inv)
     p0 = 0.0
     p1 = 0.0
     p2 = 0.0
     p3 = 0.0
     for j in range(a, a + n):
         v = np.float64(xr[j])
-        y = np.float64(levels[cr[j]] * s)  # the float32 product dequantization computes
+        y = np.float64(levels[cr[j]] * s + o)  # the float32 value dequantization computes
         p0 += v * y
         p1 += v * v
         p2 += y * y
@@ -422,9 +422,9 @@ def _round_n(xr, a, n, inv, s, bits, levels, cr):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _row_round_n(xr, ng, n, inv, sc, bits, levels, cr, st):
+def _row_round_n(xr, ng, n, inv, sc, off, bits, levels, cr, st):
     for g in range(ng):
-        p0, p1, p2, p3 = _round_n(xr, g * n, n, inv[g], sc[g], bits, levels, cr)
+        p0, p1, p2, p3 = _round_n(xr, g * n, n, inv[g], sc[g], off[g], bits, levels, cr)
         st[0] += p0
         st[1] += p1
         st[2] += p2
@@ -432,11 +432,11 @@ def _row_round_n(xr, ng, n, inv, sc, bits, levels, cr, st):
 
 
 @njit(**FINAL)
-def quantize_grid(x, scales, group, bits):
-    """Round each element to the nearest point of its group's grid ``y = GRIDS[bits][q] * scale``.
+def quantize_grid(x, scales, offsets, group, bits):
+    """Round each element to the nearest point of its group's grid ``y = GRIDS[bits][q] * scale + offset``.
 
-    ``scales`` float32 ``(rows, groups)``, exactly what dequantization will use.
-    Returns the codes (rows*cols uint8, row-major) and the fused statistics
+    ``scales`` and ``offsets`` float32 ``(rows, groups)``, exactly what dequantization
+    will use. Returns the codes (rows*cols uint8, row-major) and the fused statistics
     ``[sum x*y, sum x*x, sum y*y, sum (x-y)**2]`` of ``y`` in float64.
     """
     levels = GRID4 if bits == 4 else (GRID3 if bits == 3 else GRID2)
@@ -450,20 +450,21 @@ def quantize_grid(x, scales, group, bits):
         xr = x[r]
         cr = codes[r * cols:(r + 1) * cols]
         sc = scales[r]
+        off = offsets[r]
         for g in range(ng):
             inv[g] = np.float32(1.0) / sc[g] if sc[g] != 0 else np.float32(0.0)
         start = full
         if group == 16:
-            _row_round_n(xr, full, 16, inv, sc, bits, levels, cr, stats)
+            _row_round_n(xr, full, 16, inv, sc, off, bits, levels, cr, stats)
         elif group == 32:
-            _row_round_n(xr, full, 32, inv, sc, bits, levels, cr, stats)
+            _row_round_n(xr, full, 32, inv, sc, off, bits, levels, cr, stats)
         elif group == 8:
-            _row_round_n(xr, full, 8, inv, sc, bits, levels, cr, stats)
+            _row_round_n(xr, full, 8, inv, sc, off, bits, levels, cr, stats)
         else:
             start = 0
         for g in range(start, ng):  # other group sizes, and the short last group
             a = g * group
-            p0, p1, p2, p3 = _round_n(xr, a, min(group, cols - a), inv[g], sc[g], bits, levels, cr)
+            p0, p1, p2, p3 = _round_n(xr, a, min(group, cols - a), inv[g], sc[g], off[g], bits, levels, cr)
             stats[0] += p0
             stats[1] += p1
             stats[2] += p2
@@ -472,16 +473,17 @@ def quantize_grid(x, scales, group, bits):
 
 
 @njit(**JIT)
-def dequantize_grid(codes, scales, rows, cols, group, bits):
-    """``y = GRIDS[bits][q] * scale`` per group: the same float32 product ``quantize_grid`` used."""
+def dequantize_grid(codes, scales, offsets, rows, cols, group, bits):
+    """``y = GRIDS[bits][q] * scale + offset`` per group, in float32 exactly as ``quantize_grid``."""
     levels = GRID4 if bits == 4 else (GRID3 if bits == 3 else GRID2)
     out = np.empty((rows, cols), dtype=np.float32)
     ng = (cols + group - 1) // group
     for r in range(rows):
         for g in range(ng):
             s = scales[r, g]
+            o = offsets[r, g]
             for j in range(g * group, min(g * group + group, cols)):
-                out[r, j] = levels[codes[r * cols + j]] * s
+                out[r, j] = levels[codes[r * cols + j]] * s + o
     return out
 
 
@@ -769,4 +771,66 @@ def choose_affine_scale_codes(x, group, bits, s, zq, super_scales, per_super, cm
             else:
                 c = _better_scale_code(xr, a, n, f, big, z, qmax, cm)
             out[r, g] = np.int32(c)
+    return out
+
+
+@njit(**JIT)
+def center_spans(x, span):
+    """Subtract from each run of ``span`` elements along the rows its mean rounded to bfloat16.
+
+    Returns ``(x - M, M)``: the float32 difference the grid kernels then work on,
+    and ``M`` float32 ``(rows, ceil(cols / span))`` holding bfloat16 values (rounded
+    to nearest-even, as ``encodings.to_bf16_bits``). One pass: each run is still in
+    cache when it is subtracted.
+    """
+    rows, cols = x.shape
+    ns = (cols + span - 1) // span
+    out = np.empty((rows, cols), dtype=np.float32)
+    mu = np.empty((rows, ns), dtype=np.float32)
+    buf = np.empty(1, dtype=np.float32)
+    bits = buf.view(np.uint32)
+    for r in range(rows):
+        for k in range(ns):
+            a = k * span
+            b = min(a + span, cols)
+            t = 0.0
+            for j in range(a, b):
+                t += np.float64(x[r, j])
+            buf[0] = np.float32(t / (b - a))
+            u = bits[0]
+            bits[0] = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+            m = buf[0]
+            mu[r, k] = m
+            for j in range(a, b):
+                out[r, j] = x[r, j] - m
+    return out, mu
+
+
+@njit(**JIT)
+def span_means(x, span):
+    """Mean of each run of ``span`` elements along the rows (the last run may be shorter): float32 ``(rows, runs)``."""
+    rows, cols = x.shape
+    ns = (cols + span - 1) // span
+    out = np.empty((rows, ns), dtype=np.float32)
+    for r in range(rows):
+        for k in range(ns):
+            a = k * span
+            b = min(a + span, cols)
+            t = 0.0
+            for j in range(a, b):
+                t += np.float64(x[r, j])
+            out[r, k] = np.float32(t / (b - a))
+    return out
+
+
+@njit(**JIT)
+def subtract_spans(x, mu, span):
+    """``x - mu[r, j // span]`` in float32 (the value the grid kernels see once the offset is removed)."""
+    rows, cols = x.shape
+    out = np.empty((rows, cols), dtype=np.float32)
+    for r in range(rows):
+        for k in range(mu.shape[1]):
+            m = mu[r, k]
+            for j in range(k * span, min(k * span + span, cols)):
+                out[r, j] = x[r, j] - m
     return out

@@ -142,9 +142,9 @@ def test_nbytes_formulas():
     assert E.get_encoding("affine", 4, 64).bits_per_weight(4096, 4096) == 4.5
     assert E.get_encoding("affine_opt", 2, 64).bits_per_weight(4096, 4096) == 2.5
     assert E.get_encoding("symmetric", 8, 32).bits_per_weight(4096, 4096) == 8.5
-    assert E.get_encoding("kquant_nl", 4, 16).bits_per_weight(4096, 4096) == 4 + 6 / 16 + 16 / 256
-    assert E.get_encoding("kquant_nl", 2, 8).bits_per_weight(4096, 4096) == 2 + 4 / 8 + 16 / 256
-    assert E.get_encoding("kquant_nl", 3, 16).bits_per_weight(4096, 4096) == 3 + 6 / 16 + 16 / 256
+    assert E.get_encoding("kquant_nl", 4, 16).bits_per_weight(4096, 4096) == 4 + 6 / 16 + 32 / 256 == 4.5
+    assert E.get_encoding("kquant_nl", 2, 8).bits_per_weight(4096, 4096) == 2 + 4 / 8 + 32 / 256 == 2.625
+    assert E.get_encoding("kquant_nl", 3, 16).bits_per_weight(4096, 4096) == 3 + 6 / 16 + 32 / 256 == 3.5
     assert E.get_encoding("kquant", 4, 32).bits_per_weight(4096, 4096) == 4.5  # Q4_K's size
     assert E.get_encoding("kquant", 2, 16).bits_per_weight(4096, 4096) == 2.625  # Q2_K's size
     assert E.get_encoding("kquant", 8, 64).bits_per_weight(4096, 4096) == 8 + 16 / 64 + 32 / 256
@@ -160,7 +160,7 @@ def test_registry_and_errors():
         E.get_encoding("kquant_nl", 5, 64)
     with pytest.raises(ConfigurationError, match="bit_width=8"):
         E.get_encoding("kquant_nl", 8, 64)
-    assert "L[q] * s" in E.KQuantNL.__doc__ and "Grids" in E.KQuantNL.__doc__
+    assert "L[q] * s + M" in E.KQuantNL.__doc__ and "Grids" in E.KQuantNL.__doc__
 
 
 def test_deterministic_and_thread_safe():

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from arrow_quant_v2 import encodings as E
 from arrow_quant_v2 import kernels
 
 
@@ -60,18 +61,35 @@ def test_quantize_grid_picks_nearest_level_and_fuses_stats(bits):
     group = 16
     ng = kernels.groups_per_row(67, group)
     scales = rng.uniform(-0.5, 0.5, (5, ng)).astype(np.float32)
-    scales[0, 0] = 0.0  # a zero scale decodes to 0, without NaN
-    codes, stats = kernels.quantize_grid(x, scales, group, bits)
-    y = kernels.dequantize_grid(codes, scales, 5, 67, group, bits)
+    scales[0, 0] = 0.0  # a zero scale decodes to the offset, without NaN
+    offsets = rng.uniform(-0.2, 0.2, (5, ng)).astype(np.float32)
+    codes, stats = kernels.quantize_grid(x, scales, offsets, group, bits)
+    y = kernels.dequantize_grid(codes, scales, offsets, 5, 67, group, bits)
     levels = kernels.GRIDS[bits]
     s_el = np.repeat(scales, group, axis=1)[:, :67]
-    cand = levels[None, None, :] * s_el[..., None]  # every grid point of each element's group
+    o_el = np.repeat(offsets, group, axis=1)[:, :67]
+    cand = levels[None, None, :] * s_el[..., None] + o_el[..., None]  # every grid point of the group
     best = np.abs(x[..., None] - cand).min(axis=2)
-    assert np.all(np.abs(x - y) <= best + 1e-6 * np.abs(x) + 1e-12)
-    assert np.all(y[0, :group] == 0)
+    assert np.all(np.abs(x - y) <= best + 1e-6 * np.abs(x) + 1e-6)
+    assert np.all(y[0, :group] == offsets[0, 0])
     xd, yd = x.astype(np.float64), y.astype(np.float64)
     ref = [(xd * yd).sum(), (xd * xd).sum(), (yd * yd).sum(), ((xd - yd) ** 2).sum()]
     np.testing.assert_allclose(stats, ref, rtol=1e-9)
+
+
+def test_span_means_and_subtract():
+    x = np.arange(30, dtype=np.float32).reshape(2, 15)
+    mu = kernels.span_means(x, 4)
+    np.testing.assert_allclose(mu, [[1.5, 5.5, 9.5, 13.0], [16.5, 20.5, 24.5, 28.0]])
+    xc = kernels.subtract_spans(x, mu, 4)
+    np.testing.assert_array_equal(xc, x - np.repeat(mu, 4, axis=1)[:, :15])
+    rng = np.random.default_rng(0)
+    for shape, span in (((3, 1000), 256), ((2, 7), 4), ((1, 300), 512)):
+        x = (rng.standard_normal(shape) * 0.02 + 0.01).astype(np.float32)
+        xc, m = kernels.center_spans(x, span)
+        m_ref = E.from_bf16_bits(E.to_bf16_bits(kernels.span_means(x, span)))
+        np.testing.assert_array_equal(m, m_ref)
+        np.testing.assert_array_equal(xc, kernels.subtract_spans(x, m_ref, span))
 
 
 def test_quantize_affine_stats_match_dequantized():
@@ -99,8 +117,9 @@ def test_search_grid_scales_beats_covering_scale(bits):
     cover = np.maximum(hi / levels[-1], -lo / -levels[0]).astype(np.float32)
 
     def sse(scales):
-        codes, stats = kernels.quantize_grid(x, scales.astype(np.float32), group, bits)
-        y = kernels.dequantize_grid(codes, scales.astype(np.float32), 8, 256, group, bits)
+        zero = np.zeros(scales.shape, np.float32)
+        codes, stats = kernels.quantize_grid(x, scales.astype(np.float32), zero, group, bits)
+        y = kernels.dequantize_grid(codes, scales.astype(np.float32), zero, 8, 256, group, bits)
         return ((x - y).astype(np.float64).reshape(8, 8, group) ** 2).sum(axis=2)
 
     assert np.all(sse(d) <= sse(cover) * (1 + 1e-5) + 1e-12)
@@ -119,7 +138,7 @@ def test_choose_scale_codes_in_range_and_refine_not_worse():
 
     def err(c):
         s = (c.astype(np.float32) * np.repeat(big, k, axis=1)).astype(np.float32)
-        return kernels.quantize_grid(x, s, group, 2)[1][3]
+        return kernels.quantize_grid(x, s, np.zeros_like(s), group, 2)[1][3]
 
     assert err(refined) <= err(plain) * (1 + 1e-9)
 
