@@ -34,6 +34,13 @@ class ArrowQuantV2:
     ``mode`` is ``"diffusion"`` (the only mode: time-aware protection on).
     ``progress_interval`` is the minimum seconds between two progress callbacks
     (the first and the final one are always delivered).
+
+    Args:
+        mode: must be ``"diffusion"``.
+        progress_interval: seconds between two progress callbacks (default 5.0).
+
+    Raises:
+        ConfigurationError: for another ``mode``.
     """
 
     def __init__(self, mode: str = "diffusion", progress_interval: float = 5.0) -> None:
@@ -52,6 +59,23 @@ class ArrowQuantV2:
         ``quantized_path, compression_ratio, cosine_similarity, model_size_mb, modality,
         bit_width, quantization_time_s`` and more (see README).
         Raises :class:`ConfigurationError` or :class:`QuantizationError`.
+
+        Args:
+            model_path: a model folder (Hugging Face or diffusers layout) or a ``.safetensors`` file.
+            output_path: the store folder to create (it must not exist unless ``overwrite``).
+            config: a :class:`DiffusionQuantConfig`; ``None`` uses the defaults (int4, groups of 64).
+            progress_callback: ``callback(message, fraction)``, called on this thread, throttled
+                to ``progress_interval``; an exception it raises is logged and ignored.
+            overwrite: replace an existing store at ``output_path`` (only once the new one is complete).
+            resume: reuse the verified shards of an interrupted run with the same source and config.
+
+        Returns:
+            The result dict; every key is explained in the docs' Quickstart ("What the result says").
+
+        Raises:
+            ConfigurationError: an invalid config or argument.
+            QuantizationError: quantizing failed; subclasses :class:`ModelNotFoundError`,
+                :class:`ModelFormatError` and :class:`OutputError` say why.
         """
         return quantize_model(model_path, output_path, config, overwrite=overwrite, resume=resume,
                               progress=plain_progress(progress_callback, self.progress_interval))
@@ -66,6 +90,20 @@ class ArrowQuantV2:
         at ``num_time_groups`` noise levels (default: the store's config); the per-level output
         cosine / relative error / PSNR are under ``end_to_end`` (``end_to_end=False`` skips it).
         Raises :class:`ValidationError`.
+
+        Args:
+            original_path: the model the store was made from.
+            quantized_path: the store.
+            min_accuracy: one cosine threshold for every tensor; ``None`` uses 0.90 / 0.99 / 0.999
+                for int2 / int4 / int8.
+            end_to_end: ``None`` runs the model's graph when there is one, ``False`` never.
+            num_time_groups: noise levels of the end-to-end check (``None``: the store's config).
+
+        Returns:
+            The report dict; ``passed`` is True when every quantized tensor reaches its threshold.
+
+        Raises:
+            ValidationError: the store is missing or corrupt, or was made from another model.
         """
         return validate_store(original_path, quantized_path, min_accuracy=min_accuracy,
                               end_to_end=end_to_end, num_time_groups=num_time_groups)

@@ -461,7 +461,13 @@ class QuantizedModel:
             yield table.to_pylist()[0]
 
     def dequantize(self, name: str) -> np.ndarray:
-        """The tensor ``name`` as float32 in its original shape (reads only its own row groups)."""
+        """The tensor ``name`` as float32 in its original shape (reads only its own row groups).
+
+        Lossless tensors come back exactly (BF16/F16 widened to float32, integers cast).
+
+        Raises:
+            KeyError: the store has no tensor ``name``.
+        """
         entry = self.tensors[name]
         rows, cols = (entry.shape[0], math.prod(entry.shape[1:])) if len(entry.shape) > 1 else (
             (entry.shape[0], 1) if entry.shape else (1, 1))
@@ -472,7 +478,11 @@ class QuantizedModel:
         return out.reshape(entry.shape)
 
     def raw(self, name: str) -> np.ndarray:
-        """A lossless tensor's stored values in its source dtype (BF16 as uint16 words)."""
+        """A lossless tensor's stored values in its source dtype (BF16 as uint16 words).
+
+        Raises:
+            ValueError: the tensor is quantized (use :meth:`dequantize`).
+        """
         entry = self.tensors[name]
         if entry.quantized:
             raise ValueError(f"{name!r} is quantized; use dequantize()")
@@ -511,6 +521,13 @@ class QuantizedModel:
 
         Quantized tensors are written in ``dtype`` (float16, bfloat16 or float32);
         lossless ones keep their exact source bytes. Non-weight files are copied.
+
+        Returns:
+            The new folder's path.
+
+        Raises:
+            ValueError: an unknown ``dtype``.
+            OutputError: ``path`` already exists.
         """
         from .safetensors_writer import TensorSpec, float32_to_bf16_bits, write_safetensors
 
@@ -551,5 +568,13 @@ class QuantizedModel:
 
 
 def load_quantized(path) -> QuantizedModel:
-    """Open an ArrowQuant store for reading (see :class:`QuantizedModel`)."""
+    """Open an ArrowQuant store for reading (see :class:`QuantizedModel`).
+
+    Only the manifest and the Parquet footers and metadata columns are read here; tensors
+    are read when dequantized.
+
+    Raises:
+        ValidationError: ``path`` is not a store, its manifest is corrupt or of another
+            format version, or a shard is unreadable.
+    """
     return QuantizedModel(path)
