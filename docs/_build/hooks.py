@@ -147,7 +147,10 @@ def _schema_comments() -> dict:
     return out
 
 
+# Meanings for the columns store.py leaves without a comment of their own.
 BLOB_DOC = {
+    "rel_error": "tensor-level relative error ‖w − ŵ‖ / ‖w‖, measured while writing",
+    "sqnr_db": "tensor-level signal-to-quantization-noise ratio in dB, measured while writing",
     "codes": "the encoding's first blob (packed codes; for `raw`, the source bytes)",
     "scales": "the encoding's second blob, or null",
     "zeros": "the encoding's third blob, or null",
