@@ -16,7 +16,7 @@ Encodings (bpw for a row length that the group divides):
 * ``kquant``     k-quant style: uniform grid, scale and offset codes per group under
                  bf16 super-block scales (256 elements): bits + 2*sb/g + 32/256.
 * ``kquant_nl``  learned non-uniform 2/3/4-bit grids, one signed scale code per group
-                 under a bf16 super-block scale: bits + sb/g + 16/256.
+                 under a bf16 scale and a bf16 mean per super-block: bits + sb/g + 32/256.
 
 :data:`DEFAULT_ENCODING` says which one each bit width uses by default, and why.
 """
@@ -470,22 +470,25 @@ def _grid_listing() -> str:
 KQuantNL.__doc__ += _grid_listing()
 
 #: Default encoding per bit width (read by the config/plan), and the group size it
-#: was chosen at. Measured by benchmarks/bench_encodings.py on 4096-column float32
+#: was chosen at. Measured by benchmarks/bench_encodings.py on 4096x4096 float32
 #: matrices, Gaussian sigma 0.02 / Student-t df 4 with per-row scale spread
 #: (relF = ||W - W_hat||_F / ||W||_F; bpw counts every stored byte):
-#:   int2: kquant_nl g8   2.5625 bpw  0.251 / 0.287  (kquant g16 2.625: 0.270 / 0.302;
+#:   int2: kquant_nl g8   2.625 bpw  0.251 / 0.285  (kquant g16 2.625: 0.270 / 0.303;
 #:         affine g64 2.5: 0.450 / 0.591; llama.cpp Q2_K 2.625: 0.296)
-#:   int3: kquant_nl g16  3.4375 bpw  0.134 / 0.154  (kquant g32 3.5: 0.149 / 0.178;
+#:   int3: kquant_nl g16  3.5 bpw    0.134 / 0.154  (kquant g32 3.5: 0.149 / 0.178;
 #:         affine g64 3.5: 0.192 / 0.252; llama.cpp Q3_K 3.44: 0.151)
-#:   int4: kquant_nl g16  4.4375 bpw  0.0657 / 0.076 (kquant g32 4.5: 0.0733 / 0.088;
-#:         affine_opt g64 4.5: 0.0836 / 0.109; affine g64 4.5: 0.0897 / 0.118;
-#:         llama.cpp Q4_K 4.5: 0.0713), ~515 MB/s per core (CPU time).
-#:   int8: affine_opt g64 8.5 bpw  0.00508 / 0.00667 (affine g64 8.5: 0.0053 / 0.0069;
-#:         kquant g64 8.375: 0.00528 / 0.00697; a symmetric uniform 8-bit grid with
-#:         two-level scales, g32 8.3125: 0.00523 / 0.00724, loses on skewed heavy-tailed
-#:         groups, so kquant_nl stops at 4 bits; Q8_0 8.5: 0.0053).
-#: With the profiles' larger groups the same order holds per group size
-#: (int4 g64: kquant_nl 4.156 bpw 0.0835 vs affine 4.5 bpw 0.0897).
+#:   int4: kquant_nl g16  4.5 bpw    0.0656 / 0.076 (kquant g32 4.5: 0.0733 / 0.088;
+#:         affine_opt g64 4.5: 0.0835 / 0.109; affine g64 4.5: 0.0896 / 0.117;
+#:         llama.cpp Q4_K 4.5: 0.0713); ~480 MB/s per core, 640-750 MB/s on 2 threads.
+#:   int8: affine_opt g64 8.5 bpw    0.0051 / 0.0067 (affine g64 8.5: 0.0053 / 0.0069;
+#:         kquant g64 8.375: 0.0053 / 0.0070; Q8_0 8.5: 0.0054 / 0.0073). A symmetric
+#:         uniform 8-bit grid with two-level scales (g32, 8.31 bpw: 0.0052 / 0.0072)
+#:         loses on skewed heavy-tailed groups, so kquant_nl stops at 4 bits.
+#: Real models (int4, whole-model relF): terrain U-Net kquant_nl g16 0.044 vs affine
+#: g64 0.052; MiniLM 0.066 vs 0.092; tiny Dream 0.094 vs 0.144.
+#: The group size matters: kquant_nl is best at g8/g16 (the sizes above). At the
+#: profiles' g32/g64 it stores fewer bits (int4 g64: 4.22 bpw) and is then only about
+#: as accurate as affine at 4.5 bpw (worse on tiny Dream: 0.168 vs 0.144).
 DEFAULT_ENCODING: Dict[int, str] = {2: "kquant_nl", 3: "kquant_nl", 4: "kquant_nl", 8: "affine_opt"}
 DEFAULT_GROUP_SIZE: Dict[int, int] = {2: 8, 3: 16, 4: 16, 8: 64}
 

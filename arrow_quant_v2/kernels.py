@@ -15,10 +15,15 @@ Layouts (the one place they are written down):
   The stream is padded with zero bits to a whole byte.
 * Groups run along the last axis: row ``r`` has ``ceil(cols / g)`` groups, the last
   one possibly shorter; group parameters are stored row-major ``(rows, groups)``.
+* The grids of the non-uniform encoding (``GRIDS``) are format too; each encoding's
+  docstring in ``encodings`` states how its blobs use these pieces.
+
+Two families: the rounding kernels (``quantize_affine``, ``quantize_grid``) take
+parameters exactly as stored and produce codes plus fused statistics; the search
+kernels (``search_affine``, ``search_grid_scales``, ``choose_*``) only propose
+parameters (HQQ-style split), so they may use relaxed floating point.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from numba import njit

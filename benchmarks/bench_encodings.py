@@ -34,7 +34,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from arrow_quant_v2 import encodings as E  # noqa: E402
-from arrow_quant_v2 import kernels  # noqa: E402
 
 # llama.cpp (C) figures quoted in issue 5 for the Gaussian 4096x4096 matrix; the
 # gguf Python package cannot produce k-quants, so these are not measured here.
