@@ -77,6 +77,7 @@ class Throttle:
         self._lock = threading.Lock()
 
     def admit(self, event: ProgressEvent) -> bool:
+        """True if ``event`` should be delivered now (and then it starts the next interval); thread-safe."""
         with self._lock:
             final = event.fraction >= 1.0 or event.stage == "done"
             if final or self._last is None or event.time - self._last >= self.interval:

@@ -81,6 +81,7 @@ def bf16_to_float32(words: np.ndarray) -> np.ndarray:
 
 
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Raw values of safetensors ``dtype`` (BF16 as uint16 words) as float32."""
     if dtype == "BF16":
         return bf16_to_float32(raw)
     return raw.astype(np.float32)
@@ -362,6 +363,7 @@ class ModelSource:
         return to_float32(raw, info.dtype).reshape(row1 - row0, cols)
 
     def read_float32(self, name: str) -> np.ndarray:
+        """The whole tensor ``name`` as float32 in its shape (BF16/F16 widened exactly, F64 rounded)."""
         info = self.tensors[name]
         return to_float32(self.read_raw(name), info.dtype).reshape(info.shape)
 

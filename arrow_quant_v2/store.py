@@ -300,6 +300,7 @@ class StoreWriter:
     # -- publish / abort ---------------------------------------------------------------
 
     def copy_extra(self, root: Path, files: Iterable[Path]) -> None:
+        """Copy the source's non-weight ``files`` (paths relative to ``root``) into the store; raises :class:`OutputError`."""
         try:
             for rel in files:
                 dest = self.tmp / rel

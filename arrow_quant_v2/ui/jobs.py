@@ -134,6 +134,7 @@ class Job(param.Parameterized):
         self.param.update(**updates)
 
     def to_json(self) -> dict:
+        """The job's identity, status and :meth:`summary` as JSON-ready data."""
         keys = ("job_id", "model_name", "model_path", "output_path", "label", "status", "stage", "fraction",
                 "error", "config")
         return {k: getattr(self, k) for k in keys} | {"summary": self.summary()}
@@ -182,6 +183,7 @@ class JobManager(param.Parameterized):
     # -- jobs --------------------------------------------------------------------------
 
     def get(self, job_id: int) -> Job:
+        """The job with this id; raises ``KeyError`` if there is none."""
         for j in self.jobs:
             if j.job_id == int(job_id):
                 return j

@@ -156,6 +156,7 @@ class ModelLibrary(param.Parameterized):
         return entry
 
     def sample_entries(self) -> List[ModelEntry]:
+        """The sample models, described if built, else with their catalogue figures."""
         out = []
         for s in samples.list_samples():
             if s.available:
@@ -166,6 +167,7 @@ class ModelLibrary(param.Parameterized):
         return out
 
     def scan_root(self, root: Path) -> List[ModelEntry]:
+        """The model folders under ``root`` (breadth first, bounded), described."""
         found: List[ModelEntry] = []
         if not root.exists():
             return found
@@ -228,6 +230,7 @@ class ModelLibrary(param.Parameterized):
         return entry
 
     def get(self, name_or_path: str) -> ModelEntry:
+        """The listed model with this name or path (a path inside the roots is described on the fly)."""
         for e in self.models:
             if e.name == name_or_path or e.path == name_or_path:
                 return e
@@ -261,6 +264,7 @@ class ModelLibrary(param.Parameterized):
         return failed
 
     def rows(self) -> List[dict]:
+        """One table row per model (what the Models tab shows)."""
         return [e.as_row() for e in self.models]
 
 

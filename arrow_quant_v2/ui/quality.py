@@ -282,16 +282,20 @@ class QualityReport(param.Parameterized):
         return self._frame
 
     def cells(self) -> Tuple[pd.DataFrame, str]:
+        """The heatmap's cells and the layout used (``"block"`` × module or ``"metric"``)."""
         return heatmap_frame(self.frame, self.layout)
 
     def worst(self) -> pd.DataFrame:
+        """The ``worst_count`` tensors with the lowest cosine."""
         cols = ["name", "cosine", "rel_error", "bits", "shape", "reason"]
         return self.frame.nsmallest(self.worst_count, "cosine")[cols].reset_index(drop=True)
 
     def fallbacks(self) -> pd.DataFrame:
+        """The tensors that were re-quantized wider because they missed ``min_accuracy``."""
         return fallbacks(self.frame, self.result)
 
     def outside_blocks(self) -> pd.DataFrame:
+        """The quantized tensors that belong to no transformer block (embeddings, heads, ...)."""
         cols = ["name", "cosine", "rel_error", "bits", "shape", "reason"]
         return outside_blocks(self.frame)[cols].reset_index(drop=True)
 

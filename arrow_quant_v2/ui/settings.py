@@ -95,14 +95,17 @@ class QuantSettings(_build_class()):
 
     @classmethod
     def field_names(cls) -> List[str]:
+        """The config fields the form shows."""
         return [n for n in field_specs() if n not in HIDDEN_FIELDS]
 
     @classmethod
     def main_fields(cls) -> List[str]:
+        """The fields under "Tune the config"."""
         return [n for n in MAIN_FIELDS if n in cls.field_names()]
 
     @classmethod
     def advanced_fields(cls) -> List[str]:
+        """The fields under "More settings"."""
         return [n for n in cls.field_names() if n not in MAIN_FIELDS]
 
     def load_profile(self, profile: str) -> None:
