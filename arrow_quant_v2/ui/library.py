@@ -230,7 +230,10 @@ class ModelLibrary(param.Parameterized):
         return entry
 
     def get(self, name_or_path: str) -> ModelEntry:
-        """The listed model with this name or path (a path inside the roots is described on the fly)."""
+        """The listed model with this name or path (resolved first: :class:`PathNotAllowed` outside the roots).
+
+        Raises ``KeyError`` if no listed model matches.
+        """
         for e in self.models:
             if e.name == name_or_path or e.path == name_or_path:
                 return e
