@@ -137,7 +137,11 @@ def _schema_comments() -> dict:
     from arrow_quant_v2 import store
 
     src = Path(inspect.getsourcefile(store)).read_text(encoding="utf-8")
-    block = src[src.index("SCHEMA = pa.schema(["):]
+    start = src.find("SCHEMA = pa.schema([")
+    if start < 0:  # laid out differently: the table keeps the types and the fallback meanings
+        log.warning("store.SCHEMA's source layout changed: column comments not found")
+        return {}
+    block = src[start:]
     block = block[:block.index("])")]
     out = {}
     for line in block.splitlines():
