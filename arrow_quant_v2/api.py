@@ -63,7 +63,7 @@ class ArrowQuantV2:
         Args:
             model_path: a model folder (Hugging Face or diffusers layout) or a ``.safetensors`` file.
             output_path: the store folder to create (it must not exist unless ``overwrite``).
-            config: a :class:`DiffusionQuantConfig`; ``None`` uses the defaults (int4, groups of 64).
+            config: a :class:`DiffusionQuantConfig`; ``None`` uses the defaults (int4).
             progress_callback: ``callback(message, fraction)``, called on this thread, throttled
                 to ``progress_interval``; an exception it raises is logged and ignored.
             overwrite: replace an existing store at ``output_path`` (only once the new one is complete).
