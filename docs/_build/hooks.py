@@ -95,10 +95,31 @@ def gen_profile_settings() -> str:
 
 
 def gen_profiles_measured() -> str:
+    """The measured table; refuses a table measured with profiles that have changed since."""
+    import json
+
+    from arrow_quant_v2 import DiffusionQuantConfig
+
     path = DOCS / "generated" / "profiles.md"
+    rerun = "run `python scripts/profile_table.py` to measure the profiles"
     if not path.is_file():
-        raise PluginError(f"{path} is missing: run `python scripts/profile_table.py` to measure the profiles")
-    return path.read_text(encoding="utf-8")
+        raise PluginError(f"{path} is missing: {rerun}")
+    text = path.read_text(encoding="utf-8")
+    m = re.search(r"<!-- measured-configs: (.*?) -->", text)
+    if not m:
+        raise PluginError(f"{path} does not say which configs it measured: {rerun}")
+    stale = []
+    for profile, measured in json.loads(m.group(1)).items():
+        now = DiffusionQuantConfig.from_profile(profile).to_dict()
+        changed = sorted(k for k in set(now) & set(measured) if now[k] != measured[k])
+        if changed:
+            stale.append(f"`{profile}` ({', '.join(f'{k}: {measured[k]!r} → {now[k]!r}' for k in changed)})")
+    if stale:  # shown on the page (not a build failure, so a profile change does not block other work)
+        log.info("%s is stale: %s; %s", path, "; ".join(stale), rerun)
+        text = (f'!!! warning "These figures were measured with older profile definitions"\n'
+                f"    Changed since: {'; '.join(stale)}. The maintainers rerun `scripts/profile_table.py` "
+                f"to remeasure.\n\n" + text)
+    return text
 
 
 def gen_min_accuracy() -> str:
