@@ -73,7 +73,7 @@ import pyarrow as pa
 from . import encodings
 from .config import DiffusionQuantConfig
 from .errors import ConfigurationError
-from .plan import LOSSLESS, Planner, TensorPlan, encoding_for
+from .plan import LOSSLESS, Planner, TensorPlan, encoding_for, group_for, plan_label
 from .source import DTYPES, ModelSource, TensorInfo, open_model
 
 #: About this many elements of each tensor are quantized per candidate width.
@@ -308,7 +308,7 @@ def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, conf
         return TensorBudget(info.name, info.numel, "lossless", base, [lossless], sampled_rows / max(rows, 1))
     for bits in widths:
         name = encoding_for(config, bits)
-        enc = encodings.get_encoding(name, bits, config.group_size)
+        enc = encodings.get_encoding(name, bits, group_for(config, name, bits))
         blobs, stats = encodings.quantize(x, enc)
         fig = encodings.figures(stats)
         need = config.min_accuracy_for(bits)
@@ -511,8 +511,8 @@ def _plans(tensors: Dict[str, TensorBudget], config: DiffusionQuantConfig, price
         if t.role == "lossless":
             plans[n] = t.base
             continue
-        g = config.group_size
-        label = "lossless" if o.bits == LOSSLESS else f"int{o.bits} g{g if g else 'row'}"
+        g = group_for(config, o.encoding, o.bits) if o.bits != LOSSLESS else 0
+        label = "lossless" if o.bits == LOSSLESS else plan_label(o.bits, o.encoding, g)
         reason = _reason(t, label, price)
         if o.bits == LOSSLESS:
             plans[n] = TensorPlan(n, LOSSLESS, 0, reason, role=t.role)

@@ -19,7 +19,7 @@ from .errors import ConfigurationError
 DEFAULT_MIN_ACCURACY = {2: 0.90, 3: 0.95, 4: 0.99, 8: 0.999}
 
 BIT_WIDTHS = (2, 4, 8)
-GROUP_SIZES = (0, 32, 64, 128, 256)  # 0 = one group per row
+GROUP_SIZES = (None, 0, 8, 16, 32, 64, 128, 256)  # None = the encoding's own, 0 = one group per row
 MODALITIES = (None, "text", "code", "image", "audio")
 PROFILES = ("edge", "local", "cloud")
 
@@ -41,7 +41,7 @@ class DiffusionQuantConfig:
     """
 
     bit_width: int = spec(4, "Bits per weight code of ordinary layers.", choices=BIT_WIDTHS)
-    group_size: int = spec(64, "Weights per quantization group along the input axis (0 = one group per row).", choices=GROUP_SIZES)
+    group_size: Optional[int] = spec(None, "Weights per quantization group along the input axis (None = the encoding's tuned size, e.g. 16 for int4; 0 = one group per row).", choices=GROUP_SIZES)
     encoding: Optional[str] = spec(None, "Encoding name (None = the best default for the bit width; see encodings).", kind="encoding")
     symmetric: bool = spec(False, "Use a symmetric grid without offset (the 'symmetric' encoding) instead of the default.")
     modality: Optional[str] = spec(None, "Force the modality (text, code, image, audio); None detects it.", choices=MODALITIES)
@@ -85,7 +85,10 @@ class DiffusionQuantConfig:
         if self.encoding is not None:
             from .encodings import get_encoding
 
-            get_encoding(self.encoding, self.bit_width, self.group_size)
+            from .encodings import preferred_group
+
+            group = preferred_group(self.encoding, self.bit_width) if self.group_size is None else self.group_size
+            get_encoding(self.encoding, self.bit_width, group)
         if self.target_model_size_mb is not None and self.target_model_size_mb <= 0:
             raise ConfigurationError(f"target_model_size_mb={self.target_model_size_mb!r} is not allowed; allowed: a size in MiB > 0")
 
@@ -158,9 +161,9 @@ class DiffusionQuantConfig:
 
 #: What each profile sets; everything else keeps the field default.
 PROFILE_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "edge": {"bit_width": 2, "group_size": 32, "sensitive_bits": 4},
-    "local": {"bit_width": 4, "group_size": 64},
-    "cloud": {"bit_width": 8, "group_size": 128},
+    "edge": {"bit_width": 2, "sensitive_bits": 4},   # kquant_nl g8: 2.625 bpw
+    "local": {"bit_width": 4},                       # kquant_nl g16: 4.5 bpw
+    "cloud": {"bit_width": 8},                       # affine_opt g64: 8.5 bpw
 }
 
 

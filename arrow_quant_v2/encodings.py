@@ -490,7 +490,20 @@ KQuantNL.__doc__ += _grid_listing()
 #: profiles' g32/g64 it stores fewer bits (int4 g64: 4.22 bpw) and is then only about
 #: as accurate as affine at 4.5 bpw (worse on tiny Dream: 0.168 vs 0.144).
 DEFAULT_ENCODING: Dict[int, str] = {2: "kquant_nl", 3: "kquant_nl", 4: "kquant_nl", 8: "affine_opt"}
-DEFAULT_GROUP_SIZE: Dict[int, int] = {2: 8, 3: 16, 4: 16, 8: 64}
+#: The group each encoding is tuned for at a bit width (its accuracy-per-bit sweet spot,
+#: measured above); the config's ``group_size=None`` means "this one". Others: 64.
+PREFERRED_GROUP: Dict[Tuple[str, int], int] = {
+    ("kquant_nl", 2): 8, ("kquant_nl", 3): 16, ("kquant_nl", 4): 16,
+    ("kquant", 2): 16, ("kquant", 3): 32, ("kquant", 4): 32,
+}
+
+
+def preferred_group(name: str, bits: int) -> int:
+    """The group size encoding ``name`` is tuned for at ``bits`` bits."""
+    return PREFERRED_GROUP.get((name, bits), 64)
+
+
+DEFAULT_GROUP_SIZE: Dict[int, int] = {b: preferred_group(n, b) for b, n in DEFAULT_ENCODING.items()}
 
 
 def quantize(x: np.ndarray, encoding: Encoding) -> Tuple[Blobs, np.ndarray]:

@@ -25,7 +25,8 @@ import numpy as np
 from . import __version__, encodings
 from .config import DiffusionQuantConfig
 from .errors import ConfigurationError, OutputError, QuantizationError
-from .plan import LOSSLESS, Planner, TensorPlan, detect_modality, encoding_for, next_bits
+from .plan import (ALTERNATE_ENCODING, LOSSLESS, Planner, TensorPlan, detect_modality, encoding_for, group_for,
+                   next_bits, plan_label)
 from .progress import CancelToken, ProgressEvent, ProgressSink
 from .source import ModelSource, TensorInfo, open_model
 from .store import FORMAT_NAME, FORMAT_VERSION, RAW, ChunkRecord, StoreWriter, recover_interrupted_overwrite
@@ -137,6 +138,8 @@ class QuantizeJob:
         self.final.update(self.writer.resumed)
         self.tensors_done = len(self.final)
         self.bytes_done = sum(t["source_bytes"] for t in self.final.values())
+        self._emit("prepare", "", "loading kernels (compiled once per machine on first use)")
+        self._warm_up()
         self._emit("quantize", "", "starting")
 
         def refill() -> None:
@@ -180,6 +183,17 @@ class QuantizeJob:
                     pass
             raise
 
+    def _warm_up(self) -> None:
+        """Load (or, the first time on a machine, compile) the kernels of every planned encoding
+        and of the same-width alternate, so a job's first chunk isn't a long silent pause."""
+        tiny = np.linspace(-1, 1, 2 * 256, dtype=np.float32).reshape(2, 256)
+        kinds = {(p.encoding, p.bits, p.group_size) for p in self.plans.values() if not p.lossless}
+        kinds |= {(ALTERNATE_ENCODING, b, 64) for _, b, _ in kinds if b in encodings._REGISTRY[ALTERNATE_ENCODING].supported_bits}
+        for name, bits, group in sorted(kinds, key=str):
+            self.cancel.check()
+            enc = encodings.get_encoding(name, bits, group)
+            encodings.dequantize(encodings.quantize(tiny, enc)[0], enc, *tiny.shape)
+
     def _finish_tensor(self, info: TensorInfo, plan: TensorPlan, parts, stats) -> None:
         if plan.lossless:
             self._write(info, plan, parts, {"cosine": 1.0, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
@@ -198,22 +212,32 @@ class QuantizeJob:
             if fig["cosine"] >= need:
                 self._write(info, plan, parts, fig, reason)
                 return
-            if self.config.fail_fast:
-                raise QuantizationError(
-                    f"{info.name}: cosine {fig['cosine']:.5f} at int{plan.bits} is below min_accuracy {need} "
-                    "(fail_fast is on; turn it off to fall back to more bits)"
-                )
-            wider = next_bits(plan.bits)
-            why = f"fallback from int{plan.bits}, cos {fig['cosine']:.4f} < {need}"
-            self.fallbacks.append({"tensor": info.name, "from_bits": plan.bits, "to_bits": wider, "cosine": fig["cosine"]})
-            if wider == LOSSLESS:
-                plan = TensorPlan(info.name, LOSSLESS, 0, f"lossless: {why}")
-                parts = self._encode_all(info, plan)
-                self._write(info, plan, parts, {"cosine": 1.0, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
-                return
-            g = plan.group_size
-            plan = TensorPlan(info.name, wider, g, "", encoding_for(self.config, wider))
-            reason = f"int{wider} g{g if g else 'row'}: {why}"
+            miss = f"{plan.encoding} cos {fig['cosine']:.4f} < {need}"
+            alternate = ALTERNATE_ENCODING
+            if plan.encoding != alternate and plan.bits in encodings._REGISTRY[alternate].supported_bits:
+                # same width, the encoding that copes with outlier columns (see plan.ALTERNATE_ENCODING)
+                g = encodings.preferred_group(alternate, plan.bits) if self.config.group_size is None else plan.group_size
+                plan = TensorPlan(info.name, plan.bits, g, "", alternate, plan.role)
+                reason = f"{plan_label(plan.bits, alternate, g)}: {miss}"
+            else:
+                if self.config.fail_fast:
+                    raise QuantizationError(
+                        f"{info.name}: cosine {fig['cosine']:.5f} at int{plan.bits} is below min_accuracy {need} "
+                        "(fail_fast is on; turn it off to fall back to more bits)"
+                    )
+                wider = next_bits(plan.bits)
+                why = f"fallback from int{plan.bits}, {miss}"
+                self.fallbacks.append({"tensor": info.name, "from_bits": plan.bits, "to_bits": wider,
+                                       "cosine": fig["cosine"]})
+                if wider == LOSSLESS:
+                    plan = TensorPlan(info.name, LOSSLESS, 0, f"lossless: {why}")
+                    parts = self._encode_all(info, plan)
+                    self._write(info, plan, parts, {"cosine": 1.0, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
+                    return
+                enc = encoding_for(self.config, wider)
+                g = group_for(self.config, enc, wider)
+                plan = TensorPlan(info.name, wider, g, "", enc, plan.role)
+                reason = f"{plan_label(wider, enc, g)}: {why}"
             parts = self._encode_all(info, plan)
             stats = np.zeros(4)
             for _, _, (blobs, st) in parts:

@@ -61,15 +61,29 @@ def _module_hit(name: str, modules: Tuple[str, ...]) -> Optional[str]:
     return None
 
 
+#: Tried at the same width, with its own group size, when a tensor misses min_accuracy
+#: with the default encoding, before any wider width: the two-level scales of the
+#: k-quant-style encodings lose on matrices with outlier input columns, where plain
+#: per-group scale and offset (least-squares clipped) keep the width.
+ALTERNATE_ENCODING = "affine_opt"
+
+
 def encoding_for(config: DiffusionQuantConfig, bits: int) -> str:
     """The encoding name used at ``bits``: the configured one if it supports them, else the default."""
     if config.symmetric:
         return "symmetric"
-    if config.encoding is not None:
-        cls = encodings.get_encoding(config.encoding, config.bit_width, config.group_size).__class__
-        if bits in cls.supported_bits:
-            return config.encoding
-    return getattr(encodings, "DEFAULT_ENCODING", {}).get(bits, "affine")
+    if config.encoding is not None and bits in encodings._REGISTRY[config.encoding].supported_bits:
+        return config.encoding
+    return encodings.DEFAULT_ENCODING.get(bits, "affine")
+
+
+def group_for(config: DiffusionQuantConfig, encoding: str, bits: int) -> int:
+    """The configured group size, or (``None``) the one ``encoding`` is tuned for at ``bits``."""
+    return encodings.preferred_group(encoding, bits) if config.group_size is None else config.group_size
+
+
+def plan_label(bits: int, encoding: str, group: int) -> str:
+    return f"int{bits} {encoding} g{group if group else 'row'}"
 
 
 class Planner:
@@ -129,9 +143,9 @@ class Planner:
         return self._quantized(t, c.bit_width, "", "ordinary")
 
     def _quantized(self, t: TensorInfo, bits: int, why: str, role: str = "") -> TensorPlan:
-        g = self.config.group_size
         enc = encoding_for(self.config, bits)
-        label = f"int{bits} g{g if g else 'row'}"
+        g = group_for(self.config, enc, bits)
+        label = plan_label(bits, enc, g)
         return TensorPlan(t.name, bits, g, f"{label}: {why}" if why else label, enc, role)
 
     def plan_model(self, source: ModelSource) -> Dict[str, TensorPlan]:

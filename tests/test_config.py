@@ -22,7 +22,8 @@ C = DiffusionQuantConfig
 BAD = [
     ("bit_width", 3, "2, 4, 8"), ("bit_width", 16, "2, 4, 8"), ("bit_width", 0, "2, 4, 8"), ("bit_width", "4", "2, 4, 8"),
     ("bit_width", 4.0, "2, 4, 8"), ("bit_width", True, "2, 4, 8"), ("bit_width", None, "2, 4, 8"),
-    ("group_size", 48, "0, 32, 64, 128, 256"), ("group_size", -1, "0, 32"), ("group_size", 64.0, "0, 32"),
+    ("group_size", 48, "None, 0, 8, 16, 32, 64, 128, 256"), ("group_size", -1, "0, 8, 16, 32"),
+    ("group_size", 64.0, "0, 8, 16, 32"),
     ("sensitive_bits", 2, "4, 8"), ("modality", "video", "'text'"), ("modality", "TEXT", "'text'"),
     ("deployment_profile", "mobile", "'edge'"), ("symmetric", 1, "True or False"), ("fail_fast", "yes", "True or False"),
     ("enable_time_aware", None, "True or False"), ("protect_embeddings", 0, "True or False"),
@@ -136,7 +137,7 @@ def test_repr_shows_bit_width_and_what_differs_from_defaults():
     assert repr(C()) == "DiffusionQuantConfig(bit_width=4)"
     r = repr(C(bit_width=2, sensitive_layers=["a*"], bit_rules={"x*": 8}, min_accuracy=0.5))
     assert r == "DiffusionQuantConfig(bit_width=2, sensitive_layers=('a*',), bit_rules={'x*': 8}, min_accuracy=0.5)"
-    assert "group_size" not in repr(C(group_size=64)) and "group_size=32" in repr(C(group_size=32))
+    assert "group_size" not in repr(C(group_size=None)) and "group_size=32" in repr(C(group_size=32))
 
 
 def test_field_specs_are_the_single_source_of_bounds():

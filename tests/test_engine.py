@@ -51,7 +51,7 @@ def quantize(model, out, **cfg):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_result_figures_match_files_on_disk(model, tmp_path, bits):
-    result = quantize(model, tmp_path / "q", bit_width=bits)
+    result = quantize(model, tmp_path / "q", bit_width=bits, group_size=64)
     assert RESULT_KEYS <= set(result)
     weights = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.parquet"))
     source_bytes = open_model(model).total_bytes

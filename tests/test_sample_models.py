@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from arrow_quant_v2 import ArrowQuantV2, DiffusionQuantConfig, load_quantized
+from arrow_quant_v2.encodings import get_encoding
 from arrow_quant_v2.samples import sample_path
 from arrow_quant_v2.source import open_model
 
@@ -30,7 +31,12 @@ def test_sample_model_round_trip(sample, bits, tmp_path):
     assert result["model_size_mb"] == pytest.approx(on_disk / 2**20)
     assert result["compression_ratio"] == pytest.approx(open_model(model).total_bytes / on_disk)
     quantized = [e for e in store.tensors.values() if e.quantized]
-    assert all(e.bits_per_weight <= e.bits + 0.6 for e in quantized), "every stored byte counts toward bpw"
+    for e in quantized:  # every stored byte is counted, and matches the encoding's formula
+        rows, cols = e.shape[0], int(np.prod(e.shape[1:]))
+        assert e.nbytes == get_encoding(e.encoding, e.bits, e.group_size).nbytes(rows, cols), e.name
+    at_width = [e for e in quantized if e.bits == bits]
+    bpw = sum(e.nbytes for e in at_width) * 8 / sum(e.numel for e in at_width)
+    assert bpw <= bits + 0.6, f"int{bits} tensors store {bpw:.3f} bits per weight"
     assert sum(e.numel for e in quantized if e.bits == bits) > 0.5 * sum(e.numel for e in quantized)
 
     # what validation measured is what a reload gives

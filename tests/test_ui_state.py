@@ -112,7 +112,9 @@ def test_settings_form_is_generated_from_field_specs():
     s.profile = "cloud"
     assert s.bit_width == 8 and s.to_config() == DiffusionQuantConfig.from_profile("cloud") and s.label == "cloud"
     s.bit_width = 4
-    assert s.label == "int4-g128" and s.to_config().bit_width == 4
+    assert s.label == "int4" and s.to_config().bit_width == 4
+    s.group_size = 32
+    assert s.label == "int4-g32" and s.to_config().group_size == 32
     s.bit_rules = {"*.q_proj.weight": 3}
     with pytest.raises(ConfigurationError, match="bit_rules"):
         s.to_config()

@@ -150,4 +150,5 @@ class QuantSettings(_build_class()):
         changed = self.changed_from_profile()
         if not changed:
             return self.profile
-        return f"int{self.bit_width}-g{self.group_size or 'row'}" if set(changed) <= {"bit_width", "group_size"} else f"{self.profile}-custom"
+        group = {None: "", AUTO: "", 0: "-grow"}.get(self.group_size, f"-g{self.group_size}")
+        return f"int{self.bit_width}{group}" if set(changed) <= {"bit_width", "group_size"} else f"{self.profile}-custom"
