@@ -35,15 +35,24 @@ def _progress_bar(desc: str, enabled: bool):
     """A tqdm bar over source bytes and an engine progress sink that drives it."""
     from tqdm import tqdm
 
-    bar = tqdm(total=1, unit="B", unit_scale=True, desc=desc, disable=not enabled, leave=False, file=sys.stderr)
+    holder = {}  # the bar appears with the first event, so a bad path errors without one
+
+    class Bar:
+        def close(self):
+            if "bar" in holder:
+                holder["bar"].close()
 
     def sink(event) -> None:
+        if "bar" not in holder:
+            holder["bar"] = tqdm(total=max(event.bytes_total, 1), unit="B", unit_scale=True, desc=desc,
+                                 disable=not enabled, leave=False, file=sys.stderr)
+        bar = holder["bar"]
         if event.bytes_total and bar.total != event.bytes_total:
             bar.total = event.bytes_total
         bar.set_postfix_str(event.message[-60:], refresh=False)
         bar.update(event.bytes_done - bar.n)  # redraws at most every mininterval
 
-    return bar, sink
+    return Bar(), sink
 
 
 def _table(rows: List[Sequence], headers: Sequence[str]) -> str:
@@ -76,6 +85,10 @@ def _config_from(args) -> DiffusionQuantConfig:
         overrides["fail_fast"] = True
     if args.no_time_aware:
         overrides["enable_time_aware"] = False
+    if args.target_mb is not None:
+        overrides["target_model_size_mb"] = args.target_mb
+    if args.spatial:
+        overrides["enable_spatial"] = True
     if args.profile:
         return DiffusionQuantConfig.from_profile(args.profile, **overrides)
     return DiffusionQuantConfig(**overrides)
@@ -110,12 +123,20 @@ def cmd_quantize(args) -> int:
 def cmd_validate(args) -> int:
     from .validation import validate_store
 
-    report = validate_store(resolve_model(args.original), args.store, min_accuracy=args.min_accuracy)
+    report = validate_store(resolve_model(args.original), args.store, min_accuracy=args.min_accuracy,
+                            end_to_end=False if args.no_end_to_end else None, num_time_groups=args.time_groups)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:
         rows = [(k, report[k]) for k in ("passed", "cosine_similarity", "min_cosine", "compression_ratio",
                                          "model_size_mb", "bits_per_weight", "num_quantized", "num_lossless")]
+        e2e = report.get("end_to_end") or {}
+        if e2e.get("available"):
+            rows += [("end-to-end mean output cosine", e2e["mean_cosine"]),
+                     ("end-to-end worst output cosine", f"{e2e['worst_cosine']:.6f} at sigma {e2e['worst_sigma']:g}"),
+                     ("end-to-end mean PSNR dB", e2e["mean_psnr_db"])]
+        elif e2e:
+            rows.append(("end-to-end", e2e.get("reason", "not run")))
         print(_table(rows, ("figure", "value")))
         print("\nworst layers:")
         print(_table([(n, c, report["per_layer"][n]["bits"]) for n, c in report["worst_layers"]],
@@ -186,6 +207,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-accuracy", type=float, help="cosine every tensor must reach (else fall back to more bits)")
     p.add_argument("--fail-fast", action="store_true", help="raise instead of falling back to more bits")
     p.add_argument("--no-time-aware", action="store_true", help="do not protect time-conditioning modules")
+    p.add_argument("--target-mb", type=float, help="size budget in MiB: mixed precision spends bits where they buy most")
+    p.add_argument("--spatial", action="store_true", help="per-layer group size (largest that reaches min_accuracy)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("original")
     v.add_argument("store")
     v.add_argument("--min-accuracy", type=float)
+    v.add_argument("--no-end-to-end", action="store_true", help="skip running the model's ONNX graph (model.onnx)")
+    v.add_argument("--time-groups", type=int, help="noise levels for the end-to-end check (default: the store's config)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_validate)
 
@@ -235,6 +260,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ArrowQuantError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `arrow-quant inspect ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from . import __version__, encodings
 from .config import DiffusionQuantConfig
 from .errors import ConfigurationError, OutputError, QuantizationError
 from .plan import (ALTERNATE_ENCODING, LOSSLESS, Planner, TensorPlan, detect_modality, encoding_for, group_for,
-                   next_bits, plan_label)
+                   next_bits, plan_label, spatial_plan)
 from .progress import CancelToken, ProgressEvent, ProgressSink
 from .source import ModelSource, TensorInfo, open_model
 from .store import FORMAT_NAME, FORMAT_VERSION, RAW, ChunkRecord, StoreWriter, recover_interrupted_overwrite
@@ -109,6 +109,8 @@ class QuantizeJob:
             if name in self.final:  # kept from a killed run (resume)
                 continue
             plan = self.plans[name]
+            if self.config.enable_spatial and self.config.target_model_size_mb is None:
+                plan = self.plans[name] = spatial_plan(plan, self.source, self.config)
             ranges = self._chunk_rows(info)
             for i, (r0, r1) in enumerate(ranges):
                 yield info, plan, i, r0, r1, i == len(ranges) - 1

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
+import numpy as np
+
 from . import encodings
 from .config import DiffusionQuantConfig
 from .errors import ConfigurationError
@@ -84,6 +86,30 @@ def group_for(config: DiffusionQuantConfig, encoding: str, bits: int) -> int:
 
 def plan_label(bits: int, encoding: str, group: int) -> str:
     return f"int{bits} {encoding} g{group if group else 'row'}"
+
+
+#: Group sizes ``enable_spatial`` chooses among, and the share of the accuracy slack it
+#: keeps in reserve (the choice is measured on a row sample, not the whole tensor).
+SPATIAL_GROUPS = (256, 128, 64, 32, 16, 8)
+SPATIAL_RESERVE = 0.3
+SPATIAL_SAMPLE_ELEMENTS = 1 << 18
+
+
+def spatial_plan(plan: TensorPlan, source: ModelSource, config: DiffusionQuantConfig) -> TensorPlan:
+    """``enable_spatial``: the largest group (fewest bits) that still reaches min_accuracy on this
+    layer, measured on evenly spaced rows; layers differ a lot in how much grouping they need (Q-DiT)."""
+    if plan.lossless or plan.role not in ("ordinary", ""):
+        return plan
+    info = source.tensors[plan.name]
+    rows, cols = info.matrix_shape
+    step = max(1, rows * cols // SPATIAL_SAMPLE_ELEMENTS)
+    sample = np.concatenate([source.read_rows(plan.name, r, r + 1) for r in range(0, rows, step)])
+    need = config.min_accuracy_for(plan.bits)
+    target = 1.0 - (1.0 - need) * (1.0 - SPATIAL_RESERVE)
+    enc = encodings.choose_group_for_target(sample, plan.encoding, plan.bits, target, SPATIAL_GROUPS)
+    g = enc.group_for(cols) if enc.group_size > 0 else 0
+    return TensorPlan(plan.name, plan.bits, g, f"{plan_label(plan.bits, plan.encoding, g)}: spatial "
+                      f"(largest group reaching cos {target:.4f} on a row sample)", plan.encoding, plan.role)
 
 
 class Planner:

@@ -187,3 +187,13 @@ def test_progress_is_monotonic_and_ends_at_one(model, tmp_path):
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[0] == 0.0
     assert any("blocks.1.mlp.down_proj.weight" in e.message for e in events)
     assert events[-1].tensors_done == events[-1].tensors_total == len(open_model(model).tensors)
+
+
+def test_spatial_picks_per_layer_groups_within_the_accuracy_target(model, tmp_path):
+    plain = quantize(model, tmp_path / "plain", bit_width=4)
+    spatial = quantize(model, tmp_path / "spatial", bit_width=4, enable_spatial=True)
+    t = load_quantized(tmp_path / "spatial").tensors
+    ordinary = [e for e in t.values() if e.quantized and e.bits == 4]
+    assert any(e.group_size > 16 for e in ordinary), "some layer can afford a larger group than the default 16"
+    assert all("spatial" in e.reason and e.cosine >= 0.99 for e in ordinary)
+    assert spatial["bits_per_weight"] < plain["bits_per_weight"]
