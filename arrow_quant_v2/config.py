@@ -89,8 +89,6 @@ class DiffusionQuantConfig:
 
             group = preferred_group(self.encoding, self.bit_width) if self.group_size is None else self.group_size
             get_encoding(self.encoding, self.bit_width, group)
-        if self.target_model_size_mb is not None and self.target_model_size_mb <= 0:
-            raise ConfigurationError(f"target_model_size_mb={self.target_model_size_mb!r} is not allowed; allowed: a size in MiB > 0")
 
     # -- profiles and (de)serialisation ---------------------------------------------
 

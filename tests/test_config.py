@@ -32,7 +32,7 @@ BAD = [
     ("lossless_below", -1, "an integer in [0"), ("lossless_below", 1.5, "an integer"), ("lossless_below", 2**31, "an integer"),
     ("num_threads", -1, "[0, 256]"), ("num_threads", 257, "[0, 256]"), ("num_threads", 2.0, "an integer"),
     ("num_time_groups", 0, "[1, 1000]"), ("max_shard_mb", 0, "[1, "), ("max_shard_mb", 2**21, "[1, "),
-    ("target_model_size_mb", 0, "> 0"), ("target_model_size_mb", -5.0, "[0.0, inf]"),
+    ("target_model_size_mb", 0, "[0.001, inf]"), ("target_model_size_mb", -5.0, "[0.001, inf]"),
     ("target_model_size_mb", math.nan, "a number"), ("encoding", "nope", "affine"), ("encoding", 5, "an encoding name"),
     ("sensitive_layers", [1], "glob patterns"), ("sensitive_layers", 5, "glob patterns"),
     ("bit_rules", {"*.attn.*": 3}, "(0, 2, 4, 8)"), ("bit_rules", {"*.attn.*": 4.0}, "(0, 2, 4, 8)"),
@@ -152,8 +152,7 @@ def test_field_specs_are_the_single_source_of_bounds():
                 C(**{name: choice})  # every declared choice is accepted
         if spec["bounds"]:
             lo, hi = spec["bounds"]
-            if name != "target_model_size_mb":  # 0 is a bound but not a usable size
-                C(**{name: lo})
+            C(**{name: lo})  # the lower bound itself is allowed
             with pytest.raises(ConfigurationError, match=name):
                 C(**{name: hi * 2 + 1 if math.isfinite(hi) else -1})
 
