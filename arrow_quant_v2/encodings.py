@@ -48,6 +48,11 @@ def encoding_names() -> Tuple[str, ...]:
     return tuple(n for n in _REGISTRY if n != "raw")
 
 
+def supports(name: str, bits: int) -> bool:
+    """Whether encoding ``name`` (registered) has a ``bits``-bit variant."""
+    return bits in _REGISTRY[name].supported_bits
+
+
 def get_encoding(name: str, bits: int, group_size: int) -> "Encoding":
     """The encoding ``name`` at ``bits`` bits and ``group_size`` (0 = one group per row)."""
     try:

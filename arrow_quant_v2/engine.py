@@ -190,7 +190,8 @@ class QuantizeJob:
         and of the same-width alternate, so a job's first chunk isn't a long silent pause."""
         tiny = np.linspace(-1, 1, 2 * 256, dtype=np.float32).reshape(2, 256)
         kinds = {(p.encoding, p.bits, p.group_size) for p in self.plans.values() if not p.lossless}
-        kinds |= {(ALTERNATE_ENCODING, b, 64) for _, b, _ in kinds if b in encodings._REGISTRY[ALTERNATE_ENCODING].supported_bits}
+        kinds |= {(ALTERNATE_ENCODING, b, group_for(self.config, ALTERNATE_ENCODING, b))
+                  for _, b, _ in kinds if encodings.supports(ALTERNATE_ENCODING, b)}
         for name, bits, group in sorted(kinds, key=str):
             self.cancel.check()
             enc = encodings.get_encoding(name, bits, group)
@@ -216,9 +217,9 @@ class QuantizeJob:
                 return
             miss = f"{plan.encoding} cos {fig['cosine']:.4f} < {need}"
             alternate = ALTERNATE_ENCODING
-            if plan.encoding != alternate and plan.bits in encodings._REGISTRY[alternate].supported_bits:
+            if plan.encoding != alternate and encodings.supports(alternate, plan.bits):
                 # same width, the encoding that copes with outlier columns (see plan.ALTERNATE_ENCODING)
-                g = encodings.preferred_group(alternate, plan.bits) if self.config.group_size is None else plan.group_size
+                g = group_for(self.config, alternate, plan.bits)
                 plan = TensorPlan(info.name, plan.bits, g, "", alternate, plan.role)
                 reason = f"{plan_label(plan.bits, alternate, g)}: {miss}"
             else:

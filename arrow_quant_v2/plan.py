@@ -74,7 +74,7 @@ def encoding_for(config: DiffusionQuantConfig, bits: int) -> str:
     """The encoding name used at ``bits``: the configured one if it supports them, else the default."""
     if config.symmetric:
         return "symmetric"
-    if config.encoding is not None and bits in encodings._REGISTRY[config.encoding].supported_bits:
+    if config.encoding is not None and encodings.supports(config.encoding, bits):
         return config.encoding
     return encodings.DEFAULT_ENCODING.get(bits, "affine")
 
