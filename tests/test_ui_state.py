@@ -290,3 +290,65 @@ def test_state_modules_do_not_import_panel():
     code = ("import sys, arrow_quant_v2.ui as ui; ui.ModelLibrary; ui.JobManager; ui.QualityReport; "
             "bad = [m for m in ('panel', 'holoviews', 'bokeh') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# ----------------------------------------------------------------------------- budget and fidelity
+
+
+async def test_terrain_unet_budget_range_and_fidelity(tmp_path, monkeypatch):
+    """The reachable sizes are computed off the loop once per model and config (whatever the target);
+    a budgeted job reports its budget, and its report keeps the per-noise-level figures for the chart."""
+    import math
+
+    from arrow_quant_v2 import budget
+    from arrow_quant_v2.samples import sample_path
+    from arrow_quant_v2.ui import settings as ui_settings
+    from arrow_quant_v2.ui.quality import PSNR_CAP_DB, fidelity_frame
+    from arrow_quant_v2.ui.settings import (
+        BUDGET_FIELD, cached_size_range, check_target, describe_range, size_range_async,
+    )
+
+    assert BUDGET_FIELD not in QuantSettings.main_fields() + QuantSettings.advanced_fields()  # shown by the profile
+    model = sample_path("terrain-unet")
+    calls = []
+    real = budget.size_range
+    monkeypatch.setattr(budget, "size_range", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(ui_settings, "_RANGES", {})
+    s = QuantSettings("edge")
+    s.num_time_groups = 3
+    assert cached_size_range(model, s.to_config()) is None
+    r = await size_range_async(model, s.to_config())
+    uni = r["uniform_mb"]
+    assert 0 < r["min_mb"] < r["max_mb"] and uni["int2"] < uni["int4"] < uni["int8"]
+    assert r["min_mb"] <= uni["int2"] * (1 + 1e-9) and uni["int8"] <= r["max_mb"] * (1 + 1e-9)
+    target = round(r["uniform_mb"]["int4"], 3)
+    s.target_model_size_mb = target
+    assert await size_range_async(model, s.to_config()) is r and len(calls) == 1  # the target is not part of the key
+    assert cached_size_range(model, s.to_config()) is r
+    text = describe_range(r)
+    assert text.startswith("≈ ") and "MiB (int2 ≈ " in text and "int4 ≈ " in text
+    check_target(target, r)
+    with pytest.raises(ConfigurationError, match="cannot be reached"):
+        check_target(r["max_mb"] * 3, r, "terrain-unet")
+    s.bit_width = 4  # another config: another range
+    assert cached_size_range(model, s.to_config()) is None
+    s.bit_width = 2
+
+    mgr = JobManager(ModelLibrary([model.parent], include_samples=False), output_root=tmp_path / "out")
+    job = await mgr.run("terrain-unet", s.to_config(), label=s.label)
+    assert job.status == "done", job.error
+    b = job.result["budget"]
+    assert b["target_mb"] == pytest.approx(target) and b["measured_mb"] > 0 and isinstance(b["met"], bool)
+    q = QualityReport(report=job.report, result=job.result)
+    assert q.end_to_end["available"], q.end_to_end["reason"]
+    levels = q.fidelity()
+    assert len(levels) == 3 and list(levels["sigma"]) == sorted(levels["sigma"]) and (levels["sigma"] > 0).all()
+    assert levels["cosine"].between(0.9, 1.0).all() and levels["psnr_db"].map(math.isfinite).all()
+    assert q.end_to_end["worst_cosine"] == pytest.approx(levels["cosine"].min())
+
+    # identical outputs (infinite PSNR) are clipped; no figures: one reason, no rows
+    inf = fidelity_frame({"available": True, "levels": [{"sigma": 0.5, "cosine": 1.0, "rel_error": 0.0,
+                                                         "psnr_db": math.inf, "update_cosine": 1.0}]})
+    assert inf["psnr_db"].iloc[0] == PSNR_CAP_DB and inf["psnr_capped"].iloc[0]
+    none = QualityReport(report={"per_layer": {}, "recorded": True})
+    assert not none.end_to_end["available"] and "not run" in none.end_to_end["reason"] and none.fidelity().empty

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from bokeh.models import FixedTicker, HoverTool
 
-from .quality import MAX_NINES, NINES_RANGE, cosine_label, module_order
+from .quality import MAX_NINES, NINES_RANGE, PSNR_CAP_DB, cosine_label, module_order
 
 CMAP = "RdYlBu"  # red = poor, yellow = fair, blue = near-lossless
 DIFF_CMAP = "RdBu"  # red = B worse than A, blue = B better
@@ -153,3 +153,28 @@ def size_quality_plot(points: pd.DataFrame, highlight: Sequence[str] = (), title
         hv.opts.Scatter(yticks=yticks, ylim=(lo - 0.2, hi + 0.3)),
     ).opts(title=title, xlabel="size (MiB)", ylabel="cosine", height=320, responsive=True, min_width=360,
            legend_position="bottom_right", toolbar="above", show_grid=True)
+
+
+FIDELITY_WIDTH = 370
+
+
+def fidelity_plot(levels: pd.DataFrame, title: str = "") -> hv.Layout:
+    """Output cosine (top) and PSNR (bottom) of the quantized network against the noise level, log sigma."""
+    _ensure_extension()
+    data = _plain(levels)
+    data["psnr_text"] = [f"> {PSNR_CAP_DB:.0f} (identical)" if c else f"{p:.1f}"
+                         for p, c in zip(data["psnr_db"], data["psnr_capped"])]
+    hover = HoverTool(tooltips=[("sigma", "@sigma{0.0000}"), ("output cosine", "@cosine{0.000000}"),
+                                ("rel. error", "@rel_error{0.00000}"), ("PSNR (dB)", "@psnr_text"),
+                                ("update cosine", "@update_cosine{0.000000}")])
+    vd = ["cosine", "rel_error", "psnr_db", "psnr_text", "update_cosine"]
+    common = dict(logx=True, width=FIDELITY_WIDTH, height=190, show_grid=True, toolbar=None,
+                  default_tools=[], fontsize={"title": "10pt", "labels": "9pt", "ticks": "8pt"})
+    cos = (hv.Curve(data, "sigma", vd).opts(color="#2b6cb0", line_width=2)
+           * hv.Scatter(data, "sigma", vd).opts(color="#2b6cb0", size=7, tools=[hover])).opts(
+        title=title or "output cosine per noise level", xlabel="", ylabel="output cosine", **common)
+    psnr_vd = ["psnr_db", "cosine", "rel_error", "psnr_text", "update_cosine"]
+    psnr = (hv.Curve(data, "sigma", psnr_vd).opts(color="#c05621", line_width=2)
+            * hv.Scatter(data, "sigma", psnr_vd).opts(color="#c05621", size=7, marker="square", tools=[hover])).opts(
+        title="", xlabel="noise level σ (log)", ylabel="PSNR (dB)", **common)
+    return (cos + psnr).cols(1).opts(shared_axes=False)

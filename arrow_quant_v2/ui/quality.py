@@ -229,6 +229,28 @@ def fallbacks(frame: pd.DataFrame, result: Optional[dict] = None) -> pd.DataFram
     return pd.DataFrame(rows, columns=["name", "from", "to", "cosine before", "why"])
 
 
+#: PSNR of a level whose outputs are identical is infinite; the chart shows it at this many dB.
+PSNR_CAP_DB = 120.0
+
+
+def fidelity_frame(e2e: Optional[dict]) -> pd.DataFrame:
+    """One row per noise level of a report's ``end_to_end`` part: sigma, cosine, rel_error,
+    psnr_db (infinite clipped to :data:`PSNR_CAP_DB`, ``psnr_capped`` says which), update_cosine."""
+    cols = ["sigma", "cosine", "rel_error", "psnr_db", "psnr_capped", "update_cosine"]
+    if not e2e or not e2e.get("available"):
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for lv in e2e.get("levels") or []:
+        psnr = float(lv.get("psnr_db", float("nan")))
+        rows.append({"sigma": float(lv["sigma"]), "cosine": float(lv.get("cosine", float("nan"))),
+                     "rel_error": float(lv.get("rel_error", float("nan"))),
+                     "psnr_db": min(psnr, PSNR_CAP_DB) if psnr == psnr else psnr, "psnr_capped": psnr > PSNR_CAP_DB,
+                     "update_cosine": float(lv.get("update_cosine", float("nan")))})
+    frame = pd.DataFrame(rows, columns=cols)
+    frame = frame[frame["sigma"] > 0]  # a log axis
+    return frame.sort_values("sigma").reset_index(drop=True)
+
+
 def report_from_store(path) -> dict:
     """A report in validate_quality's shape from the figures a store recorded while writing
     (no re-reading of the source): used for stores found on disk."""
@@ -298,6 +320,20 @@ class QualityReport(param.Parameterized):
         """The quantized tensors that belong to no transformer block (embeddings, heads, ...)."""
         cols = ["name", "cosine", "rel_error", "bits", "shape", "reason"]
         return outside_blocks(self.frame)[cols].reset_index(drop=True)
+
+    @property
+    def end_to_end(self) -> dict:
+        """The report's end-to-end part (``{"available": False, "reason": ...}`` when it has none)."""
+        e2e = (self.report or {}).get("end_to_end")
+        if e2e:
+            return e2e
+        why = ("figures recorded while writing: the network was not run" if (self.report or {}).get("recorded")
+               else "no end-to-end figures in this report")
+        return {"available": False, "reason": why}
+
+    def fidelity(self) -> pd.DataFrame:
+        """The per-noise-level output fidelity as a table (empty when not available)."""
+        return fidelity_frame(self.end_to_end)
 
     def bits_table(self) -> pd.DataFrame:
         """Tensors and parameters per bit width (quantized tensors only)."""

@@ -7,18 +7,23 @@ the app's form with no change here or in the view. Choosing a profile loads its 
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import math
-from typing import Any, Dict, List, Type
+from typing import Any, Dict, List, Optional, Type
 
 import param
 
 from .. import encodings
 from ..config import PROFILES, DiffusionQuantConfig, field_specs
+from ..errors import ConfigurationError
 
 #: Fields the form does not show: the profile selector stands for ``deployment_profile``.
 HIDDEN_FIELDS = ("deployment_profile",)
 #: Shown first, above the fold; the rest go in the "advanced" part of the form.
 MAIN_FIELDS = ("bit_width", "group_size", "min_accuracy", "enable_time_aware", "protect_embeddings", "sensitive_bits")
+#: The size budget: shown next to the profile (with the reachable range), not in the tuning form.
+BUDGET_FIELD = "target_model_size_mb"
 
 
 def _label(name: str) -> str:
@@ -106,7 +111,7 @@ class QuantSettings(_build_class()):
     @classmethod
     def advanced_fields(cls) -> List[str]:
         """The fields under "More settings"."""
-        return [n for n in cls.field_names() if n not in MAIN_FIELDS]
+        return [n for n in cls.field_names() if n not in MAIN_FIELDS and n != BUDGET_FIELD]
 
     def load_profile(self, profile: str) -> None:
         """Set every field to the profile's value."""
@@ -152,3 +157,53 @@ class QuantSettings(_build_class()):
             return self.profile
         group = {None: "", AUTO: "", 0: "-grow"}.get(self.group_size, f"-g{self.group_size}")
         return f"int{self.bit_width}{group}" if set(changed) <= {"bit_width", "group_size"} else f"{self.profile}-custom"
+
+
+# ----------------------------------------------------------------------------- size budget
+
+#: Reachable size ranges, per (model path, config without its target): computing one reads
+#: samples of every tensor (0.3-3 s), so each is computed once per process.
+_RANGES: Dict[tuple, dict] = {}
+
+
+def range_key(model_path, config: DiffusionQuantConfig) -> tuple:
+    """What a reachable range depends on: the model and the config, whatever its target."""
+    body = config.replace(target_model_size_mb=None).to_dict()
+    return str(model_path), json.dumps(body, sort_keys=True, default=str)
+
+
+def cached_size_range(model_path, config: DiffusionQuantConfig) -> Optional[dict]:
+    """The range :func:`size_range_async` found for this model and config, or None."""
+    return _RANGES.get(range_key(model_path, config))
+
+
+async def size_range_async(model_path, config: DiffusionQuantConfig) -> dict:
+    """:func:`arrow_quant_v2.budget.size_range` in a worker thread (the event loop stays free), cached."""
+    key = range_key(model_path, config)
+    if key not in _RANGES:
+        from ..budget import size_range
+
+        _RANGES[key] = await asyncio.to_thread(size_range, model_path, config)
+    return _RANGES[key]
+
+
+def describe_range(r: dict) -> str:
+    """``≈ 0.9–6.1 MiB (int2 ≈ 1.1, int4 ≈ 1.9, int8 ≈ 3.4)``."""
+    uni = r.get("uniform_mb") or {}
+    widths = ", ".join(f"{k} ≈ {uni[k]:.{_digits(uni[k])}f}" for k in ("int2", "int4", "int8") if k in uni)
+    lo, hi = r["min_mb"], r["max_mb"]
+    return f"≈ {lo:.{_digits(lo)}f}–{hi:.{_digits(hi)}f} MiB" + (f" ({widths})" if widths else "")
+
+
+def _digits(mb: float) -> int:
+    return 0 if mb >= 100 else 1 if mb >= 1 else 3
+
+
+def check_target(target: Optional[float], r: Optional[dict], model: str = "the model") -> None:
+    """Raise :class:`ConfigurationError` (as the allocator would) when ``target`` is outside range ``r``."""
+    if target is None or r is None:
+        return
+    if not r["min_mb"] <= target <= r["max_mb"] * 1.01:
+        raise ConfigurationError(
+            f"target_model_size_mb={target!r} cannot be reached for {model}: "
+            f"allowed: {r['min_mb']:.3f} to {r['max_mb']:.3f} MiB")

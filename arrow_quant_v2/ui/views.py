@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -25,7 +26,8 @@ from .jobs import Job, JobManager, shared_manager
 from .library import ModelLibrary
 from .quality import QualityReport, diff_frame, layer_frame, report_from_store
 from .roots import PathNotAllowed
-from .settings import QuantSettings
+from .settings import (BUDGET_FIELD, QuantSettings, cached_size_range, check_target, describe_range,
+                       size_range_async)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,19 @@ def _table(df: pd.DataFrame, empty: str = "none") -> str:
 
 def _badge(status: str) -> str:
     return f"<span class='aq-badge' style='background:{STATUS_COLORS.get(status, '#718096')}'>{fmt.esc(status)}</span>"
+
+
+def budget_text(budget: Optional[dict]) -> str:
+    """A result's size budget in one line: ``budget 2.41 / 2.50 MiB ✓ met`` (empty without one)."""
+    if not budget or budget.get("target_mb") is None:
+        return ""
+    measured, target = budget.get("measured_mb"), budget["target_mb"]
+    met = budget.get("met")
+    mark = "" if met is None else (" <span style='color:#2f855a'>✓ met</span>" if met
+                                   else " <span style='color:#c53030'>✗ over</span>")
+    got = f"{measured:.2f}" if measured is not None else "?"
+    note = f" <span class='aq-muted'>({fmt.esc(budget['note'])})</span>" if budget.get("note") else ""
+    return f"<span class='aq-kv aq-budget-result'>budget <b>{got} / {target:.2f} MiB</b>{mark}</span>{note}"
 
 
 def _in_session() -> bool:
@@ -215,11 +230,17 @@ class Launcher(Viewer):
         self._info = _html(sizing_mode="stretch_width")
         self._alert = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width", margin=(5, 5))
         self._note = _html(sizing_mode="stretch_width")
+        self._range = _html(sizing_mode="stretch_width", margin=(0, 5), css_classes=["aq-budget-range"])
+        self._range_seq = 0
+        self._range_task = None
         watch_shared(self.manager.library, self._update_models, "models")
         self._update_models()
         self.param.watch(self._update_info, "model")
         self.settings.param.watch(self._update_info, list(self.settings.param))
+        self.param.watch(self._update_range, "model")
+        self.settings.param.watch(self._update_range, [n for n in self.settings.param if n != "name"])
         self._update_info()
+        self._update_range()
 
     def _update_models(self, *_):
         entries = [e for e in self.manager.library.models if not e.error]
@@ -253,10 +274,81 @@ class Launcher(Viewer):
         self._info.object = (f"<div class='aq-muted'>{fmt.esc(line)}</div>{why}"
                              f"<div class='aq-muted'>→ output: <code>{fmt.esc(out)}</code></div>")
 
+    def _range_source(self):
+        """``(model path, config)`` the reachable range is computed for, or a reason it cannot be."""
+        try:
+            e = self._entry()
+        except (KeyError, ArrowQuantError):
+            return None, "no model selected"
+        if e is None:
+            return None, "no model selected"
+        if not e.available:
+            return None, "reachable sizes show once the sample is built (start a job or open it)"
+        try:
+            return (e.path, self.settings.to_config()), ""
+        except ArrowQuantError as err:
+            return None, f"fix the settings first: {err}"
+
+    def _show_range(self, r: Optional[dict], why: str = "") -> None:
+        target = self.settings.target_model_size_mb
+        if r is None:
+            self._range.object = f"<div class='aq-muted'>{fmt.esc(why)}</div>"
+            return
+        text = f"Reachable: {describe_range(r)}"
+        try:
+            check_target(target, r, self.model or "the model")
+        except ArrowQuantError as err:
+            self._range.object = (f"<div class='aq-muted'>{fmt.esc(text)}</div>"
+                                  f"<div class='aq-error'>{fmt.esc(err)}</div>")
+            return
+        self._range.object = f"<div class='aq-muted'>{fmt.esc(text)}</div>"
+
+    def _update_range(self, *events):
+        """Show the reachable sizes for the model and settings; computed in a worker thread, cached."""
+        if events and all(e.name == BUDGET_FIELD for e in events):
+            src, why = self._range_source()
+            self._show_range(cached_size_range(*src) if src else None, why or "computing the reachable sizes…")
+            return
+        self._range_seq += 1
+        src, why = self._range_source()
+        if src is None:
+            self._show_range(None, why)
+            return
+        cached = cached_size_range(*src)
+        if cached is not None:
+            self._show_range(cached)
+            return
+        try:
+            import asyncio
+
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop here (e.g. built outside a session): nothing to compute on
+            self._show_range(None, "reachable sizes: shown in the app")
+            return
+        self._show_range(None, "computing the reachable sizes…")
+        if pn.state.curdoc is not None and getattr(pn.state.curdoc, "session_context", None) is not None:
+            # in a session: Panel runs it on the loop with this session's document, so the result is pushed
+            pn.state.execute(partial(self._compute_range, self._range_seq, *src))
+        else:
+            self._range_task = loop.create_task(self._compute_range(self._range_seq, *src))
+
+    async def _compute_range(self, seq: int, path, config) -> None:
+        try:
+            r = await size_range_async(path, config)
+        except Exception as err:  # noqa: BLE001 - e.g. an unsupported model: say so, the job says more
+            if seq == self._range_seq:
+                self._show_range(None, f"reachable sizes unknown: {err}")
+            return
+        if seq == self._range_seq:  # the model or settings have not changed since
+            self._show_range(r)
+
     def _on_start(self, _=None) -> Optional[Job]:
         self._alert.visible = False
         try:
             config = self.settings.to_config()
+            src, _why = self._range_source()
+            if src is not None:
+                check_target(config.target_model_size_mb, cached_size_range(*src), self.model)
             job = self.manager.submit(self.model, config, label=self.settings.label)
         except (ArrowQuantError, ValueError, KeyError, PermissionError) as e:
             self._alert.object = f"Cannot start: {e}"
@@ -283,6 +375,11 @@ class Launcher(Viewer):
             _html("<div class='aq-muted' style='margin-top:4px'>Profile</div>"),
             pn.widgets.RadioButtonGroup.from_param(s.param.profile, button_type="primary", button_style="outline",
                                                    sizing_mode="stretch_width", name=""),
+            pn.widgets.FloatInput.from_param(s.param[BUDGET_FIELD], name="Size budget (MiB, optional)", start=0.001,
+                                             step=1.0, placeholder="none: the profile's widths",
+                                             description=s.param[BUDGET_FIELD].doc, sizing_mode="stretch_width",
+                                             css_classes=["aq-budget"]),
+            self._range,
             pn.Card(main, title="Tune the config", collapsed=True, sizing_mode="stretch_width", margin=(5, 5)),
             advanced,
             self._start, self._alert, self._note,
@@ -371,7 +468,7 @@ class JobRow(Viewer):
                 f"<span class='aq-kv'>min cos <b>{fmt.cos(s['min_cosine'])}</b></span>"
                 + (f"<span class='aq-kv'>bpw <b>{s['bits_per_weight']:.2f}</b></span>" if s["bits_per_weight"] else "")
                 + (f"<span class='aq-kv'>fallbacks <b>{s['fallbacks']}</b></span>" if s["fallbacks"] else "")
-                + passed
+                + budget_text((j.result or {}).get("budget")) + passed
             )
         else:
             self._results.object = ""
@@ -463,6 +560,8 @@ class QualityView(Viewer):
         self._dirty = True
         self._stats = _html(sizing_mode="stretch_width")
         self._plot = pn.pane.HoloViews(None, sizing_mode="fixed", linked_axes=False)
+        self._fidelity = pn.pane.HoloViews(None, linked_axes=False)
+        self._fidelity_text = _html(sizing_mode="stretch_width", css_classes=["aq-fidelity"])
         self._worst = _html(sizing_mode="stretch_width")
         self._fallbacks = _html(sizing_mode="stretch_width")
         self._bits = _html(sizing_mode="stretch_width")
@@ -511,7 +610,8 @@ class QualityView(Viewer):
             self._msg.object = "<div class='aq-muted' style='padding:12px'>No finished job yet. When a job is done, " \
                                "its per-layer heatmap shows here.</div>"
             self._plot.object, self._stats.object = None, ""
-            for p in (self._worst, self._fallbacks, self._bits, self._outside):
+            self._fidelity.object = None
+            for p in (self._worst, self._fallbacks, self._bits, self._outside, self._fidelity_text):
                 p.object = ""
             return
         from .plots import quality_heatmap
@@ -531,7 +631,9 @@ class QualityView(Viewer):
             + _stat("thresholds", "passed" if rep.get("passed") else "missed")
             + f"<div class='aq-muted'>{len(q.frame)} quantized tensors{recorded}. Colour: −log10(1 − cosine), "
               "so 0.99 and 0.999 are a full step apart. Hover a cell for the tensor.</div>"
+            + (f"<div>{budget_text((job.result or {}).get('budget'))}</div>" if (job.result or {}).get("budget") else "")
         )
+        self._render_fidelity(q)
         worst = q.worst().assign(cosine=lambda d: d["cosine"].map(lambda c: f"{c:.6f}"),
                                  rel_error=lambda d: d["rel_error"].map(lambda c: f"{c:.4f}"))
         self._worst.object = "<div class='aq-section'>Worst layers</div>" + _table(worst)
@@ -552,12 +654,33 @@ class QualityView(Viewer):
         else:
             self._outside.object = ""
 
+    def _render_fidelity(self, q: QualityReport) -> None:
+        """The output fidelity per noise level next to the heatmap (models with a graph), else why not."""
+        e2e, levels = q.end_to_end, q.fidelity()
+        if not e2e.get("available") or levels.empty:
+            self._fidelity.object = None
+            self._fidelity_text.object = (f"<div class='aq-muted'>End-to-end: not measured: "
+                                          f"{fmt.esc(e2e.get('reason') or 'no levels')}</div>")
+            return
+        from .plots import fidelity_plot
+
+        self._fidelity.object = fidelity_plot(levels, title="Network output vs original, per noise level")
+        psnr = e2e.get("mean_psnr_db")
+        self._fidelity_text.object = (
+            "<div class='aq-section'>End-to-end fidelity</div>"
+            + _stat("mean output cos", fmt.cos(e2e.get("mean_cosine"), 6))
+            + _stat(f"worst, at noise {e2e.get('worst_sigma', float('nan')):.3g}", fmt.cos(e2e.get("worst_cosine"), 6))
+            + _stat("mean PSNR", f"{psnr:.1f} dB" if psnr is not None and psnr == psnr and psnr != float("inf") else "∞")
+            + f"<div class='aq-muted'>{fmt.esc(e2e.get('reason', ''))}</div>")
+
     def __panel__(self):
         return pn.Column(
             pn.Row(pn.widgets.Select.from_param(self.param.job_id, width=380, css_classes=["aq-quality-result"]),
                    pn.widgets.RadioButtonGroup.from_param(self.param.layout, align="end", button_type="default")),
             self._msg, self._stats,
-            pn.Row(self._plot, pn.Column(self._bits, self._outside, min_width=300, sizing_mode="stretch_width"),
+            # the fidelity and bit tables go beside the heatmap, or under it when the window is narrow
+            pn.FlexBox(self._plot, pn.Column(self._fidelity_text, self._fidelity, self._bits, self._outside, width=400),
+                       flex_wrap="wrap", align_items="flex-start",
                    sizing_mode="stretch_width"),
             self._worst, self._fallbacks,
             sizing_mode="stretch_width",

@@ -206,3 +206,47 @@ def test_remote_browsers_are_refused(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(serving, "client_is_local", lambda: False)
     assert "only answers browsers on the machine" in serving.page().object
+
+
+def test_budget_range_and_fidelity_chart_for_a_model_with_a_graph(browser, tmp_path, artifacts):
+    """terrain-unet (it has a graph): the reachable sizes show by the budget, a budgeted job
+    reports its budget, and the quality view draws the per-noise-level fidelity by the heatmap."""
+    import shutil
+
+    from arrow_quant_v2.samples import sample_path
+
+    from .conftest import Watched, start_server, stop_server
+
+    root = tmp_path / "models"
+    shutil.copytree(sample_path("terrain-unet"), root / "my-terrain")
+    srv = start_server(tmp_path, root)
+    try:
+        ctx = browser.new_context(viewport={"width": 1800, "height": 1000})
+        w = Watched(ctx.new_page())
+        page = w.page
+        page.goto(srv.url)
+        page.wait_for_selector("text=Start quantizing", timeout=60_000)
+        select_model(page, "my-terrain")
+        page.get_by_role("button", name="edge", exact=True).click()
+        wait_until(lambda: page.get_by_text("Reachable: ≈").count() > 0, 60, what="the reachable sizes")
+        budget = page.locator(".aq-budget input")
+        budget.fill("999")
+        budget.press("Enter")
+        wait_until(lambda: page.get_by_text("cannot be reached").count() > 0, 10, what="the out-of-range message")
+        budget.fill("5")
+        budget.press("Enter")
+        wait_until(lambda: page.get_by_text("cannot be reached").count() == 0, 10, what="an in-range budget")
+        page.get_by_role("button", name=re.compile("Start quantizing")).click()
+        wait_until(lambda: status(page, 1) == "done", JOB_TIMEOUT, every=0.5, what="the terrain-unet job")
+        assert "budget" in " ".join(page.locator(".aq-job-1 .aq-kv").all_inner_texts())
+        page.locator(".aq-open-1 button").click()
+        wait_until(lambda: page.get_by_text("End-to-end fidelity").count() > 0 and page.locator(".bk-Figure").count() >= 2,
+                   30, what="the fidelity chart")
+        time.sleep(1.5)
+        page.screenshot(path=str(artifacts / "quality-fidelity.png"), full_page=True)
+        ctx.close()
+        assert not w.errors, w.errors
+        assert not w.external, w.external
+    finally:
+        stop_server(srv)
+    assert not srv.problems(), srv.log_text()[-6000:]
