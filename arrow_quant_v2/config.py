@@ -47,7 +47,7 @@ class DiffusionQuantConfig:
     modality: Optional[str] = spec(None, "Force the modality (text, code, image, audio); None detects it.", choices=MODALITIES)
     enable_time_aware: bool = spec(True, "Give timestep/noise-conditioning modules (time_embed, adaLN_modulation, ...) more bits.")
     sensitive_bits: int = spec(8, "Bits for protected tensors: embeddings, output heads, time conditioning, sensitive_layers.", choices=(4, 8))
-    protect_embeddings: bool = spec(True, "Give embeddings and output heads sensitive_bits.")
+    protect_embeddings: bool = spec(True, "Give embeddings, output heads and a denoiser's boundary layers (input conv, first block, output layers) sensitive_bits.")
     sensitive_layers: Tuple[str, ...] = spec((), "Extra tensor-name glob patterns to protect with sensitive_bits.", kind="patterns", default_factory=tuple)
     bit_rules: Dict[str, int] = spec(None, "Ordered {glob pattern: bits} rules; the first match wins over every default (0 = keep lossless).", kind="rules", default_factory=dict)
     min_accuracy: Optional[float] = spec(None, "Cosine every quantized tensor must reach (None = 0.90/0.99/0.999 for int2/int4/int8).", bounds=(0.0, 1.0))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from arrow_quant_v2 import ArrowQuantV2, DiffusionQuantConfig
+from arrow_quant_v2 import ArrowQuantV2, DiffusionQuantConfig, load_quantized
 from arrow_quant_v2.e2e import end_to_end, find_graph, noise_levels
 from arrow_quant_v2.engine import quantize_model
 from arrow_quant_v2.validation import validate_store
@@ -107,3 +107,18 @@ def test_terrain_unet_int8_is_faithful_at_every_noise_level(tmp_path):
     assert [lv["sigma"] for lv in e2e["levels"]] == pytest.approx([80.0, 0.4, 0.002])
     assert e2e["input_shape"] == [2, 1, 128, 128]
     assert e2e["worst_cosine"] > 0.999 and e2e["worst_psnr_db"] > 35
+
+
+def test_terrain_unet_local_profile_keeps_every_noise_level_above_099(tmp_path):
+    """int4 with the denoiser's boundary layers protected: the output stays faithful even at
+    sigma 80, where int4 on the first block's convolution alone drops it to 0.83."""
+    from arrow_quant_v2.samples import sample_path
+
+    model = sample_path("terrain-unet")
+    quantize_model(model, tmp_path / "q", DiffusionQuantConfig.from_profile("local"))
+    store = load_quantized(tmp_path / "q")
+    first_conv = store.tensors["network.input_blocks.1.0.in_layers.2.weight"]
+    assert first_conv.bits == 8 and "boundary layer (input_blocks.1)" in first_conv.reason
+    assert store.tensors["network.input_blocks.2.0.in_layers.2.weight"].bits == 4
+    e2e = end_to_end(model, tmp_path / "q", num_time_groups=10)
+    assert e2e["worst_cosine"] >= 0.99, [(lv["sigma"], lv["cosine"]) for lv in e2e["levels"]]

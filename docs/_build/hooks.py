@@ -139,6 +139,8 @@ def gen_plan_modules() -> str:
     return "\n".join([
         f"- **Time conditioning** (`plan.TIME_MODULES`): {names(plan.TIME_MODULES)}.",
         f"- **Embeddings and output heads** (`plan.EMBEDDING_MODULES`): {names(plan.EMBEDDING_MODULES)}.",
+        f"- **Boundary layers of a denoiser** (`plan.BOUNDARY_PREFIXES`, name prefixes after `network.`, "
+        f"`model.diffusion_model.` or a component folder): {names(plan.BOUNDARY_PREFIXES)}.",
         f"- **Norms** (`plan.NORM_RE`, case-insensitive): `{plan.NORM_RE.pattern}`.",
         f"- **Fallback chain** (`plan.FALLBACK_ORDER`): "
         + " → ".join(f"int{b}" for b in plan.FALLBACK_ORDER) + " → lossless.",
