@@ -13,7 +13,6 @@ import numpy as np
 
 from . import encodings
 from .config import DiffusionQuantConfig
-from .errors import ConfigurationError
 from .source import ModelSource, TensorInfo
 
 #: Timestep / noise-level conditioning: their outputs modulate every block at every

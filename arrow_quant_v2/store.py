@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__, encodings
-from .errors import ModelFormatError, OutputError, ValidationError
+from . import encodings
+from .errors import OutputError, ValidationError
 from .source import DTYPES, to_float32
 
 FORMAT_NAME = "arrowquant"

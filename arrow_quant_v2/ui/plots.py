@@ -7,7 +7,7 @@ colour bar is labelled in cosine.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import holoviews as hv
 import numpy as np

@@ -19,7 +19,6 @@ import panel as pn
 import param
 from panel.viewable import Viewer
 
-from ..config import DiffusionQuantConfig
 from ..errors import ArrowQuantError
 from . import format as fmt
 from .jobs import Job, JobManager, shared_manager
