@@ -113,8 +113,11 @@ def _binary_cell(blob: Optional[np.ndarray]) -> pa.Array:
 
 
 def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()  # hashlib.file_digest is 3.11+, and we support 3.10
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def recover_interrupted_overwrite(output: Path) -> None:
