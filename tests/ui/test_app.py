@@ -11,49 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, progress, select_model, start, status, tab, wait_until  # noqa: F401
 
 pytestmark = pytest.mark.ui
 
 JOB_TIMEOUT = 180  # seconds; two 168M-parameter jobs share 2 cores with validation
-
-
-def wait_until(cond, timeout=30.0, every=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def progress(page, job_id) -> int:
-    loc = page.locator(f".aq-progress-{job_id} progress")
-    return int(loc.evaluate("e => e.value")) if loc.count() else -1
-
-
-def status(page, job_id) -> str:
-    loc = page.locator(f".aq-job-{job_id} .aq-badge")
-    return loc.inner_text().strip().lower() if loc.count() else ""
-
-
-def select_model(page, prefix: str) -> str:
-    select = page.locator(".aq-model select")
-    labels = select.evaluate("e => Array.from(e.options).map(o => o.text)")
-    label = next(lbl for lbl in labels if lbl.startswith(prefix))
-    select.select_option(label=label)
-    return label
-
-
-def start(page, profile: str) -> None:
-    page.get_by_role("button", name=profile, exact=True).click()
-    time.sleep(0.3)
-    page.get_by_role("button", name=re.compile("Start quantizing")).click()
-
-
-def tab(page, name: str):
-    return page.locator(".bk-tab").filter(has_text=re.compile(f"^{name}$")).first
 
 
 def updates_per_second(page, job_ids, seconds=1.5):
