@@ -563,6 +563,14 @@ def choose_group_for_target(
     return best
 
 
+def weighted_cosine(tensors) -> float:
+    """A model's cosine similarity: the parameter-weighted mean over its quantized tensors
+    (each an object or dict with ``numel`` and ``cosine``); 1.0 when none is quantized."""
+    pairs = [(t["numel"], t["cosine"]) for t in tensors]
+    params = sum(n for n, _ in pairs)
+    return float(sum(n * c for n, c in pairs) / params) if params else 1.0
+
+
 def figures(stats: np.ndarray) -> Dict[str, float]:
     """Cosine, relative Frobenius error and SQNR (dB) from fused statistics."""
     xy, xx, yy, ee = (float(v) for v in stats)

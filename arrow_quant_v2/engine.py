@@ -101,9 +101,6 @@ class QuantizeJob:
 
     # -- work items ---------------------------------------------------------------------
 
-    def _chunk_rows(self, info: TensorInfo) -> List[Tuple[int, int]]:
-        return chunk_ranges(self.source, info)
-
     def _tasks(self):
         for name, info in self.source.tensors.items():
             if name in self.final:  # kept from a killed run (resume)
@@ -111,7 +108,7 @@ class QuantizeJob:
             plan = self.plans[name]
             if self.config.enable_spatial and self.config.target_model_size_mb is None:
                 plan = self.plans[name] = spatial_plan(plan, self.source, self.config)
-            ranges = self._chunk_rows(info)
+            ranges = chunk_ranges(self.source, info)
             for i, (r0, r1) in enumerate(ranges):
                 yield info, plan, i, r0, r1, i == len(ranges) - 1
 
@@ -248,7 +245,7 @@ class QuantizeJob:
             parts = [(r0, r1, blobs) for r0, r1, (blobs, _) in parts]
 
     def _encode_all(self, info: TensorInfo, plan: TensorPlan):
-        ranges = self._chunk_rows(info)
+        ranges = chunk_ranges(self.source, info)
         futures = [self.pool.submit(self._encode, info, plan, r0, r1) for r0, r1 in ranges]
         try:
             return [(r0, r1, f.result()) if not plan.lossless else (r0, r1, f.result()[0])
@@ -300,7 +297,6 @@ def summarize(final: Dict[str, dict]) -> dict:
     """Model-level figures from per-tensor ones (definitions in DESIGN.md)."""
     q = {n: t for n, t in final.items() if t["bits"] != LOSSLESS}
     params = sum(t["numel"] for t in q.values())
-    cos = sum(t["numel"] * t["cosine"] for t in q.values()) / params if params else 1.0
     per_bits: Dict[str, dict] = {}
     for t in final.values():
         key = "lossless" if t["bits"] == LOSSLESS else f"int{t['bits']}"
@@ -310,7 +306,7 @@ def summarize(final: Dict[str, dict]) -> dict:
         d["bytes"] += t["nbytes"]
     worst = min(q.items(), key=lambda kv: kv[1]["cosine"], default=(None, {"cosine": 1.0}))
     return {
-        "cosine_similarity": float(cos),
+        "cosine_similarity": encodings.weighted_cosine(q.values()),
         "min_cosine": float(worst[1]["cosine"]),
         "worst_layer": worst[0],
         "bits_per_weight": (sum(t["nbytes"] for t in q.values()) * 8 / params) if params else 0.0,

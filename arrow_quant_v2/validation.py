@@ -15,7 +15,7 @@ import numpy as np
 
 from . import kernels
 from .config import DEFAULT_MIN_ACCURACY
-from .encodings import figures
+from .encodings import figures, weighted_cosine
 from .errors import ArrowQuantError, ValidationError
 from .progress import CancelToken, ProgressEvent, ProgressSink
 from .source import open_model
@@ -90,11 +90,10 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
                                    tensor=name, tensors_done=i + 1, tensors_total=len(store.tensors),
                                    bytes_done=done, bytes_total=total))
     params = sum(p["numel"] for p in per_layer.values())
-    cos = sum(p["numel"] * p["cosine"] for p in per_layer.values()) / params if params else 1.0
     worst = sorted(per_layer, key=lambda n: per_layer[n]["cosine"])[:10]
     weight_bytes = store.weight_bytes
     report = {
-        "cosine_similarity": float(cos),
+        "cosine_similarity": weighted_cosine(per_layer.values()),
         "compression_ratio": source.total_bytes / weight_bytes if weight_bytes else 0.0,
         "per_layer_accuracy": {n: p["cosine"] for n, p in per_layer.items()},
         "passed": all(p["passed"] for p in per_layer.values()),
