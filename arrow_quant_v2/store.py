@@ -508,9 +508,7 @@ class QuantizedModel:
     def _decode(row: dict, rows: int, cols: int) -> np.ndarray:
         if row["encoding"] == RAW:
             raw = np.frombuffer(row["codes"] or b"", dtype=DTYPES[row["dtype"]])
-            if row["dtype"] not in ("F64", "F32", "F16", "BF16"):
-                return raw.astype(np.float32).reshape(rows, cols)
-            return to_float32(raw, row["dtype"]).reshape(rows, cols)
+            return to_float32(raw, row["dtype"]).reshape(rows, cols)  # widens BF16 bits, casts the rest
         enc = encodings.get_encoding(row["encoding"], row["bits"], row["group_size"])
         blobs = {f: np.frombuffer(row[f], dtype=np.uint8) for f in encodings.BLOB_FIELDS if row[f] is not None}
         return encodings.dequantize(blobs, enc, rows, cols)
