@@ -189,9 +189,13 @@ def cmd_samples(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    """``panel serve app`` with safe defaults: localhost only, this package's app."""
-    app = Path(__file__).resolve().parent.parent / "app"
-    cmd = [sys.executable, "-m", "panel", "serve", str(app), "--address", args.address, "--port", str(args.port)]
+    """``panel serve`` of the app module inside this package, with safe defaults (localhost only)."""
+    import importlib.util
+
+    if importlib.util.find_spec("panel") is None:
+        raise ArrowQuantError("the app needs the [app] extra: pip install 'arrow-quant-v2[app]'")
+    script = Path(__file__).resolve().parent / "ui" / "app.py"  # arrow_quant_v2.ui.app, run by panel as a script
+    cmd = [sys.executable, "-m", "panel", "serve", str(script), "--address", args.address, "--port", str(args.port)]
     if args.address in ("127.0.0.1", "localhost"):
         cmd += ["--allow-websocket-origin", f"localhost:{args.port}", "--allow-websocket-origin", f"127.0.0.1:{args.port}"]
     if args.show:

@@ -12,7 +12,8 @@
                         diffusion model; it reads well as a block × module heatmap.
 ======================  ==========================================================================
 
-The cache is ``$ARROW_QUANT_CACHE`` or ``~/.cache/arrow_quant_v2``; models live in
+The cache is :func:`arrow_quant_v2.paths.cache_dir` (``$ARROW_QUANT_CACHE``, else the platform's
+user cache folder, e.g. ``~/.cache/arrow_quant_v2``); models live in
 ``<cache>/samples/v<N>/<name>`` (``N`` changes whenever a generator changes, so stale builds are
 never reused) and downloaded wheels in ``<cache>/wheels``. A sample is built in a temporary
 sibling folder and renamed into place, so a folder that exists is complete.
@@ -41,6 +42,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from .errors import ModelNotFoundError
+from .paths import CACHE_ENV, cache_dir  # noqa: F401 - part of this module's API
 from .safetensors_writer import (
     TensorSpec,
     float32_to_bf16_bits,
@@ -63,16 +65,7 @@ __all__ = [
 # Bump when any generator/converter below changes what it writes: old builds are then ignored.
 SAMPLES_VERSION = 1
 
-CACHE_ENV = "ARROW_QUANT_CACHE"
 OFFLINE_ENV = "ARROW_QUANT_OFFLINE"
-
-
-def cache_dir() -> Path:
-    """The sample cache: ``$ARROW_QUANT_CACHE`` if set, else ``~/.cache/arrow_quant_v2``."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "arrow_quant_v2"
 
 
 def _root(cache: str | os.PathLike | None) -> Path:

@@ -7,7 +7,7 @@ their tensor names prefixed ``component/``), or a single ``.safetensors`` file.
 Every header is checked before any weight is read (offsets inside the file, no
 overlaps or holes, byte counts matching dtype x shape, sane shapes, a header that is
 a JSON object without duplicate names), so a damaged file fails early with a
-:class:`ModelFormatError` naming the file. Weights are read with ``os.pread`` chunk by
+:class:`ModelFormatError` naming the file. Weights are read with ``os.preadv`` (:func:`read_at`) chunk by
 chunk rather than through a long-lived memory map: mapped pages count as resident
 memory until unmapped, and we want peak RSS bounded by a few chunks, not the model.
 """
@@ -348,7 +348,7 @@ class ModelSource:
         buf = bytearray(nbytes)
         try:
             with open(info.file, "rb", buffering=0) as f:
-                got = os.preadv(f.fileno(), [buf], offset) if nbytes else 0
+                got = read_at(f, buf, offset) if nbytes else 0
         except FileNotFoundError:
             raise ModelNotFoundError(f"{info.file}: vanished while reading tensor {name!r}") from None
         if got != nbytes:
@@ -373,6 +373,24 @@ class ModelSource:
         step = max(1, max_elements // max(cols, 1))
         for r in range(0, rows, step):
             yield r, min(r + step, rows)
+
+
+def read_at(f, buf: bytearray, offset: int) -> int:
+    """Fill ``buf`` from byte ``offset`` of the open file ``f``; the number of bytes read (short at EOF).
+
+    One ``preadv`` system call where the OS has it (Linux, the BSDs, macOS 11+); elsewhere a seek and
+    ``readinto`` loop, which is as safe here because every read opens its own file object.
+    """
+    if hasattr(os, "preadv"):
+        return os.preadv(f.fileno(), [buf], offset)
+    view, got = memoryview(buf), 0
+    f.seek(offset)
+    while got < len(buf):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def open_model(path) -> ModelSource:

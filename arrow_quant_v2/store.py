@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -132,7 +133,10 @@ def recover_interrupted_overwrite(output: Path) -> None:
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported
+    (other systems: the caller falls back to two renames, recovered by :func:`recover_interrupted_overwrite`)."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):

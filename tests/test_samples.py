@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import zipfile
 from pathlib import Path
 
@@ -68,7 +69,23 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("ARROW_QUANT_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
     monkeypatch.delenv("ARROW_QUANT_CACHE")
-    assert cache_dir() == Path.home() / ".cache" / "arrow_quant_v2"
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    if sys.platform.startswith("linux"):
+        assert cache_dir() == Path.home() / ".cache" / "arrow_quant_v2"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if sys.platform.startswith("linux"):  # macOS keeps ~/Library/Caches whatever XDG says
+        assert cache_dir() == tmp_path / "xdg" / "arrow_quant_v2"
+
+
+def test_output_root_env(monkeypatch, tmp_path):
+    from arrow_quant_v2.paths import output_root
+
+    monkeypatch.setenv("ARROW_QUANT_OUTPUT_ROOT", str(tmp_path / "o"))
+    assert output_root() == tmp_path / "o"
+    monkeypatch.delenv("ARROW_QUANT_OUTPUT_ROOT")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    if sys.platform.startswith("linux"):
+        assert output_root() == tmp_path / "data" / "arrow_quant_v2" / "outputs"
 
 
 def test_unknown_sample_lists_names(tmp_path):

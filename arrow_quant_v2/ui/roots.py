@@ -5,8 +5,8 @@ symlinks followed) and found inside one of the configured roots:
 
 * model roots: ``$ARROW_QUANT_MODEL_ROOTS`` (``os.pathsep``-separated) and/or the
   ``model_roots`` argument, plus the sample cache (``<cache>/samples``);
-* the output root: ``$ARROW_QUANT_OUTPUT_ROOT`` or the ``output_root`` argument,
-  default ``<cache>/outputs`` (``<cache>`` is ``$ARROW_QUANT_CACHE`` or ``~/.cache/arrow_quant_v2``).
+* the output root: the ``output_root`` argument, else :func:`arrow_quant_v2.paths.output_root`
+  (``$ARROW_QUANT_OUTPUT_ROOT``, else ``outputs`` in the platform's user data folder).
 
 No Panel here: this module is used by the state classes and tested without a server.
 """
@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Union
 
 from ..errors import ArrowQuantError
-from ..samples import cache_dir
+from ..paths import cache_dir
+from ..paths import output_root as default_output_root  # noqa: F401 - the app's name for it
 
 MODEL_ROOTS_ENV = "ARROW_QUANT_MODEL_ROOTS"
-OUTPUT_ROOT_ENV = "ARROW_QUANT_OUTPUT_ROOT"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -34,11 +34,6 @@ def env_model_roots() -> List[Path]:
     """The roots named in ``$ARROW_QUANT_MODEL_ROOTS`` (empty entries ignored)."""
     raw = os.environ.get(MODEL_ROOTS_ENV, "")
     return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
-
-
-def default_output_root() -> Path:
-    env = os.environ.get(OUTPUT_ROOT_ENV)
-    return Path(env).expanduser() if env else cache_dir() / "outputs"
 
 
 def samples_root() -> Path:
