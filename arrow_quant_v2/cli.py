@@ -1,4 +1,12 @@
-"""``arrow-quant``: quantize, validate and inspect from the shell.
+"""arrow-quant: quantize, validate and inspect models from the shell, and serve the app.
+
+Conventions every command follows (a new command gets them from :func:`add_command`):
+
+* exit codes: :class:`ExitCode`, mapped from the error types by :func:`exit_code_for`, in this one
+  place (``arrow-quant --help`` lists them);
+* ``-v`` / ``-q`` set the log level through :mod:`logging` (``-q`` also hides progress bars);
+* ``--json`` prints the command's results as JSON on stdout (messages and progress go to stderr);
+* help texts are plain text (no reStructuredText markup): they are what ``--help`` shows.
 
 Models may be given as paths or as sample names (``tiny-dream``, ``terrain-unet``;
 ``arrow-quant samples`` lists them), which are built on first use.
@@ -6,16 +14,68 @@ Models may be given as paths or as sample names (``tiny-dream``, ``terrain-unet`
 from __future__ import annotations
 
 import argparse
+import enum
 import json
+import logging
 import math
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from . import __version__
 from .config import BIT_WIDTHS, GROUP_SIZES, PROFILES, DiffusionQuantConfig
-from .errors import ArrowQuantError
+from .errors import (
+    ArrowQuantError,
+    ConfigurationError,
+    ModelFormatError,
+    ModelNotFoundError,
+    OutputError,
+    ValidationError,
+)
+
+log = logging.getLogger("arrow_quant_v2.cli")
+
+
+class ExitCode(enum.IntEnum):
+    """What ``arrow-quant``'s exit status means (the same for every command)."""
+
+    OK = 0
+    VALIDATION_FAILED = 1
+    USAGE = 2
+    INPUT = 3
+    OUTPUT = 4
+    FAILED = 5
+    CANCELLED = 130
+
+
+#: One line per exit code, for ``--help`` and the docs.
+EXIT_MEANINGS = {
+    ExitCode.OK: "success",
+    ExitCode.VALIDATION_FAILED: "validate: a tensor is below its accuracy threshold",
+    ExitCode.USAGE: "bad arguments or config values",
+    ExitCode.INPUT: "the model or store cannot be used: not found, damaged, or not the store's source",
+    ExitCode.OUTPUT: "the output cannot be written: it exists, lies inside the input, or the disk is full",
+    ExitCode.FAILED: "quantizing failed for another reason (e.g. --fail-fast and an accuracy miss)",
+    ExitCode.CANCELLED: "cancelled (Ctrl-C)",
+}
+
+
+class UsageError(ArrowQuantError):
+    """The command line asks for something that cannot be done as given."""
+
+
+def exit_code_for(error: BaseException) -> ExitCode:
+    """The exit status for an error a command raised."""
+    if isinstance(error, KeyboardInterrupt):
+        return ExitCode.CANCELLED
+    if isinstance(error, (UsageError, ConfigurationError)):
+        return ExitCode.USAGE
+    if isinstance(error, OutputError):
+        return ExitCode.OUTPUT
+    if isinstance(error, (ModelNotFoundError, ModelFormatError, ValidationError)):
+        return ExitCode.INPUT
+    return ExitCode.FAILED
 
 
 def resolve_model(spec: str) -> Path:
@@ -71,6 +131,11 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def print_json(obj) -> None:
+    """A command's ``--json`` output."""
+    print(json.dumps(obj, indent=1, default=str))
+
+
 def _config_from(args) -> DiffusionQuantConfig:
     overrides = {}
     if args.bits is not None:
@@ -99,15 +164,15 @@ def cmd_quantize(args) -> int:
 
     model = resolve_model(args.model)
     config = _config_from(args)
-    bar, sink = _progress_bar(f"quantizing {model.name}", not args.json and not args.quiet)
+    bar, sink = _progress_bar(f"quantizing {model.name}", not args.json and args.quiet == 0)
     try:
         result = quantize_model(model, args.output, config, progress=sink, overwrite=args.overwrite,
                                 resume=args.resume)
     finally:
         bar.close()
     if args.json:
-        print(json.dumps(result, indent=1, default=str))
-        return 0
+        print_json(result)
+        return ExitCode.OK
     print(f"quantized {model} -> {result['quantized_path']}  ({config!r})")
     rows = [(k, result[k]) for k in ("modality", "bit_width", "bits_per_weight", "model_size_mb", "source_size_mb",
                                      "compression_ratio", "cosine_similarity", "min_cosine", "worst_layer",
@@ -116,8 +181,8 @@ def cmd_quantize(args) -> int:
     rows.append(("fallbacks", len(result["fallbacks"])))
     print(_table(rows, ("figure", "value")))
     for w in result["warnings"]:
-        print(f"warning: {w}", file=sys.stderr)
-    return 0
+        log.warning("%s", w)
+    return ExitCode.OK
 
 
 def cmd_validate(args) -> int:
@@ -126,7 +191,7 @@ def cmd_validate(args) -> int:
     report = validate_store(resolve_model(args.original), args.store, min_accuracy=args.min_accuracy,
                             end_to_end=False if args.no_end_to_end else None, num_time_groups=args.time_groups)
     if args.json:
-        print(json.dumps(report, indent=1, default=str))
+        print_json(report)
     else:
         rows = [(k, report[k]) for k in ("passed", "cosine_similarity", "min_cosine", "compression_ratio",
                                          "model_size_mb", "bits_per_weight", "num_quantized", "num_lossless")]
@@ -141,7 +206,7 @@ def cmd_validate(args) -> int:
         print("\nworst layers:")
         print(_table([(n, c, report["per_layer"][n]["bits"]) for n, c in report["worst_layers"]],
                      ("tensor", "cosine", "bits")))
-    return 0 if report["passed"] else 1
+    return ExitCode.OK if report["passed"] else ExitCode.VALIDATION_FAILED
 
 
 def cmd_inspect(args) -> int:
@@ -153,13 +218,13 @@ def cmd_inspect(args) -> int:
         rows = [(e["name"], "x".join(map(str, e["shape"])), e["dtype"], e["encoding"], e["bits"],
                  round(e["bits_per_weight"], 3), e["cosine"], e["reason"]) for e in store.summary()]
         if args.json:
-            print(json.dumps({"manifest": store.manifest, "tensors": store.summary()}, indent=1, default=str))
-            return 0
+            print_json({"manifest": store.manifest, "tensors": store.summary()})
+            return ExitCode.OK
         print(_table(rows, ("tensor", "shape", "dtype", "encoding", "bits", "bpw", "cosine", "reason")))
         t = store.manifest["totals"]
         print(f"\n{len(rows)} tensors, {t['model_size_mb']:.2f} MiB, compression {t['compression_ratio']:.2f}x, "
               f"cosine {t['cosine_similarity']:.6f}, made from {store.manifest['source']['path']}")
-        return 0
+        return ExitCode.OK
     from .plan import Planner, detect_modality
     from .source import open_model
 
@@ -169,23 +234,33 @@ def cmd_inspect(args) -> int:
     modality, why = detect_modality(source, config.modality)
     plans = [(n, "x".join(map(str, t.shape)), t.dtype, planner.plan(t).reason) for n, t in source.tensors.items()]
     if args.json:
-        print(json.dumps({"modality": modality, "modality_reason": why, "config": config.to_dict(),
-                          "tensors": [dict(zip(("name", "shape", "dtype", "plan"), p)) for p in plans]}, indent=1))
-        return 0
+        print_json({"modality": modality, "modality_reason": why, "config": config.to_dict(),
+                    "tensors": [dict(zip(("name", "shape", "dtype", "plan"), p)) for p in plans]})
+        return ExitCode.OK
     print(_table(plans, ("tensor", "shape", "dtype", f"plan ({config!r})")))
     print(f"\n{len(plans)} tensors, {source.total_bytes / 2**20:.2f} MiB, modality {modality} ({why})")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_samples(args) -> int:
     from . import samples
 
     if args.build:
-        print(samples.sample_path(args.build))
-        return 0
-    rows = [(s.name, s.modality, "yes" if s.available else "no", s.description) for s in samples.list_samples()]
+        path = samples.sample_path(args.build)
+        if args.json:
+            print_json({"name": args.build, "path": str(path)})
+        else:
+            print(path)
+        return ExitCode.OK
+    infos = samples.list_samples()
+    if args.json:
+        print_json([{"name": s.name, "modality": s.modality, "built": s.available, "path": str(s.path),
+                     "params": s.params, "source": s.source, "license": s.license, "description": s.description}
+                    for s in infos])
+        return ExitCode.OK
+    rows = [(s.name, s.modality, "yes" if s.available else "no", s.description) for s in infos]
     print(_table(rows, ("name", "modality", "built", "description")))
-    return 0
+    return ExitCode.OK
 
 
 def cmd_serve(args) -> int:
@@ -193,7 +268,7 @@ def cmd_serve(args) -> int:
     import importlib.util
 
     if importlib.util.find_spec("panel") is None:
-        raise ArrowQuantError("the app needs the [app] extra: pip install 'arrow-quant-v2[app]'")
+        raise UsageError("the app needs the [app] extra: pip install 'arrow-quant-v2[app]'")
     script = Path(__file__).resolve().parent / "ui" / "app.py"  # arrow_quant_v2.ui.app, run by panel as a script
     cmd = [sys.executable, "-m", "panel", "serve", str(script), "--address", args.address, "--port", str(args.port)]
     if args.address in ("127.0.0.1", "localhost"):
@@ -215,58 +290,95 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spatial", action="store_true", help="per-layer group size (largest that reaches min_accuracy)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arrow-quant", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"arrow-quant {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _common_options() -> argparse.ArgumentParser:
+    """The options every command takes: log level (and, through it, progress bars)."""
+    common = argparse.ArgumentParser(add_help=False)
+    level = common.add_argument_group("output")
+    level.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log more: -v for progress messages, -vv for debugging detail")
+    level.add_argument("-q", "--quiet", action="count", default=0,
+                       help="log errors only and show no progress bar")
+    return common
 
-    q = sub.add_parser("quantize", help="quantize a model into an ArrowQuant store")
+
+def add_command(sub, name: str, func: Callable, *, help: str, description: Optional[str] = None,
+                json_output: bool = True) -> argparse.ArgumentParser:
+    """A subcommand with the shared conventions: -v/-q, and --json when it prints results."""
+    p = sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
+                       parents=[_common_options()])
+    if json_output:
+        p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.set_defaults(func=func)
+    return p
+
+
+def _exit_codes_text() -> str:
+    return "exit status:\n" + "\n".join(f"  {int(c):<4} {EXIT_MEANINGS[c]}" for c in ExitCode)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="arrow-quant", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Quantize, validate and inspect diffusion models from the shell, and serve the app.",
+        epilog=_exit_codes_text())
+    parser.add_argument("--version", action="version", version=f"arrow-quant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = add_command(sub, "quantize", cmd_quantize, help="quantize a model into an ArrowQuant store")
     q.add_argument("model", help="model folder, .safetensors file, or sample name")
     q.add_argument("output", help="output store folder (must not exist unless --overwrite)")
     _add_config_options(q)
     q.add_argument("--overwrite", action="store_true", help="replace an existing store at OUTPUT")
     q.add_argument("--resume", action="store_true", help="reuse what an interrupted run with the same inputs finished")
-    q.add_argument("--json", action="store_true", help="print the result as JSON")
-    q.add_argument("--quiet", action="store_true", help="no progress bar")
-    q.set_defaults(func=cmd_quantize)
 
-    v = sub.add_parser("validate", help="compare a store with its source, tensor by tensor")
-    v.add_argument("original")
-    v.add_argument("store")
-    v.add_argument("--min-accuracy", type=float)
+    v = add_command(sub, "validate", cmd_validate, help="compare a store with its source, tensor by tensor")
+    v.add_argument("original", help="the model the store was made from (folder, file or sample name)")
+    v.add_argument("store", help="the store folder to check")
+    v.add_argument("--min-accuracy", type=float,
+                   help="one cosine threshold for every tensor (default: 0.90 / 0.99 / 0.999 for int2 / int4 / int8)")
     v.add_argument("--no-end-to-end", action="store_true", help="skip running the model's ONNX graph (model.onnx)")
     v.add_argument("--time-groups", type=int, help="noise levels for the end-to-end check (default: the store's config)")
-    v.add_argument("--json", action="store_true")
-    v.set_defaults(func=cmd_validate)
 
-    i = sub.add_parser("inspect", help="list a store's or a model's tensors with their plan and figures")
-    i.add_argument("path")
+    i = add_command(sub, "inspect", cmd_inspect,
+                    help="list a store's or a model's tensors with their plan and figures")
+    i.add_argument("path", help="a store folder, or a model (folder, file or sample name) to show the plan for")
     _add_config_options(i)
-    i.add_argument("--json", action="store_true")
-    i.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("samples", help="list the sample models (or build one)")
-    s.add_argument("--build", metavar="NAME")
-    s.set_defaults(func=cmd_samples)
+    s = add_command(sub, "samples", cmd_samples, help="list the sample models (or build one)")
+    s.add_argument("--build", metavar="NAME", help="build sample NAME into the cache (if missing) and print its folder")
 
-    sv = sub.add_parser("serve", help="serve the Panel app (localhost only by default)")
-    sv.add_argument("--address", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=5006)
-    sv.add_argument("--show", action="store_true")
-    sv.set_defaults(func=cmd_serve)
+    sv = add_command(sub, "serve", cmd_serve, json_output=False,
+                     help="serve the Panel app (localhost only by default)")
+    sv.add_argument("--address", default="127.0.0.1",
+                    help="interface to listen on (default 127.0.0.1; other machines are refused unless "
+                         "ARROW_QUANT_ALLOW_REMOTE=1)")
+    sv.add_argument("--port", type=int, default=5006, help="port to listen on (default 5006)")
+    sv.add_argument("--show", action="store_true", help="open the page in a browser")
     return parser
 
 
+def configure_logging(verbose: int, quiet: int) -> None:
+    """WARNING by default; -v INFO, -vv DEBUG; -q ERROR. Messages go to stderr."""
+    level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(format="%(levelname)s: %(message)s", stream=sys.stderr)  # no-op if the host set logging up
+    logging.getLogger().setLevel(level)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; returns its :class:`ExitCode` (argparse itself exits with 2 on bad arguments)."""
     args = build_parser().parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
     try:
-        return args.func(args)
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return int(ExitCode.CANCELLED)
     except ArrowQuantError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return int(exit_code_for(e))
     except BrokenPipeError:  # e.g. `arrow-quant inspect ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return int(ExitCode.OK)
 
 
 if __name__ == "__main__":

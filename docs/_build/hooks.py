@@ -12,6 +12,7 @@ time, so the docs cannot drift from it:
 * ``store-schema``    the Parquet columns, from ``store.SCHEMA`` and the comments beside it
 * ``encodings``       each encoding's byte layout: its class docstring in ``encodings.py``
 * ``cli-help``        ``arrow-quant <command> --help`` for every command
+* ``cli-exit-codes``  the exit status table, from ``cli.EXIT_MEANINGS``
 
 An unknown marker is an error, so a typo fails the (strict) build. The screenshots the UI
 tests save in the repository's ``assets/`` folder are served as ``assets/*.png``.
@@ -272,6 +273,13 @@ def gen_cli_help() -> str:
             os.environ["COLUMNS"] = old
 
 
+def gen_cli_exit_codes() -> str:
+    from arrow_quant_v2.cli import EXIT_MEANINGS
+
+    rows = "\n".join(f"| {int(code)} | `{code.name}` | {meaning} |" for code, meaning in EXIT_MEANINGS.items())
+    return "| status | name | meaning |\n|---|---|---|\n" + rows
+
+
 GENERATORS = {
     "config-fields": gen_config_fields,
     "profile-settings": gen_profile_settings,
@@ -282,6 +290,7 @@ GENERATORS = {
     "store-schema": gen_store_schema,
     "encodings": gen_encodings,
     "cli-help": gen_cli_help,
+    "cli-exit-codes": gen_cli_exit_codes,
 }
 
 
