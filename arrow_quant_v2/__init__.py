@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 from .errors import (  # noqa: F401
     ArrowQuantError,
     ConfigurationError,
+    ExportError,
     ModelFormatError,
     ModelNotFoundError,
     MultiModelError,
@@ -18,7 +19,7 @@ from .store import load_quantized, QuantizedModel  # noqa: F401,E402
 __all__ = [
     "ArrowQuantV2", "DiffusionQuantConfig", "load_quantized", "QuantizedModel",
     "ArrowQuantError", "ConfigurationError", "QuantizationError", "ValidationError",
-    "ModelNotFoundError", "ModelFormatError", "OutputError", "MultiModelError",
+    "ModelNotFoundError", "ModelFormatError", "OutputError", "MultiModelError", "ExportError",
 ]
 
 

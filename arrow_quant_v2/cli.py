@@ -28,6 +28,7 @@ from .config import BIT_WIDTHS, GROUP_SIZES, PROFILES, DiffusionQuantConfig
 from .errors import (
     ArrowQuantError,
     ConfigurationError,
+    ExportError,
     ModelFormatError,
     ModelNotFoundError,
     OutputError,
@@ -54,7 +55,7 @@ EXIT_MEANINGS = {
     ExitCode.OK: "success",
     ExitCode.VALIDATION_FAILED: "validate: a tensor is below its accuracy threshold",
     ExitCode.USAGE: "bad arguments or config values",
-    ExitCode.INPUT: "the model or store cannot be used: not found, damaged, or not the store's source",
+    ExitCode.INPUT: "the model, store or GGUF file cannot be used: not found, damaged, not the source, or not exportable",
     ExitCode.OUTPUT: "the output cannot be written: it exists, lies inside the input, or the disk is full",
     ExitCode.FAILED: "quantizing failed for another reason (e.g. --fail-fast and an accuracy miss)",
     ExitCode.CANCELLED: "cancelled (Ctrl-C)",
@@ -73,7 +74,7 @@ def exit_code_for(error: BaseException) -> ExitCode:
         return ExitCode.USAGE
     if isinstance(error, OutputError):
         return ExitCode.OUTPUT
-    if isinstance(error, (ModelNotFoundError, ModelFormatError, ValidationError)):
+    if isinstance(error, (ModelNotFoundError, ModelFormatError, ValidationError, ExportError)):
         return ExitCode.INPUT
     return ExitCode.FAILED
 
@@ -209,8 +210,67 @@ def cmd_validate(args) -> int:
     return ExitCode.OK if report["passed"] else ExitCode.VALIDATION_FAILED
 
 
+def export_format(out: str, fmt: Optional[str]) -> str:
+    """The export format: ``fmt`` if given, else ``gguf`` for a ``.gguf`` path and ``safetensors`` otherwise."""
+    return fmt or ("gguf" if Path(out).suffix.lower() == ".gguf" else "safetensors")
+
+
+def cmd_export(args) -> int:
+    from .store import load_quantized
+
+    store = load_quantized(args.store)
+    fmt = export_format(args.output, args.format)
+    if fmt == "gguf":
+        if args.dtype:
+            raise UsageError("--dtype applies to safetensors exports only (GGUF keeps the stored types)")
+        bar, sink = _progress_bar(f"exporting {Path(args.output).name}", not args.json and args.quiet == 0)
+        try:
+            result = store.to_gguf(args.output, overwrite=args.overwrite, progress=sink)
+        finally:
+            bar.close()
+    else:
+        if args.overwrite:
+            raise UsageError("--overwrite applies to GGUF exports only; remove the folder or choose another")
+        out = store.to_safetensors(args.output, dtype=args.dtype or "float16")
+        result = {"path": str(Path(out).resolve()), "format": "safetensors", "dtype": args.dtype or "float16",
+                  "bytes": sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()),
+                  "warnings": [], "notes": []}
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+        return ExitCode.OK
+    print(f"exported {args.store} -> {result['path']} ({result['format']}, {result['bytes'] / 2**20:.2f} MiB)")
+    if fmt == "gguf":
+        print(f"architecture {result['architecture']}, tensors: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(result["ggml_types"].items())))
+    for w in result["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    for n in result["notes"]:
+        print(f"note: {n}")
+    return ExitCode.OK
+
+
+def _inspect_gguf(path: Path, as_json: bool) -> int:
+    from .gguf_io import open_gguf
+
+    gf = open_gguf(path)
+    rows = gf.summary()
+    if as_json:
+        print(json.dumps({"format": "gguf", "architecture": gf.architecture, "tensors": rows}, indent=1, default=str))
+        return ExitCode.OK
+    print(_table([(r["name"], r["source"] or "", "x".join(map(str, r["shape"])), r["ggml_type"],
+                   round(r["bits_per_weight"], 3), "" if r["cosine"] is None else r["cosine"]) for r in rows],
+                 ("tensor", "source name", "shape", "type", "bpw", "cosine")))
+    print(f"\n{len(rows)} tensors, {path.stat().st_size / 2**20:.2f} MiB, architecture {gf.architecture}"
+          f"{'' if gf.provenance else ' (not written by ArrowQuant: compare it with its source via validate)'}")
+    return ExitCode.OK
+
+
 def cmd_inspect(args) -> int:
     path = resolve_model(args.path)
+    from .gguf_io import is_gguf_file
+
+    if is_gguf_file(path):
+        return _inspect_gguf(path, args.json)
     if (path / "manifest.json").is_file():
         from .store import load_quantized
 
@@ -331,18 +391,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing store at OUTPUT")
     q.add_argument("--resume", action="store_true", help="reuse what an interrupted run with the same inputs finished")
 
-    v = add_command(sub, "validate", cmd_validate, help="compare a store with its source, tensor by tensor")
+    v = add_command(sub, "validate", cmd_validate, help="compare a store or any GGUF file with its source, tensor by tensor")
     v.add_argument("original", help="the model the store was made from (folder, file or sample name)")
-    v.add_argument("store", help="the store folder to check")
+    v.add_argument("store", help="the store folder or GGUF file to check")
     v.add_argument("--min-accuracy", type=float,
                    help="one cosine threshold for every tensor (default: 0.90 / 0.99 / 0.999 for int2 / int4 / int8)")
     v.add_argument("--no-end-to-end", action="store_true", help="skip running the model's ONNX graph (model.onnx)")
     v.add_argument("--time-groups", type=int, help="noise levels for the end-to-end check (default: the store's config)")
 
     i = add_command(sub, "inspect", cmd_inspect,
-                    help="list a store's or a model's tensors with their plan and figures")
-    i.add_argument("path", help="a store folder, or a model (folder, file or sample name) to show the plan for")
+                    help="list a store's, a GGUF file's or a model's tensors with their plan and figures")
+    i.add_argument("path", help="a store folder, a GGUF file, or a model (folder, file or sample name) to show the plan for")
     _add_config_options(i)
+
+    x = add_command(sub, "export", cmd_export,
+                    help="export a store to GGUF (llama.cpp, ComfyUI-GGUF, diffusers) or dequantized safetensors")
+    x.add_argument("store", help="an ArrowQuant store folder")
+    x.add_argument("output", help="a .gguf file, or a folder for safetensors")
+    x.add_argument("--format", choices=("gguf", "safetensors"), help="default: gguf for a .gguf path, else safetensors")
+    x.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
+                   help="float type of dequantized tensors (safetensors only; default float16)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing GGUF file")
 
     s = add_command(sub, "samples", cmd_samples, help="list the sample models (or build one)")
     s.add_argument("--build", metavar="NAME", help="build sample NAME into the cache (if missing) and print its folder")

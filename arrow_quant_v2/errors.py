@@ -44,3 +44,9 @@ class MultiModelError(QuantizationError):
         super().__init__(message)
         self.failures = failures
         self.results = results
+
+
+class ExportError(ArrowQuantError):
+    """A store cannot be exported to the asked format without changing its weights (the message names
+    the tensors and the fix, e.g. quantize with ``target_runtime="gguf"``), or the model folder lacks
+    what the target runtime needs."""

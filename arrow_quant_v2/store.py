@@ -479,6 +479,10 @@ class QuantizedModel:
             table = pq.ParquetFile(self.files[si]).read_row_group(rg)
             yield table.to_pylist()[0]
 
+    def chunks(self, name: str):
+        """The stored rows of tensor ``name`` in row order, as dicts of the :data:`SCHEMA` columns."""
+        return self._rows(name)
+
     def dequantize(self, name: str) -> np.ndarray:
         """The tensor ``name`` as float32 in its original shape (reads only its own row groups).
 
@@ -582,6 +586,28 @@ class QuantizedModel:
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, out / rel)
         return out
+
+
+    def to_gguf(self, path, *, overwrite: bool = False, progress=None, cancel=None) -> dict:
+        """Export to the GGUF file ``path`` for llama.cpp, ComfyUI-GGUF or diffusers, losslessly.
+
+        Every tensor keeps its stored bytes (ggml block types as they are, lossless tensors in
+        their source dtype), so ``gguf.quants.dequantize`` of each GGUF tensor equals
+        :meth:`dequantize`. Tensor names, ``general.architecture``, hyper-parameters and the
+        tokenizer are what the runtime of the model's family expects (see :mod:`arrow_quant_v2.gguf_io`).
+        Needs the ``gguf`` extra (``pip install arrow-quant-v2[gguf]``).
+
+        Returns:
+            ``{"path", "architecture", "bytes", "tensors", "ggml_types", "has_tokenizer", "warnings", "notes"}``.
+
+        Raises:
+            ExportError: a tensor's encoding has no ggml form (quantize with ``target_runtime="gguf"``),
+                or config.json lacks a hyper-parameter the runtime needs.
+            OutputError: ``path`` exists and ``overwrite`` is False, or it cannot be written.
+        """
+        from .gguf_io import export_gguf
+
+        return export_gguf(self, path, overwrite=overwrite, progress=progress, cancel=cancel)
 
 
 def load_quantized(path) -> QuantizedModel:

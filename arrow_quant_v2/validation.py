@@ -25,6 +25,28 @@ from .store import load_quantized
 COSINE_AGREEMENT = 1e-6
 
 
+def summarize(per_layer: Dict[str, dict], *, num_tensors: int, source_bytes: int, weight_bytes: int,
+              modality: Optional[str]) -> dict:
+    """The validation report's figures from the per-layer records (a store's or a GGUF file's)."""
+    params = sum(p["numel"] for p in per_layer.values())
+    worst = sorted(per_layer, key=lambda n: per_layer[n]["cosine"])[:10]
+    return {
+        "cosine_similarity": weighted_cosine(per_layer.values()),
+        "compression_ratio": source_bytes / weight_bytes if weight_bytes else 0.0,
+        "per_layer_accuracy": {n: p["cosine"] for n, p in per_layer.items()},
+        "passed": all(p["passed"] for p in per_layer.values()),
+        "min_cosine": min((p["cosine"] for p in per_layer.values()), default=1.0),
+        "worst_layers": [(n, per_layer[n]["cosine"]) for n in worst],
+        "failed_layers": [n for n, p in per_layer.items() if not p["passed"]],
+        "per_layer": per_layer,
+        "model_size_mb": weight_bytes / 2**20,
+        "bits_per_weight": sum(p["bits_per_weight"] * p["numel"] for p in per_layer.values()) / params if params else 0.0,
+        "num_quantized": len(per_layer),
+        "num_lossless": num_tensors - len(per_layer),
+        "modality": modality,
+    }
+
+
 def validate_store(original_path, quantized_path, *, min_accuracy: Optional[float] = None,
                    progress: Optional[ProgressSink] = None, cancel: Optional[CancelToken] = None,
                    end_to_end: Optional[bool] = None, num_time_groups: Optional[int] = None) -> dict:
@@ -36,7 +58,12 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
     per-level output fidelity under ``report["end_to_end"]`` (see :mod:`arrow_quant_v2.e2e`).
     """
     from . import e2e
+    from .gguf_io import is_gguf_file
 
+    if is_gguf_file(quantized_path):
+        from .gguf_io import validate_gguf
+
+        return validate_gguf(original_path, quantized_path, min_accuracy=min_accuracy, progress=progress, cancel=cancel)
     cancel = cancel or CancelToken()
     graph = e2e.find_graph(original_path) if end_to_end is not False else None
     keep: Optional[Dict[str, np.ndarray]] = {} if graph is not None else None  # dequantized weights for the graph
@@ -89,24 +116,8 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
             progress(ProgressEvent(stage="validate", fraction=min(done / total, 0.99), message=f"checking {name}",
                                    tensor=name, tensors_done=i + 1, tensors_total=len(store.tensors),
                                    bytes_done=done, bytes_total=total))
-    params = sum(p["numel"] for p in per_layer.values())
-    worst = sorted(per_layer, key=lambda n: per_layer[n]["cosine"])[:10]
-    weight_bytes = store.weight_bytes
-    report = {
-        "cosine_similarity": weighted_cosine(per_layer.values()),
-        "compression_ratio": source.total_bytes / weight_bytes if weight_bytes else 0.0,
-        "per_layer_accuracy": {n: p["cosine"] for n, p in per_layer.items()},
-        "passed": all(p["passed"] for p in per_layer.values()),
-        "min_cosine": min((p["cosine"] for p in per_layer.values()), default=1.0),
-        "worst_layers": [(n, per_layer[n]["cosine"]) for n in worst],
-        "failed_layers": [n for n, p in per_layer.items() if not p["passed"]],
-        "per_layer": per_layer,
-        "model_size_mb": weight_bytes / 2**20,
-        "bits_per_weight": sum(p["bits_per_weight"] * p["numel"] for p in per_layer.values()) / params if params else 0.0,
-        "num_quantized": len(per_layer),
-        "num_lossless": len(store.tensors) - len(per_layer),
-        "modality": store.manifest.get("modality", {}).get("name"),
-    }
+    report = summarize(per_layer, num_tensors=len(store.tensors), source_bytes=source.total_bytes,
+                       weight_bytes=store.weight_bytes, modality=store.manifest.get("modality", {}).get("name"))
     if graph is None:
         report["end_to_end"] = e2e.unavailable(
             "not requested (end_to_end=False)" if end_to_end is False else
