@@ -71,19 +71,23 @@ def _byte_symbols():
 def write_byte_tokenizer(folder, vocab_size: int, specials) -> None:
     """A minimal byte-level BPE ``tokenizer.json`` (256 byte tokens, fillers, ``specials`` {id: text}).
 
-    Enough for llama.cpp to load a synthetic model (no merges: text tokenizes byte by byte)."""
+    Enough for llama.cpp to load a synthetic model (a handful of merges: text tokenizes about byte by byte)."""
     import json
     from pathlib import Path
 
     vocab = {s: i for i, s in enumerate(_byte_symbols())}
-    for i in range(256, vocab_size):
+    merges = [("t", "h"), ("h", "e"), ("i", "n"), ("e", "r"), ("a", "n"), ("o", "n"), ("r", "e"), ("Ġ", "t")]
+    for a, b in merges:  # llama.cpp refuses a BPE vocabulary without merges
+        vocab[a + b] = len(vocab)
+    for i in range(len(vocab), vocab_size):
         if i not in specials:
             vocab[f"<unused{i}>"] = i
     added = [{"id": i, "content": text, "special": True, "single_word": False, "lstrip": False,
               "rstrip": False, "normalized": False} for i, text in sorted(specials.items())]
     tok = {"version": "1.0", "added_tokens": added, "normalizer": None,
            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-           "model": {"type": "BPE", "vocab": vocab, "merges": [], "byte_fallback": False}}
+           "model": {"type": "BPE", "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges],
+                     "byte_fallback": False}}
     (Path(folder) / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
 
 
