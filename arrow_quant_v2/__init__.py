@@ -3,6 +3,7 @@ __version__ = "0.1.0"
 
 from .errors import (  # noqa: F401
     ArrowQuantError,
+    ClusterError,
     ConfigurationError,
     ExportError,
     ModelFormatError,
@@ -19,7 +20,7 @@ from .store import load_quantized, QuantizedModel  # noqa: F401,E402
 __all__ = [
     "ArrowQuantV2", "DiffusionQuantConfig", "load_quantized", "QuantizedModel",
     "ArrowQuantError", "ConfigurationError", "QuantizationError", "ValidationError",
-    "ModelNotFoundError", "ModelFormatError", "OutputError", "MultiModelError", "ExportError",
+    "ModelNotFoundError", "ModelFormatError", "OutputError", "MultiModelError", "ExportError", "ClusterError",
 ]
 
 

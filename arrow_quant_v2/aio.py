@@ -48,6 +48,14 @@ Cancellation
     cancels every model of that call. To be able to cancel one model while the others go
     on, start one task per model with :meth:`AsyncArrowQuantV2.quantize_diffusion_model_async`
     and gather them (see ``examples/async_quantization_example.py``).
+
+Cluster
+    ``AsyncArrowQuantV2(cluster=client_or_address)`` runs every job on a Dask cluster instead
+    (``distributed``, the ``cluster`` extra; see :mod:`arrow_quant_v2.cluster` and the docs'
+    Cluster page). The semantics above hold, with the bounds kept per worker:
+    ``max_concurrent_jobs`` job slots (default: the worker's threads) and
+    ``max_bytes_in_flight`` bytes (default: a quarter of the worker's memory limit) on each.
+    Model and output paths must name the same files on every worker.
 """
 from __future__ import annotations
 
@@ -222,6 +230,19 @@ class _ProgressChannel:
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
+    @property
+    def listening(self) -> bool:
+        return self._task is not None
+
+    @property
+    def interval(self) -> float:
+        return self.throttle.interval
+
+    def deliver(self, event: ProgressEvent) -> None:
+        """An event already throttled elsewhere (a cluster worker), on the loop thread."""
+        if self._task is not None:
+            self._push(event, False)
+
     # loop side
     def post(self, event: ProgressEvent) -> None:
         """Queue an event from the loop thread itself (e.g. ``queued``); never dropped."""
@@ -367,13 +388,20 @@ class AsyncArrowQuantV2:
     progress_interval:
         Minimum seconds between two progress deliveries of one job (default 5.0, as the
         seed document says; ``0`` delivers every event). Each call may override it.
+    cluster:
+        Run jobs on a Dask cluster: a ``distributed.Client`` or a scheduler address such as
+        ``"tcp://127.0.0.1:8786"`` (connected on first use, closed by :meth:`close`). The two
+        bounds then apply per worker. Not together with ``executor``.
     """
 
     def __init__(self, executor: Optional[concurrent.futures.Executor] = None,
                  max_concurrent_jobs: Optional[int] = None, max_bytes_in_flight: Optional[int] = None,
-                 progress_interval: float = 5.0) -> None:
+                 progress_interval: float = 5.0, *, cluster=None) -> None:
         if executor is not None and not isinstance(executor, concurrent.futures.Executor):
             raise ConfigurationError(f"executor={executor!r} is not allowed; allowed: a concurrent.futures.Executor or None")
+        if executor is not None and cluster is not None:
+            raise ConfigurationError("executor= and cluster= were both given; allowed: one place for jobs to run")
+        per_worker = (max_concurrent_jobs, max_bytes_in_flight)
         if max_concurrent_jobs is None:
             max_concurrent_jobs = os.cpu_count() or 2
         if isinstance(max_concurrent_jobs, bool) or not isinstance(max_concurrent_jobs, int) or max_concurrent_jobs < 1:
@@ -389,6 +417,11 @@ class AsyncArrowQuantV2:
         self._owns_executor = executor is None
         self._executor_lock = threading.Lock()
         self._limits: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Limits]" = weakref.WeakKeyDictionary()
+        self._cluster = None
+        if cluster is not None:
+            from .cluster import ClusterRunner  # distributed is imported only there, only now
+
+            self._cluster = ClusterRunner(cluster, *per_worker)
 
     def __repr__(self) -> str:
         return (f"AsyncArrowQuantV2(max_concurrent_jobs={self.max_concurrent_jobs}, "
@@ -405,8 +438,15 @@ class AsyncArrowQuantV2:
                     max_workers=self.max_concurrent_jobs, thread_name_prefix="aq-job")
             return self._executor
 
+    @property
+    def cluster(self):
+        """The :class:`~arrow_quant_v2.cluster.ClusterRunner` jobs run on, or None (this machine)."""
+        return self._cluster
+
     def close(self, wait: bool = True) -> None:
-        """Shut down the executor this instance created (a passed-in one is left alone)."""
+        """Shut down the executor (or the cluster client) this instance created; passed-in ones are left alone."""
+        if self._cluster is not None:
+            self._cluster.close()
         with self._executor_lock:
             if self._owns_executor and self._executor is not None:
                 self._executor.shutdown(wait=wait)
@@ -436,6 +476,10 @@ class AsyncArrowQuantV2:
         """Wait for a slot (first come, first served), then for memory (the size of the
         weights at ``source``), run ``fn(progress=, cancel=)`` on the executor, and on
         cancellation stop the worker before re-raising."""
+        if self._cluster is not None:
+            return await self._cluster.run(fn, nbytes=source_bytes(source), channel=channel, name=fn.func.__name__,
+                                           queued=lambda message: channel.post(
+                                               ProgressEvent(stage=QUEUED, fraction=0.0, message=message)))
         loop = asyncio.get_running_loop()
         limits = self._limits_for(loop)
         if limits.jobs.would_wait(1):
@@ -483,6 +527,15 @@ class AsyncArrowQuantV2:
         finally:
             channel.abort()
 
+    def _paths(self, *paths) -> tuple:
+        """On a cluster, paths made absolute (a worker has another working folder)."""
+        if self._cluster is None:
+            return paths
+        from .cluster.runner import absolute
+
+        return tuple(absolute(p) if i == 0 else os.path.abspath(p) if isinstance(p, (str, os.PathLike)) else p
+                     for i, p in enumerate(paths))
+
     # -- public coroutines -------------------------------------------------------------------
 
     async def quantize_diffusion_model_async(self, model_path, output_path,
@@ -514,6 +567,7 @@ class AsyncArrowQuantV2:
         _check_config(config)
         interval = self.progress_interval if progress_interval is None else _check_interval(progress_interval)
         listeners = _listeners(progress_callback, on_event, multi=model_index is not None)
+        model_path, output_path = self._paths(model_path, output_path)
         fn = functools.partial(quantize_model, model_path, output_path, config, overwrite=overwrite, resume=resume)
 
         def wrap(e: Exception) -> Exception:
@@ -577,6 +631,7 @@ class AsyncArrowQuantV2:
             raise ConfigurationError(f"min_accuracy={min_accuracy!r} is not allowed; allowed: None or a number in [0.0, 1.0]")
         interval = self.progress_interval if progress_interval is None else _check_interval(progress_interval)
         listeners = _listeners(progress_callback, on_event, multi=False)
+        original_path, quantized_path = self._paths(original_path, quantized_path)
         fn = functools.partial(validate_store, original_path, quantized_path, min_accuracy=min_accuracy,
                                end_to_end=end_to_end, num_time_groups=num_time_groups)
 

@@ -38,16 +38,37 @@ class ArrowQuantV2:
     Args:
         mode: must be ``"diffusion"``.
         progress_interval: seconds between two progress callbacks (default 5.0).
+        cluster: run on a Dask cluster (a ``distributed.Client`` or a scheduler address such
+            as ``"tcp://127.0.0.1:8786"``) instead of this machine; calls still block.
 
     Raises:
-        ConfigurationError: for another ``mode``.
+        ConfigurationError: for another ``mode`` or a ``cluster`` that is neither.
     """
 
-    def __init__(self, mode: str = "diffusion", progress_interval: float = 5.0) -> None:
+    def __init__(self, mode: str = "diffusion", progress_interval: float = 5.0, *, cluster=None) -> None:
         if mode != "diffusion":
             raise ConfigurationError(f"mode={mode!r} is not allowed; allowed: 'diffusion'")
         self.mode = mode
         self.progress_interval = progress_interval
+        self._remote = None
+        if cluster is not None:
+            from .aio import AsyncArrowQuantV2
+
+            self._remote = AsyncArrowQuantV2(cluster=cluster, progress_interval=progress_interval)
+
+    def _blocking(self, coroutine_function, *args, **kwargs):
+        """Run one of the async API's coroutines to the end on a private loop (in a helper
+        thread, so this works inside a running loop too, e.g. a notebook)."""
+        import asyncio
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aq-cluster-call") as pool:
+            return pool.submit(asyncio.run, coroutine_function(*args, **kwargs)).result()
+
+    def close(self) -> None:
+        """Close the cluster connection this instance opened from an address (if any)."""
+        if self._remote is not None:
+            self._remote.close()
 
     def quantize_diffusion_model(self, model_path, output_path, config: Optional[DiffusionQuantConfig] = None,
                                  progress_callback: Optional[Callable[[str, float], None]] = None,
@@ -77,6 +98,9 @@ class ArrowQuantV2:
             QuantizationError: quantizing failed; subclasses :class:`ModelNotFoundError`,
                 :class:`ModelFormatError` and :class:`OutputError` say why.
         """
+        if self._remote is not None:
+            return self._blocking(self._remote.quantize_diffusion_model_async, model_path, output_path, config,
+                                  progress_callback, overwrite=overwrite, resume=resume)
         return quantize_model(model_path, output_path, config, overwrite=overwrite, resume=resume,
                               progress=plain_progress(progress_callback, self.progress_interval))
 
@@ -105,5 +129,8 @@ class ArrowQuantV2:
         Raises:
             ValidationError: the store is missing or corrupt, or was made from another model.
         """
+        if self._remote is not None:
+            return self._blocking(self._remote.validate_quality_async, original_path, quantized_path, min_accuracy,
+                                  end_to_end=end_to_end, num_time_groups=num_time_groups)
         return validate_store(original_path, quantized_path, min_accuracy=min_accuracy,
                               end_to_end=end_to_end, num_time_groups=num_time_groups)

@@ -160,6 +160,19 @@ def _config_from(args) -> DiffusionQuantConfig:
     return DiffusionQuantConfig(**overrides)
 
 
+def _on_cluster(address: str, method: str, *args, **kwargs):
+    """Run one coroutine of the async API on the Dask scheduler at ``address``."""
+    import asyncio
+
+    from .aio import AsyncArrowQuantV2
+
+    async def run():
+        async with AsyncArrowQuantV2(cluster=address, progress_interval=0.2) as quantizer:
+            return await getattr(quantizer, method)(*args, **kwargs)
+
+    return asyncio.run(run())
+
+
 def cmd_quantize(args) -> int:
     from .engine import quantize_model
 
@@ -167,8 +180,12 @@ def cmd_quantize(args) -> int:
     config = _config_from(args)
     bar, sink = _progress_bar(f"quantizing {model.name}", not args.json and args.quiet == 0)
     try:
-        result = quantize_model(model, args.output, config, progress=sink, overwrite=args.overwrite,
-                                resume=args.resume)
+        if args.cluster:
+            result = _on_cluster(args.cluster, "quantize_diffusion_model_async", model, args.output, config,
+                                 on_event=sink, overwrite=args.overwrite, resume=args.resume)
+        else:
+            result = quantize_model(model, args.output, config, progress=sink, overwrite=args.overwrite,
+                                    resume=args.resume)
     finally:
         bar.close()
     if args.json:
@@ -189,8 +206,12 @@ def cmd_quantize(args) -> int:
 def cmd_validate(args) -> int:
     from .validation import validate_store
 
-    report = validate_store(resolve_model(args.original), args.store, min_accuracy=args.min_accuracy,
-                            end_to_end=False if args.no_end_to_end else None, num_time_groups=args.time_groups)
+    options = dict(min_accuracy=args.min_accuracy, end_to_end=False if args.no_end_to_end else None,
+                   num_time_groups=args.time_groups)
+    if args.cluster:
+        report = _on_cluster(args.cluster, "validate_quality_async", resolve_model(args.original), args.store, **options)
+    else:
+        report = validate_store(resolve_model(args.original), args.store, **options)
     if args.json:
         print_json(report)
     else:
@@ -390,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(q)
     q.add_argument("--overwrite", action="store_true", help="replace an existing store at OUTPUT")
     q.add_argument("--resume", action="store_true", help="reuse what an interrupted run with the same inputs finished")
+    q.add_argument("--cluster", metavar="ADDRESS", help="run on the Dask scheduler at ADDRESS (e.g. tcp://host:8786); "
+                   "paths must be shared with its workers")
 
     v = add_command(sub, "validate", cmd_validate, help="compare a store or any GGUF file with its source, tensor by tensor")
     v.add_argument("original", help="the model the store was made from (folder, file or sample name)")
@@ -398,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one cosine threshold for every tensor (default: 0.90 / 0.99 / 0.999 for int2 / int4 / int8)")
     v.add_argument("--no-end-to-end", action="store_true", help="skip running the model's ONNX graph (model.onnx)")
     v.add_argument("--time-groups", type=int, help="noise levels for the end-to-end check (default: the store's config)")
+    v.add_argument("--cluster", metavar="ADDRESS", help="run on the Dask scheduler at ADDRESS")
 
     i = add_command(sub, "inspect", cmd_inspect,
                     help="list a store's, a GGUF file's or a model's tensors with their plan and figures")

@@ -43,13 +43,14 @@ _pool_lock = threading.Lock()
 _pool: Optional[ThreadPoolExecutor] = None
 
 
-def kernel_pool() -> ThreadPoolExecutor:
+def kernel_pool(threads: Optional[int] = None) -> ThreadPoolExecutor:
     """The process-wide pool the kernels run on: one thread per core, shared by all jobs
-    so that many concurrent jobs never oversubscribe the cores."""
+    so that many concurrent jobs never oversubscribe the cores. ``threads`` sizes it when
+    it is first made (a Dask worker passes its own thread count)."""
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="aq-kernel")
+            _pool = ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 2, thread_name_prefix="aq-kernel")
         return _pool
 
 

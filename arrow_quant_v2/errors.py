@@ -29,6 +29,11 @@ class OutputError(QuantizationError):
     """The output path cannot be used: it exists, lies inside the input, is unwritable, or the disk is full."""
 
 
+class ClusterError(QuantizationError):
+    """The Dask cluster could not run a job: no scheduler at the address, the scheduler went
+    away mid-job, or workers kept dying on it (the message names the scheduler)."""
+
+
 class ValidationError(ArrowQuantError):
     """Validating a quantized store against its source failed (missing store, mismatched source, corrupt data)."""
 

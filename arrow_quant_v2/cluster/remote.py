@@ -1,0 +1,67 @@
+"""What runs on a Dask worker: one engine call, its progress on the scheduler's event log,
+and a cancel token driven by a named ``distributed.Event``."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+from typing import Any, Callable
+
+from ..progress import CancelToken, ProgressEvent, Throttle
+
+#: How often the watcher asks the scheduler whether the job was cancelled (seconds).
+CANCEL_POLL_S = 0.25
+
+
+def cancel_event_name(job_id: str) -> str:
+    """The name of the ``distributed.Event`` that cancels job ``job_id``."""
+    return f"arrow-quant-cancel-{job_id}"
+
+
+def run_job(fn: Callable[..., Any], job_id: str, topic: str, interval: float) -> Any:
+    """Run ``fn(progress=, cancel=)`` on this worker (the task the client submits).
+
+    Events pass the same :class:`Throttle` as a local job's, here, so only admitted events
+    cross the network; each is logged on ``topic`` tagged with the job and a sequence number.
+    """
+    from distributed import get_client, get_worker
+
+    from ..engine import kernel_pool
+
+    worker = get_worker()
+    kernel_pool(worker.state.nthreads)  # a worker's kernels use its own threads, not every core
+    token = CancelToken()
+    finished = threading.Event()
+    watcher = threading.Thread(target=_watch_cancel, args=(get_client(), job_id, token, finished),
+                               name=f"aq-cancel-{job_id[:8]}", daemon=True)
+    watcher.start()
+    throttle = Throttle(interval)
+    numbers = itertools.count()
+
+    def sink(event: ProgressEvent) -> None:
+        if throttle.admit(event):
+            worker.log_event(topic, {"job": job_id, "seq": next(numbers), "event": dataclasses.asdict(event)})
+
+    try:
+        token.check()
+        return fn(progress=sink, cancel=token)
+    finally:
+        finished.set()
+        watcher.join()
+
+
+def _watch_cancel(client, job_id: str, token: CancelToken, finished: threading.Event) -> None:
+    """Set ``token`` once the client sets the job's cancel event, or once the scheduler is
+    unreachable (nobody could receive the result: stop and clean up rather than burn CPU)."""
+    from distributed import Event
+
+    event = Event(cancel_event_name(job_id), client=client)
+    while not finished.is_set():
+        try:
+            if event.wait(timeout=CANCEL_POLL_S):
+                token.cancel()
+                return
+        except Exception:  # noqa: BLE001 - any failure to reach the scheduler
+            if not finished.is_set():
+                token.cancel()
+            return

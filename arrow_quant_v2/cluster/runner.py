@@ -1,0 +1,379 @@
+"""The client side of cluster jobs: connection, per-worker bounds, progress routing, cancel."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import os
+import threading
+import time
+import uuid
+import weakref
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
+
+from ..aio import _wait_stopped, default_max_bytes_in_flight  # this package lives under aio
+from ..errors import ClusterError, ConfigurationError
+from ..progress import Cancelled, ProgressEvent
+from . import remote
+
+#: Seconds to wait for a scheduler at an address before giving up (ClusterError).
+CONNECT_TIMEOUT_S = 10
+#: Seconds a finished job waits for its final progress event, which travels by another
+#: path than the result; after that the client delivers the final event itself.
+FINAL_EVENT_WAIT_S = 2.0
+#: Seconds between two looks at the scheduler's worker list while a job waits for a worker.
+WORKER_POLL_S = 1.0
+
+
+def import_distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise ConfigurationError(
+            "cluster=... needs the 'distributed' package; install it with: pip install 'arrow-quant-v2[cluster]'"
+        ) from None
+    return distributed
+
+
+def connect_client(cluster):
+    """``(client, owned)`` for ``cluster``: a ``distributed.Client`` (used as is) or a
+    scheduler address (a new client, owned by the caller). Blocking; raises
+    :class:`ConfigurationError` for another kind of value, :class:`ClusterError` when no
+    scheduler answers."""
+    distributed = import_distributed()
+    if isinstance(cluster, distributed.Client):
+        if cluster.asynchronous:
+            raise ConfigurationError("cluster= got an asynchronous distributed.Client; allowed: a synchronous "
+                                     "Client (the default) or a scheduler address")
+        if cluster.status in ("closing", "closed"):
+            raise ClusterError(f"cluster= got a closed distributed.Client ({cluster.scheduler.address}); open a new one")
+        return cluster, False
+    try:
+        client = distributed.Client(cluster, set_as_default=False, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError, asyncio.TimeoutError) as e:
+        raise ClusterError(f"{cluster}: no Dask scheduler answered within {CONNECT_TIMEOUT_S} s ({e}); "
+                           "start one (`dask scheduler`) or check the address") from None
+    return client, True
+
+
+def check_cluster(cluster) -> None:
+    """Refuse anything but a Client or an address, before any connection is made."""
+    distributed = import_distributed()
+    if isinstance(cluster, distributed.Client):
+        return
+    if not isinstance(cluster, str) or ":" not in cluster:
+        raise ConfigurationError(f"cluster={cluster!r} is not allowed; allowed: a distributed.Client, a scheduler "
+                                 "address such as 'tcp://127.0.0.1:8786', or None")
+
+
+# -- per-worker bounds -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Worker:
+    jobs: int  # job slots
+    nbytes: int  # byte budget
+    jobs_used: int = 0
+    bytes_used: int = 0
+    gone: bool = False
+
+    def fits(self, nbytes: int) -> bool:
+        return not self.gone and self.jobs_used < self.jobs and self.bytes_used + min(nbytes, self.nbytes) <= self.nbytes
+
+
+class WorkerSlots:
+    """The job and byte bounds, kept per worker, for one event loop.
+
+    Each worker has ``jobs_per_worker`` job slots (default: its thread count) and a budget
+    of ``bytes_per_worker`` source bytes (default: a quarter of its memory limit). Jobs are
+    placed first come, first served, each on the least busy worker that can hold it; a job
+    larger than a worker's budget is capped to it (it runs there alone), as locally.
+    """
+
+    def __init__(self, jobs_per_worker: Optional[int], bytes_per_worker: Optional[int]) -> None:
+        self.jobs_per_worker = jobs_per_worker
+        self.bytes_per_worker = bytes_per_worker
+        self.workers: Dict[str, _Worker] = {}
+        self._waiters: Deque[list] = collections.deque()  # [nbytes, future]
+
+    def update(self, infos: Dict[str, dict]) -> None:
+        """Take the scheduler's current worker list (``scheduler_info()["workers"]``)."""
+        for address, info in infos.items():
+            if address not in self.workers or self.workers[address].gone:
+                limit = info.get("memory_limit") or 0
+                self.workers[address] = _Worker(
+                    jobs=self.jobs_per_worker or max(int(info.get("nthreads") or 1), 1),
+                    nbytes=self.bytes_per_worker or (max(limit // 4, 256 << 20) if limit else default_max_bytes_in_flight()))
+        for address, worker in list(self.workers.items()):
+            if address not in infos:
+                worker.gone = True
+                if not worker.jobs_used:
+                    del self.workers[address]
+        self._wake()
+
+    def would_wait(self, nbytes: int) -> bool:
+        return bool(self._waiters) or self._pick(nbytes) is None
+
+    def _pick(self, nbytes: int) -> Optional[str]:
+        fitting = [(w.jobs_used / w.jobs, w.bytes_used / w.nbytes, a) for a, w in self.workers.items() if w.fits(nbytes)]
+        return min(fitting)[2] if fitting else None
+
+    def _take(self, address: str, nbytes: int) -> Tuple[str, int]:
+        worker = self.workers[address]
+        units = min(nbytes, worker.nbytes)
+        worker.jobs_used += 1
+        worker.bytes_used += units
+        return address, units
+
+    async def acquire(self, nbytes: int, refresh: Callable[[], Awaitable[None]]) -> Tuple[str, int]:
+        """Wait for a worker that can hold a job of ``nbytes``; returns ``(address, units taken)``."""
+        if not self.would_wait(nbytes):
+            return self._take(self._pick(nbytes), nbytes)
+        fut = asyncio.get_running_loop().create_future()
+        entry = [nbytes, fut]
+        self._waiters.append(entry)
+        try:
+            while True:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(fut), WORKER_POLL_S)
+                except asyncio.TimeoutError:
+                    await refresh()  # a worker may have joined (or left)
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(*fut.result())
+            else:
+                try:
+                    self._waiters.remove(entry)
+                except ValueError:
+                    pass
+                self._wake()
+            raise
+
+    def release(self, address: str, units: int) -> None:
+        worker = self.workers.get(address)
+        if worker is not None:
+            worker.jobs_used -= 1
+            worker.bytes_used -= units
+            if worker.gone and not worker.jobs_used:
+                del self.workers[address]
+        self._wake()
+
+    def describe(self) -> str:
+        return ", ".join(f"{a}: {w.jobs_used}/{w.jobs} jobs, {w.bytes_used / 2**20:.0f}/{w.nbytes / 2**20:.0f} MiB"
+                         for a, w in sorted(self.workers.items())) or "no workers yet"
+
+    def _wake(self) -> None:
+        while self._waiters:
+            nbytes, fut = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+                continue
+            address = self._pick(nbytes)
+            if address is None:
+                break
+            self._waiters.popleft()
+            fut.set_result(self._take(address, nbytes))
+
+
+# -- the runner --------------------------------------------------------------------------------
+
+
+class ClusterRunner:
+    """Runs engine calls on a Dask cluster for one :class:`~arrow_quant_v2.aio.AsyncArrowQuantV2`."""
+
+    def __init__(self, cluster, jobs_per_worker: Optional[int] = None, bytes_per_worker: Optional[int] = None) -> None:
+        check_cluster(cluster)
+        self._given = cluster
+        self._client = None
+        self._owns_client = False
+        self._connect_lock = threading.Lock()
+        self.jobs_per_worker = jobs_per_worker
+        self.bytes_per_worker = bytes_per_worker
+        self.topic = f"arrow-quant-progress-{uuid.uuid4().hex}"
+        self._routes: Dict[str, Callable[[dict], None]] = {}
+        self._slots: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WorkerSlots]" = weakref.WeakKeyDictionary()
+
+    def __repr__(self) -> str:
+        return f"ClusterRunner({self.address!r})"
+
+    @property
+    def address(self) -> str:
+        """The scheduler's address (as given, until connected)."""
+        if self._client is not None:
+            return self._client.scheduler.address
+        return self._given if isinstance(self._given, str) else self._given.scheduler.address
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def client(self):
+        """The connected ``distributed.Client`` (connecting on first use; blocking)."""
+        with self._connect_lock:
+            if self._client is None:
+                client, owned = connect_client(self._given)
+                client.subscribe_topic(self.topic, self._on_event)
+                self._client, self._owns_client = client, owned
+            if self._client.status in ("closing", "closed"):
+                raise ClusterError(f"{self.address}: the connection to the Dask scheduler is closed")
+            return self._client
+
+    def workers(self) -> List[dict]:
+        """The scheduler's workers: address, name, threads, memory limit (blocking; for dashboards)."""
+        infos = self.client().scheduler_info(n_workers=-1)["workers"]
+        return [{"address": a, "name": str(i.get("name", a)), "nthreads": i.get("nthreads"),
+                 "memory_limit": i.get("memory_limit")} for a, i in sorted(infos.items())]
+
+    def close(self) -> None:
+        """Close the client this runner opened from an address (a passed-in Client is left open)."""
+        with self._connect_lock:
+            if self._client is not None:
+                try:
+                    self._client.unsubscribe_topic(self.topic)
+                except Exception:  # noqa: BLE001 - the scheduler may be gone already
+                    pass
+                if self._owns_client:
+                    self._client.close()
+                self._client = None
+
+    def _on_event(self, item) -> None:
+        """Called by the client for each event on our topic: ``(timestamp, message)``."""
+        _, msg = item
+        route = self._routes.get(msg.get("job")) if isinstance(msg, dict) else None
+        if route is not None:
+            route(msg)
+
+    # -- bounds --------------------------------------------------------------------------------
+
+    def slots(self) -> WorkerSlots:
+        loop = asyncio.get_running_loop()
+        slots = self._slots.get(loop)
+        if slots is None:
+            slots = self._slots[loop] = WorkerSlots(self.jobs_per_worker, self.bytes_per_worker)
+        return slots
+
+    async def _refresh(self, slots: WorkerSlots) -> None:
+        try:
+            infos = await asyncio.to_thread(lambda: self.client().scheduler_info(n_workers=-1)["workers"])
+        except ClusterError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the scheduler is unreachable
+            raise ClusterError(f"{self.address}: the Dask scheduler does not answer ({type(e).__name__}: {e})") from None
+        slots.update(infos)
+
+    async def place(self, nbytes: int, queued: Callable[[str], None]) -> Tuple[str, int]:
+        """Wait for a worker with a free job slot and ``nbytes`` of budget; ``(address, units)``."""
+        slots = self.slots()
+        await asyncio.to_thread(self.client)
+        await self._refresh(slots)
+        if slots.would_wait(nbytes):
+            queued(f"queued: waiting for a Dask worker ({slots.describe()})")
+        return await slots.acquire(nbytes, lambda: self._refresh(slots))
+
+    # -- one job -------------------------------------------------------------------------------
+
+    async def run(self, fn: Callable[..., Any], *, nbytes: int, channel, queued: Callable[[str], None],
+                  name: str = "arrow-quant") -> Any:
+        """Place a job, run ``fn(progress=, cancel=)`` on that worker, and return its result.
+
+        ``channel`` is the job's progress channel (it delivers on the caller's loop).
+        Cancelling the awaiting task cancels the job on the worker and waits until it stopped.
+        """
+        address, units = await self.place(nbytes, queued)
+        try:
+            return await self.submit(remote.run_job, fn, channel=channel, worker=address, name=name)
+        finally:
+            self.slots().release(address, units)
+
+    async def submit(self, func, fn, *args, channel, worker: Optional[str], name: str) -> Any:
+        """Run ``func(fn, job_id, topic, interval, *args)`` on the cluster (preferably on
+        ``worker``), relaying its progress to ``channel``."""
+        loop = asyncio.get_running_loop()
+        client = await asyncio.to_thread(self.client)
+        job_id = uuid.uuid4().hex
+        final_seen = asyncio.Event()
+
+        def deliver(event: ProgressEvent) -> None:
+            channel.deliver(event)
+            if event.fraction >= 1.0 or event.stage == "done":
+                final_seen.set()
+
+        def route(msg: dict) -> None:  # on the client's thread
+            fields = dict(msg["event"], time=time.monotonic())  # the worker's clock means nothing here
+            try:
+                loop.call_soon_threadsafe(deliver, ProgressEvent(**fields))
+            except RuntimeError:  # the caller's loop is closed
+                pass
+
+        self._routes[job_id] = route
+        try:
+            future = client.submit(func, fn, job_id, self.topic, channel.interval, *args, key=f"{name}-{job_id}",
+                                   pure=False, workers=[worker] if worker else None, allow_other_workers=True)
+            waiter = _bridge(future, loop, self.address)
+            try:
+                result = await asyncio.shield(waiter)
+            except asyncio.CancelledError:
+                await asyncio.to_thread(self._cancel, client, job_id)
+                await _wait_stopped(waiter)
+                raise
+            except Cancelled:  # only our event cancels a job, and then we are cancelled too
+                raise asyncio.CancelledError() from None
+            if channel.listening and not final_seen.is_set():
+                try:
+                    await asyncio.wait_for(final_seen.wait(), FINAL_EVENT_WAIT_S)
+                except asyncio.TimeoutError:
+                    deliver(ProgressEvent(stage="done", fraction=1.0, message="done"))
+            return result
+        finally:
+            self._routes.pop(job_id, None)
+
+    def _cancel(self, client, job_id: str) -> None:
+        from distributed import Event
+
+        try:
+            Event(remote.cancel_event_name(job_id), client=client).set()
+        except Exception:  # noqa: BLE001 - the scheduler is gone: the worker's watcher stops the job itself
+            pass
+
+
+def _bridge(future, loop: asyncio.AbstractEventLoop, address: str) -> "asyncio.Future":
+    """An asyncio future on ``loop`` settled with the Dask ``future``'s outcome; cluster
+    failures become :class:`ClusterError`."""
+    waiter = loop.create_future()
+
+    def settle(outcome: Tuple[bool, Any]) -> None:
+        if waiter.done():
+            return
+        ok, value = outcome
+        waiter.set_result(value) if ok else waiter.set_exception(value)
+
+    def done(f) -> None:  # on a thread of the client: blocking calls are fine here
+        outcome = _outcome(f, address)
+        try:
+            loop.call_soon_threadsafe(settle, outcome)
+        except RuntimeError:  # the caller's loop is closed
+            pass
+
+    future.add_done_callback(done)
+    return waiter
+
+
+def _outcome(f, address: str) -> Tuple[bool, Any]:
+    from distributed import KilledWorker
+
+    if f.status == "cancelled":
+        return False, ClusterError(f"{address}: the Dask scheduler went away (or cancelled the job) while it ran; "
+                                   "check the cluster and run again")
+    try:
+        return True, f.result()
+    except KilledWorker as e:
+        return False, ClusterError(f"{address}: workers kept dying while running this job ({e}); "
+                                   "check their memory limits and logs")
+    except BaseException as e:  # noqa: BLE001 - the job's own error, raised on the caller's side
+        if isinstance(e, asyncio.CancelledError):
+            return False, ClusterError(f"{address}: the Dask scheduler went away while the job ran; run again")
+        return False, e
+
+
+def absolute(path) -> Any:
+    """``path`` made absolute when it names something here (workers have another working
+    folder); anything else (e.g. a hub id) is passed on untouched."""
+    return os.path.abspath(path) if isinstance(path, (str, os.PathLike)) and os.path.exists(path) else path

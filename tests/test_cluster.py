@@ -1,0 +1,256 @@
+"""Jobs on a Dask cluster: a LocalCluster of 2 worker processes (1 thread each) on 127.0.0.1.
+
+What a user relies on: the same stores as on this machine (bit for bit), the bounds kept per
+worker, progress on the caller's loop with the local guarantees, cancel stopping the work on
+every worker and removing partial output, and a typed error (not a hang) when the scheduler
+goes away. No timing is asserted.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+distributed = pytest.importorskip("distributed")  # the 'cluster' extra; part of 'dev'
+
+from arrow_quant_v2 import (  # noqa: E402
+    ArrowQuantV2,
+    AsyncArrowQuantV2,
+    ClusterError,
+    ConfigurationError,
+    DiffusionQuantConfig,
+    load_quantized,
+)
+from arrow_quant_v2 import cli  # noqa: E402
+from arrow_quant_v2.aio import QUEUED  # noqa: E402
+from arrow_quant_v2.cluster import runner  # noqa: E402
+from arrow_quant_v2.engine import quantize_model  # noqa: E402
+
+INT4 = DiffusionQuantConfig(bit_width=4)
+
+
+def local_cluster(**kwargs):
+    return distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                    dashboard_address="127.0.0.1:0", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with local_cluster() as cluster, distributed.Client(cluster, set_as_default=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """Four distinct small models (different seeds and sizes)."""
+    from conftest import model_tensors, write_model
+
+    root = tmp_path_factory.mktemp("fleet")
+    sizes = [(64, 128, 2, 256), (128, 256, 2, 512), (96, 192, 3, 384), (128, 256, 2, 256)]
+    return [write_model(root / f"m{i}", model_tensors(*size, seed=i), {"model_type": "dream"})
+            for i, size in enumerate(sizes)]
+
+
+def store_fingerprint(path: Path) -> dict:
+    """What makes two stores the same: every shard's bytes (their sha256) and every tensor."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    store = load_quantized(path)
+    return {"shards": [(s["file"], s["sha256"]) for s in manifest["shards"]],
+            "tensors": {n: store.dequantize(n).tobytes() for n in store}}
+
+
+def partials(folder: Path):
+    return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name)
+
+
+def workers_that_ran(stream) -> set:
+    return {t["worker"] for t in stream.data}
+
+
+# -- a cluster as the place jobs run --------------------------------------------------------------
+
+
+async def test_four_models_as_a_fleet_equal_a_local_run_bit_for_bit(client, fleet, tmp_path):
+    for i, model in enumerate(fleet):
+        quantize_model(model, tmp_path / f"local{i}", INT4)
+    with distributed.get_task_stream(client=client) as stream:
+        async with AsyncArrowQuantV2(cluster=client) as quantizer:
+            results = await quantizer.quantize_multiple_models_async(
+                [(m, tmp_path / f"remote{i}", INT4) for i, m in enumerate(fleet)])
+    assert [Path(r["quantized_path"]) for r in results] == [tmp_path / f"remote{i}" for i in range(4)]
+    for i in range(4):
+        assert store_fingerprint(tmp_path / f"remote{i}") == store_fingerprint(tmp_path / f"local{i}")
+    assert len(workers_that_ran(stream)) == 2  # spread over both workers
+
+
+async def test_one_job_slot_per_worker_runs_one_job_per_worker_at_a_time(client, fleet, tmp_path):
+    queued = []
+    with distributed.get_task_stream(client=client) as stream:
+        async with AsyncArrowQuantV2(cluster=client, max_concurrent_jobs=1, progress_interval=60) as quantizer:
+            await quantizer.quantize_multiple_models_async(
+                [(m, tmp_path / f"o{i}", INT4) for i, m in enumerate(fleet)],
+                on_event=lambda e: queued.append(e.model_index) if e.stage == QUEUED else None)
+    spans = {}
+    for task in stream.data:
+        compute = [s for s in task["startstops"] if s["action"] == "compute"]
+        spans.setdefault(task["worker"], []).extend((s["start"], s["stop"]) for s in compute)
+    assert len(spans) == 2
+    for worker_spans in spans.values():
+        worker_spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(worker_spans, worker_spans[1:])), "two jobs overlapped on a worker"
+    assert sorted(set(queued)) == [2, 3]  # two slots for four jobs: the last two waited and said so
+
+
+def test_worker_slots_are_first_come_first_served_per_worker():
+    async def scenario():
+        slots = runner.WorkerSlots(jobs_per_worker=2, bytes_per_worker=100)
+        slots.update({"a": {"nthreads": 1, "memory_limit": 0}, "b": {"nthreads": 1, "memory_limit": 0}})
+
+        async def never():
+            pass
+
+        first = await slots.acquire(80, never)
+        second = await slots.acquire(80, never)
+        assert {first[0], second[0]} == {"a", "b"}  # the byte budget sends the second job to the other worker
+        big = asyncio.ensure_future(slots.acquire(500, never))  # capped at a worker's budget: runs alone
+        small = asyncio.ensure_future(slots.acquire(10, never))  # fits now, but waits behind the big one
+        await asyncio.sleep(0)
+        assert not big.done() and not small.done()
+        slots.release(*first)
+        assert (await big) == (first[0], 100)
+        await asyncio.sleep(0)
+        assert small.done() and small.result()[0] == second[0]
+        slots.update({"a": {"nthreads": 1, "memory_limit": 0}})  # worker b left: nothing new goes there
+        slots.release(*small.result())
+        slots.release(*second)
+        assert "b" not in slots.workers
+
+    asyncio.run(scenario())
+
+
+# -- progress --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interval", [0, 60])
+async def test_progress_reaches_the_callers_loop_first_and_final_monotonic(client, fleet, tmp_path, interval):
+    seen = []
+    loop_thread = threading.get_ident()
+
+    async def callback(message, fraction):
+        seen.append((threading.get_ident(), message, fraction))
+
+    async with AsyncArrowQuantV2(cluster=client, progress_interval=interval) as quantizer:
+        await quantizer.quantize_diffusion_model_async(fleet[1], tmp_path / "out", INT4, callback)
+    assert {t for t, _, _ in seen} == {loop_thread}
+    fractions = [f for _, _, f in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and seen[-1][1].startswith("done")
+    assert seen[0][1].startswith("loading kernels")  # the worker's very first event
+    if interval == 60:
+        assert len(seen) == 2  # throttled exactly like a local job: first and final only
+    else:
+        assert len(seen) > 5
+
+
+async def test_a_fleets_events_carry_their_model_index(client, fleet, tmp_path):
+    by_model = {}
+    async with AsyncArrowQuantV2(cluster=client, progress_interval=0) as quantizer:
+        await quantizer.quantize_multiple_models_async(
+            [(m, tmp_path / f"o{i}", INT4) for i, m in enumerate(fleet)],
+            lambda i, message, fraction: by_model.setdefault(i, []).append(fraction))
+    assert sorted(by_model) == [0, 1, 2, 3]
+    for fractions in by_model.values():
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+# -- cancellation and faults -----------------------------------------------------------------------
+
+
+def quantizing(flag: asyncio.Event):
+    def hook(event):
+        if event.stage == "quantize" and event.bytes_done > 0:
+            flag.set()
+    return hook
+
+
+async def test_cancel_stops_the_work_on_the_worker_and_removes_partial_output(client, big_model, tmp_path):
+    flag = asyncio.Event()
+    async with AsyncArrowQuantV2(cluster=client, progress_interval=0) as quantizer:
+        task = asyncio.ensure_future(quantizer.quantize_diffusion_model_async(
+            big_model, tmp_path / "out", INT4, on_event=quantizing(flag)))
+        await flag.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert not any(client.processing().values())  # the worker has stopped, not just the caller
+    assert not (tmp_path / "out").exists() and partials(tmp_path) == []
+
+
+async def test_cancelling_a_fleet_stops_every_worker(client, big_model, tmp_path):
+    flags = [asyncio.Event(), asyncio.Event()]
+
+    def hook(event):
+        quantizing(flags[event.model_index])(event)
+
+    async with AsyncArrowQuantV2(cluster=client, progress_interval=0) as quantizer:
+        task = asyncio.ensure_future(quantizer.quantize_multiple_models_async(
+            [(big_model, tmp_path / "a", INT4), (big_model, tmp_path / "b", INT4)], on_event=hook))
+        await asyncio.gather(*(f.wait() for f in flags))  # both running, one per worker
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert not any(client.processing().values())
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and partials(tmp_path) == []
+
+
+async def test_a_scheduler_that_disappears_gives_a_typed_error(big_model, tmp_path):
+    flag = asyncio.Event()
+    with local_cluster() as cluster, distributed.Client(cluster, set_as_default=False) as c:
+        async with AsyncArrowQuantV2(cluster=c, progress_interval=0) as quantizer:
+            task = asyncio.ensure_future(quantizer.quantize_diffusion_model_async(
+                big_model, tmp_path / "out", INT4, on_event=quantizing(flag)))
+            await flag.wait()
+            await asyncio.to_thread(cluster.sync, cluster.scheduler.close)
+            with pytest.raises(ClusterError, match="went away"):
+                await task
+    assert not (tmp_path / "out").exists()
+
+
+async def test_no_scheduler_at_the_address_gives_a_typed_error(fleet, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "CONNECT_TIMEOUT_S", 1)
+    async with AsyncArrowQuantV2(cluster="tcp://127.0.0.1:9") as quantizer:
+        with pytest.raises(ClusterError, match="no Dask scheduler answered"):
+            await quantizer.quantize_diffusion_model_async(fleet[0], tmp_path / "out")
+
+
+@pytest.mark.parametrize("cluster", [42, "not an address", b"tcp://127.0.0.1:8786"])
+def test_cluster_argument_is_checked(cluster):
+    with pytest.raises(ConfigurationError, match="cluster="):
+        AsyncArrowQuantV2(cluster=cluster)
+
+
+def test_executor_and_cluster_are_exclusive():
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        with pytest.raises(ConfigurationError, match="both"):
+            AsyncArrowQuantV2(executor=executor, cluster="tcp://127.0.0.1:8786")
+
+
+# -- the blocking API and the CLI ------------------------------------------------------------------
+
+
+def test_blocking_api_and_cli_take_a_scheduler_address(client, fleet, tmp_path, capsys):
+    address = client.scheduler.address
+    quantizer = ArrowQuantV2(cluster=address)
+    try:
+        result = quantizer.quantize_diffusion_model(fleet[0], tmp_path / "api", INT4)
+        assert quantizer.validate_quality(fleet[0], tmp_path / "api")["passed"]
+    finally:
+        quantizer.close()
+    assert cli.main(["quantize", str(fleet[0]), str(tmp_path / "cli"), "--bits", "4", "--quiet", "--json",
+                     "--cluster", address]) == 0
+    assert json.loads(capsys.readouterr().out)["cosine_similarity"] == result["cosine_similarity"]
+    assert store_fingerprint(tmp_path / "cli") == store_fingerprint(tmp_path / "api")
