@@ -79,6 +79,7 @@ from .engine import quantize_model
 from .errors import (
     ArrowQuantError,
     ConfigurationError,
+    ExportError,
     MultiModelError,
     QuantizationError,
     ValidationError,
@@ -645,6 +646,35 @@ class AsyncArrowQuantV2:
             raise
         except ArrowQuantError as e:  # e.g. the source changed or is damaged: still a validation failure
             raise ValidationError(f"validating {quantized_path} against {original_path} failed: {e}") from e
+
+
+    async def export_async(self, store_path, output_path, format: Optional[str] = None, *,
+                           dtype: Optional[str] = None, overwrite: bool = False,
+                           progress_callback: Optional[ProgressCallback] = None,
+                           progress_interval: Optional[float] = None,
+                           on_event: Optional[EventHook] = None) -> dict:
+        """Export a store to GGUF or dequantized safetensors without blocking the loop.
+
+        ``format`` is ``"gguf"`` or ``"safetensors"`` (None: from the suffix, ``.gguf`` -> GGUF);
+        ``dtype`` is the float type of a safetensors export. Progress and cancellation work as
+        for a quantization (a GGUF export stops at the next tensor and leaves nothing behind).
+        Returns the dict of :func:`arrow_quant_v2.export.export_store`. Raises
+        :class:`ExportError`, :class:`OutputError`, :class:`ConfigurationError` or
+        :class:`ValidationError` (not a store), or ``asyncio.CancelledError``.
+        """
+        from .export import export_format, export_store
+
+        export_format(output_path, format)  # a bad format fails before anything is queued
+        interval = self.progress_interval if progress_interval is None else _check_interval(progress_interval)
+        listeners = _listeners(progress_callback, on_event, multi=False)
+        store_path, output_path = self._paths(store_path, output_path)
+        fn = functools.partial(export_store, store_path, output_path, format=format, dtype=dtype, overwrite=overwrite)
+
+        def wrap(e: Exception) -> Exception:
+            return ExportError(f"exporting {store_path} to {output_path} failed: {type(e).__name__}: {e}")
+
+        return await self._job(fn, source=store_path, listeners=listeners, interval=interval, model_index=None,
+                               wrap=wrap)
 
 
 async def _wait_stopped(fut: "asyncio.Future") -> None:

@@ -25,6 +25,7 @@ from typing import Callable, List, Optional, Sequence
 
 from . import __version__
 from .config import BIT_WIDTHS, GROUP_SIZES, PROFILES, DiffusionQuantConfig
+from .export import FORMATS, SAFETENSORS_DTYPES
 from .errors import (
     ArrowQuantError,
     ConfigurationError,
@@ -231,36 +232,20 @@ def cmd_validate(args) -> int:
     return ExitCode.OK if report["passed"] else ExitCode.VALIDATION_FAILED
 
 
-def export_format(out: str, fmt: Optional[str]) -> str:
-    """The export format: ``fmt`` if given, else ``gguf`` for a ``.gguf`` path and ``safetensors`` otherwise."""
-    return fmt or ("gguf" if Path(out).suffix.lower() == ".gguf" else "safetensors")
-
-
 def cmd_export(args) -> int:
-    from .store import load_quantized
+    from .export import export_store
 
-    store = load_quantized(args.store)
-    fmt = export_format(args.output, args.format)
-    if fmt == "gguf":
-        if args.dtype:
-            raise UsageError("--dtype applies to safetensors exports only (GGUF keeps the stored types)")
-        bar, sink = _progress_bar(f"exporting {Path(args.output).name}", not args.json and args.quiet == 0)
-        try:
-            result = store.to_gguf(args.output, overwrite=args.overwrite, progress=sink)
-        finally:
-            bar.close()
-    else:
-        if args.overwrite:
-            raise UsageError("--overwrite applies to GGUF exports only; remove the folder or choose another")
-        out = store.to_safetensors(args.output, dtype=args.dtype or "float16")
-        result = {"path": str(Path(out).resolve()), "format": "safetensors", "dtype": args.dtype or "float16",
-                  "bytes": sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()),
-                  "warnings": [], "notes": []}
+    bar, sink = _progress_bar(f"exporting {Path(args.output).name}", not args.json and args.quiet == 0)
+    try:
+        result = export_store(args.store, args.output, format=args.format, dtype=args.dtype,
+                              overwrite=args.overwrite, progress=sink)
+    finally:
+        bar.close()
     if args.json:
         print(json.dumps(result, indent=1, default=str))
         return ExitCode.OK
     print(f"exported {args.store} -> {result['path']} ({result['format']}, {result['bytes'] / 2**20:.2f} MiB)")
-    if fmt == "gguf":
+    if result["format"] == "gguf":
         print(f"architecture {result['architecture']}, tensors: "
               + ", ".join(f"{k} {v}" for k, v in sorted(result["ggml_types"].items())))
     for w in result["warnings"]:
@@ -432,8 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="export a store to GGUF (llama.cpp, ComfyUI-GGUF, diffusers) or dequantized safetensors")
     x.add_argument("store", help="an ArrowQuant store folder")
     x.add_argument("output", help="a .gguf file, or a folder for safetensors")
-    x.add_argument("--format", choices=("gguf", "safetensors"), help="default: gguf for a .gguf path, else safetensors")
-    x.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
+    x.add_argument("--format", choices=FORMATS, help="default: gguf for a .gguf path, else safetensors")
+    x.add_argument("--dtype", choices=SAFETENSORS_DTYPES,
                    help="float type of dequantized tensors (safetensors only; default float16)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing GGUF file")
 

@@ -319,3 +319,51 @@ def test_gguf_of_another_model_names_missing_and_misshapen_tensors(dream, tmp_pa
     path = write_reference_gguf(wide, tmp_path / "wide.gguf")
     with pytest.raises(ValidationError, match=r"wide\.gguf: tensor 'blk\.0\.ffn_(gate|up|down)\.weight'"):
         ArrowQuantV2().validate_quality(dream, path)
+
+
+# -- export as an async job ------------------------------------------------------------------
+
+
+async def test_export_async_reports_progress_and_returns_the_file(q8_store, tmp_path):
+    from arrow_quant_v2 import AsyncArrowQuantV2
+
+    events = []
+    result = await AsyncArrowQuantV2().export_async(q8_store.path, tmp_path / "a.gguf", on_event=events.append,
+                                                    progress_interval=0)
+    assert result["format"] == "gguf" and Path(result["path"]) == (tmp_path / "a.gguf").resolve()
+    assert result["bytes"] == (tmp_path / "a.gguf").stat().st_size
+    assert events[-1].fraction == 1.0 and any(e.stage == "export" for e in events)
+    folder = await AsyncArrowQuantV2().export_async(q8_store.path, tmp_path / "f32", dtype="float32")
+    assert folder["format"] == "safetensors" and (tmp_path / "f32" / "config.json").is_file()
+
+
+async def test_cancelled_export_stops_and_leaves_nothing(q8_store, tmp_path, monkeypatch):
+    import asyncio
+    import time
+
+    from arrow_quant_v2 import AsyncArrowQuantV2
+    from arrow_quant_v2.gguf_io import writer
+
+    tensor_bytes = writer._tensor_bytes
+    monkeypatch.setattr(writer, "_tensor_bytes", lambda *a: (time.sleep(0.05), tensor_bytes(*a))[1])  # a slow disk
+    task = None
+
+    def cancel_on_first_tensor(event):
+        if event.stage == "export" and task is not None:
+            task.cancel()
+
+    task = asyncio.ensure_future(AsyncArrowQuantV2().export_async(
+        q8_store.path, tmp_path / "c.gguf", on_event=cancel_on_first_tensor, progress_interval=0))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_export_async_rejects_bad_arguments_before_running(q8_store, tmp_path):
+    from arrow_quant_v2 import AsyncArrowQuantV2, ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="format='onnx'"):
+        await AsyncArrowQuantV2().export_async(q8_store.path, tmp_path / "x", format="onnx")
+    with pytest.raises(ConfigurationError, match="dtype"):
+        await AsyncArrowQuantV2().export_async(q8_store.path, tmp_path / "x.gguf", dtype="float16")
+    assert list(tmp_path.iterdir()) == []
