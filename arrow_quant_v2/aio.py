@@ -120,8 +120,12 @@ def source_bytes(model_path) -> int:
     A cheap estimate from file sizes; the engine validates the model itself. An unreadable
     or missing path counts as 0 so that the engine reports the real error.
     """
-    p = Path(model_path)
+    from .hub import local_path
+
+    p = local_path(model_path)  # a repo id: its cached snapshot (None if not cached)
     try:
+        if p is None:
+            return 0
         if p.is_file():
             return p.stat().st_size
         if p.is_dir():
@@ -544,8 +548,12 @@ class AsyncArrowQuantV2:
                                              progress_callback: Optional[ProgressCallback] = None, *,
                                              overwrite: bool = False, resume: bool = False,
                                              progress_interval: Optional[float] = None,
-                                             on_event: Optional[EventHook] = None) -> dict:
+                                             on_event: Optional[EventHook] = None,
+                                             revision: Optional[str] = None, download: bool = False) -> dict:
         """Quantize ``model_path`` into a new store at ``output_path`` without blocking the loop.
+
+        ``model_path`` may be a Hugging Face repo id (``org/name``, ``@revision`` or ``revision=``)
+        found in the local cache; ``download=True`` fetches it in the worker when it is not.
 
         ``overwrite`` replaces an existing store (atomically, only once the new one is
         complete); ``resume`` reuses what a killed run with the same source and config had
@@ -561,15 +569,16 @@ class AsyncArrowQuantV2:
         """
         return await self._quantize(model_path, output_path, config, progress_callback, overwrite=overwrite,
                                     resume=resume, progress_interval=progress_interval, on_event=on_event,
-                                    model_index=None)
+                                    model_index=None, revision=revision, download=download)
 
     async def _quantize(self, model_path, output_path, config, progress_callback, *, overwrite, resume,
-                        progress_interval, on_event, model_index) -> dict:
+                        progress_interval, on_event, model_index, revision=None, download=False) -> dict:
         _check_config(config)
         interval = self.progress_interval if progress_interval is None else _check_interval(progress_interval)
         listeners = _listeners(progress_callback, on_event, multi=model_index is not None)
         model_path, output_path = self._paths(model_path, output_path)
-        fn = functools.partial(quantize_model, model_path, output_path, config, overwrite=overwrite, resume=resume)
+        fn = functools.partial(quantize_model, model_path, output_path, config, overwrite=overwrite, resume=resume,
+                               revision=revision, download=download)
 
         def wrap(e: Exception) -> Exception:
             return QuantizationError(f"{model_path}: quantizing failed: {type(e).__name__}: {e}")

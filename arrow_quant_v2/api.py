@@ -72,7 +72,8 @@ class ArrowQuantV2:
 
     def quantize_diffusion_model(self, model_path, output_path, config: Optional[DiffusionQuantConfig] = None,
                                  progress_callback: Optional[Callable[[str, float], None]] = None,
-                                 overwrite: bool = False, resume: bool = False) -> dict:
+                                 overwrite: bool = False, resume: bool = False, *,
+                                 revision: Optional[str] = None, download: bool = False) -> dict:
         """Quantize ``model_path`` into a new store at ``output_path``.
 
         ``overwrite`` replaces an existing store; ``resume`` reuses what a killed run
@@ -82,13 +83,17 @@ class ArrowQuantV2:
         Raises :class:`ConfigurationError` or :class:`QuantizationError`.
 
         Args:
-            model_path: a model folder (Hugging Face or diffusers layout) or a ``.safetensors`` file.
+            model_path: a model folder (Hugging Face or diffusers layout), a ``.safetensors`` file, or a
+                Hugging Face repo id (``org/name`` or ``org/name@revision``) found in the local cache.
             output_path: the store folder to create (it must not exist unless ``overwrite``).
             config: a :class:`DiffusionQuantConfig`; ``None`` uses the defaults (int4).
             progress_callback: ``callback(message, fraction)``, called on this thread, throttled
                 to ``progress_interval``; an exception it raises is logged and ignored.
             overwrite: replace an existing store at ``output_path`` (only once the new one is complete).
             resume: reuse the verified shards of an interrupted run with the same source and config.
+            revision: the branch, tag or commit of a repo id (instead of ``@revision``).
+            download: fetch a repo id that is not in the local cache (with progress bars); without it,
+                nothing is downloaded and a missing id raises :class:`ModelNotFoundError` saying how to fetch it.
 
         Returns:
             The result dict; every key is explained in the docs' Quickstart ("What the result says").
@@ -100,8 +105,10 @@ class ArrowQuantV2:
         """
         if self._remote is not None:
             return self._blocking(self._remote.quantize_diffusion_model_async, model_path, output_path, config,
-                                  progress_callback, overwrite=overwrite, resume=resume)
+                                  progress_callback, overwrite=overwrite, resume=resume,
+                                  revision=revision, download=download)
         return quantize_model(model_path, output_path, config, overwrite=overwrite, resume=resume,
+                              revision=revision, download=download,
                               progress=plain_progress(progress_callback, self.progress_interval))
 
     def validate_quality(self, original_path, quantized_path, min_accuracy: Optional[float] = None, *,
@@ -116,7 +123,7 @@ class ArrowQuantV2:
         Raises :class:`ValidationError`.
 
         Args:
-            original_path: the model the store was made from.
+            original_path: the model the store was made from (a path or a cached repo id).
             quantized_path: the store.
             min_accuracy: one cosine threshold for every tensor; ``None`` uses 0.90 / 0.99 / 0.999
                 for int2 / int4 / int8.

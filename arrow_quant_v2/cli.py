@@ -80,17 +80,25 @@ def exit_code_for(error: BaseException) -> ExitCode:
     return ExitCode.FAILED
 
 
-def resolve_model(spec: str) -> Path:
-    """A path, or a sample name (built into the cache on first use)."""
+def resolve_model(spec: str, revision: Optional[str] = None, download: bool = False) -> Path:
+    """A path, a sample name (built into the cache on first use), or a Hugging Face repo id
+    (``org/name[@revision]``, from the local cache; fetched only with ``download``)."""
     path = Path(spec)
-    if path.exists():
+    if path.exists() and revision is None:
         return path
-    from . import samples
+    from . import hub, samples
 
-    names = [s.name for s in samples.list_samples()]
-    if spec in names:
+    if spec in samples.SAMPLE_NAMES and revision is None:
         return samples.sample_path(spec)
-    return path  # let the engine raise ModelNotFoundError naming it
+    return hub.resolve(spec, revision=revision, download=download)  # a path that does not exist comes back as is
+
+
+def _add_model_source_options(p: argparse.ArgumentParser, *, download: bool) -> None:
+    p.add_argument("--revision", metavar="REV",
+                   help="branch, tag or commit of a Hugging Face repo id (same as MODEL@REV)")
+    if download:
+        p.add_argument("--download", action="store_true",
+                       help="download a Hugging Face repo id that is not in the local cache (needs the hub extra)")
 
 
 def _progress_bar(desc: str, enabled: bool):
@@ -177,7 +185,9 @@ def _on_cluster(address: str, method: str, *args, **kwargs):
 def cmd_quantize(args) -> int:
     from .engine import quantize_model
 
-    model = resolve_model(args.model)
+    if args.quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+    model = resolve_model(args.model, args.revision, args.download)
     config = _config_from(args)
     bar, sink = _progress_bar(f"quantizing {model.name}", not args.json and args.quiet == 0)
     try:
@@ -210,9 +220,9 @@ def cmd_validate(args) -> int:
     options = dict(min_accuracy=args.min_accuracy, end_to_end=False if args.no_end_to_end else None,
                    num_time_groups=args.time_groups)
     if args.cluster:
-        report = _on_cluster(args.cluster, "validate_quality_async", resolve_model(args.original), args.store, **options)
+        report = _on_cluster(args.cluster, "validate_quality_async", resolve_model(args.original, args.revision), args.store, **options)
     else:
-        report = validate_store(resolve_model(args.original), args.store, **options)
+        report = validate_store(resolve_model(args.original, args.revision), args.store, **options)
     if args.json:
         print_json(report)
     else:
@@ -272,7 +282,7 @@ def _inspect_gguf(path: Path, as_json: bool) -> int:
 
 
 def cmd_inspect(args) -> int:
-    path = resolve_model(args.path)
+    path = resolve_model(args.path, args.revision)
     from .gguf_io import is_gguf_file
 
     if is_gguf_file(path):
@@ -382,6 +392,9 @@ def _exit_codes_text() -> str:
     return "exit status:\n" + "\n".join(f"  {int(c):<4} {EXIT_MEANINGS[c]}" for c in ExitCode)
 
 
+MODEL_HELP = "model folder, .safetensors file, sample name, or Hugging Face repo id (org/name[@REV])"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arrow-quant", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -391,27 +404,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     q = add_command(sub, "quantize", cmd_quantize, help="quantize a model into an ArrowQuant store")
-    q.add_argument("model", help="model folder, .safetensors file, or sample name")
+    q.add_argument("model", help=MODEL_HELP)
     q.add_argument("output", help="output store folder (must not exist unless --overwrite)")
     _add_config_options(q)
+    _add_model_source_options(q, download=True)
     q.add_argument("--overwrite", action="store_true", help="replace an existing store at OUTPUT")
     q.add_argument("--resume", action="store_true", help="reuse what an interrupted run with the same inputs finished")
     q.add_argument("--cluster", metavar="ADDRESS", help="run on the Dask scheduler at ADDRESS (e.g. tcp://host:8786); "
                    "paths must be shared with its workers")
 
     v = add_command(sub, "validate", cmd_validate, help="compare a store or any GGUF file with its source, tensor by tensor")
-    v.add_argument("original", help="the model the store was made from (folder, file or sample name)")
+    v.add_argument("original", help="the model the store was made from: " + MODEL_HELP)
     v.add_argument("store", help="the store folder or GGUF file to check")
     v.add_argument("--min-accuracy", type=float,
                    help="one cosine threshold for every tensor (default: 0.90 / 0.99 / 0.999 for int2 / int4 / int8)")
+    _add_model_source_options(v, download=False)
     v.add_argument("--no-end-to-end", action="store_true", help="skip running the model's ONNX graph (model.onnx)")
     v.add_argument("--time-groups", type=int, help="noise levels for the end-to-end check (default: the store's config)")
     v.add_argument("--cluster", metavar="ADDRESS", help="run on the Dask scheduler at ADDRESS")
 
     i = add_command(sub, "inspect", cmd_inspect,
                     help="list a store's, a GGUF file's or a model's tensors with their plan and figures")
-    i.add_argument("path", help="a store folder, a GGUF file, or a model (folder, file or sample name) to show the plan for")
+    i.add_argument("path", help="a store folder, a GGUF file, or a model to show the plan for: " + MODEL_HELP)
     _add_config_options(i)
+    _add_model_source_options(i, download=False)
 
     x = add_command(sub, "export", cmd_export,
                     help="export a store to GGUF (llama.cpp, ComfyUI-GGUF, diffusers) or dequantized safetensors")

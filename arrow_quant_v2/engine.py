@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import __version__, encodings
+from . import __version__, encodings, hub
 from .config import DiffusionQuantConfig
 from .errors import ConfigurationError, OutputError, QuantizationError
 from .plan import (ALTERNATE_ENCODING, LOSSLESS, Planner, TensorPlan, detect_modality, encoding_for, group_for,
@@ -320,8 +320,13 @@ def summarize(final: Dict[str, dict]) -> dict:
 
 def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfig] = None, *,
                    progress: Optional[ProgressSink] = None, cancel: Optional[CancelToken] = None,
-                   overwrite: bool = False, resume: bool = False) -> dict:
+                   overwrite: bool = False, resume: bool = False, revision: Optional[str] = None,
+                   download: bool = False) -> dict:
     """Quantize the model at ``model_path`` into a new store at ``output_path``.
+
+    ``model_path`` may be a Hugging Face repo id (``org/name``, ``@revision`` or ``revision=``),
+    resolved from the local cache; ``download=True`` fetches it when it is not cached
+    (:func:`arrow_quant_v2.hub.resolve`).
 
     ``progress`` receives every :class:`ProgressEvent` (unthrottled, from this thread);
     ``cancel`` is checked between chunks. ``resume=True`` reuses the verified shards of
@@ -347,7 +352,7 @@ def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfi
         last_fraction[0] = frac
         progress(ProgressEvent(stage=stage, fraction=frac, message=message, **kw))
 
-    source = open_model(model_path)
+    source = open_model(hub.resolve(model_path, revision=revision, download=download))
     try:
         recover_interrupted_overwrite(output)
     except OSError:

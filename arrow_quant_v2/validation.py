@@ -52,14 +52,20 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
                    end_to_end: Optional[bool] = None, num_time_groups: Optional[int] = None) -> dict:
     """Compare every tensor of the store with the source; see README for the result keys.
 
+    ``original_path`` may be a Hugging Face repo id (``org/name[@revision]``) in the local cache.
+
     ``end_to_end`` (None = whenever the model folder keeps an executable graph, e.g.
     ``model.onnx``; False = never) also runs the original and the dequantized network at
     ``num_time_groups`` noise levels (None = the value in the store's config) and reports
     per-level output fidelity under ``report["end_to_end"]`` (see :mod:`arrow_quant_v2.e2e`).
     """
-    from . import e2e
+    from . import e2e, hub
     from .gguf_io import is_gguf_file
 
+    try:
+        original_path = hub.resolve(original_path)  # a Hugging Face repo id: its cached snapshot
+    except ArrowQuantError as e:
+        raise ValidationError(f"cannot read the original model: {e}") from e
     if is_gguf_file(quantized_path):
         from .gguf_io import validate_gguf
 
