@@ -2,8 +2,8 @@
 
     LLAMA_CPP_PATH=/work/vendor-site python benchmarks/bench_gguf_llama_cpp.py
 
-For a Dream-layout (``dream``: bidirectional, no KV cache) and a Qwen2-layout (``qwen2``, causal)
-synthetic model with a minimal byte-level BPE tokenizer, quantize into stores whose tensors are ggml
+For a Dream-layout (``dream``: bidirectional, no KV cache), a Qwen2-layout (``qwen2``, causal) and
+a LLaDA-layout (``llada``: its own tensor names, q/k rows reordered for llama.cpp's rope) synthetic model with a minimal byte-level BPE tokenizer, quantize into stores whose tensors are ggml
 block types, export each with ``QuantizedModel.to_gguf``, load the files in llama.cpp
 (llama-cpp-python, found through ``LLAMA_CPP_PATH`` or installed) and decode one batch of tokens.
 
@@ -46,7 +46,7 @@ import gguf_helpers  # noqa: E402  (registers the reference encodings gguf_ref_q
 from arrow_quant_v2 import ArrowQuantV2, DiffusionQuantConfig, __version__, encodings, load_quantized  # noqa: E402
 from arrow_quant_v2.source import open_model  # noqa: E402
 
-LAYOUTS = {"dream": None, "qwen2": "qwen2"}
+LAYOUTS = ("dream", "qwen2", "llada")
 DIMS = dict(hidden=256, intermediate=768, layers=4, heads=4, kv_heads=2, vocab=1024)
 
 
@@ -76,46 +76,72 @@ def llama_logits(llama_cpp, path: Path, tokens) -> np.ndarray:
     return logits
 
 
+#: Source tensor names of each layout: embedding, final norm, head, and per block (``{i}``) the
+#: attention norm, q, k, v, o, ffn norm, gate, up, down.
+NAMES = {
+    "qwen2": ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+              "model.layers.{i}.input_layernorm.weight", "model.layers.{i}.self_attn.q_proj",
+              "model.layers.{i}.self_attn.k_proj", "model.layers.{i}.self_attn.v_proj",
+              "model.layers.{i}.self_attn.o_proj.weight", "model.layers.{i}.post_attention_layernorm.weight",
+              "model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight",
+              "model.layers.{i}.mlp.down_proj.weight"),
+    "llada": ("model.transformer.wte.weight", "model.transformer.ln_f.weight", "model.transformer.ff_out.weight",
+              "model.transformer.blocks.{i}.attn_norm.weight", "model.transformer.blocks.{i}.q_proj",
+              "model.transformer.blocks.{i}.k_proj", "model.transformer.blocks.{i}.v_proj",
+              "model.transformer.blocks.{i}.attn_out.weight", "model.transformer.blocks.{i}.ff_norm.weight",
+              "model.transformer.blocks.{i}.ff_proj.weight", "model.transformer.blocks.{i}.up_proj.weight",
+              "model.transformer.blocks.{i}.ff_out.weight"),
+}
+
+
 def numpy_forward(folder: Path, tokens, causal: bool, store=None) -> np.ndarray:
-    """The Qwen2 / Dream forward pass in float64 from config.json and the source safetensors
-    (or, given ``store``, the store's dequantized weights)."""
+    """The Qwen2 / Dream / LLaDA forward pass in float64 from config.json and the source safetensors
+    (or, given ``store``, the store's dequantized weights), with Hugging Face's rope (rotate halves)
+    on the source q/k rows: llama.cpp matches it only if the export reordered LLaDA's q/k rows right."""
     cfg = json.loads((folder / "config.json").read_text())
     src = store if store is not None else open_model(folder)
     read = src.dequantize if store is not None else src.read_float32
     w = {n: read(n).astype(np.float64) for n in src.tensors}
-    H, KV, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"] // cfg["num_attention_heads"]
+    layout = "llada" if "model.transformer.wte.weight" in w else "qwen2"
+    emb, final, head, n_attn, n_q, n_k, n_v, n_o, n_ffn, n_gate, n_up, n_down = NAMES[layout]
+    H = cfg.get("num_attention_heads") or cfg["n_heads"]
+    KV = cfg.get("num_key_value_heads") or cfg.get("n_kv_heads") or H
+    D = (cfg.get("hidden_size") or cfg["d_model"]) // H
     eps, base = cfg["rms_norm_eps"], cfg["rope_theta"]
     T = len(tokens)
 
     def norm(x, g):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
 
+    def linear(h, name):
+        y = h @ w[name + ".weight"].T
+        return y + w[name + ".bias"] if name + ".bias" in w else y
+
     inv = base ** (-np.arange(0, D, 2) / D)
     ang = np.arange(T)[:, None] * inv[None, :]
     cos, sin = np.cos(ang), np.sin(ang)
 
-    def rope(x):  # NEOX style: rotate the two halves of each head
+    def rope(x):  # rotate the two halves of each head
         a, b = x[..., : D // 2], x[..., D // 2:]
         return np.concatenate([a * cos - b * sin, a * sin + b * cos], -1)
 
-    x = w["model.embed_tokens.weight"][tokens]
+    x = w[emb][tokens]
     mask = np.triu(np.full((T, T), -np.inf), 1) if causal else np.zeros((T, T))
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        h = norm(x, w[p + "input_layernorm.weight"])
-        q = (h @ w[p + "self_attn.q_proj.weight"].T + w[p + "self_attn.q_proj.bias"]).reshape(T, H, D).transpose(1, 0, 2)
-        k = (h @ w[p + "self_attn.k_proj.weight"].T + w[p + "self_attn.k_proj.bias"]).reshape(T, KV, D).transpose(1, 0, 2)
-        v = (h @ w[p + "self_attn.v_proj.weight"].T + w[p + "self_attn.v_proj.bias"]).reshape(T, KV, D).transpose(1, 0, 2)
+    for i in range(cfg.get("num_hidden_layers") or cfg["n_layers"]):
+        h = norm(x, w[n_attn.format(i=i)])
+        q = linear(h, n_q.format(i=i)).reshape(T, H, D).transpose(1, 0, 2)
+        k = linear(h, n_k.format(i=i)).reshape(T, KV, D).transpose(1, 0, 2)
+        v = linear(h, n_v.format(i=i)).reshape(T, KV, D).transpose(1, 0, 2)
         q, k = rope(q), rope(k)
         k, v = np.repeat(k, H // KV, 0), np.repeat(v, H // KV, 0)
         s = q @ k.transpose(0, 2, 1) / math.sqrt(D) + mask
         s = np.exp(s - s.max(-1, keepdims=True))
         a = (s / s.sum(-1, keepdims=True)) @ v
-        x = x + a.transpose(1, 0, 2).reshape(T, H * D) @ w[p + "self_attn.o_proj.weight"].T
-        h = norm(x, w[p + "post_attention_layernorm.weight"])
-        g = h @ w[p + "mlp.gate_proj.weight"].T
-        x = x + ((g / (1 + np.exp(-g))) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
-    return norm(x, w["model.norm.weight"]) @ w["lm_head.weight"].T
+        x = x + a.transpose(1, 0, 2).reshape(T, H * D) @ w[n_o.format(i=i)].T
+        h = norm(x, w[n_ffn.format(i=i)])
+        g = h @ w[n_gate.format(i=i)].T
+        x = x + ((g / (1 + np.exp(-g))) * (h @ w[n_up.format(i=i)].T)) @ w[n_down.format(i=i)].T
+    return norm(x, w[final]) @ w[head].T
 
 
 def compare(ref: np.ndarray, got: np.ndarray) -> dict:
@@ -133,8 +159,7 @@ def variants() -> list:
                              ("int8 Q8_0 (gguf-py reference)", "gguf_ref_q8_0", 8),
                              ("int4 Q4_0 (gguf-py reference)", "gguf_ref_q4_0", 4)):
         if enc in names:
-            out.append((label, dict(bit_width=bits, encoding=enc, min_accuracy=0.5,
-                                    bit_rules={"*embed_tokens*": bits, "lm_head*": bits})))
+            out.append((label, dict(bit_width=bits, encoding=enc, min_accuracy=0.5, sensitive_bits=bits)))
     return out
 
 
@@ -149,13 +174,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-gguf-llama-"))
     results = []
     try:
-        for arch, model_type in LAYOUTS.items():
-            folder = gguf_helpers.make_dream(work / arch, dtype="F32", model_type=model_type, **DIMS)
+        for arch in LAYOUTS:
+            if arch == "llada":
+                dims = {k: v for k, v in DIMS.items() if k != "kv_heads"}
+                folder = gguf_helpers.make_llada(work / arch, **dims)
+            else:
+                folder = gguf_helpers.make_dream(work / arch, dtype="F32", model_type=None if arch == "dream" else arch,
+                                                 **DIMS)
             q = ArrowQuantV2()
             q.quantize_diffusion_model(folder, work / f"{arch}-f32", DiffusionQuantConfig(bit_rules={"*": 0}))
             exported = load_quantized(work / f"{arch}-f32").to_gguf(work / f"{arch}-f32.gguf")
             float_logits = llama_logits(llama_cpp, work / f"{arch}-f32.gguf", tokens)
-            reference = numpy_forward(folder, tokens, causal=arch != "dream")
+            reference = numpy_forward(folder, tokens, causal=arch == "qwen2")
             row = {"architecture": exported["architecture"], "dims": DIMS, "tokens": len(tokens),
                    "float_file_vs_numpy_forward": compare(reference, float_logits), "quantized": []}
             for label, cfg in variants():
@@ -165,7 +195,7 @@ def main() -> None:
                 gguf_path = work / f"{arch}-{cfg['encoding']}.gguf"
                 info = load_quantized(store).to_gguf(gguf_path)
                 logits = llama_logits(llama_cpp, gguf_path, tokens)
-                dequantized = numpy_forward(folder, tokens, causal=arch != "dream", store=load_quantized(store))
+                dequantized = numpy_forward(folder, tokens, causal=arch == "qwen2", store=load_quantized(store))
                 row["quantized"].append(dict(compare(float_logits, logits), label=label, ggml_types=info["ggml_types"],
                                              vs_numpy_forward_of_store=compare(dequantized, logits),
                                              numpy_store_vs_numpy_float=compare(reference, dequantized),

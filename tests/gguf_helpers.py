@@ -111,3 +111,38 @@ def make_dream(folder, *, hidden=64, intermediate=128, layers=2, heads=4, kv_hea
         write_byte_tokenizer(folder, vocab, {vocab - 4: "<|endoftext|>", vocab - 3: "<|beginoftext|>",
                                              vocab - 2: "<|mask|>"})
     return folder
+
+
+def make_llada(folder, *, hidden=64, intermediate=128, layers=2, heads=4, vocab=320, tokenizer=True):
+    """A small LLaDA-layout folder (LLaDA's own tensor names and config keys, no biases), F32."""
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+    t = {"model.transformer.wte.weight": w(vocab, hidden), "model.transformer.ln_f.weight": 1 + w(hidden),
+         "model.transformer.ff_out.weight": w(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.transformer.blocks.{i}."
+        t.update({p + "attn_norm.weight": 1 + w(hidden), p + "ff_norm.weight": 1 + w(hidden),
+                  p + "q_proj.weight": w(hidden, hidden), p + "k_proj.weight": w(hidden, hidden),
+                  p + "v_proj.weight": w(hidden, hidden), p + "attn_out.weight": w(hidden, hidden),
+                  p + "ff_proj.weight": w(intermediate, hidden), p + "up_proj.weight": w(intermediate, hidden),
+                  p + "ff_out.weight": w(hidden, intermediate)})
+    save_file(t, str(folder / "model.safetensors"))
+    config = {"architectures": ["LLaDAModelLM"], "model_type": "llada", "d_model": hidden, "n_heads": heads,
+              "n_kv_heads": heads, "n_layers": layers, "mlp_hidden_size": intermediate, "max_sequence_length": 4096,
+              "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "vocab_size": vocab, "mask_token_id": vocab - 2,
+              "eos_token_id": vocab - 4, "bos_token_id": vocab - 3}
+    (folder / "config.json").write_text(json.dumps(config))
+    if tokenizer:
+        write_byte_tokenizer(folder, vocab, {vocab - 4: "<|endoftext|>", vocab - 3: "<|startoftext|>",
+                                             vocab - 2: "<|mdm_mask|>"})
+    return folder

@@ -367,3 +367,26 @@ async def test_export_async_rejects_bad_arguments_before_running(q8_store, tmp_p
     with pytest.raises(ConfigurationError, match="dtype"):
         await AsyncArrowQuantV2().export_async(q8_store.path, tmp_path / "x.gguf", dtype="float16")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_llada_gets_its_names_hparams_and_llama_cpp_row_order(tmp_path):
+    src = gguf_helpers.make_llada(tmp_path / "llada")
+    store = quantize(src, tmp_path / "s", bit_width=8, encoding="gguf_ref_q8_0")
+    path = tmp_path / "llada.gguf"
+    result = store.to_gguf(path)
+    target = runtime.describe(src, list(store.tensors), {}, with_metadata=False)
+    reader = assert_round_trip(store, path, target)
+    assert source_of(reader)["output.weight"] == "model.transformer.ff_out.weight"
+    assert source_of(reader)["blk.1.ffn_down.weight"] == "model.transformer.blocks.1.ff_out.weight"
+    assert source_of(reader)["blk.0.ffn_gate.weight"] == "model.transformer.blocks.0.ff_proj.weight"
+    config = json.loads((src / "config.json").read_text())
+    assert field(reader, "general.architecture") == "llada" == result["architecture"]
+    for key, value in (("embedding_length", "d_model"), ("block_count", "n_layers"), ("attention.head_count", "n_heads"),
+                       ("feed_forward_length", "mlp_hidden_size"), ("context_length", "max_sequence_length")):
+        assert field(reader, f"llada.{key}") == config[value]
+    assert field(reader, "llada.rope.freq_base") == config["rope_theta"]
+    assert field(reader, "llada.attention.causal") is False and field(reader, "diffusion.shift_logits") is False
+    assert field(reader, "tokenizer.ggml.mask_token_id") == config["mask_token_id"]
+    report = ArrowQuantV2().validate_quality(src, path)
+    assert report["per_layer_accuracy"] == pytest.approx({n: store.tensors[n].cosine for n in report["per_layer"]},
+                                                         abs=1e-9)
