@@ -116,6 +116,14 @@ class Job(param.Parameterized):
             "fallbacks": len(r.get("fallbacks") or []),
         }
 
+    def quality_report(self) -> Dict[str, Any]:
+        """The validation report; for a store found on disk, the figures it recorded (read once)."""
+        if not self.report:
+            from .quality import report_from_store
+
+            self.report = report_from_store(self.output_path)
+        return self.report
+
     # -- fed by the manager -------------------------------------------------------------
 
     def on_event(self, event: ProgressEvent) -> None:
@@ -196,6 +204,10 @@ class JobManager(param.Parameterized):
     def results(self, model_name: Optional[str] = None) -> List[Job]:
         """Finished jobs (newest first), optionally only those of one model."""
         return [j for j in self.jobs if j.status == "done" and (model_name is None or j.model_name == model_name)]
+
+    def result_options(self, model_name: Optional[str] = None) -> Dict[str, int]:
+        """Finished jobs as choices for a selector: ``{"#3 tiny-dream · edge": 3}``."""
+        return {f"#{j.job_id} {j.model_name} · {j.label}": j.job_id for j in self.results(model_name)}
 
     def plan_output(self, entry: ModelEntry, label: str) -> Path:
         """A fresh folder under the output root: ``<model>-<label>``, with ``-2``, ``-3``... if taken."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from typing import Any, Dict, List, Optional, Type
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import param
 
@@ -185,6 +186,57 @@ async def size_range_async(model_path, config: DiffusionQuantConfig) -> dict:
 
         _RANGES[key] = await asyncio.to_thread(size_range, model_path, config)
     return _RANGES[key]
+
+
+class ReachableSizes(param.Parameterized):
+    """The sizes a model can be quantized to with some settings: computed off the event loop, cached.
+
+    :meth:`request` shows a cached range at once, else starts computing it on the running
+    loop (through ``run`` when given: a served page passes its session's scheduler so the
+    result reaches that page) and sets :attr:`value` when done, unless a newer request came.
+    """
+
+    value = param.Dict(default=None, allow_None=True, doc="budget.size_range's answer, once known.")
+    reason = param.String(default="", doc="Why there is no value yet (cannot be computed, or computing).")
+    computing = param.Boolean(default=False)
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._seq = 0
+        self._task: Optional[asyncio.Task] = None
+
+    def request(self, source: Optional[Tuple[Any, DiffusionQuantConfig]], why: str = "",
+                run: Optional[Callable] = None) -> None:
+        """Show the range for ``source`` = ``(model path, config)``, or ``why`` there is none."""
+        self._seq += 1
+        if source is None:
+            self.param.update(value=None, reason=why, computing=False)
+            return
+        cached = cached_size_range(*source)
+        if cached is not None:
+            self.param.update(value=cached, reason="", computing=False)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop here (e.g. built outside a session): nothing to compute on
+            self.param.update(value=None, reason="reachable sizes: shown in the app", computing=False)
+            return
+        self.param.update(value=None, reason="computing the reachable sizes…", computing=True)
+        work = partial(self._compute, self._seq, *source)
+        if run is not None:
+            run(work)
+        else:
+            self._task = loop.create_task(work())
+
+    async def _compute(self, seq: int, path, config) -> None:
+        try:
+            r = await size_range_async(path, config)
+        except Exception as err:  # noqa: BLE001 - e.g. an unsupported model: say so, the job says more
+            if seq == self._seq:
+                self.param.update(value=None, reason=f"reachable sizes unknown: {err}", computing=False)
+            return
+        if seq == self._seq:  # the model or settings have not changed since
+            self.param.update(value=r, reason="", computing=False)
 
 
 def describe_range(r: dict) -> str:

@@ -10,26 +10,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
-from .conftest import ROOT, progress, select_model, start, status, tab, wait_until  # noqa: F401
+from .conftest import PAGE_WAIT, ROOT, progress, select_model, start, status, tab, wait_until  # noqa: F401
 
 pytestmark = pytest.mark.ui
 
 JOB_TIMEOUT = 180  # seconds; two 168M-parameter jobs share 2 cores with validation
-
-
-def updates_per_second(page, job_ids, seconds=1.5):
-    """How often each job's progress bar changes in the browser, sampled every 10 ms, all at once."""
-    handles = [page.locator(f".aq-progress-{j} progress").element_handle() for j in job_ids]
-    counts = page.evaluate(
-        """([els, ms]) => Promise.all(els.map(e => new Promise(done => {
-             let n = 0, last = e.value; const t0 = performance.now();
-             const id = setInterval(() => {
-               if (e.value !== last) { n++; last = e.value; }
-               if (performance.now() - t0 > ms) { clearInterval(id); done(n); }
-             }, 10);
-           })))""", [handles, seconds * 1000])
-    return [n / seconds for n in counts]
 
 
 def hover_cell_tooltip(page, fig_index=0) -> str:
@@ -75,29 +62,27 @@ def test_two_jobs_side_by_side_cancel_one_then_quality_and_compare(server, open_
     page = w.page
     select_model(page, "dream-medium")
     start(page, "edge")
-    wait_until(lambda: status(page, 1), 10, what="job #1's row")
+    wait_until(lambda: status(page, 1), PAGE_WAIT, what="job #1's row")
     start(page, "local")
-    wait_until(lambda: status(page, 2), 10, what="job #2's row")
+    wait_until(lambda: status(page, 2), PAGE_WAIT, what="job #2's row")
 
-    # both bars move, several times a second (the first run after a kernel change may compile a while)
+    # both bars move (the first run after a kernel change may compile a while); how often the page
+    # is updated is a speed, measured by benchmarks/bench_app.py, not asserted here
     wait_until(lambda: progress(page, 1) > 30 and progress(page, 2) > 30, 180, 0.2, what="both jobs under way")
     first = (progress(page, 1), progress(page, 2))
-    rates = updates_per_second(page, [1, 2], seconds=1.5)
-    second = (progress(page, 1), progress(page, 2))
+    wait_until(lambda: progress(page, 1) > first[0] and progress(page, 2) > first[1], 60, 0.1,
+               what="both progress bars to move on")
     page.screenshot(path=str(artifacts / "jobs-running.png"), full_page=True)
-    print(f"progress updates reaching the page: {rates[0]:.1f}/s and {rates[1]:.1f}/s")
-    assert second[0] > first[0] and second[1] > first[1], (first, second)
-    assert min(rates) >= 4, f"progress reached the page only {rates} times a second"
 
     # a second tab sees the same jobs, and cancels the one that is further from done
     other = open_page(1200, 800).page
-    wait_until(lambda: status(other, 1) and status(other, 2), 10, what="the jobs in a second tab")
+    wait_until(lambda: status(other, 1) and status(other, 2), PAGE_WAIT, what="the jobs in a second tab")
     assert progress(other, 1) > 0 and progress(other, 2) > 0
     victim, kept = (1, 2) if progress(other, 1) <= progress(other, 2) else (2, 1)
     assert status(other, victim) == "running", "the jobs ended before one could be cancelled: use a bigger model"
     other.locator(f".aq-cancel-{victim} button").click()
-    wait_until(lambda: status(page, victim) == "cancelled", 20, what=f"job #{victim} cancelled in the first tab")
-    assert page.locator(f".aq-cancel-{victim} button").is_hidden()
+    wait_until(lambda: status(page, victim) == "cancelled", PAGE_WAIT, what=f"job #{victim} cancelled in the first tab")
+    expect(page.locator(f".aq-cancel-{victim} button")).to_be_hidden()
     other.screenshot(path=str(artifacts / "second-tab.png"), full_page=True)
 
     wait_until(lambda: status(page, kept) == "done", JOB_TIMEOUT, every=0.5, what=f"job #{kept} to finish")
@@ -134,7 +119,7 @@ def test_two_jobs_side_by_side_cancel_one_then_quality_and_compare(server, open_
     b = page.locator(".aq-compare-b select")
     a.select_option(label=next(t for t in a.evaluate("e => Array.from(e.options).map(o => o.text)") if "edge" in t
                                and "tiny-dream" in t))
-    wait_until(lambda: "tiny-dream" in b.evaluate("e => e.options[e.selectedIndex]?.text || ''"), 10,
+    wait_until(lambda: "tiny-dream" in b.evaluate("e => e.options[e.selectedIndex]?.text || ''"), PAGE_WAIT,
                what="result B of the same model")
     wait_until(lambda: page.locator(".bk-Figure").count() >= 2, 30, what="the difference heatmap")
     time.sleep(1.5)
@@ -194,10 +179,10 @@ def test_budget_range_and_fidelity_chart_for_a_model_with_a_graph(browser, tmp_p
         budget = page.locator(".aq-budget input")
         budget.fill("999")
         budget.press("Enter")
-        wait_until(lambda: page.get_by_text("cannot be reached").count() > 0, 10, what="the out-of-range message")
+        wait_until(lambda: page.get_by_text("cannot be reached").count() > 0, PAGE_WAIT, what="the out-of-range message")
         budget.fill("5")
         budget.press("Enter")
-        wait_until(lambda: page.get_by_text("cannot be reached").count() == 0, 10, what="an in-range budget")
+        wait_until(lambda: page.get_by_text("cannot be reached").count() == 0, PAGE_WAIT, what="an in-range budget")
         page.get_by_role("button", name=re.compile("Start quantizing")).click()
         wait_until(lambda: status(page, 1) == "done", JOB_TIMEOUT, every=0.5, what="the terrain-unet job")
         assert "budget" in " ".join(page.locator(".aq-job-1 .aq-kv").all_inner_texts())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import select_model, status, tab, wait_until
+from .conftest import PAGE_WAIT, select_model, status, tab, wait_until
 
 pytestmark = pytest.mark.ui
 
@@ -64,7 +64,7 @@ def test_three_sessions_start_jobs_within_a_second(server, open_page, artifacts)
     watcher.screenshot(path=str(artifacts / "load-three-jobs.png"), full_page=True)
     assert [status(watcher, j) for j in ids] == ["done"] * 3, {j: row_text(watcher, j) for j in ids}
     for page in pages[1:]:
-        wait_until(lambda p=page: all(status(p, j) == "done" for j in ids), 10, what="'done' in every session")
+        wait_until(lambda p=page: all(status(p, j) == "done" for j in ids), PAGE_WAIT, what="'done' in every session")
 
     # one job per profile, each in its own output folder, all written
     texts = {j: row_text(watcher, j) for j in ids}
