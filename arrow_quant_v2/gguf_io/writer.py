@@ -104,6 +104,9 @@ def _tensor_bytes(model, entry, qtype, reorder) -> np.ndarray:
     if entry.quantized:
         rows, _ = _row_view(entry.shape)
         blob = np.frombuffer(b"".join(bytes(c["codes"] or b"") for c in model.chunks(entry.name)), dtype=np.uint8)
+        if blob.size != entry.nbytes:
+            raise ExportError(f"{model.path}: tensor {entry.name!r} holds {blob.size} bytes of codes, its index says "
+                              f"{entry.nbytes}; the store is corrupt")
         data = blob.reshape(rows, -1)
     else:
         data = model.raw(entry.name)
