@@ -198,8 +198,9 @@ def test_image_family_keeps_source_names_and_records_conv_shapes(tmp_path):
         reader = assert_round_trip(store, tmp_path / f"{cls}.gguf")
         assert field(reader, "general.architecture") == arch == result["architecture"]
         assert {t.name for t in reader.tensors} == set(tensors)
-        if store.tensors["img_in.weight"].quantized:
-            assert field(reader, "comfy.gguf.orig_shape.img_in.weight") == [64, 16, 2, 4]
+        assert store.tensors["img_in.weight"].quantized
+        orig = reader.get_field("comfy.gguf.orig_shape.img_in.weight")  # as ComfyUI-GGUF's loader reads it
+        assert orig.types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32] and orig.contents() == [64, 16, 2, 4]
         assert bool(result["warnings"]) == (arch == runtime.GENERIC_ARCH)
 
 
@@ -390,3 +391,27 @@ def test_llada_gets_its_names_hparams_and_llama_cpp_row_order(tmp_path):
     report = ArrowQuantV2().validate_quality(src, path)
     assert report["per_layer_accuracy"] == pytest.approx({n: store.tensors[n].cosine for n in report["per_layer"]},
                                                          abs=1e-9)
+
+
+def test_denoiser_only_gguf_of_a_full_checkpoint_compares_the_denoiser(tmp_path):
+    """ComfyUI-GGUF's convert.py strips ``model.diffusion_model.`` and keeps only the denoiser."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    full = {"model.diffusion_model.input_blocks.0.0.weight": rng.standard_normal((64, 4, 2, 4)).astype(np.float32),
+            "model.diffusion_model.out.2.weight": rng.standard_normal((64, 64)).astype(np.float32),
+            "first_stage_model.decoder.conv_in.weight": rng.standard_normal((8, 4)).astype(np.float32)}
+    (tmp_path / "ckpt").mkdir()
+    save_file(full, str(tmp_path / "ckpt" / "model.safetensors"))
+    writer = gguf.GGUFWriter(tmp_path / "unet.gguf", "sd1")
+    for name, x in full.items():
+        if name.startswith("model.diffusion_model."):
+            writer.add_tensor(name[len("model.diffusion_model."):], x.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    report = ArrowQuantV2().validate_quality(tmp_path / "ckpt", tmp_path / "unet.gguf")
+    assert sorted(report["per_layer"]) == sorted(n for n in full if n.startswith("model.diffusion_model."))
+    assert report["passed"] and report["architecture"] == "sd1"
+    assert "not compared" in report["warnings"][0]

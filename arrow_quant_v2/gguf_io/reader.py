@@ -175,6 +175,13 @@ def _match_names(gf: GGUFFile, source, folder: Optional[Path]) -> Tuple[Dict[str
                 break
         else:
             missing.append(n)
+    prefixes = {n[: len(n) - len(g)] for n, g in mapping.items() if n != g and n.endswith(g)}
+    if len(prefixes) == 1:  # a denoiser-only file (ComfyUI-GGUF) made from a full checkpoint: the rest is not in it
+        prefix = prefixes.pop()
+        skipped = [n for n in missing if not n.startswith(prefix)]
+        missing = [n for n in missing if n.startswith(prefix)]
+        target.warnings.append(f"{len(skipped)} source tensors outside {prefix!r} are not in this file "
+                               "(a denoiser-only GGUF of a full checkpoint) and were not compared")
     if missing:
         raise ValidationError(f"{gf.path}: {len(missing)} tensors of the source are not in the GGUF "
                               f"(architecture {arch!r}): {', '.join(missing[:5])}"
@@ -244,6 +251,7 @@ def validate_gguf(original_path, gguf_path, *, min_accuracy: Optional[float] = N
     report["format"] = "gguf"
     report["architecture"] = gf.architecture
     report["unmatched_gguf_tensors"] = sorted(set(gf.tensors) - set(mapping.values()))
+    report["warnings"] = list(target.warnings)
     from .. import e2e
 
     report["end_to_end"] = e2e.unavailable("not run for GGUF files (the per-tensor comparison above is)")
