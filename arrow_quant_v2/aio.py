@@ -477,14 +477,15 @@ class AsyncArrowQuantV2:
 
     # -- one job -----------------------------------------------------------------------------
 
-    async def _run_job(self, fn: Callable[..., Any], *, source, channel: _ProgressChannel) -> Any:
+    async def _run_job(self, fn: Callable[..., Any], *, source, channel: _ProgressChannel,
+                       split: Optional[bool] = False) -> Any:
         """Wait for a slot (first come, first served), then for memory (the size of the
         weights at ``source``), run ``fn(progress=, cancel=)`` on the executor, and on
         cancellation stop the worker before re-raising."""
         if self._cluster is not None:
-            return await self._cluster.run(fn, nbytes=source_bytes(source), channel=channel, name=fn.func.__name__,
-                                           queued=lambda message: channel.post(
-                                               ProgressEvent(stage=QUEUED, fraction=0.0, message=message)))
+            return await self._cluster.run_job(fn, nbytes=source_bytes(source), channel=channel, split=split,
+                                               queued=lambda message: channel.post(
+                                                   ProgressEvent(stage=QUEUED, fraction=0.0, message=message)))
         loop = asyncio.get_running_loop()
         limits = self._limits_for(loop)
         if limits.jobs.would_wait(1):
@@ -517,12 +518,12 @@ class AsyncArrowQuantV2:
             limits.jobs.release(1)
 
     async def _job(self, fn, *, source, listeners, interval: float, model_index: Optional[int],
-                   wrap: Callable[[Exception], Exception]) -> Any:
+                   wrap: Callable[[Exception], Exception], split: Optional[bool] = False) -> Any:
         loop = asyncio.get_running_loop()
         channel = _ProgressChannel(loop, listeners, interval, model_index)
         try:
             try:
-                result = await self._run_job(fn, source=source, channel=channel)
+                result = await self._run_job(fn, source=source, channel=channel, split=split)
             except ArrowQuantError:
                 raise
             except Exception as e:  # an unexpected failure still surfaces as the documented error type
@@ -549,7 +550,8 @@ class AsyncArrowQuantV2:
                                              overwrite: bool = False, resume: bool = False,
                                              progress_interval: Optional[float] = None,
                                              on_event: Optional[EventHook] = None,
-                                             revision: Optional[str] = None, download: bool = False) -> dict:
+                                             revision: Optional[str] = None, download: bool = False,
+                                             split_across_workers: Optional[bool] = None) -> dict:
         """Quantize ``model_path`` into a new store at ``output_path`` without blocking the loop.
 
         ``model_path`` may be a Hugging Face repo id (``org/name``, ``@revision`` or ``revision=``)
@@ -562,17 +564,26 @@ class AsyncArrowQuantV2:
         ``on_event(event)`` receives the raw :class:`ProgressEvent` objects. Both are called on
         this loop, throttled to ``progress_interval`` (default: the instance's).
 
+        On a cluster, ``split_across_workers`` quantizes the model's tensors on every worker at
+        once and has the workers write the store's shards (the same store, byte for byte);
+        ``None`` (default) splits models larger than
+        :data:`arrow_quant_v2.cluster.split.SPLIT_ABOVE_BYTES`.
+
         Returns the same dict as the blocking API: ``quantized_path, compression_ratio,
         cosine_similarity, model_size_mb, modality, bit_width, quantization_time_s`` and more.
         Raises :class:`ConfigurationError`, :class:`QuantizationError` (and its subclasses),
         or ``asyncio.CancelledError`` when cancelled (the worker has stopped by then).
         """
+        if split_across_workers and self._cluster is None:
+            raise ConfigurationError("split_across_workers=True needs a cluster; allowed without one: None or False")
         return await self._quantize(model_path, output_path, config, progress_callback, overwrite=overwrite,
                                     resume=resume, progress_interval=progress_interval, on_event=on_event,
-                                    model_index=None, revision=revision, download=download)
+                                    model_index=None, revision=revision, download=download,
+                                    split=split_across_workers)
 
     async def _quantize(self, model_path, output_path, config, progress_callback, *, overwrite, resume,
-                        progress_interval, on_event, model_index, revision=None, download=False) -> dict:
+                        progress_interval, on_event, model_index, revision=None, download=False,
+                        split: Optional[bool] = None) -> dict:
         _check_config(config)
         interval = self.progress_interval if progress_interval is None else _check_interval(progress_interval)
         listeners = _listeners(progress_callback, on_event, multi=model_index is not None)
@@ -584,7 +595,7 @@ class AsyncArrowQuantV2:
             return QuantizationError(f"{model_path}: quantizing failed: {type(e).__name__}: {e}")
 
         return await self._job(fn, source=model_path, listeners=listeners, interval=interval,
-                               model_index=model_index, wrap=wrap)
+                               model_index=model_index, wrap=wrap, split=split)
 
     async def quantize_multiple_models_async(self, models: Sequence[ModelSpec],
                                              progress_callback: Optional[ProgressCallback] = None, *,

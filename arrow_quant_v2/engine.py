@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import datetime
 import json
 import math
@@ -18,7 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -91,9 +92,11 @@ class QuantizeJob:
     """Quantizes one model into one store. Use :func:`quantize_model`."""
 
     def __init__(self, source: ModelSource, writer: StoreWriter, config: DiffusionQuantConfig,
-                 plans: Dict[str, TensorPlan], report: Callable[..., None], cancel: CancelToken) -> None:
+                 plans: Dict[str, TensorPlan], report: Callable[..., None], cancel: CancelToken,
+                 names: Optional[Sequence[str]] = None) -> None:
         self.source, self.writer, self.config, self.plans = source, writer, config, plans
         self.report, self.cancel = report, cancel
+        self.names = list(source.tensors) if names is None else list(names)  # a part of the model (cluster)
         self.threads = resolve_threads(config)
         self.pool = kernel_pool()
         self.final: Dict[str, dict] = {}  # tensor -> its figures, bits, bytes, reason
@@ -103,7 +106,8 @@ class QuantizeJob:
     # -- work items ---------------------------------------------------------------------
 
     def _tasks(self):
-        for name, info in self.source.tensors.items():
+        for name in self.names:
+            info = self.source.tensors[name]
             if name in self.final:  # kept from a killed run (resume)
                 continue
             plan = self.plans[name]
@@ -133,8 +137,9 @@ class QuantizeJob:
         window = self.threads  # this job's chunks in flight: num_threads (0 = all cores), never more
         parts: List[Tuple[int, int, object]] = []
         stats = np.zeros(4)
-        self.bytes_total = max(self.source.total_bytes, 1)
-        self.tensors_total = len(self.source.tensors)
+        whole = len(self.names) == len(self.source.tensors)
+        self.bytes_total = max(self.source.total_bytes if whole else sum(self.source.tensors[n].nbytes for n in self.names), 1)
+        self.tensors_total = len(self.names)
         self.final.update(self.writer.resumed)
         self.tensors_done = len(self.final)
         self.bytes_done = sum(t["source_bytes"] for t in self.final.values())
@@ -318,6 +323,88 @@ def summarize(final: Dict[str, dict]) -> dict:
     }
 
 
+@dataclasses.dataclass
+class Preparation:
+    """What a run decides before any tensor is quantized: the source, its plan and the writer."""
+
+    source: ModelSource
+    output: Path
+    config: DiffusionQuantConfig
+    modality: str
+    modality_reason: str
+    planner: Planner
+    plans: Dict[str, TensorPlan]
+    state_before: list
+    writer: StoreWriter
+
+
+def prepare(model_path, output_path, config: Optional[DiffusionQuantConfig], *, overwrite: bool,
+            resume: bool, revision: Optional[str] = None, download: bool = False) -> Preparation:
+    """Open and check the source (a path or a hub id, see :func:`arrow_quant_v2.hub.resolve`) and
+    the output, plan every tensor, and claim the partial folder."""
+    config = config if config is not None else DiffusionQuantConfig()
+    if not isinstance(config, DiffusionQuantConfig):
+        raise ConfigurationError(f"config={config!r} is not allowed; allowed: a DiffusionQuantConfig or None")
+    output = Path(output_path)
+    source = open_model(hub.resolve(model_path, revision=revision, download=download))
+    try:
+        recover_interrupted_overwrite(output)
+    except OSError:
+        pass  # an unusable output path is reported by check_paths
+    check_paths(source, output, overwrite)
+    modality, modality_reason = detect_modality(source, config.modality)
+    planner = Planner(config, diffusion=True)
+    plans = planner.plan_model(source)
+    state_before = _file_state(source)
+    writer = StoreWriter(output, overwrite=overwrite, max_shard_bytes=config.max_shard_mb << 20,
+                         run_key=run_key(source, config), resume=resume)
+    return Preparation(source, output, config, modality, modality_reason, planner, plans, state_before, writer)
+
+
+def publish(prep: Preparation, final: Dict[str, dict], fallbacks: List[dict], warnings: List[str]) -> dict:
+    """Check the source did not change, copy its other files, write the manifest last and move
+    the store into place. Returns the result dict (without the time taken)."""
+    source, config, writer = prep.source, prep.config, prep.writer
+    if _file_state(source) != prep.state_before:
+        raise QuantizationError(f"{source.path}: the model files changed while being quantized; run again")
+    extra = source.extra_files()
+    writer.copy_extra(source.root, extra)
+    weight_bytes = writer.close()
+    figures = summarize(final)
+    result = {
+        "quantized_path": str(prep.output),
+        "compression_ratio": source.total_bytes / weight_bytes if weight_bytes else 0.0,
+        "cosine_similarity": figures["cosine_similarity"],
+        "model_size_mb": weight_bytes / 2**20,
+        "modality": prep.modality,
+        "bit_width": config.bit_width,
+        "quantization_time_s": 0.0,
+        **{k: v for k, v in figures.items() if k != "cosine_similarity"},
+        "modality_reason": prep.modality_reason,
+        "source_size_mb": source.total_bytes / 2**20,
+        "num_tensors": len(final),
+        "fallbacks": fallbacks,
+        "warnings": warnings,
+        "deployment_profile": config.deployment_profile,
+    }
+    if prep.planner.budget is not None:  # target_model_size_mb: what the allocator aimed at versus the disk
+        result["budget"] = prep.planner.budget.outcome(weight_bytes, final)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(source.path), "header_checksum": source.header_checksum,
+                   "bytes": source.total_bytes, "files": [str(f.relative_to(source.root)) for f, _ in source.files]},
+        "config": config.to_dict(),
+        "modality": {"name": prep.modality, "reason": prep.modality_reason},
+        "extra_files": [str(p) for p in extra],
+        "totals": {k: v for k, v in result.items() if k not in ("quantized_path", "quantization_time_s")},
+    }
+    writer.finish(manifest)
+    return result
+
+
 def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfig] = None, *,
                    progress: Optional[ProgressSink] = None, cancel: Optional[CancelToken] = None,
                    overwrite: bool = False, resume: bool = False, revision: Optional[str] = None,
@@ -335,11 +422,29 @@ def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfi
     Raises ConfigurationError, QuantizationError (and subclasses), or progress.Cancelled.
     """
     started = time.perf_counter()
-    config = config if config is not None else DiffusionQuantConfig()
-    if not isinstance(config, DiffusionQuantConfig):
-        raise ConfigurationError(f"config={config!r} is not allowed; allowed: a DiffusionQuantConfig or None")
     cancel = cancel or CancelToken()
-    output = Path(output_path)
+    report = fraction_reporter(progress)
+    prep = prepare(model_path, output_path, config, overwrite=overwrite, resume=resume, revision=revision,
+                   download=download)
+    try:
+        job = QuantizeJob(prep.source, prep.writer, prep.config, prep.plans, report, cancel)
+        job.run()
+        cancel.check()
+        report("finalize", f"writing manifest of {prep.output.name}", tensors_done=job.tensors_done,
+               tensors_total=job.tensors_total, bytes_done=job.bytes_total, bytes_total=job.bytes_total)
+        result = publish(prep, job.final, job.fallbacks, job.warnings)
+    except BaseException:
+        prep.writer.abort()
+        raise
+    result["quantization_time_s"] = time.perf_counter() - started
+    report("done", f"done: {prep.output.name}", tensors_done=job.tensors_done, tensors_total=job.tensors_total,
+           bytes_done=job.bytes_total, bytes_total=job.bytes_total)
+    return result
+
+
+def fraction_reporter(progress: Optional[ProgressSink]) -> Callable[..., None]:
+    """The ``report(stage, message, **counts)`` a job calls, as monotonic, byte-weighted events
+    (at most 0.99 until ``done``) for ``progress``."""
     last_fraction = [0.0]
 
     def report(stage, message, **kw):
@@ -352,65 +457,4 @@ def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfi
         last_fraction[0] = frac
         progress(ProgressEvent(stage=stage, fraction=frac, message=message, **kw))
 
-    source = open_model(hub.resolve(model_path, revision=revision, download=download))
-    try:
-        recover_interrupted_overwrite(output)
-    except OSError:
-        pass  # an unusable output path is reported by check_paths
-    check_paths(source, output, overwrite)
-    modality, modality_reason = detect_modality(source, config.modality)
-    planner = Planner(config, diffusion=True)
-    plans = planner.plan_model(source)
-    state_before = _file_state(source)
-    writer = StoreWriter(output, overwrite=overwrite, max_shard_bytes=config.max_shard_mb << 20,
-                         run_key=run_key(source, config), resume=resume)
-    try:
-        job = QuantizeJob(source, writer, config, plans, report, cancel)
-        job.run()
-        cancel.check()
-        report("finalize", f"writing manifest of {output.name}", tensors_done=job.tensors_done,
-               tensors_total=job.tensors_total, bytes_done=job.bytes_total, bytes_total=job.bytes_total)
-        if _file_state(source) != state_before:
-            raise QuantizationError(f"{source.path}: the model files changed while being quantized; run again")
-        extra = source.extra_files()
-        writer.copy_extra(source.root, extra)
-        weight_bytes = writer.close()
-        figures = summarize(job.final)
-        result = {
-            "quantized_path": str(output),
-            "compression_ratio": source.total_bytes / weight_bytes if weight_bytes else 0.0,
-            "cosine_similarity": figures["cosine_similarity"],
-            "model_size_mb": weight_bytes / 2**20,
-            "modality": modality,
-            "bit_width": config.bit_width,
-            "quantization_time_s": 0.0,
-            **{k: v for k, v in figures.items() if k != "cosine_similarity"},
-            "modality_reason": modality_reason,
-            "source_size_mb": source.total_bytes / 2**20,
-            "num_tensors": len(job.final),
-            "fallbacks": job.fallbacks,
-            "warnings": job.warnings,
-            "deployment_profile": config.deployment_profile,
-        }
-        if planner.budget is not None:  # target_model_size_mb: what the allocator aimed at versus the disk
-            result["budget"] = planner.budget.outcome(weight_bytes, job.final)
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "library_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"path": str(source.path), "header_checksum": source.header_checksum,
-                       "bytes": source.total_bytes, "files": [str(f.relative_to(source.root)) for f, _ in source.files]},
-            "config": config.to_dict(),
-            "modality": {"name": modality, "reason": modality_reason},
-            "extra_files": [str(p) for p in extra],
-            "totals": {k: v for k, v in result.items() if k not in ("quantized_path", "quantization_time_s")},
-        }
-        writer.finish(manifest)
-    except BaseException:
-        writer.abort()
-        raise
-    result["quantization_time_s"] = time.perf_counter() - started
-    report("done", f"done: {output.name}", tensors_done=job.tensors_done, tensors_total=job.tensors_total,
-           bytes_done=job.bytes_total, bytes_total=job.bytes_total)
-    return result
+    return report

@@ -89,6 +89,33 @@ class ChunkRecord:
     def nbytes(self) -> int:
         return sum(int(b.size) for b in self.blobs.values())
 
+    @classmethod
+    def from_row(cls, row: dict) -> "ChunkRecord":
+        """The record a row of a shard was written from (``row`` as ``to_pylist`` gives it)."""
+        blobs = {f: np.frombuffer(row[f], dtype=np.uint8) for f in encodings.BLOB_FIELDS if row[f] is not None}
+        return cls(row["name"], row["source_file"], tuple(row["shape"]), row["dtype"], row["chunk"], row["row_start"],
+                   row["row_count"], row["encoding"], row["bits"], row["group_size"], blobs)
+
+
+def starts_new_shard(shard_bytes: int, size: int, max_shard_bytes: int) -> bool:
+    """Whether a tensor of ``size`` encoded bytes opens a new shard after ``shard_bytes``
+    (a tensor never straddles two shards; an oversized one gets a shard of its own)."""
+    return bool(shard_bytes) and shard_bytes + size > max_shard_bytes
+
+
+def shard_layout(sizes: Iterable[int], max_shard_bytes: int) -> List[List[int]]:
+    """The indices of the tensors each shard holds when tensors of encoded ``sizes`` are written
+    in order: what :class:`StoreWriter` does, known in advance (a cluster writes shards in parallel)."""
+    shards: List[List[int]] = []
+    shard_bytes = 0
+    for i, size in enumerate(sizes):
+        if not shards or starts_new_shard(shard_bytes, size, max_shard_bytes):
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(i)
+        shard_bytes += size
+    return shards
+
 
 def _disk_error(e: OSError, where: Path) -> OutputError:
     """A typed error naming the output (not our hidden temporary folder) and the fix."""
@@ -254,6 +281,32 @@ class StoreWriter:
         shard = self.shards[-1]
         f = self.tmp / shard["file"]
         shard.update(bytes=f.stat().st_size, sha256=_sha256(f))
+        self._journal(tensors)
+
+    def adopt_shard(self, file: str, tensors: Dict[str, dict], rows: int, sha256: str) -> None:
+        """Take ``file``, a shard another process wrote into this partial folder (a cluster
+        worker), as the next shard: check it holds what its writer hashed, then journal it.
+
+        ``tensors`` maps its tensor names, in order, to their figures.
+        Raises :class:`OutputError` if the bytes differ (the folder is not shared as it should be).
+        """
+        self._close_shard()
+        name = f"weights-{len(self.shards) + 1:05d}.parquet"
+        f = self.tmp / name
+        try:
+            digest = _sha256(f) if file == name else None
+            size = f.stat().st_size
+        except OSError as e:
+            raise OutputError(f"{self.output}: shard {name} written by a worker is not readable here ({e}); "
+                              "the output must be on a file system every worker shares") from None
+        if digest != sha256:
+            raise OutputError(f"{self.output}: shard {name} does not hold what its worker wrote (sha256 differs); "
+                              "the output must be on a file system every worker shares")
+        self.shards.append({"file": name, "tensors": len(tensors), "rows": rows, "tensor_names": list(tensors),
+                            "bytes": size, "sha256": digest})
+        self._journal(tensors)
+
+    def _journal(self, tensors: Dict[str, dict]) -> None:
         self._journal_tensors = dict(getattr(self, "_journal_tensors", {}), **tensors)
         journal = {"key": self.run_key, "shards": self.shards,
                    "tensors": {n: self._journal_tensors[n] for s in self.shards for n in s["tensor_names"]}}
@@ -294,7 +347,7 @@ class StoreWriter:
         """
         size = sum(r.nbytes for r in records)
         try:
-            if self._writer is None or (self._shard_bytes and self._shard_bytes + size > self.max_shard_bytes):
+            if self._writer is None or starts_new_shard(self._shard_bytes, size, self.max_shard_bytes):
                 self._open_shard()  # closes (and journals) the previous shard: disk errors here too
             for r in records:
                 row = {

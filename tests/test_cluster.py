@@ -254,3 +254,97 @@ def test_blocking_api_and_cli_take_a_scheduler_address(client, fleet, tmp_path, 
                      "--cluster", address]) == 0
     assert json.loads(capsys.readouterr().out)["cosine_similarity"] == result["cosine_similarity"]
     assert store_fingerprint(tmp_path / "cli") == store_fingerprint(tmp_path / "api")
+
+
+# -- one model across workers ----------------------------------------------------------------------
+
+SHARDED = DiffusionQuantConfig(bit_width=4, max_shard_mb=1)  # a store of several shards
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """~4M parameters in 19 tensors: a few MB of shards at int4, split into many parts."""
+    from conftest import model_tensors, write_model
+
+    return write_model(tmp_path_factory.mktemp("medium") / "m", model_tensors(256, 768, 4, 2048, seed=7),
+                       {"model_type": "dream"})
+
+
+@pytest.fixture
+def small_parts(monkeypatch):
+    from arrow_quant_v2.cluster import split
+
+    monkeypatch.setattr(split, "MIN_PART_BYTES", 1)  # parts of a few tensors, so both workers share the model
+
+
+async def test_one_model_split_across_workers_equals_a_local_run(client, medium, tmp_path, small_parts):
+    local = quantize_model(medium, tmp_path / "local", SHARDED)
+    seen = []
+    with distributed.get_task_stream(client=client) as stream:
+        async with AsyncArrowQuantV2(cluster=client, progress_interval=0) as quantizer:
+            result = await quantizer.quantize_diffusion_model_async(
+                medium, tmp_path / "split", SHARDED, lambda m, f: seen.append(f), split_across_workers=True)
+    assert len(json.loads((tmp_path / "local" / "manifest.json").read_text())["shards"]) >= 2
+    assert store_fingerprint(tmp_path / "split") == store_fingerprint(tmp_path / "local")
+    for key in ("cosine_similarity", "model_size_mb", "compression_ratio", "per_bits", "fallbacks"):
+        assert result[key] == local[key]
+    tasks = {t["key"].rsplit("-", 1)[0] for t in stream.data}
+    assert {"quantize-part", "write-shard"} <= tasks and len(workers_that_ran(stream)) == 2
+    assert result["cluster"]["parts"] >= 4 and result["cluster"]["shards_written"] >= 2
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "split"]  # no partial folder left
+
+
+async def test_cancelling_a_split_model_stops_every_worker_and_removes_partial_output(client, medium, tmp_path,
+                                                                                       small_parts):
+    started = asyncio.Event()
+    async with AsyncArrowQuantV2(cluster=client, progress_interval=0) as quantizer:
+        task = asyncio.ensure_future(quantizer.quantize_diffusion_model_async(
+            medium, tmp_path / "out", SHARDED, on_event=quantizing(started), split_across_workers=True))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert not any(client.processing().values())
+    assert list(tmp_path.iterdir()) == []  # neither the store nor its partial folder (parts, shards)
+
+
+async def test_a_worker_killed_mid_model_is_retried_elsewhere_and_the_store_is_identical(medium, tmp_path,
+                                                                                          small_parts):
+    """SIGKILL one worker while it quantizes a part, once at least one part is written."""
+    quantize_model(medium, tmp_path / "local", SHARDED)
+    marker = tmp_path / "kill-once"
+    marker.touch()
+
+    def arm(marker):  # runs in each worker process: die on the 2nd tensor of a part, once
+        import os
+        import signal
+        from pathlib import Path
+
+        from arrow_quant_v2 import engine
+
+        write = engine.QuantizeJob._write
+
+        def write_then_maybe_die(self, *args, **kwargs):
+            write(self, *args, **kwargs)
+            parts = Path(self.writer.output).parent.parent
+            if len(self.final) == 2 and any(parts.glob("*/done.json")):
+                try:
+                    os.unlink(marker)
+                except FileNotFoundError:
+                    return
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        engine.QuantizeJob._write = write_then_maybe_die
+
+    with local_cluster() as cluster, distributed.Client(cluster, set_as_default=False) as c:
+        before = set(c.run(lambda: __import__("os").getpid()).values())
+        c.run(arm, str(marker))
+        async with AsyncArrowQuantV2(cluster=c, progress_interval=0) as quantizer:
+            result = await quantizer.quantize_diffusion_model_async(medium, tmp_path / "split", SHARDED,
+                                                                    on_event=lambda e: None, split_across_workers=True)
+        after = set(c.run(lambda: __import__("os").getpid()).values())
+    assert not marker.exists() and len(before - after) == 1  # one worker died (and was replaced)
+    assert result["cluster"]["part_runs"] == result["cluster"]["parts"] + 1  # only its part ran again
+    assert store_fingerprint(tmp_path / "split") == store_fingerprint(tmp_path / "local")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "split"]

@@ -259,6 +259,12 @@ class ClusterRunner:
             raise ClusterError(f"{self.address}: the Dask scheduler does not answer ({type(e).__name__}: {e})") from None
         slots.update(infos)
 
+    async def workers_now(self) -> Dict[str, object]:
+        """The workers jobs can be placed on now (address -> bounds), as the scheduler lists them."""
+        slots = self.slots()
+        await self._refresh(slots)
+        return {a: w for a, w in slots.workers.items() if not w.gone}
+
     async def place(self, nbytes: int, queued: Callable[[str], None]) -> Tuple[str, int]:
         """Wait for a worker with a free job slot and ``nbytes`` of budget; ``(address, units)``."""
         slots = self.slots()
@@ -270,25 +276,16 @@ class ClusterRunner:
 
     # -- one job -------------------------------------------------------------------------------
 
-    async def run(self, fn: Callable[..., Any], *, nbytes: int, channel, queued: Callable[[str], None],
-                  name: str = "arrow-quant") -> Any:
-        """Place a job, run ``fn(progress=, cancel=)`` on that worker, and return its result.
+    async def run_job(self, fn: Callable[..., Any], *, nbytes: int, channel, queued: Callable[[str], None],
+                      split: Optional[bool] = False) -> Any:
+        """One job of the async API: ``fn(progress=, cancel=)`` on a worker, its events on
+        ``channel`` (the job's progress channel, delivering on the caller's loop), the final one
+        included. With ``split`` (``fn`` is then a ``quantize_model`` call; ``None``: models above
+        :data:`.split.SPLIT_ABOVE_BYTES`) the model is split across the workers (:mod:`.split`)."""
+        from . import split as splitting
 
-        ``channel`` is the job's progress channel (it delivers on the caller's loop).
-        Cancelling the awaiting task cancels the job on the worker and waits until it stopped.
-        """
-        address, units = await self.place(nbytes, queued)
-        try:
-            return await self.submit(remote.run_job, fn, channel=channel, worker=address, name=name)
-        finally:
-            self.slots().release(address, units)
-
-    async def submit(self, func, fn, *args, channel, worker: Optional[str], name: str) -> Any:
-        """Run ``func(fn, job_id, topic, interval, *args)`` on the cluster (preferably on
-        ``worker``), relaying its progress to ``channel``."""
-        loop = asyncio.get_running_loop()
-        client = await asyncio.to_thread(self.client)
-        job_id = uuid.uuid4().hex
+        if split or (split is None and nbytes > splitting.SPLIT_ABOVE_BYTES):
+            return await splitting.quantize_split(self, fn, channel=channel, queued=queued)
         final_seen = asyncio.Event()
 
         def deliver(event: ProgressEvent) -> None:
@@ -296,32 +293,52 @@ class ClusterRunner:
             if event.fraction >= 1.0 or event.stage == "done":
                 final_seen.set()
 
+        result = await self.run(fn, nbytes=nbytes, queued=queued, on_event=deliver, interval=channel.interval,
+                                name=fn.func.__name__)
+        if channel.listening and not final_seen.is_set():  # events travel by another path than the result
+            try:
+                await asyncio.wait_for(final_seen.wait(), FINAL_EVENT_WAIT_S)
+            except asyncio.TimeoutError:
+                deliver(ProgressEvent(stage="done", fraction=1.0, message="done"))
+        return result
+
+    async def run(self, fn: Callable[..., Any], *, nbytes: int, queued: Callable[[str], None],
+                  on_event: Optional[Callable[[ProgressEvent], None]], interval: float, name: str) -> Any:
+        """Place a task (per-worker bounds), run ``fn(progress=, cancel=)`` there and return its
+        result; its throttled events go to ``on_event`` on the caller's loop. Cancelling the
+        awaiting task cancels the work on the worker and waits until it has stopped."""
+        address, units = await self.place(nbytes, queued)
+        try:
+            return await self._submit(fn, on_event=on_event, interval=interval, worker=address, name=name)
+        finally:
+            self.slots().release(address, units)
+
+    async def _submit(self, fn, *, on_event, interval: float, worker: Optional[str], name: str) -> Any:
+        loop = asyncio.get_running_loop()
+        client = await asyncio.to_thread(self.client)
+        job_id = uuid.uuid4().hex
+
         def route(msg: dict) -> None:  # on the client's thread
             fields = dict(msg["event"], time=time.monotonic())  # the worker's clock means nothing here
             try:
-                loop.call_soon_threadsafe(deliver, ProgressEvent(**fields))
+                loop.call_soon_threadsafe(on_event, ProgressEvent(**fields))
             except RuntimeError:  # the caller's loop is closed
                 pass
 
-        self._routes[job_id] = route
+        if on_event is not None:
+            self._routes[job_id] = route
         try:
-            future = client.submit(func, fn, job_id, self.topic, channel.interval, *args, key=f"{name}-{job_id}",
+            future = client.submit(remote.run_job, fn, job_id, self.topic, interval, key=f"{name}-{job_id}",
                                    pure=False, workers=[worker] if worker else None, allow_other_workers=True)
             waiter = _bridge(future, loop, self.address)
             try:
-                result = await asyncio.shield(waiter)
-            except asyncio.CancelledError:
-                await asyncio.to_thread(self._cancel, client, job_id)
+                return await asyncio.shield(waiter)
+            except asyncio.CancelledError:  # a second cancel must not cut this short: wait for the worker
+                await _wait_stopped(asyncio.ensure_future(asyncio.to_thread(self._cancel, client, job_id)))
                 await _wait_stopped(waiter)
                 raise
             except Cancelled:  # only our event cancels a job, and then we are cancelled too
                 raise asyncio.CancelledError() from None
-            if channel.listening and not final_seen.is_set():
-                try:
-                    await asyncio.wait_for(final_seen.wait(), FINAL_EVENT_WAIT_S)
-                except asyncio.TimeoutError:
-                    deliver(ProgressEvent(stage="done", fraction=1.0, message="done"))
-            return result
         finally:
             self._routes.pop(job_id, None)
 
