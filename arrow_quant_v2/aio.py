@@ -551,11 +551,15 @@ class AsyncArrowQuantV2:
                                              progress_interval: Optional[float] = None,
                                              on_event: Optional[EventHook] = None,
                                              revision: Optional[str] = None, download: bool = False,
-                                             split_across_workers: Optional[bool] = None) -> dict:
+                                             split_across_workers: Optional[bool] = None,
+                                             components: Optional[List[str]] = None,
+                                             variant: Optional[str] = None) -> dict:
         """Quantize ``model_path`` into a new store at ``output_path`` without blocking the loop.
 
         ``model_path`` may be a Hugging Face repo id (``org/name``, ``@revision`` or ``revision=``)
         found in the local cache; ``download=True`` fetches it in the worker when it is not.
+        ``components`` / ``variant`` choose a diffusers pipeline's components and the weight variant
+        (as in the blocking API).
 
         ``overwrite`` replaces an existing store (atomically, only once the new one is
         complete); ``resume`` reuses what a killed run with the same source and config had
@@ -579,17 +583,17 @@ class AsyncArrowQuantV2:
         return await self._quantize(model_path, output_path, config, progress_callback, overwrite=overwrite,
                                     resume=resume, progress_interval=progress_interval, on_event=on_event,
                                     model_index=None, revision=revision, download=download,
-                                    split=split_across_workers)
+                                    split=split_across_workers, components=components, variant=variant)
 
     async def _quantize(self, model_path, output_path, config, progress_callback, *, overwrite, resume,
                         progress_interval, on_event, model_index, revision=None, download=False,
-                        split: Optional[bool] = None) -> dict:
+                        split: Optional[bool] = None, components=None, variant=None) -> dict:
         _check_config(config)
         interval = self.progress_interval if progress_interval is None else _check_interval(progress_interval)
         listeners = _listeners(progress_callback, on_event, multi=model_index is not None)
         model_path, output_path = self._paths(model_path, output_path)
         fn = functools.partial(quantize_model, model_path, output_path, config, overwrite=overwrite, resume=resume,
-                               revision=revision, download=download)
+                               revision=revision, download=download, components=components, variant=variant)
 
         def wrap(e: Exception) -> Exception:
             return QuantizationError(f"{model_path}: quantizing failed: {type(e).__name__}: {e}")

@@ -1,7 +1,7 @@
 """The synchronous API: :class:`ArrowQuantV2`."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 from .config import DiffusionQuantConfig
 from .engine import quantize_model
@@ -73,7 +73,8 @@ class ArrowQuantV2:
     def quantize_diffusion_model(self, model_path, output_path, config: Optional[DiffusionQuantConfig] = None,
                                  progress_callback: Optional[Callable[[str, float], None]] = None,
                                  overwrite: bool = False, resume: bool = False, *,
-                                 revision: Optional[str] = None, download: bool = False) -> dict:
+                                 revision: Optional[str] = None, download: bool = False,
+                                 components: Optional[List[str]] = None, variant: Optional[str] = None) -> dict:
         """Quantize ``model_path`` into a new store at ``output_path``.
 
         ``overwrite`` replaces an existing store; ``resume`` reuses what a killed run
@@ -94,6 +95,10 @@ class ArrowQuantV2:
             revision: the branch, tag or commit of a repo id (instead of ``@revision``).
             download: fetch a repo id that is not in the local cache (with progress bars); without it,
                 nothing is downloaded and a missing id raises :class:`ModelNotFoundError` saying how to fetch it.
+            components: the components of a diffusers pipeline to quantize (default: its denoiser, ``unet``
+                or ``transformer``); the others are copied into the store as they are.
+            variant: the weight variant to read (``"fp16"`` for ``*.fp16.safetensors``; default: the
+                files without a variant).
 
         Returns:
             The result dict; every key is explained in the docs' Quickstart ("What the result says").
@@ -106,9 +111,9 @@ class ArrowQuantV2:
         if self._remote is not None:
             return self._blocking(self._remote.quantize_diffusion_model_async, model_path, output_path, config,
                                   progress_callback, overwrite=overwrite, resume=resume,
-                                  revision=revision, download=download)
+                                  revision=revision, download=download, components=components, variant=variant)
         return quantize_model(model_path, output_path, config, overwrite=overwrite, resume=resume,
-                              revision=revision, download=download,
+                              revision=revision, download=download, components=components, variant=variant,
                               progress=plain_progress(progress_callback, self.progress_interval))
 
     def validate_quality(self, original_path, quantized_path, min_accuracy: Optional[float] = None, *,

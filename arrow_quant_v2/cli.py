@@ -93,12 +93,18 @@ def resolve_model(spec: str, revision: Optional[str] = None, download: bool = Fa
     return hub.resolve(spec, revision=revision, download=download)  # a path that does not exist comes back as is
 
 
-def _add_model_source_options(p: argparse.ArgumentParser, *, download: bool) -> None:
+def _add_model_source_options(p: argparse.ArgumentParser, *, download: bool, selection: bool) -> None:
     p.add_argument("--revision", metavar="REV",
                    help="branch, tag or commit of a Hugging Face repo id (same as MODEL@REV)")
     if download:
         p.add_argument("--download", action="store_true",
                        help="download a Hugging Face repo id that is not in the local cache (needs the hub extra)")
+    if selection:
+        p.add_argument("--components", metavar="NAMES", type=lambda v: [c for c in v.split(",") if c],
+                       help="comma-separated components of a diffusers pipeline to quantize (default: its denoiser, "
+                            "unet or transformer); the others are copied as they are")
+        p.add_argument("--variant", metavar="NAME",
+                       help="weight variant to read, e.g. fp16 for *.fp16.safetensors (default: the files without one)")
 
 
 def _progress_bar(desc: str, enabled: bool):
@@ -193,10 +199,11 @@ def cmd_quantize(args) -> int:
     try:
         if args.cluster:
             result = _on_cluster(args.cluster, "quantize_diffusion_model_async", model, args.output, config,
-                                 on_event=sink, overwrite=args.overwrite, resume=args.resume)
+                                 on_event=sink, overwrite=args.overwrite, resume=args.resume,
+                                 components=args.components, variant=args.variant)
         else:
             result = quantize_model(model, args.output, config, progress=sink, overwrite=args.overwrite,
-                                    resume=args.resume)
+                                    resume=args.resume, components=args.components, variant=args.variant)
     finally:
         bar.close()
     if args.json:
@@ -304,7 +311,7 @@ def cmd_inspect(args) -> int:
     from .plan import Planner, detect_modality
     from .source import open_model
 
-    source = open_model(path)
+    source = open_model(path, components=args.components, variant=args.variant)
     config = _config_from(args)
     planner = Planner(config)
     modality, why = detect_modality(source, config.modality)
@@ -407,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help=MODEL_HELP)
     q.add_argument("output", help="output store folder (must not exist unless --overwrite)")
     _add_config_options(q)
-    _add_model_source_options(q, download=True)
+    _add_model_source_options(q, download=True, selection=True)
     q.add_argument("--overwrite", action="store_true", help="replace an existing store at OUTPUT")
     q.add_argument("--resume", action="store_true", help="reuse what an interrupted run with the same inputs finished")
     q.add_argument("--cluster", metavar="ADDRESS", help="run on the Dask scheduler at ADDRESS (e.g. tcp://host:8786); "
@@ -418,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("store", help="the store folder or GGUF file to check")
     v.add_argument("--min-accuracy", type=float,
                    help="one cosine threshold for every tensor (default: 0.90 / 0.99 / 0.999 for int2 / int4 / int8)")
-    _add_model_source_options(v, download=False)
+    _add_model_source_options(v, download=False, selection=False)
     v.add_argument("--no-end-to-end", action="store_true", help="skip running the model's ONNX graph (model.onnx)")
     v.add_argument("--time-groups", type=int, help="noise levels for the end-to-end check (default: the store's config)")
     v.add_argument("--cluster", metavar="ADDRESS", help="run on the Dask scheduler at ADDRESS")
@@ -427,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="list a store's, a GGUF file's or a model's tensors with their plan and figures")
     i.add_argument("path", help="a store folder, a GGUF file, or a model to show the plan for: " + MODEL_HELP)
     _add_config_options(i)
-    _add_model_source_options(i, download=False)
+    _add_model_source_options(i, download=False, selection=True)
 
     x = add_command(sub, "export", cmd_export,
                     help="export a store to GGUF (llama.cpp, ComfyUI-GGUF, diffusers) or dequantized safetensors")

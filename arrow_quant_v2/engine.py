@@ -339,14 +339,16 @@ class Preparation:
 
 
 def prepare(model_path, output_path, config: Optional[DiffusionQuantConfig], *, overwrite: bool,
-            resume: bool, revision: Optional[str] = None, download: bool = False) -> Preparation:
+            resume: bool, revision: Optional[str] = None, download: bool = False,
+            components: Optional[List[str]] = None, variant: Optional[str] = None) -> Preparation:
     """Open and check the source (a path or a hub id, see :func:`arrow_quant_v2.hub.resolve`) and
     the output, plan every tensor, and claim the partial folder."""
     config = config if config is not None else DiffusionQuantConfig()
     if not isinstance(config, DiffusionQuantConfig):
         raise ConfigurationError(f"config={config!r} is not allowed; allowed: a DiffusionQuantConfig or None")
     output = Path(output_path)
-    source = open_model(hub.resolve(model_path, revision=revision, download=download))
+    source = open_model(hub.resolve(model_path, revision=revision, download=download),
+                        components=components, variant=variant)
     try:
         recover_interrupted_overwrite(output)
     except OSError:
@@ -395,7 +397,8 @@ def publish(prep: Preparation, final: Dict[str, dict], fallbacks: List[dict], wa
         "library_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": {"path": str(source.path), "header_checksum": source.header_checksum,
-                   "bytes": source.total_bytes, "files": [str(f.relative_to(source.root)) for f, _ in source.files]},
+                   "bytes": source.total_bytes, "files": [str(f.relative_to(source.root)) for f, _ in source.files],
+                   "components": source.selected, "variant": source.variant},
         "config": config.to_dict(),
         "modality": {"name": prep.modality, "reason": prep.modality_reason},
         "extra_files": [str(p) for p in extra],
@@ -408,12 +411,15 @@ def publish(prep: Preparation, final: Dict[str, dict], fallbacks: List[dict], wa
 def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfig] = None, *,
                    progress: Optional[ProgressSink] = None, cancel: Optional[CancelToken] = None,
                    overwrite: bool = False, resume: bool = False, revision: Optional[str] = None,
-                   download: bool = False) -> dict:
+                   download: bool = False, components: Optional[List[str]] = None,
+                   variant: Optional[str] = None) -> dict:
     """Quantize the model at ``model_path`` into a new store at ``output_path``.
 
     ``model_path`` may be a Hugging Face repo id (``org/name``, ``@revision`` or ``revision=``),
     resolved from the local cache; ``download=True`` fetches it when it is not cached
-    (:func:`arrow_quant_v2.hub.resolve`).
+    (:func:`arrow_quant_v2.hub.resolve`). ``variant`` reads weight files of that variant (``"fp16"``);
+    ``components`` chooses what of a diffusers pipeline is quantized (default: its denoiser), the other
+    components being copied into the store as they are (:mod:`arrow_quant_v2.pipelines`).
 
     ``progress`` receives every :class:`ProgressEvent` (unthrottled, from this thread);
     ``cancel`` is checked between chunks. ``resume=True`` reuses the verified shards of
@@ -425,7 +431,7 @@ def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfi
     cancel = cancel or CancelToken()
     report = fraction_reporter(progress)
     prep = prepare(model_path, output_path, config, overwrite=overwrite, resume=resume, revision=revision,
-                   download=download)
+                   download=download, components=components, variant=variant)
     try:
         job = QuantizeJob(prep.source, prep.writer, prep.config, prep.plans, report, cancel)
         job.run()

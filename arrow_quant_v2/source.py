@@ -1,8 +1,9 @@
 """Reading model folders: safetensors headers, validated, and tensors one chunk at a time.
 
 A model is a Hugging Face folder (``model.safetensors`` or shards with
-``model.safetensors.index.json``), a diffusers folder (components in subfolders,
-their tensor names prefixed ``component/``), or a single ``.safetensors`` file.
+``model.safetensors.index.json``; one weight variant such as ``fp16`` at a time), a diffusers
+pipeline (components in subfolders, their tensor names prefixed ``component/``; by default the
+denoiser), or a single ``.safetensors`` file. :mod:`arrow_quant_v2.pipelines` decides which files.
 
 Every header is checked before any weight is read (offsets inside the file, no
 overlaps or holes, byte counts matching dtype x shape, sane shapes, a header that is
@@ -17,13 +18,15 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ModelFormatError, ModelNotFoundError
+from . import pipelines
+from .errors import ConfigurationError, ModelFormatError, ModelNotFoundError
 
 #: safetensors dtype -> numpy dtype used to hold its raw bytes (BF16 as uint16 words).
 DTYPES: Dict[str, np.dtype] = {
@@ -228,10 +231,26 @@ def parse_tensors(file: Path, prefix: str = "") -> Tuple[List[TensorInfo], dict,
 
 
 class ModelSource:
-    """A validated model: its tensors (in file order), config, metadata and non-weight files."""
+    """A validated model: its tensors (in file order), config, metadata and non-weight files.
 
-    def __init__(self, path) -> None:
+    ``variant`` chooses among weight variants stored side by side (``model.fp16.safetensors``;
+    default: the weights without a variant). For a diffusers pipeline (``model_index.json``),
+    ``components`` chooses the components read (default: the denoiser, ``unet`` or
+    ``transformer``); tensor names are prefixed ``<component>/``. See :mod:`arrow_quant_v2.pipelines`.
+    """
+
+    def __init__(self, path, *, components: Optional[Sequence[str]] = None, variant: Optional[str] = None) -> None:
         self.path = Path(path)
+        #: The pipeline components asked for (None: the denoiser of a pipeline, or the whole model).
+        self.components = None if components is None else (
+            [components] if isinstance(components, str) else list(components))
+        if variant is not None and (not isinstance(variant, str) or not re.fullmatch(r"\w+", variant)):
+            raise ConfigurationError(f"variant={variant!r} is not allowed; allowed: None or a name such as 'fp16'")
+        self.variant = variant
+        #: The components read (None when the model is not split into components).
+        self.selected: Optional[List[str]] = None
+        #: The variant read in each folder ("" = the top folder; None = the default weights).
+        self.chosen_variants: Dict[str, Optional[str]] = {}
         try:
             exists = self.path.exists()
         except (OSError, ValueError):  # e.g. a NUL byte or a name too long
@@ -260,50 +279,76 @@ class ModelSource:
     # -- discovery ------------------------------------------------------------------
 
     def _weight_files(self) -> List[Tuple[Path, str]]:
+        """``(file, tensor name prefix)`` of the weights to read, and which folders they come from."""
+        self._indexes: List[Tuple[Path, Dict[str, Path]]] = []  # (index file, its weight map) per sharded folder
+        self._unselected: List[pipelines.WeightSet] = []  # a pipeline's other components: copied as they are
         if self.path.is_file():
             if self.path.suffix != ".safetensors":
                 raise ModelNotFoundError(f"{self.path}: not a .safetensors file")
+            if self.components is not None or self.variant is not None:
+                raise ConfigurationError(f"{self.path}: components= and variant= apply to model folders, not a single file")
             return [(self.path, "")]
-        index = self.path / INDEX_NAME
-        if index.exists():
-            weight_map = self._read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ModelFormatError(f"{index}: no 'weight_map' object")
-            for tensor, shard in weight_map.items():
-                # Lexical check only: shards may be symlinks (the Hugging Face cache links to ../../blobs).
-                if (not isinstance(shard, str) or not shard or Path(shard).is_absolute()
-                        or ".." in Path(shard).parts or "\0" in shard):
-                    raise ModelFormatError(
-                        f"{index}: weight_map[{_short(tensor)}] = {_short(shard)} is not a shard file name inside {self.path}"
-                    )
-            names = sorted(set(weight_map.values()))
-            missing = [n for n in names if not (self.path / n).is_file()]
-            if missing:
-                raise ModelFormatError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}")
-            self._index = {k: self.path / v for k, v in weight_map.items()}
-            return [(self.path / n, "") for n in names]
-        top = sorted(self.path.glob("*.safetensors"))
-        if top:
-            return [(f, "") for f in top]
-        # diffusers: one component per subfolder, names prefixed by the component.
-        nested = sorted(p for p in self.path.glob("*/*.safetensors") if not p.parent.name.startswith("."))
-        if nested:
-            return [(f, f"{f.parent.name}/") for f in nested]
-        raise ModelNotFoundError(
-            f"{self.path}: no .safetensors weights found (expected model.safetensors, shards with {INDEX_NAME}, "
-            "or diffusers component subfolders)"
-        )
+        components = pipelines.pipeline_components(self.path)
+        is_pipeline = components is not None
+        if components is None and pipelines.weight_sets(self.path):
+            if self.components is not None:
+                raise ConfigurationError(f"components={self.components!r}: {self.path} is not a diffusers pipeline "
+                                         f"(no {pipelines.PIPELINE_INDEX}) and has its weights at the top")
+            return self._folder_files(self.path, "")
+        if not components:  # no (usable) model_index.json: each subfolder with weights is a component
+            components = {p.name: p for p in sorted(self.path.iterdir())
+                          if p.is_dir() and not p.name.startswith(".") and pipelines.weight_sets(p)}
+        with_weights = [name for name, folder in components.items() if pipelines.weight_sets(folder)]
+        if not with_weights and self.components is None:
+            raise ModelNotFoundError(
+                f"{self.path}: no .safetensors weights found (expected model.safetensors, shards with {INDEX_NAME}, "
+                "or diffusers component subfolders)"
+            )
+        if is_pipeline or self.components is not None:
+            self.selected = pipelines.select_components(self.path, with_weights, self.components)
+        else:  # subfolders without a pipeline index: they are all one model
+            self.selected = with_weights
+        files: List[Tuple[Path, str]] = []
+        for name in with_weights:
+            if name in self.selected:
+                files += self._folder_files(components[name], f"{name}/")
+            else:
+                folder = components[name]
+                self._unselected.append(pipelines.choose(folder, pipelines.weight_sets(folder), self.variant))
+        return files
+
+    def _folder_files(self, folder: Path, prefix: str) -> List[Tuple[Path, str]]:
+        """The weight files of one folder, of the chosen variant (through its shard index if it has one)."""
+        chosen = pipelines.choose(folder, pipelines.weight_sets(folder), self.variant)
+        self.chosen_variants[prefix.rstrip("/")] = chosen.variant
+        if chosen.index is None:
+            return [(f, prefix) for f in chosen.files]
+        index = chosen.index
+        weight_map = self._read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelFormatError(f"{index}: no 'weight_map' object")
+        for tensor, shard in weight_map.items():
+            # Lexical check only: shards may be symlinks (the Hugging Face cache links to ../../blobs).
+            if (not isinstance(shard, str) or not shard or Path(shard).is_absolute()
+                    or ".." in Path(shard).parts or "\0" in shard):
+                raise ModelFormatError(
+                    f"{index}: weight_map[{_short(tensor)}] = {_short(shard)} is not a shard file name inside {folder}"
+                )
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ModelFormatError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}")
+        self._indexes.append((index, {prefix + k: folder / v for k, v in weight_map.items()}))
+        return [(folder / n, prefix) for n in names]
 
     def _check_index(self) -> None:
-        index = getattr(self, "_index", None)
-        if index is None:
-            return
-        for name, file in index.items():
-            info = self.tensors.get(name)
-            if info is None:
-                raise ModelFormatError(f"{self.path / INDEX_NAME}: lists tensor {_short(name)} which no shard holds")
-            if info.file != file:
-                raise ModelFormatError(f"{self.path / INDEX_NAME}: says {_short(name)} is in {file.name} but it is in {info.file.name}")
+        for index, weight_map in self._indexes:
+            for name, file in weight_map.items():
+                info = self.tensors.get(name)
+                if info is None:
+                    raise ModelFormatError(f"{index}: lists tensor {_short(name)} which no shard holds")
+                if info.file != file:
+                    raise ModelFormatError(f"{index}: says {_short(name)} is in {file.name} but it is in {info.file.name}")
 
     @staticmethod
     def _read_json(path: Path) -> dict:
@@ -320,16 +365,25 @@ class ModelSource:
         return data
 
     def extra_files(self) -> List[Path]:
-        """Non-weight files to copy beside the store (config, tokenizer, ...), relative to the root."""
+        """Files to copy beside the store, relative to the root: configs, tokenizers, ... and, for a
+        pipeline, the other components' weights (of the chosen variant) as they are."""
         if not self.path.is_dir():
             return []
-        weights = {f for f, _ in self.files} | {self.path / INDEX_NAME}
+        read = {f for f, _ in self.files} | {index for index, _ in self._indexes}
+        copied = {p for ws in self._unselected for p in ws.paths}
+        if any(ws.index is not None for ws in self._unselected):  # shards named by an index of a copied component
+            for ws in self._unselected:
+                if ws.index is not None:
+                    weight_map = self._read_json(ws.index).get("weight_map") or {}
+                    copied |= {ws.index.parent / v for v in weight_map.values() if isinstance(v, str)}
         out = []
         for p in sorted(self.path.rglob("*")):
             rel = p.relative_to(self.path)
-            if (p.is_file() and p not in weights and p.suffix not in WEIGHT_SUFFIXES
-                    and not any(part.startswith(".") for part in rel.parts)):
-                out.append(rel)
+            if not p.is_file() or p in read or any(part.startswith(".") for part in rel.parts):
+                continue
+            if (p.suffix in WEIGHT_SUFFIXES or pipelines.is_index(p.name)) and p not in copied:
+                continue  # the weights read (they are in the store) and every other serialisation or variant
+            out.append(rel)
         return out
 
     # -- reading --------------------------------------------------------------------
@@ -393,6 +447,6 @@ def read_at(f, buf: bytearray, offset: int) -> int:
     return got
 
 
-def open_model(path) -> ModelSource:
-    """Open and validate a model folder or .safetensors file."""
-    return ModelSource(path)
+def open_model(path, *, components: Optional[Sequence[str]] = None, variant: Optional[str] = None) -> ModelSource:
+    """Open and validate a model folder or .safetensors file (``components``/``variant``: see :class:`ModelSource`)."""
+    return ModelSource(path, components=components, variant=variant)

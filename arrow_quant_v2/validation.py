@@ -73,11 +73,12 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
     cancel = cancel or CancelToken()
     graph = e2e.find_graph(original_path) if end_to_end is not False else None
     keep: Optional[Dict[str, np.ndarray]] = {} if graph is not None else None  # dequantized weights for the graph
+    store = load_quantized(quantized_path)
+    made_from = store.manifest.get("source", {})  # the components and variant the store was made from
     try:
-        source = open_model(original_path)
+        source = open_model(original_path, components=made_from.get("components"), variant=made_from.get("variant"))
     except ArrowQuantError as e:
         raise ValidationError(f"cannot read the original model: {e}") from e
-    store = load_quantized(quantized_path)
     recorded = store.manifest.get("source", {}).get("header_checksum")
     if recorded != source.header_checksum:
         raise ValidationError(
