@@ -1,11 +1,17 @@
-"""The model library: sample models plus model folders found under the configured roots.
+"""The model library: sample models, the Hugging Face cache, and model folders under the configured roots.
 
 :class:`ModelLibrary` is plain ``param`` state (no Panel): it lists models with their
 parameter count, dtype, size on disk, shard count and detected modality, and refuses any
-path outside its roots (``..`` and symlinks are resolved first).
+path outside its roots (``..`` and symlinks are resolved first). Models in the local Hugging
+Face cache are listed by repo id (with the revision when several are cached). A root is
+searched at any depth (bounded by :data:`SCAN_LIMIT` folders), a root that is itself a model is
+refused, and descriptions are cached per folder, so a rescan of a large cache reads only what
+changed; :meth:`ModelLibrary.refresh_async` rescans off the event loop.
 """
 from __future__ import annotations
 
+import asyncio
+import collections
 import os
 import threading
 from dataclasses import dataclass, replace
@@ -14,17 +20,18 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import param
 
-from .. import samples
+from .. import hub, samples
 from ..errors import ArrowQuantError
 from ..plan import detect_modality
 from ..source import INDEX_NAME, open_model
 from ..store import MANIFEST
 from .roots import PathNotAllowed, confine, env_model_roots, roots_list, samples_root
 
-#: How deep below a root the library looks for model folders (root/org/model = 2).
-SCAN_DEPTH = 2
-#: At most this many folders are examined per root (a root pointing at / stays cheap).
-SCAN_LIMIT = 2000
+#: At most this many folders are examined per root, at any depth (a root pointing at / stays cheap).
+SCAN_LIMIT = 20000
+#: Folders never searched for models: what holds no model folder (a hub cache's content-addressed
+#: blobs, version control, Python environments).
+SKIP_FOLDERS = frozenset({"blobs", ".git", "node_modules", "__pycache__", "site-packages"})
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class ModelEntry:
 
     name: str
     path: str
-    kind: str  # "sample" or "folder"
+    kind: str  # "sample", "hub" (the Hugging Face cache) or "folder"
     available: bool = True  # False: a sample not built yet (it is built when first used)
     params: Optional[int] = None
     dtype: str = ""
@@ -47,7 +54,7 @@ class ModelEntry:
 
     @property
     def label(self) -> str:
-        tag = "sample" if self.kind == "sample" else Path(self.path).parent.name or "model"
+        tag = self.kind if self.kind in ("sample", "hub") else Path(self.path).parent.name or "model"
         return f"{self.name} ({tag})"
 
     @property
@@ -56,7 +63,7 @@ class ModelEntry:
 
     def as_row(self) -> dict:
         return {
-            "model": self.name, "source": "sample" if self.kind == "sample" else "folder",
+            "model": self.name, "source": self.kind,
             "params": self.params, "dtype": self.dtype or ("(built on first use)" if not self.available else ""),
             "size_mb": None if self.size_bytes is None else round(self.size_bytes / 2**20, 1),
             "shards": self.shards, "modality": self.modality, "path": self.path, "note": self.error or self.description,
@@ -68,7 +75,7 @@ def folder_size(path: Path) -> int:
     for dirpath, _, files in os.walk(path):
         for f in files:
             try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
+                total += os.stat(os.path.join(dirpath, f)).st_size  # hub snapshots link to their blobs
             except OSError:
                 pass
     return total
@@ -110,13 +117,15 @@ def looks_like_model(path: Path) -> bool:
 
 
 class ModelLibrary(param.Parameterized):
-    """Sample models and the model folders under ``roots``.
+    """Sample models, the Hugging Face cache's models and the model folders under ``roots``.
 
-    ``roots`` defaults to ``$ARROW_QUANT_MODEL_ROOTS``; the sample cache is always allowed.
+    ``roots`` defaults to ``$ARROW_QUANT_MODEL_ROOTS``; the sample cache and (with ``include_hub``)
+    the Hugging Face cache are always allowed.
     """
 
     roots = param.List(default=[], item_type=Path, doc="Folders models may be read from.")
     include_samples = param.Boolean(default=True, doc="List the sample models.")
+    include_hub = param.Boolean(default=True, doc="List (and allow) the models in the local Hugging Face cache.")
     models = param.List(default=[], item_type=ModelEntry, doc="The models, samples first.")
     message = param.String(default="", doc="The last refusal or error, for the view.")
 
@@ -124,6 +133,9 @@ class ModelLibrary(param.Parameterized):
         roots = env_model_roots() if roots is None else [Path(os.path.expanduser(os.fspath(r))) for r in roots]
         super().__init__(roots=roots_list(roots), include_samples=include_samples, **params)
         self._lock = threading.Lock()
+        self._hub_key: Optional[tuple] = None
+        self._hub_models: List[hub.CachedModel] = []
+        self._notes: List[str] = []  # what the last scan refused, for ``message``
         self._cache: Dict[str, tuple] = {}
         self._extra: List[ModelEntry] = []
         if scan:
@@ -133,8 +145,8 @@ class ModelLibrary(param.Parameterized):
 
     @property
     def allowed_roots(self) -> List[Path]:
-        """Every folder a model may come from: the roots and the sample cache."""
-        extra = [samples_root()] if self.include_samples else []
+        """Every folder a model may come from: the roots, the sample cache and the Hugging Face cache."""
+        extra = ([samples_root()] if self.include_samples else []) + ([hub.cache_dir()] if self.include_hub else [])
         return roots_list(list(self.roots) + extra)
 
     def resolve(self, path) -> Path:
@@ -167,20 +179,25 @@ class ModelLibrary(param.Parameterized):
         return out
 
     def scan_root(self, root: Path) -> List[ModelEntry]:
-        """The model folders under ``root`` (breadth first, bounded), described."""
+        """The model folders under ``root`` at any depth (breadth first, at most :data:`SCAN_LIMIT`
+        folders), described. The root itself is refused as a model (the next ``message`` says so)."""
         found: List[ModelEntry] = []
         if not root.exists():
             return found
-        frontier, seen = [(root, 0)], 0
+        if looks_like_model(root):
+            self._notes.append(f"{root}: this model root is itself a model folder, so it is not listed; "
+                               f"make its parent folder the root instead")
+            return found
+        frontier, seen = collections.deque([root]), 0
         while frontier and seen < SCAN_LIMIT:
-            folder, depth = frontier.pop(0)
+            folder = frontier.popleft()
             seen += 1
-            if looks_like_model(folder):
+            if folder != root and looks_like_model(folder):
                 if is_inside_roots(folder, [root]):
-                    found.append(self._describe_cached(folder))
+                    found.append(self._describe_cached(folder, **hub_snapshot_name(folder)))
                 continue
-            if depth >= SCAN_DEPTH:
-                continue
+            if folder != root and (folder / MANIFEST).is_file():
+                continue  # a store (it may hold a pipeline's copied components): not a model, nothing inside is
             try:
                 children = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
             except OSError:
@@ -188,28 +205,61 @@ class ModelLibrary(param.Parameterized):
             for child in children:
                 if child.is_dir():
                     # a symlinked folder leading out of the root is not followed
-                    if is_inside_roots(child, [root]):
-                        frontier.append((child, depth + 1))
-                elif child.suffix == ".safetensors" and depth == 0 and is_inside_roots(child, [root]):
+                    if child.name not in SKIP_FOLDERS and is_inside_roots(child, [root]):
+                        frontier.append(child)
+                elif child.suffix == ".safetensors" and folder == root and is_inside_roots(child, [root]):
                     found.append(self._describe_cached(child, name=child.stem))
         return found
 
-    def refresh(self) -> List[ModelEntry]:
-        """Re-list samples and root folders (headers only; cheap)."""
+    def hub_entries(self) -> List[ModelEntry]:
+        """The models in the local Hugging Face cache, by repo id (``org/name@revision`` when a repo
+        has several snapshots). The cache is re-read only when one of its repos changed."""
+        cache = hub.cache_dir()
+        key = _hub_cache_key(cache)
+        if key != self._hub_key:
+            self._hub_models, self._hub_key = hub.cached_models(cache), key
+        usable = [m for m in self._hub_models if looks_like_model(m.path)]
+        per_repo = collections.Counter(m.repo_id for m in usable)
+        out = []
+        for m in usable:
+            name = m.repo_id if per_repo[m.repo_id] == 1 else f"{m.repo_id}@{m.refs[0] if m.refs else m.revision[:12]}"
+            out.append(self._describe_cached(m.path, name=name, kind="hub", description=f"Hugging Face cache, {m.revision}"))
+        return out
+
+    def scan(self) -> List[ModelEntry]:
+        """List samples, the Hugging Face cache and the root folders (headers only), without publishing
+        the list: safe in a worker thread (:meth:`refresh_async`)."""
         with self._lock:
+            self._notes = []
             entries = self.sample_entries() if self.include_samples else []
+            if self.include_hub:
+                entries.extend(self.hub_entries())
+            known = {e.path for e in entries}
             for root in self.roots:
-                entries.extend(self.scan_root(root))
+                entries.extend(e for e in self.scan_root(root) if e.path not in known)
             known = {e.path for e in entries}
             entries.extend(e for e in self._extra if e.path not in known)
             names: Dict[str, int] = {}
             for e in entries:
                 names[e.name] = names.get(e.name, 0) + 1
             # the same folder name under two roots: tell them apart by their parent folder
-            entries = [e if names[e.name] == 1 or e.kind == "sample" else replace(e, name=f"{Path(e.path).parent.name}/{e.name}")
-                       for e in entries]
+            return [e if names[e.name] == 1 or e.kind in ("sample", "hub") else
+                    replace(e, name=f"{Path(e.path).parent.name}/{e.name}") for e in entries]
+
+    def refresh(self) -> List[ModelEntry]:
+        """Re-list samples, the Hugging Face cache and root folders (headers only, cached per folder)."""
+        self._publish(self.scan())
+        return self.models
+
+    async def refresh_async(self) -> List[ModelEntry]:
+        """:meth:`refresh` with the scanning in a worker thread, so the event loop stays free."""
+        self._publish(await asyncio.to_thread(self.scan))
+        return self.models
+
+    def _publish(self, entries: List[ModelEntry]) -> None:
         self.models = entries
-        return entries
+        if self._notes:
+            self.message = "; ".join(self._notes)
 
     def add_path(self, path) -> ModelEntry:
         """Add a model folder or file a person typed; refused (``message`` set, :class:`PathNotAllowed`
@@ -269,6 +319,36 @@ class ModelLibrary(param.Parameterized):
     def rows(self) -> List[dict]:
         """One table row per model (what the Models tab shows)."""
         return [e.as_row() for e in self.models]
+
+
+def hub_snapshot_name(folder: Path) -> dict:
+    """``{"name": "org/name"}`` for a snapshot folder of a Hugging Face cache found under a
+    root (``models--org--name/snapshots/<commit>``; the commit only when there are several), else ``{}``:
+    it is named by its repo, not ``<commit>``."""
+    repo = folder.parent.parent.name
+    if folder.parent.name != "snapshots" or not repo.startswith("models--"):
+        return {}
+    name = repo[len("models--"):].replace("--", "/")
+    try:
+        several = sum(1 for _ in folder.parent.iterdir()) > 1
+    except OSError:
+        several = False
+    return {"name": f"{name}@{folder.name[:12]}" if several else name}
+
+
+def _hub_cache_key(cache: Path) -> Optional[tuple]:
+    """What changes when a repo, a snapshot or a ref is added to the Hugging Face cache (a few stat calls per repo)."""
+    def mtime(p: str) -> int:
+        try:
+            return os.stat(p).st_mtime_ns
+        except OSError:
+            return 0
+
+    try:
+        repos = [e.path for e in os.scandir(cache) if e.name.startswith("models--")]
+    except OSError:
+        return None
+    return tuple(sorted((r, mtime(os.path.join(r, "snapshots")), mtime(os.path.join(r, "refs"))) for r in repos))
 
 
 def is_inside_roots(path: Path, roots: Sequence[Path]) -> bool:

@@ -26,7 +26,7 @@ class LibraryView(Viewer):
         self._add = pn.widgets.Button(name="Add", button_type="primary", width=80, align="end")
         self._refresh = pn.widgets.Button(name="Rescan", width=90, align="end")
         self._add.on_click(self._on_add)
-        self._refresh.on_click(lambda e: self.library.refresh())
+        self._refresh.on_click(self._on_rescan)
         watch_shared(self.library, self._render, ["models", "message"])
         self._render()
 
@@ -44,6 +44,9 @@ class LibraryView(Viewer):
             f"<div class='aq-muted' style='margin-top:6px'>Model roots: {fmt.esc(roots)}</div>"
         self._alert.object = self.library.message
         self._alert.visible = bool(self.library.message)
+
+    async def _on_rescan(self, _):
+        await self.library.refresh_async()  # a large model root or hub cache is scanned off the event loop
 
     def _on_add(self, _):
         try:
