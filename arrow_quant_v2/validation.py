@@ -60,13 +60,13 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
     per-level output fidelity under ``report["end_to_end"]`` (see :mod:`arrow_quant_v2.e2e`).
     """
     from . import e2e, hub
-    from .gguf_io import is_gguf_file
+    from .gguf_io import looks_like_gguf
 
     try:
         original_path = hub.resolve(original_path)  # a Hugging Face repo id: its cached snapshot
     except ArrowQuantError as e:
         raise ValidationError(f"cannot read the original model: {e}") from e
-    if is_gguf_file(quantized_path):
+    if looks_like_gguf(quantized_path):
         from .gguf_io import validate_gguf
 
         return validate_gguf(original_path, quantized_path, min_accuracy=min_accuracy, progress=progress, cancel=cancel)

@@ -81,3 +81,37 @@ async def test_a_gguf_file_is_checked_like_a_store(manager, tmp_path):
     outside.write_bytes(path.read_bytes())
     with pytest.raises(PathNotAllowed):
         check_gguf(manager, "dream", outside)
+
+
+async def test_job_row_shows_the_path_and_export_actions_once_done(manager, tmp_path):
+    from arrow_quant_v2.ui.views import Dashboard, JobRow
+
+    job = manager.submit("dream", DiffusionQuantConfig(bit_width=8, encoding="gguf_ref_q8_0"), label="q8")
+    row = JobRow(manager, job=job)
+    assert row._ship is None  # running: nothing to ship yet
+    await manager.wait(job)
+    row.sync()
+    panel = row._ship
+    assert panel is not None and panel._path.value == str(Path(job.output_path).resolve())
+    panel._path.value = "/etc/passwd"  # the path is there to be copied, not edited
+    assert panel._path.value == str(Path(job.output_path).resolve())
+    export = panel._start("gguf")
+    await exports_wait(manager, export)
+    row.sync()
+    shown = panel._rows[export.export_id]._line.object
+    assert export.output_path in shown and ("MiB" in shown or "KiB" in shown)
+    assert panel._start("onnx") is None and "onnx" in panel._msg.object
+    board = Dashboard(manager=manager)
+    board.gguf_check.model = "dream"
+    board.gguf_check.gguf_path = str(tmp_path / "nope.gguf")  # outside the roots: refused on the form
+    assert board.gguf_check.start() is None and "outside" in board.gguf_check._msg.object
+    board.gguf_check.gguf_path = str(tmp_path / "out" / "nope.gguf")
+    check = board.gguf_check.start()
+    await manager.wait(check)
+    assert check.status == "failed" and "no such GGUF file" in check.error and board.tabs.active == 0
+
+
+async def exports_wait(manager, export):
+    from arrow_quant_v2.ui.exports import exports_for
+
+    return await exports_for(manager).wait(export)

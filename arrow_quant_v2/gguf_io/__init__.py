@@ -27,6 +27,11 @@ def is_gguf_file(path) -> bool:
         return False
 
 
+def looks_like_gguf(path) -> bool:
+    """A GGUF file by its magic, or a path named ``*.gguf`` (so a missing one gets GGUF's error)."""
+    return is_gguf_file(path) or Path(path).suffix.lower() == ".gguf"
+
+
 def _require():
     try:
         import gguf  # noqa: F401

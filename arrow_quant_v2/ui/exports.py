@@ -16,6 +16,7 @@ import contextvars
 import itertools
 import logging
 import time
+import weakref
 from pathlib import Path
 from typing import List, Optional, Union
 
@@ -146,6 +147,17 @@ class Exports(param.Parameterized):
                 if not export._task.done():
                     raise
         return export
+
+
+_shared: "weakref.WeakKeyDictionary[JobManager, Exports]" = weakref.WeakKeyDictionary()
+
+
+def exports_for(manager: JobManager) -> Exports:
+    """The :class:`Exports` of a manager (one per manager, so every browser tab sees the same exports)."""
+    exports = _shared.get(manager)
+    if exports is None:
+        exports = _shared[manager] = Exports(manager)
+    return exports
 
 
 def check_gguf(manager: JobManager, model: str, gguf_path: Union[str, Path]) -> Job:

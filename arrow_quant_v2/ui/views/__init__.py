@@ -8,11 +8,13 @@ closed tab lingers. One module per view; :mod:`.html` holds the stylesheet and H
 """
 from .compare import CompareView
 from .dashboard import Dashboard, dashboard
+from .exports import ExportPanel, ExportRow, GGUFCheckForm
 from .html import CSS, budget_text, watch_shared
 from .jobs import POLL_MS, JobBoard, JobRow
 from .launcher import Launcher, config_form
 from .library import LibraryView
 from .quality import QualityView
 
-__all__ = ["CSS", "POLL_MS", "CompareView", "Dashboard", "JobBoard", "JobRow", "Launcher", "LibraryView",
+__all__ = ["CSS", "POLL_MS", "CompareView", "Dashboard", "ExportPanel", "ExportRow", "GGUFCheckForm", "JobBoard",
+           "JobRow", "Launcher", "LibraryView",
            "QualityView", "budget_text", "config_form", "dashboard", "watch_shared"]

@@ -9,6 +9,7 @@ from panel.viewable import Viewer
 
 from ..jobs import Job, JobManager, shared_manager
 from .compare import CompareView
+from .exports import GGUFCheckForm
 from .jobs import JobBoard
 from .launcher import Launcher
 from .library import LibraryView
@@ -30,9 +31,11 @@ class Dashboard(Viewer):
         self.launcher = Launcher(manager=self.manager)
         self.board = JobBoard(manager=self.manager, on_open=self.open_quality)
         self.quality = QualityView(manager=self.manager, live=False)
+        self.gguf_check = GGUFCheckForm(manager=self.manager, on_started=lambda job: setattr(self.tabs, "active", 0))
         self.compare = CompareView(manager=self.manager, live=False)
         self.tabs = pn.Tabs(
-            ("Jobs", self.board), ("Quality", self.quality), ("Compare", self.compare), ("Models", self.library_view),
+            ("Jobs", self.board), ("Quality", pn.Column(self.gguf_check, self.quality, sizing_mode="stretch_width")),
+            ("Compare", self.compare), ("Models", self.library_view),
             sizing_mode="stretch_width", dynamic=False,
         )
         self.board.param.watch(self._on_jobs_changed, "changed")

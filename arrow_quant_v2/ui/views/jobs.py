@@ -12,6 +12,7 @@ from panel.viewable import Viewer
 
 from .. import format as fmt
 from ..jobs import Job, JobManager
+from .exports import ExportPanel, can_export
 from .html import BAR_COLORS, CSS, badge, budget_text, html, in_session
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,11 @@ class JobRow(Viewer):
         self._cancel.on_click(lambda e: self.manager.cancel(self.job))
         self._open.on_click(lambda e: self._on_open and self._on_open(self.job))
         self._last: tuple = ()
+        self._ship = None  # the ExportPanel, once the job has a store to ship
+        self._ship_box = pn.Column(sizing_mode="stretch_width", margin=0)
         self._layout = pn.Row(
-            pn.Column(self._head, self._bar, self._line, self._results, sizing_mode="stretch_width", margin=0),
+            pn.Column(self._head, self._bar, self._line, self._results, self._ship_box, sizing_mode="stretch_width",
+                      margin=0),
             pn.Column(self._cancel, self._open, width=100, margin=0),
             sizing_mode="stretch_width", css_classes=["aq-row", f"aq-job-{job.job_id}"], stylesheets=[CSS],
         )
@@ -51,6 +55,7 @@ class JobRow(Viewer):
 
     def sync(self) -> None:
         j = self.job
+        self._sync_ship()
         active = j.active
         eta = j.eta
         key = (j.status, j.stage, round(j.fraction, 4), j.tensor, j.message, j.error, bool(j.result), bool(j.report),
@@ -104,6 +109,15 @@ class JobRow(Viewer):
             self._results.object = ""
         self._cancel.visible = active
         self._open.visible = j.status == "done"
+
+    def _sync_ship(self) -> None:
+        """Path and Export actions appear once the job has a store (done, or cancelled during validation)."""
+        if self._ship is None:
+            if self.job.status not in ("done", "cancelled") or not can_export(self.job):
+                return
+            self._ship = ExportPanel(self.manager, job=self.job)
+            self._ship_box.objects = [self._ship]
+        self._ship.sync()
 
     def __panel__(self):
         return self._layout
