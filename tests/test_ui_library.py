@@ -54,6 +54,11 @@ def test_hub_cache_listed_by_repo_id_with_revisions_when_several(env):
     assert lib.get("org/b@v1") is listed["org/b@v1"]
     assert lib.materialize(listed["org/b@v1"]) == b_v1.resolve()
     assert "org/a" not in names(ModelLibrary([], include_samples=False, include_hub=False))
+    # typed in the Models tab: a cached id (by commit, say) is added under that name; a missing one says how to get it
+    added = lib.add_path("org/b@" + "c" * 40)
+    assert added.usable and added.path == str(b_v1) and lib.get("org/b@" + "c" * 40).path == str(b_v1)
+    missing = lib.add_path("org/missing")
+    assert not missing.usable and str(env / "hf") in lib.message and "--download" in lib.message
 
 
 def test_roots_searched_at_any_depth_and_a_root_model_refused(env):

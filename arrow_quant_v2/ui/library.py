@@ -262,14 +262,22 @@ class ModelLibrary(param.Parameterized):
             self.message = "; ".join(self._notes)
 
     def add_path(self, path) -> ModelEntry:
-        """Add a model folder or file a person typed; refused (``message`` set, :class:`PathNotAllowed`
-        raised) if it lies outside the roots."""
-        try:
-            resolved = self.resolve(path)
-        except PathNotAllowed as e:
-            self.message = str(e)
-            raise
-        entry = describe_model(resolved)
+        """Add a model folder or file a person typed, or a Hugging Face repo id in the local cache
+        (``org/name[@revision]``, never downloaded); a path is refused (``message`` set,
+        :class:`PathNotAllowed` raised) if it lies outside the roots."""
+        spec = os.fspath(path)
+        if self.include_hub and hub.parse_repo_id(spec) and not any((r / spec).exists() for r in self.roots):
+            try:
+                entry = describe_model(hub.resolve(spec), name=spec, kind="hub")
+            except ArrowQuantError as e:  # not cached: the message names the cache and the fetch command
+                entry = ModelEntry(name=spec, path="", kind="hub", error=str(e))
+        else:
+            try:
+                resolved = self.resolve(path)
+            except PathNotAllowed as e:
+                self.message = str(e)
+                raise
+            entry = describe_model(resolved)
         if entry.error:
             self.message = entry.error
         else:
@@ -286,6 +294,10 @@ class ModelLibrary(param.Parameterized):
         """
         for e in self.models:
             if e.name == name_or_path or e.path == name_or_path:
+                return e
+        snapshot = hub.local_path(name_or_path) if self.include_hub and hub.parse_repo_id(name_or_path) else None
+        for e in self.models if snapshot is not None else ():  # another spelling of a cached id (@commit, @tag)
+            if e.path == str(snapshot):
                 return e
         resolved = str(self.resolve(name_or_path))
         for e in self.models:
