@@ -119,6 +119,11 @@ def _progress_bar(desc: str, enabled: bool):
                 holder["bar"].close()
 
     def sink(event) -> None:
+        if event.stage != holder.get("stage"):  # -v: one line per stage; -vv: every event
+            holder["stage"] = event.stage
+            log.info("%s: %s", event.stage, event.message)
+        else:
+            log.debug("%s: %s", event.stage, event.message)
         if "bar" not in holder:
             holder["bar"] = tqdm(total=max(event.bytes_total, 1), unit="B", unit_scale=True, desc=desc,
                                  disable=not enabled, leave=False, file=sys.stderr)
@@ -195,6 +200,7 @@ def cmd_quantize(args) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
     model = resolve_model(args.model, args.revision, args.download)
     config = _config_from(args)
+    log.info("quantizing %s into %s with %r", model, args.output, config)
     bar, sink = _progress_bar(f"quantizing {model.name}", not args.json and args.quiet == 0)
     try:
         if args.cluster:

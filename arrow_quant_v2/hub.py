@@ -9,6 +9,7 @@ weights and the small text files beside them are fetched, with huggingface_hub's
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Z
 DOWNLOAD_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model", "*.md",
                      "*.tiktoken", "LICENSE*"]
 OFFLINE_ENV = "HF_HUB_OFFLINE"
+
+log = logging.getLogger(__name__)
 
 
 def parse_repo_id(spec: str) -> Optional[Tuple[str, Optional[str]]]:
@@ -105,13 +108,16 @@ def snapshot(repo_id: str, revision: Optional[str] = None, *, download: bool = F
     what = f"{original or repo_id}: no such file or folder, and Hugging Face repo {repo_id!r}" + (
         f" at revision {revision!r}" if revision else "")
     try:
-        return Path(hf.snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+        found = Path(hf.snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+        log.info("%s%s: the cached snapshot %s", repo_id, f"@{revision}" if revision else "", found)
+        return found
     except Exception as e:  # noqa: BLE001 - every "not in the cache" flavour of every huggingface_hub version
         if not download:
             raise ModelNotFoundError(f"{what} is not in the local cache {cache}; {_fetch_hint(repo_id, revision)}") from e
     if _offline():
         raise ModelNotFoundError(f"{what} is not in the local cache {cache}, and ${OFFLINE_ENV} forbids downloading; "
                                  f"unset it where the Hub is reachable and run again")
+    log.info("%s is not cached: downloading its safetensors weights and small files into %s", repo_id, cache)
     try:
         return Path(hf.snapshot_download(repo_id, revision=revision, cache_dir=cache,
                                          allow_patterns=DOWNLOAD_PATTERNS))

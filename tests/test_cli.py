@@ -123,3 +123,19 @@ def test_log_levels(quantized):
         assert main(["inspect", str(model), "--json", *flags]) == ExitCode.OK
         assert root.level == level, flags
     root.setLevel(before)
+
+
+def test_verbose_logs_stages_quiet_logs_none(make_model, tmp_path, caplog):
+    model = make_model(size="tiny")
+    root = logging.getLogger()
+    before = root.level
+    try:
+        assert main(["quantize", str(model), str(tmp_path / "v"), "-v", "--json"]) == ExitCode.OK
+        infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+        assert any(m.startswith("quantizing ") for m in infos) and any(m.startswith("done:") for m in infos)
+        assert not [r for r in caplog.records if r.levelno == logging.DEBUG]
+        caplog.clear()
+        assert main(["quantize", str(model), str(tmp_path / "q"), "-q"]) == ExitCode.OK
+        assert not [r for r in caplog.records if r.levelno < logging.ERROR]
+    finally:
+        root.setLevel(before)
