@@ -11,6 +11,7 @@ from .errors import (  # noqa: F401
     MultiModelError,
     OutputError,
     QuantizationError,
+    StoreFormatError,
     ValidationError,
 )
 from .config import DiffusionQuantConfig  # noqa: F401,E402
@@ -21,6 +22,7 @@ __all__ = [
     "ArrowQuantV2", "DiffusionQuantConfig", "load_quantized", "QuantizedModel",
     "ArrowQuantError", "ConfigurationError", "QuantizationError", "ValidationError",
     "ModelNotFoundError", "ModelFormatError", "OutputError", "MultiModelError", "ExportError", "ClusterError",
+    "StoreFormatError",
 ]
 
 

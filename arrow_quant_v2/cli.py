@@ -310,9 +310,11 @@ def cmd_inspect(args) -> int:
             print_json({"manifest": store.manifest, "tensors": store.summary()})
             return ExitCode.OK
         print(_table(rows, ("tensor", "shape", "dtype", "encoding", "bits", "bpw", "cosine", "reason")))
-        t = store.manifest["totals"]
-        print(f"\n{len(rows)} tensors, {t['model_size_mb']:.2f} MiB, compression {t['compression_ratio']:.2f}x, "
-              f"cosine {t['cosine_similarity']:.6f}, made from {store.manifest['source']['path']}")
+        t = store.manifest.get("totals", {})
+        figure = {k: t.get(k) if isinstance(t.get(k), (int, float)) else math.nan
+                  for k in ("model_size_mb", "compression_ratio", "cosine_similarity")}
+        print(f"\n{len(rows)} tensors, {figure['model_size_mb']:.2f} MiB, compression {figure['compression_ratio']:.2f}x, "
+              f"cosine {figure['cosine_similarity']:.6f}, made from {store.manifest.get('source', {}).get('path', '?')}")
         return ExitCode.OK
     from .plan import Planner, detect_modality
     from .source import open_model
@@ -359,7 +361,9 @@ def cmd_serve(args) -> int:
     if importlib.util.find_spec("panel") is None:
         raise UsageError("the app needs the [app] extra: pip install 'arrow-quant-v2[app]'")
     script = Path(__file__).resolve().parent / "ui" / "app.py"  # arrow_quant_v2.ui.app, run by panel as a script
-    cmd = [sys.executable, "-m", "panel", "serve", str(script), "--address", args.address, "--port", str(args.port)]
+    setup = Path(__file__).resolve().parent / "ui" / "serve_setup.py"  # security headers, /components guard
+    cmd = [sys.executable, "-m", "panel", "serve", str(script), "--address", args.address, "--port", str(args.port),
+           "--setup", str(setup)]
     if args.address in ("127.0.0.1", "localhost"):
         cmd += ["--allow-websocket-origin", f"localhost:{args.port}", "--allow-websocket-origin", f"127.0.0.1:{args.port}"]
     if args.show:

@@ -101,9 +101,16 @@ class Encoding:
         """Decode blobs back to a float32 ``(rows, cols)`` array."""
         raise NotImplementedError
 
+    def blob_nbytes(self, rows: int, cols: int) -> Dict[str, int]:
+        """Length of each blob for a ``(rows, cols)`` chunk: the layout a store reader checks
+        every row against before decoding (``storecheck.check_blobs``). Blobs not listed are
+        null or empty. The default (everything in ``codes``) fits block formats such as
+        ggml's; a subclass overrides this or :meth:`nbytes`."""
+        return {"codes": self.nbytes(rows, cols)}
+
     def nbytes(self, rows: int, cols: int) -> int:
         """Bytes stored for a ``(rows, cols)`` chunk: the bpw formula, equal to the blob sizes."""
-        raise NotImplementedError
+        return sum(self.blob_nbytes(rows, cols).values())
 
     def bits_per_weight(self, rows: int, cols: int) -> float:
         return self.nbytes(rows, cols) * 8 / (rows * cols)
@@ -185,9 +192,9 @@ class AffineMinMax(Encoding):
         offsets = blobs["zeros"].view(np.float16).reshape(rows, ng).astype(np.float32)
         return kernels.dequantize_affine(codes, scales, offsets, rows, cols, g)
 
-    def nbytes(self, rows, cols):
+    def blob_nbytes(self, rows, cols):
         ng = kernels.groups_per_row(cols, self.group_for(cols))
-        return kernels.packed_nbytes(rows * cols, self.bits) + 2 * 2 * rows * ng
+        return {"codes": kernels.packed_nbytes(rows * cols, self.bits), "scales": 2 * rows * ng, "zeros": 2 * rows * ng}
 
 
 @register
@@ -258,9 +265,9 @@ class Symmetric(Encoding):
         s32 = blobs["scales"].view(np.float16).reshape(rows, ng).astype(np.float32)
         return kernels.dequantize_affine(codes, s32, self._offsets(s32), rows, cols, g)
 
-    def nbytes(self, rows, cols):
+    def blob_nbytes(self, rows, cols):
         ng = kernels.groups_per_row(cols, self.group_for(cols))
-        return kernels.packed_nbytes(rows * cols, self.bits) + 2 * rows * ng
+        return {"codes": kernels.packed_nbytes(rows * cols, self.bits), "scales": 2 * rows * ng}
 
 
 @register
@@ -366,13 +373,10 @@ class KQuantNL(Encoding):
         scales, offsets = self._group_params(c, pair[..., 0], pair[..., 1], ng, k)
         return kernels.dequantize_grid(codes, scales, offsets, rows, cols, g, self.bits)
 
-    def nbytes(self, rows, cols):
+    def blob_nbytes(self, rows, cols):
         _, ng, _, ns = self._geometry(cols)
-        return (
-            kernels.packed_nbytes(rows * cols, self.bits)
-            + kernels.packed_nbytes(rows * ng, self.SCALE_BITS[self.bits])
-            + 4 * rows * ns
-        )
+        return {"codes": kernels.packed_nbytes(rows * cols, self.bits),
+                "scales": kernels.packed_nbytes(rows * ng, self.SCALE_BITS[self.bits]), "aux": 4 * rows * ns}
 
 
 @register
@@ -459,10 +463,10 @@ class KQuant(KQuantNL):
         zq = cz.astype(np.float32) * np.repeat(pair[..., 1], k, axis=1)[:, :ng]
         return kernels.dequantize_affine(codes, scales, zq, rows, cols, g)
 
-    def nbytes(self, rows, cols):
+    def blob_nbytes(self, rows, cols):
         _, ng, _, ns = self._geometry(cols)
-        sb = self.SCALE_BITS[self.bits]
-        return kernels.packed_nbytes(rows * cols, self.bits) + 2 * kernels.packed_nbytes(rows * ng, sb) + 4 * rows * ns
+        sub = kernels.packed_nbytes(rows * ng, self.SCALE_BITS[self.bits])
+        return {"codes": kernels.packed_nbytes(rows * cols, self.bits), "scales": sub, "zeros": sub, "aux": 4 * rows * ns}
 
 
 def _grid_listing() -> str:

@@ -30,7 +30,8 @@ from .plan import (ALTERNATE_ENCODING, LOSSLESS, Planner, TensorPlan, detect_mod
                    next_bits, plan_label, spatial_plan)
 from .progress import CancelToken, ProgressEvent, ProgressSink
 from .source import ModelSource, TensorInfo, open_model
-from .store import FORMAT_NAME, FORMAT_VERSION, RAW, ChunkRecord, StoreWriter, recover_interrupted_overwrite
+from .store import (FORMAT_NAME, FORMAT_VERSION, RAW, ChunkRecord, StoreWriter, check_output,
+                    recover_interrupted_overwrite)
 
 #: Largest chunk, in elements (32 MiB of float32): bounds memory and cancel latency.
 CHUNK_ELEMENTS = 8 << 20
@@ -71,10 +72,7 @@ def check_paths(source: ModelSource, output: Path, overwrite: bool) -> None:
         raise OutputError(f"{output}: lies inside the input folder {source.root}; choose an output outside it")
     if out in src.parents:
         raise OutputError(f"{output}: contains the input model {source.root}; choose another output")
-    if output.exists() and not overwrite:
-        raise OutputError(f"{output}: already exists; pass overwrite=True (CLI: --overwrite) or choose another output")
-    if output.exists() and not (output / "manifest.json").is_file():
-        raise OutputError(f"{output}: exists and is not an ArrowQuant store; refusing to overwrite it")
+    check_output(output, overwrite)
 
 
 class _NonFinite(Exception):
@@ -289,13 +287,48 @@ def _file_state(source: ModelSource):
     return [(f, state(f)) for f, _ in source.files]
 
 
+#: The source fingerprint of the resume key reads this many evenly spaced samples of
+#: RESUME_SAMPLE_BYTES from each weight file (and always its first and last bytes).
+RESUME_SAMPLES, RESUME_SAMPLE_BYTES = 16, 64 << 10
+
+
+def source_fingerprint(source: ModelSource) -> str:
+    """A cheap fingerprint of the source's data, for the resume key.
+
+    Trade-off (chosen so a resume costs milliseconds, not a re-read of the model): per
+    weight file its size, its mtime (ns) and a SHA-256 of RESUME_SAMPLES samples of
+    RESUME_SAMPLE_BYTES spread over the file. Any ordinary rewrite (same header, new
+    values) changes the mtime, so the run starts over; a change that keeps size and
+    mtime (deliberately reset) is still caught when it touches a sample. What it misses:
+    an edit that restores the mtime *and* falls between samples; the resumed shards
+    themselves are verified by their SHA-256 in the journal either way.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f, _ in source.files:
+        try:
+            st = f.stat()
+            digest.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}|".encode())
+            with open(f, "rb") as fh:
+                span = max(st.st_size - RESUME_SAMPLE_BYTES, 0)
+                for i in range(RESUME_SAMPLES + 1):
+                    fh.seek(span * i // RESUME_SAMPLES)
+                    digest.update(fh.read(RESUME_SAMPLE_BYTES))
+        except OSError as e:
+            raise QuantizationError(f"{f}: cannot be read ({e.strerror}); the model changed or vanished") from None
+    return digest.hexdigest()
+
+
 def run_key(source: ModelSource, config: DiffusionQuantConfig) -> str:
-    """What makes two runs produce the same store: source headers, config (threads aside), versions."""
+    """What makes two runs produce the same store: source headers and data fingerprint
+    (:func:`source_fingerprint`), config (threads aside), versions."""
     import hashlib
 
     settings = config.to_dict()
     settings.pop("num_threads")
-    text = f"{FORMAT_VERSION}|{__version__}|{source.header_checksum}|{json.dumps(settings, sort_keys=True)}"
+    text = (f"{FORMAT_VERSION}|{__version__}|{source.header_checksum}|{source_fingerprint(source)}|"
+            f"{json.dumps(settings, sort_keys=True)}")
     return hashlib.sha256(text.encode()).hexdigest()
 
 

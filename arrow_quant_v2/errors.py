@@ -38,6 +38,20 @@ class ValidationError(ArrowQuantError):
     """Validating a quantized store against its source failed (missing store, mismatched source, corrupt data)."""
 
 
+class StoreFormatError(ValidationError):
+    """A quantized store breaks the format: a bad manifest field, an unsafe file name, a row whose
+    blobs, range or sizes do not match its encoding, a shard whose checksum differs.
+
+    ``store``, ``tensor`` (None for store-level problems) and ``field`` say where; the message
+    names all three. See docs/format.md, "Validation".
+    """
+
+    def __init__(self, store, field: str, problem: str, tensor=None):
+        self.store, self.field, self.tensor = str(store), field, tensor
+        where = f"{store}: " + (f"tensor {tensor!r}: " if tensor is not None else "")
+        super().__init__(f"{where}{field}: {problem}")
+
+
 class MultiModelError(QuantizationError):
     """Some models of a multi-model run failed.
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import threading
@@ -34,16 +34,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import encodings
-from .errors import OutputError, ValidationError
-from .source import DTYPES, to_float32
+from . import encodings, storecheck
+from .errors import OutputError, StoreFormatError
+from .source import DTYPES, INDEX_NAME, to_float32
+from .storecheck import FORMAT_NAME, FORMAT_VERSION, MANIFEST, RAW, is_store  # noqa: F401 - the format's identity
 
-FORMAT_NAME = "arrowquant"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 JOURNAL = "journal.json"  # only inside a partial folder
 LOCK = "writer.pid"  # only inside a partial folder
-RAW = "raw"
 
 SCHEMA = pa.schema([
     ("name", pa.string()),            # tensor name as in the source
@@ -140,23 +137,35 @@ def _binary_cell(blob: Optional[np.ndarray]) -> pa.Array:
     return pa.Array.from_buffers(pa.large_binary(), 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()  # hashlib.file_digest is 3.11+, and we support 3.10
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _temp_siblings(output: Path, kind: str) -> List[Tuple[Path, str]]:
+    """This project's temporary siblings of ``output`` of ``kind`` ("partial" or "old"), with
+    the run key of each partial: only names of exactly the form a writer creates
+    (``.<output>.partial-<12 hex>-<8 hex>``, ``.<output>.old-<8 hex>``)."""
+    tail = r"partial-(?P<key>[0-9a-f]{12})(?:-[0-9a-f]{8})?" if kind == "partial" else r"old-[0-9a-f]{8}"
+    pattern = re.compile(re.escape(f".{output.name}.") + tail)
+    try:
+        entries = list(output.parent.iterdir())
+    except OSError:
+        return []
+    found = []
+    for p in sorted(entries):
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink():
+            found.append((p, m.groupdict().get("key") or ""))
+    return found
 
 
 def recover_interrupted_overwrite(output: Path) -> None:
     """A kill between the two renames of a non-atomic overwrite leaves the old store as
-    ``.<output>.old-*`` and nothing at the output: put it back (or drop it if a newer
-    store made it into place). Called before anything looks at the output path."""
-    for old in sorted(output.parent.glob(f".{output.name}.old-*")):
-        if not output.exists() and (old / MANIFEST).is_file():
+    ``.<output>.old-*`` and nothing at the output: put it back. Only renames (nothing is
+    deleted here: a later successful run sweeps leftovers once its own checks have passed).
+    Called before anything looks at the output path."""
+    if output.exists() or output.is_symlink():
+        return
+    for old, _ in _temp_siblings(output, "old"):
+        if is_store(old):
             os.rename(old, output)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+            return
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -175,6 +184,17 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.EXDEV):
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an output that exists unless ``overwrite`` and it is one of our stores
+    (recognised by the signature in its manifest, not by a file name)."""
+    if output.exists() or output.is_symlink():
+        if not overwrite:
+            raise OutputError(f"{output}: already exists; pass overwrite=True (CLI: --overwrite) or choose another output")
+        if not is_store(output):
+            raise OutputError(f"{output}: exists and is not an ArrowQuant store (its manifest.json lacks the "
+                              f"{FORMAT_NAME!r} signature); refusing to overwrite it; choose another output")
 
 
 #: Partial folders being written by this process: the pid lock cannot tell two jobs
@@ -203,8 +223,11 @@ def _lock_owner(partial: Path) -> Optional[int]:
 class StoreWriter:
     """Writes a store into a hidden sibling of ``output`` and publishes it atomically.
 
-    The sibling is named ``.<output>.partial-<run key>``: the run key hashes the source
-    headers and the config, so a later run with the same inputs finds it. Each shard is
+    The sibling is named ``.<output>.partial-<run key>-<token>``: the run key hashes the
+    source and the config, so a later run with the same inputs finds it (``resume``); the
+    token is new for every run, so a run only ever creates and removes a folder it made.
+    Leftovers of killed runs (our name pattern and our lock or journal inside) are swept
+    only after a run has published its store. Each shard is
     closed at a size that depends only on the tensors, and recorded with its sha256 in
     ``journal.json`` when it closes; with ``resume=True`` a new run keeps the verified
     shards (and the tensors in them) and writes the rest, giving the same files as an
@@ -218,10 +241,9 @@ class StoreWriter:
         self.overwrite = overwrite
         self.max_shard_bytes = max_shard_bytes
         self.run_key = run_key or uuid.uuid4().hex
-        if self.output.exists() and not overwrite:
-            raise OutputError(f"{self.output}: already exists; pass overwrite=True (CLI: --overwrite) or choose another output")
+        check_output(self.output, overwrite)
         parent = self.output.parent
-        self.tmp = parent / f".{self.output.name}.partial-{self.run_key[:12]}"
+        self.tmp = parent / f".{self.output.name}.partial-{self.run_key[:12]}-{uuid.uuid4().hex[:8]}"
         self.shards: List[dict] = []
         self.resumed: Dict[str, dict] = {}  # tensor name -> its figures, for tensors kept from a killed run
         self._writer: Optional[pq.ParquetWriter] = None
@@ -235,26 +257,44 @@ class StoreWriter:
     # -- partial folders, lock and journal ---------------------------------------------
 
     def _claim(self, resume: bool) -> None:
+        key = self.run_key[:12]
+        adopt = None
         with _claimed_lock:
-            busy = {p for p in _claimed if p.parent == self.output.parent}
-            if self.tmp in busy:
-                raise OutputError(f"{self.output}: another job of this process is writing it right now")
-            _claimed.add(self.tmp)
-        for other in self.output.parent.glob(f".{self.output.name}.partial-*"):
-            owner = os.getpid() if other in busy else _lock_owner(other)
-            if owner is not None:
-                if other == self.tmp:
+            partials = _temp_siblings(self.output, "partial")
+            for other, other_key in partials:
+                if other_key != key:
+                    continue  # another config's run (live or dead): not ours to touch here
+                if other in _claimed:
+                    raise OutputError(f"{self.output}: another job of this process is writing it right now")
+                owner = _lock_owner(other)
+                if owner is not None:
                     raise OutputError(f"{self.output}: another run (pid {owner}) is writing it right now")
-                continue  # a live run with another config: not ours to touch
-            if other != self.tmp or not resume:
-                shutil.rmtree(other, ignore_errors=True)
-        self.tmp.mkdir(exist_ok=True)
+                if resume and adopt is None and (other / JOURNAL).is_file():
+                    adopt = other  # a killed run of the same inputs: keep its verified shards
+            if adopt is not None:
+                self.tmp = adopt
+            _claimed.add(self.tmp)
+        self.tmp.mkdir(exist_ok=adopt is not None)
         (self.tmp / LOCK).write_text(str(os.getpid()))
         if resume:
             self._load_journal()
         for f in self.tmp.glob("weights-*.parquet"):  # a shard that was open when the run died
             if f.name not in {s["file"] for s in self.shards}:
                 f.unlink()
+
+    def _sweep_leftovers(self) -> None:
+        """Remove what killed runs of this project left beside the output: partial folders
+        (our name pattern, our lock or journal inside, no live writer) and old stores moved
+        aside by an interrupted overwrite (our pattern and our signature). Called only once
+        this run's store is in place."""
+        with _claimed_lock:
+            for other, _ in _temp_siblings(self.output, "partial"):
+                ours = (other / LOCK).is_file() or (other / JOURNAL).is_file()
+                if ours and other not in _claimed and _lock_owner(other) is None:
+                    shutil.rmtree(other, ignore_errors=True)
+        for old, _ in _temp_siblings(self.output, "old"):
+            if is_store(old):
+                shutil.rmtree(old, ignore_errors=True)
 
     def _release(self) -> None:
         with _claimed_lock:
@@ -269,7 +309,7 @@ class StoreWriter:
             return
         for shard in journal.get("shards", []):
             f = self.tmp / shard["file"]
-            if not f.is_file() or f.stat().st_size != shard["bytes"] or _sha256(f) != shard["sha256"]:
+            if not f.is_file() or f.stat().st_size != shard["bytes"] or storecheck.file_sha256(f) != shard["sha256"]:
                 break  # keep the verified prefix only
             self.shards.append(shard)
             for name in shard["tensor_names"]:
@@ -280,7 +320,7 @@ class StoreWriter:
         """Journal the just-closed shard with its hash and its tensors' figures."""
         shard = self.shards[-1]
         f = self.tmp / shard["file"]
-        shard.update(bytes=f.stat().st_size, sha256=_sha256(f))
+        shard.update(bytes=f.stat().st_size, sha256=storecheck.file_sha256(f))
         self._journal(tensors)
 
     def adopt_shard(self, file: str, tensors: Dict[str, dict], rows: int, sha256: str) -> None:
@@ -294,7 +334,7 @@ class StoreWriter:
         name = f"weights-{len(self.shards) + 1:05d}.parquet"
         f = self.tmp / name
         try:
-            digest = _sha256(f) if file == name else None
+            digest = storecheck.file_sha256(f) if file == name else None
             size = f.stat().st_size
         except OSError as e:
             raise OutputError(f"{self.output}: shard {name} written by a worker is not readable here ({e}); "
@@ -402,7 +442,7 @@ class StoreWriter:
                 f.flush()
                 os.fsync(f.fileno())
             trash = None
-            if self.output.exists() and (not self.overwrite or not (self.output / MANIFEST).is_file()):
+            if self.output.exists() and (not self.overwrite or not is_store(self.output)):
                 self.abort()  # something appeared at the output while we wrote: never clobber it
                 raise OutputError(f"{self.output}: appeared while this run was writing and is not a store we may "
                                   "replace; nothing was overwritten")
@@ -421,6 +461,7 @@ class StoreWriter:
         self._release()
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
+        self._sweep_leftovers()
         return self.output
 
     def abort(self) -> None:
@@ -454,7 +495,7 @@ class TensorEntry:
     sqnr_db: float
     nbytes: int
     source_file: str
-    rows: Tuple[Tuple[int, int, int, int], ...]  # (shard index, row group, row_start, row_count)
+    rows: Tuple[Tuple[int, int, int, int, int], ...]  # (shard index, row group, row in group, row_start, row_count)
 
     @property
     def numel(self) -> int:
@@ -473,43 +514,61 @@ class TensorEntry:
 
 
 class QuantizedModel:
-    """A quantized store opened for reading: list tensors, dequantize any one, export."""
+    """A quantized store opened for reading: list tensors, dequantize any one, export.
 
-    def __init__(self, path) -> None:
+    Opening validates the store (``storecheck``: manifest, file names, every row's metadata,
+    shard sizes and SHA-256) and raises :class:`~arrow_quant_v2.errors.StoreFormatError` on
+    the first problem; each row's blobs are checked against its encoding's layout as it is
+    read, before it is decoded. ``verify_checksums=False`` skips hashing the shards (for
+    stores you trust, e.g. ones you just wrote); everything else is always checked. Each
+    shard's Parquet footer is read once, and a tensor is read by its row group and offset.
+    """
+
+    def __init__(self, path, *, verify_checksums: bool = True) -> None:
         self.path = Path(path)
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
-            raise ValidationError(f"{self.path}: not an ArrowQuant store (no {MANIFEST})")
-        try:
-            self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValidationError(f"{manifest_path}: corrupt manifest ({e})") from None
-        if self.manifest.get("format") != FORMAT_NAME or self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValidationError(
-                f"{manifest_path}: format {self.manifest.get('format')!r} v{self.manifest.get('format_version')} "
-                f"is not {FORMAT_NAME} v{FORMAT_VERSION}"
-            )
-        self.files = [self.path / s["file"] for s in self.manifest.get("shards", [])]
+        if not self.path.is_dir():
+            raise StoreFormatError(self.path, MANIFEST, "not a folder: not an ArrowQuant store")
+        self.manifest = storecheck.check_manifest(self.path, storecheck.read_manifest(self.path))
+        shards = self.manifest["shards"]
+        self.files = [storecheck.check_shard_file(self.path, s, verify_checksums) for s in shards]
         self.tensors: Dict[str, TensorEntry] = {}
-        self._load_index()
+        self._parquet: List[pq.ParquetFile] = []
+        self._checker = storecheck.RowChecker(self.path)
+        self._meta: Dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._cached_group: Tuple[Optional[Tuple[int, int]], Optional[pa.Table]] = (None, None)
+        self._load_index(shards)
 
-    def _load_index(self) -> None:
-        acc: Dict[str, dict] = {}
-        for si, file in enumerate(self.files):
+    def _load_index(self, shards: List[dict]) -> None:
+        for si, (file, shard) in enumerate(zip(self.files, shards)):
+            where = f"shards[{shard['file']}]"
             try:
                 pf = pq.ParquetFile(file)
-                table = pf.read(columns=META_COLUMNS)
-            except (OSError, pa.ArrowException) as e:
-                raise ValidationError(f"{file}: unreadable Parquet shard ({e})") from None
-            for i, row in enumerate(table.to_pylist()):
-                entry = acc.setdefault(row["name"], dict(row, total=0, rows=[]))
-                entry["total"] += row["nbytes"]
-                entry["rows"].append((si, i, row["row_start"], row["row_count"]))
-        for name, e in acc.items():
+                storecheck.check_schema(self.path, shard["file"], pf.schema_arrow, SCHEMA)
+                meta = pf.metadata
+                if meta.num_rows != shard["rows"]:
+                    raise StoreFormatError(self.path, f"{where}.rows",
+                                           f"the file has {meta.num_rows} rows, the manifest says {shard['rows']}")
+                columns = pf.read(columns=META_COLUMNS).to_pydict()
+                if meta.num_row_groups == meta.num_rows:  # one row per row group (format v1 writers before 0.2)
+                    places = [(si, i, 0) for i in range(meta.num_rows)]
+                else:
+                    places = [(si, g, k) for g in range(meta.num_row_groups) for k in range(meta.row_group(g).num_rows)]
+            except (OSError, pa.ArrowException, ValueError) as e:
+                raise StoreFormatError(self.path, where, f"unreadable Parquet ({str(e)[:200]})") from None
+            refs = [(place, start, count, nbytes, cos, rel, sqnr, reason) for place, start, count, nbytes, cos, rel,
+                    sqnr, reason in zip(places, columns["row_start"], columns["row_count"], columns["nbytes"],
+                                        columns["cosine"], columns["rel_error"], columns["sqnr_db"], columns["reason"])]
+            self._checker.add(shard["file"], columns, refs)
+            self._parquet.append(pf)
+        for name, (meta, refs) in self._checker.finish().items():
+            _, _, _, _, cos, rel, sqnr, reason = refs[0]
+            self._meta[name] = meta
             self.tensors[name] = TensorEntry(
-                name=name, shape=tuple(e["shape"]), dtype=e["dtype"], encoding=e["encoding"], bits=e["bits"],
-                group_size=e["group_size"], reason=e["reason"], cosine=e["cosine"], rel_error=e["rel_error"],
-                sqnr_db=e["sqnr_db"], nbytes=e["total"], source_file=e["source_file"], rows=tuple(e["rows"]),
+                name=name, shape=meta["shape"], dtype=meta["dtype"], encoding=meta["encoding"], bits=meta["bits"],
+                group_size=meta["group_size"], reason=reason or "", cosine=cos, rel_error=rel, sqnr_db=sqnr,
+                nbytes=sum(r[3] for r in refs), source_file=meta["source_file"],
+                rows=tuple((place[0], place[1], place[2], start, count) for place, start, count, *_ in refs),
             )
 
     # -- per tensor ---------------------------------------------------------------------
@@ -523,34 +582,52 @@ class QuantizedModel:
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def _rows(self, name: str):
+    def _entry(self, name: str) -> TensorEntry:
         try:
-            entry = self.tensors[name]
+            return self.tensors[name]
         except KeyError:
             raise KeyError(f"{self.path}: no tensor {name!r}") from None
-        for si, rg, _, _ in entry.rows:
-            table = pq.ParquetFile(self.files[si]).read_row_group(rg)
-            yield table.to_pylist()[0]
+
+    def _rows(self, entry: TensorEntry):
+        """Each chunk's checked blobs and row count, in row order."""
+        for chunk, (si, rg, offset, _, count) in enumerate(entry.rows):
+            with self._lock:  # one reader of a ParquetFile at a time; the last row group is kept for neighbours
+                key, table = self._cached_group
+                if key != (si, rg):
+                    try:
+                        table = self._parquet[si].read_row_group(rg, columns=list(encodings.BLOB_FIELDS))
+                    except (OSError, pa.ArrowException, ValueError) as e:
+                        raise StoreFormatError(self.path, f"shards[{self.files[si].name}]",
+                                               f"unreadable row group {rg} ({str(e)[:200]})", entry.name) from None
+                    self._cached_group = ((si, rg), table)
+            if offset >= table.num_rows:
+                raise StoreFormatError(self.path, "rows", f"row group {rg} has no row {offset}", entry.name)
+            row = {f: table.column(f)[offset].as_py() for f in encodings.BLOB_FIELDS}
+            row.update(row_count=count, chunk=chunk)
+            yield storecheck.check_blobs(self.path, entry.name, self._meta[entry.name], row, self._checker), count
 
     def chunks(self, name: str):
-        """The stored rows of tensor ``name`` in row order, as dicts of the :data:`SCHEMA` columns."""
-        return self._rows(name)
+        """The stored chunks of tensor ``name`` in row order: dicts of the blob columns (each checked
+        against the encoding's layout, a blob the encoding does not use is absent) and ``row_count``."""
+        for blobs, count in self._rows(self._entry(name)):
+            yield dict(blobs, row_count=count)
 
     def dequantize(self, name: str) -> np.ndarray:
-        """The tensor ``name`` as float32 in its original shape (reads only its own row groups).
+        """The tensor ``name`` as float32 in its original shape (reads only its own rows).
 
         Lossless tensors come back exactly (BF16/F16 widened to float32, integers cast).
 
         Raises:
             KeyError: the store has no tensor ``name``.
+            StoreFormatError: a row's blobs do not match its encoding's layout.
         """
-        entry = self.tensors[name]
-        rows, cols = (entry.shape[0], math.prod(entry.shape[1:])) if len(entry.shape) > 1 else (
-            (entry.shape[0], 1) if entry.shape else (1, 1))
-        out = np.empty((rows, cols), dtype=np.float32)
-        for row in self._rows(name):
-            r0, n = row["row_start"], row["row_count"]
-            out[r0:r0 + n] = self._decode(row, n, cols)
+        entry = self._entry(name)
+        rows, cols = storecheck.matrix_shape(entry.shape)
+        out = np.empty((rows, cols), dtype=np.float32)  # the validator checked the chunks cover every row once
+        at = 0
+        for blobs, count in self._rows(entry):
+            out[at:at + count] = self._decode(entry, blobs, count, cols)
+            at += count
         return out.reshape(entry.shape)
 
     def raw(self, name: str) -> np.ndarray:
@@ -559,20 +636,18 @@ class QuantizedModel:
         Raises:
             ValueError: the tensor is quantized (use :meth:`dequantize`).
         """
-        entry = self.tensors[name]
+        entry = self._entry(name)
         if entry.quantized:
             raise ValueError(f"{name!r} is quantized; use dequantize()")
-        parts = [np.frombuffer(row["codes"] or b"", dtype=DTYPES[entry.dtype]) for row in self._rows(name)]
+        parts = [np.frombuffer(blobs["codes"], dtype=DTYPES[entry.dtype]) for blobs, _ in self._rows(entry)]
         return (np.concatenate(parts) if parts else np.empty(0, DTYPES[entry.dtype])).reshape(entry.shape)
 
-    @staticmethod
-    def _decode(row: dict, rows: int, cols: int) -> np.ndarray:
-        if row["encoding"] == RAW:
-            raw = np.frombuffer(row["codes"] or b"", dtype=DTYPES[row["dtype"]])
-            return to_float32(raw, row["dtype"]).reshape(rows, cols)  # widens BF16 bits, casts the rest
-        enc = encodings.get_encoding(row["encoding"], row["bits"], row["group_size"])
-        blobs = {f: np.frombuffer(row[f], dtype=np.uint8) for f in encodings.BLOB_FIELDS if row[f] is not None}
-        return encodings.dequantize(blobs, enc, rows, cols)
+    def _decode(self, entry: TensorEntry, blobs: Dict[str, bytes], rows: int, cols: int) -> np.ndarray:
+        if entry.encoding == RAW:
+            raw = np.frombuffer(blobs["codes"], dtype=DTYPES[entry.dtype])
+            return to_float32(raw, entry.dtype).reshape(rows, cols)  # widens BF16 bits, casts the rest
+        enc = self._checker.encoding(entry.encoding, entry.bits, entry.group_size, entry.name)
+        return encodings.dequantize({f: np.frombuffer(b, dtype=np.uint8) for f, b in blobs.items()}, enc, rows, cols)
 
     # -- whole model ----------------------------------------------------------------------
 
@@ -595,6 +670,9 @@ class QuantizedModel:
 
         Quantized tensors are written in ``dtype`` (float16, bfloat16 or float32);
         lossless ones keep their exact source bytes. Non-weight files are copied.
+        Every file written is named by a validated relative name from the store and is
+        checked to stay inside ``path`` after resolving symlinks; an extra file that is a
+        symlink is copied as the file it points to only if that lies inside the store.
 
         Returns:
             The new folder's path.
@@ -602,6 +680,8 @@ class QuantizedModel:
         Raises:
             ValueError: an unknown ``dtype``.
             OutputError: ``path`` already exists.
+            StoreFormatError: the store names a file that would land outside ``path``,
+                twice, or outside the store.
         """
         from .safetensors_writer import TensorSpec, float32_to_bf16_bits, write_safetensors
 
@@ -612,7 +692,7 @@ class QuantizedModel:
             raise ValueError(f"dtype={dtype!r} is not allowed; allowed: {', '.join(target)}")
         st_dtype, convert = target[dtype]
         out = Path(path)
-        if out.exists():
+        if out.exists() or out.is_symlink():
             raise OutputError(f"{out}: already exists; choose another folder")
         out.mkdir(parents=True)
         by_file: Dict[str, List[TensorEntry]] = {}
@@ -621,25 +701,39 @@ class QuantizedModel:
         for rel, entries in by_file.items():
             specs = []
             for e in entries:
+                key = e.name.split("/", 1)[-1] if "/" in rel else e.name
                 if e.quantized:
-                    specs.append(TensorSpec(e.name.split("/", 1)[-1] if "/" in rel else e.name, st_dtype, e.shape,
-                                            lambda e=e: convert(self.dequantize(e.name))))
+                    specs.append(TensorSpec(key, st_dtype, e.shape, lambda e=e: convert(self.dequantize(e.name))))
                 else:
-                    specs.append(TensorSpec(e.name.split("/", 1)[-1] if "/" in rel else e.name, e.dtype, e.shape,
-                                            lambda e=e: self.raw(e.name)))
-            dest = out / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            write_safetensors(dest, specs, metadata={"format": "pt", "dequantized_from": "arrowquant"})
+                    specs.append(TensorSpec(key, e.dtype, e.shape, lambda e=e: self.raw(e.name)))
+            write_safetensors(self._export_path(out, rel, "source_file"), specs,
+                              metadata={"format": "pt", "dequantized_from": "arrowquant"})
         if len(by_file) > 1 and all("/" not in rel for rel in by_file):
             index = {"metadata": {}, "weight_map": {e.name: e.source_file for e in self.tensors.values()}}
-            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+            self._export_path(out, INDEX_NAME, "extra_files").write_text(json.dumps(index, indent=1))
         for rel in self.manifest.get("extra_files", []):
             src = self.path / rel
-            if src.is_file():
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, out / rel)
+            if not src.is_file():
+                continue  # listed but not shipped: nothing to copy
+            src = storecheck.inside(self.path, rel, self.path, "extra_files[]")
+            shutil.copyfile(src, self._export_path(out, rel, "extra_files[]"))
         return out
 
+    def _export_path(self, out: Path, rel: str, field: str) -> Path:
+        """Where an export writes ``rel``: a new file inside ``out``, its folders created and the
+        result checked (after resolving symlinks) to lie inside ``out``."""
+        storecheck.relative_name(rel, self.path, field)
+        dest = out / rel
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreFormatError(self.path, field, f"{rel!r} cannot be created in the export ({e.strerror})") from None
+        real_out = out.resolve()
+        if real_out != dest.parent.resolve() and real_out not in dest.parent.resolve().parents:
+            raise StoreFormatError(self.path, field, f"{rel!r} would be written outside {out}")
+        if dest.exists() or dest.is_symlink():
+            raise StoreFormatError(self.path, field, f"{rel!r} is written twice by this export")
+        return dest
 
     def to_gguf(self, path, *, overwrite: bool = False, progress=None, cancel=None) -> dict:
         """Export to the GGUF file ``path`` for llama.cpp, ComfyUI-GGUF or diffusers, losslessly.
@@ -663,14 +757,16 @@ class QuantizedModel:
         return export_gguf(self, path, overwrite=overwrite, progress=progress, cancel=cancel)
 
 
-def load_quantized(path) -> QuantizedModel:
+def load_quantized(path, *, verify_checksums: bool = True) -> QuantizedModel:
     """Open an ArrowQuant store for reading (see :class:`QuantizedModel`).
 
-    Only the manifest and the Parquet footers and metadata columns are read here; tensors
-    are read when dequantized.
+    The manifest, the Parquet footers and the metadata columns are read and validated
+    here, and each shard's SHA-256 is checked against the manifest (once per shard per
+    process; ``verify_checksums=False`` skips it for a store you trust); tensors are read
+    when dequantized.
 
     Raises:
-        ValidationError: ``path`` is not a store, its manifest is corrupt or of another
-            format version, or a shard is unreadable.
+        StoreFormatError: ``path`` is not a store, or it breaks the format (the error names
+            the store, the tensor and the field); a subclass of ``ValidationError``.
     """
-    return QuantizedModel(path)
+    return QuantizedModel(path, verify_checksums=verify_checksums)

@@ -61,18 +61,46 @@ def test_resume_after_sigkill_is_byte_identical(model, tmp_path):
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
-def test_changed_config_starts_over(model, tmp_path):
-    out = tmp_path / "out"
+def kill_after_first_shard(model: Path, out: Path) -> None:
+    """Quantize ``model`` to ``out`` (CONFIG) in a child and SIGKILL it once a shard is journaled."""
     code = (f"from arrow_quant_v2.engine import quantize_model; from arrow_quant_v2 import DiffusionQuantConfig;"
             f"quantize_model({str(model)!r}, {str(out)!r}, DiffusionQuantConfig(**{CONFIG!r}))")
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".out.partial-*/journal.json")):
+    while time.time() < deadline and not list(out.parent.glob(f".{out.name}.partial-*/journal.json")):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def test_changed_config_starts_over(model, tmp_path):
+    out = tmp_path / "out"
+    kill_after_first_shard(model, out)
     events = []
     quantize_model(model, out, DiffusionQuantConfig(**dict(CONFIG, bit_width=8)), resume=True, progress=events.append)
     assert events[0].tensors_done == 0, "a different config must not reuse the killed run's shards"
     assert all(e.bits == 8 for e in load_quantized(out).tensors.values())
     assert not list(tmp_path.glob(".out.partial-*")), "the stale partial of the other config is cleaned up"
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True], ids=["rewritten", "rewritten-mtime-restored"])
+def test_changed_source_data_starts_over(tmp_path, keep_mtime):
+    """Same header, new tensor bytes: the resume key covers the data, so nothing stale is reused."""
+    rng = np.random.default_rng(5)
+    model = tmp_path / "m"
+    model.mkdir()
+    weights = {f"blocks.{i}.mlp.up_proj.weight": rng.standard_normal((1024, 1024)).astype(np.float32) * 0.02
+               for i in range(12)}
+    save_file(weights, str(model / "model.safetensors"))
+    out = tmp_path / "out"
+    kill_after_first_shard(model, out)
+    st = (model / "model.safetensors").stat()
+    save_file({k: -v for k, v in weights.items()}, str(model / "model.safetensors"))  # same header, every value negated
+    if keep_mtime:
+        os.utime(model / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    events = []
+    quantize_model(model, out, DiffusionQuantConfig(**CONFIG), resume=True, progress=events.append)
+    assert events[0].tensors_done == 0, "changed weights must not reuse the killed run's shards"
+    store = load_quantized(out)
+    name = next(iter(weights))
+    assert np.corrcoef(store.dequantize(name).ravel(), -weights[name].ravel())[0, 1] > 0.99

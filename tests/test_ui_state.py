@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from arrow_quant_v2 import ConfigurationError, DiffusionQuantConfig, QuantizationError
+from arrow_quant_v2 import ArrowQuantError, ConfigurationError, DiffusionQuantConfig, QuantizationError
 from arrow_quant_v2.config import field_specs
 from arrow_quant_v2.ui import JobManager, ModelLibrary, PathNotAllowed, QualityReport, QuantSettings
 from arrow_quant_v2.ui.quality import (
@@ -352,3 +352,33 @@ async def test_terrain_unet_budget_range_and_fidelity(tmp_path, monkeypatch):
     assert inf["psnr_db"].iloc[0] == PSNR_CAP_DB and inf["psnr_capped"].iloc[0]
     none = QualityReport(report={"per_layer": {}, "recorded": True})
     assert not none.end_to_end["available"] and "not run" in none.end_to_end["reason"] and none.fidelity().empty
+
+
+def test_broken_stores_in_the_output_root_are_listed_as_broken(cache, roots, tmp_path, make_model):
+    """A bad neighbour in the output root (manifest `[]`, not JSON, another project's manifest,
+    a damaged shard) is listed as broken with its error; the good store and the rest still work."""
+    import shutil
+
+    from arrow_quant_v2.engine import quantize_model
+    from arrow_quant_v2.ui.quality import report_from_store
+
+    models, _ = roots
+    out = tmp_path / "out"
+    quantize_model(make_model("tiny"), out / "good")
+    shutil.copytree(out / "good", out / "damaged-shard")
+    shard = next((out / "damaged-shard").glob("weights-*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    for name, text in (("list", "[]"), ("not-json", "{nope"), ("foreign", '{"name": "my app", "totals": "x"}')):
+        (out / name).mkdir()
+        (out / name / "manifest.json").write_text(text)
+    mgr = _manager(tmp_path, models)
+    jobs = {Path(j.output_path).name: j for j in mgr.jobs}
+    assert set(jobs) == {"good", "damaged-shard", "list", "not-json", "foreign"}
+    for name in ("list", "not-json", "foreign"):
+        assert jobs[name].status == "failed" and jobs[name].error.startswith("broken store:"), name
+        assert "manifest.json" in jobs[name].error or "format" in jobs[name].error
+    assert jobs["good"].status == "done" and report_from_store(jobs["good"].output_path)["per_layer"]
+    assert [j.output_path for j in mgr.results()] and all(j.status == "done" for j in mgr.results())
+    with pytest.raises(ArrowQuantError, match="damaged-shard"):  # its manifest is fine; the shard is caught on open
+        report_from_store(jobs["damaged-shard"].output_path)
+    assert mgr.library.models  # the library still lists models

@@ -13,7 +13,6 @@ import asyncio
 import contextvars
 import datetime
 import itertools
-import json
 import logging
 import threading
 import time
@@ -24,6 +23,8 @@ import param
 
 from ..config import DiffusionQuantConfig
 from ..progress import ProgressEvent
+from .. import storecheck
+from ..errors import StoreFormatError
 from ..store import MANIFEST
 from .library import ModelEntry, ModelLibrary
 from .roots import default_output_root, is_within, unique_path
@@ -339,24 +340,27 @@ class JobManager(param.Parameterized):
             return found
         known = {j.output_path for j in self.jobs}
         stores = sorted((p for p in root.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file()),
-                        key=lambda p: p.stat().st_mtime, reverse=True)
+                        key=_mtime, reverse=True)
         for store in stores:
             if str(store) in known:
                 continue
             try:
-                manifest = json.loads((store / MANIFEST).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                manifest = storecheck.check_manifest(store, storecheck.read_manifest(store))
+            except StoreFormatError as e:  # a bad neighbour: listed as broken, everything else goes on
+                found.append(Job(model_name=store.name, output_path=str(store), label="broken", status="failed",
+                                 stage="done", fraction=1.0, from_disk=True, created=_mtime(store),
+                                 error=f"broken store: {e}", message=f"found in {root.name}/, unreadable"))
                 continue
             src = manifest.get("source", {}).get("path", "")
             cfg = manifest.get("config", {}) or {}
-            totals = dict(manifest.get("totals", {}) or {}, quantized_path=str(store))
-            label = cfg.get("deployment_profile") or f"int{cfg.get('bit_width', '?')}"
+            totals = dict(_figures(manifest.get("totals", {})), quantized_path=str(store))
+            label = str(cfg.get("deployment_profile") or f"int{cfg.get('bit_width', '?')}")
             model_name = self._model_name_for(src)
             created = manifest.get("created")
             try:
-                ts = datetime.datetime.fromisoformat(created).timestamp() if created else store.stat().st_mtime
+                ts = datetime.datetime.fromisoformat(created).timestamp() if created else _mtime(store)
             except ValueError:
-                ts = store.stat().st_mtime
+                ts = _mtime(store)
             found.append(Job(model_name=model_name, model_path=src, output_path=str(store), label=label, config=cfg,
                              status="done", stage="done", fraction=1.0, result=totals, from_disk=True, created=ts,
                              message=f"found in {root.name}/"))
@@ -369,6 +373,22 @@ class JobManager(param.Parameterized):
             if e.path == source_path:
                 return e.name
         return Path(source_path).name or "model"
+
+
+def _figures(totals: dict) -> dict:
+    """The numeric figures (and the fallback list) of a manifest's totals: what the board shows.
+    A store from disk is untrusted; other values would only break the page."""
+    keep = {k: v for k, v in totals.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if isinstance(totals.get("fallbacks"), list):
+        keep["fallbacks"] = totals["fallbacks"]
+    return keep
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 _shared: Optional[JobManager] = None

@@ -273,7 +273,8 @@ def report_from_store(path) -> dict:
     worst = sorted(per_layer, key=lambda n: per_layer[n]["cosine"])[:10]
     return {
         "cosine_similarity": cos,
-        "compression_ratio": totals.get("compression_ratio"),
+        "compression_ratio": totals.get("compression_ratio") if isinstance(totals.get("compression_ratio"), (int, float))
+        else None,
         "per_layer_accuracy": {n: p["cosine"] for n, p in per_layer.items()},
         "passed": all(p["passed"] for p in per_layer.values()),
         "min_cosine": min((p["cosine"] for p in per_layer.values()), default=1.0),

@@ -4,6 +4,14 @@
 refuses, by itself, any browser that is not on this machine unless
 ``ARROW_QUANT_ALLOW_REMOTE=1`` is set (``arrow-quant serve`` also binds to 127.0.0.1).
 Everything the page loads comes from the Panel server: no template with web fonts, no CDN.
+
+:func:`harden_server` (run by ``arrow-quant serve`` through ``panel serve --setup``, since
+Panel has no option for response headers) adds framing protection to every response
+(``X-Frame-Options: DENY``, ``Content-Security-Policy: frame-ancestors 'none'``,
+``X-Content-Type-Options: nosniff``) and stops Panel's ``/components/<module>/...`` route
+from importing modules a GET names (Panel 1.9.4 imports any importable module there; it
+then serves only files the named component lists, but the import itself runs the
+module's top-level code). With the guard, only modules already imported are looked up.
 """
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import sys
 import threading
 from typing import Optional
 
@@ -85,6 +94,44 @@ def start_sample_preparation(manager: JobManager) -> None:
 
     fut = loop.run_in_executor(None, lambda: manager.library.prepare_samples(refresh=False))
     fut.add_done_callback(lambda f: loop.call_soon_threadsafe(done, f))
+
+
+#: Headers added to every response of the served app.
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def harden_server() -> None:
+    """Add :data:`SECURITY_HEADERS` to every tornado response of this process and make Panel's
+    ``/components`` route refuse (404) modules that are not imported yet. Idempotent; call
+    before the server starts (``panel serve --setup``, as ``arrow-quant serve`` does)."""
+    import tornado.web
+    from panel.io import server as panel_server
+
+    handler = tornado.web.RequestHandler
+    if not getattr(handler.set_default_headers, "_aq_hardened", False):
+        original = handler.set_default_headers
+
+        def set_default_headers(self):
+            original(self)
+            for name, value in SECURITY_HEADERS.items():
+                self.set_header(name, value)
+        set_default_headers._aq_hardened = True
+        handler.set_default_headers = set_default_headers
+
+    components = panel_server.ComponentResourceHandler
+    if not getattr(components.parse_url_path, "_aq_hardened", False):
+        resolve = components.parse_url_path
+
+        def parse_url_path(self, path: str) -> str:
+            if path.split("/", 1)[0] not in sys.modules:
+                raise tornado.web.HTTPError(404, "Module not found")
+            return resolve(self, path)
+        parse_url_path._aq_hardened = True
+        components.parse_url_path = parse_url_path
 
 
 def refusal_page() -> pn.viewable.Viewable:

@@ -6,6 +6,7 @@ import panel as pn
 import param
 from panel.viewable import Viewer
 
+from ...errors import ArrowQuantError
 from .. import format as fmt
 from ..jobs import Job, JobManager
 from ..quality import diff_frame, layer_frame
@@ -98,7 +99,12 @@ class CompareView(Viewer):
             self._diff.object = None
             return
         self._msg.object = ""
-        fa, fb = layer_frame(ja.quality_report()["per_layer"]), layer_frame(jb.quality_report()["per_layer"])
+        try:
+            fa, fb = layer_frame(ja.quality_report()["per_layer"]), layer_frame(jb.quality_report()["per_layer"])
+        except ArrowQuantError as e:  # a store on disk that turns out damaged: say so, the rest still works
+            self._msg.object = f"<div class='aq-error'>{fmt.esc(str(e))}</div>"
+            self._diff.object = None
+            return
         cells, layout = diff_frame(fa, fb)
         self._diff.object = diff_heatmap(cells, layout, labels=(f"#{ja.job_id}", f"#{jb.job_id}"),
                                          title=f"Δ per layer: #{jb.job_id} {jb.label} vs #{ja.job_id} {ja.label}")
