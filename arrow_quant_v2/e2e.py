@@ -14,9 +14,13 @@ Inputs
     integer timesteps, linearly spaced). A clean sample ``x0`` is the original network's own
     one-step output from pure noise at the top level (a sample from the model's
     distribution, so low-noise inputs look like real data, not like noise); the input at
-    level ``s`` is ``x0 + s * n_s`` with fixed seeded noise ``n_s``. Other inputs (e.g. the
-    terrain model's ``difficulty``) are spread over ``[0, 1]`` across the batch, integer
-    labels count up from 0. A graph whose inputs cannot be read this way is reported as
+    level ``s`` is ``x0 + s * n_s`` with fixed seeded noise ``n_s``. The batch
+    (:data:`DEFAULT_BATCH` samples) spreads the other inputs: float conditioning (e.g. the
+    terrain model's ``difficulty``) over :data:`CONDITIONING_SPAN` (0.1, 0.5, 0.9 for
+    three samples), integer labels over the model's ``num_classes``. The inputs come from
+    the :data:`VALIDATION_STREAM` of the seed; calibration (:mod:`arrow_quant_v2.calibration`)
+    draws from another stream with random conditioning, so its inputs are never the ones
+    validated on. A graph whose inputs cannot be read this way is reported as
     unavailable with the reason.
 
 Figures per level (the reference is the original network's output ``y``; ``q`` the quantized one's)
@@ -25,9 +29,12 @@ Figures per level (the reference is the original network's output ``y``; ``q`` t
     itself (``x`` the input): models with a skip connection (consistency models return
     ``c_skip(s) x + c_out(s) F``) have ``cosine`` near 1 at low noise whatever ``F`` does,
     and this one shows whether the network's own contribution survived.
+    ``sample_cosines`` / ``worst_sample_cosine``: each sample's cosine alone and the lowest,
+    the spread a batch figure hides (the summary's ``worst_sample_cosine`` is the lowest
+    over all samples and levels).
 
-Cost: ``2 * num_time_groups + 1`` forward passes (about 3 s for the terrain U-Net at
-128x128, batch 2, 10 levels), so :func:`arrow_quant_v2.validation.validate_store` runs it
+Cost: ``2 * num_time_groups + 1`` forward passes (batch 3 per level; a few seconds for
+the terrain U-Net at 128x128 and 10 levels), so :func:`arrow_quant_v2.validation.validate_store` runs it
 by default whenever a graph is present (``end_to_end=False`` skips it).
 """
 from __future__ import annotations
@@ -42,8 +49,16 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 GRAPH_NAMES = ("model.onnx",)
-DEFAULT_BATCH = 2
+#: Samples per noise level: each one its own clean sample, noise and conditioning value.
+DEFAULT_BATCH = 3
 DEFAULT_SEED = 0
+#: Float conditioning (e.g. the terrain model's ``difficulty``) of the validation samples
+#: spans this range across the batch: low, middle and high difficulty, not one draw.
+CONDITIONING_SPAN = (0.1, 0.9)
+#: Random streams, one per purpose: validation and calibration inputs come from different
+#: streams of the same seed, so they can never coincide (calibration asserts it).
+VALIDATION_STREAM = 0
+CALIBRATION_STREAM = 1
 _LEVEL_INPUT = re.compile(r"(sigma|timestep|time|noise_level|^t$)", re.I)
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -57,6 +72,11 @@ def find_graph(model_path) -> Optional[Path]:
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+def input_rng(seed: int, stream: int) -> np.random.Generator:
+    """The generator of one purpose's inputs (:data:`VALIDATION_STREAM`, :data:`CALIBRATION_STREAM`)."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream,)))
 
 
 def unavailable(reason: str, **extra) -> dict:
@@ -87,7 +107,7 @@ def noise_levels(config: dict, n: int) -> Optional[Tuple[np.ndarray, str]]:
 class _Feeds:
     """Maps a graph's inputs to: the sample, the noise level, and fixed conditioning."""
 
-    def __init__(self, inputs, config: dict, batch: int) -> None:
+    def __init__(self, inputs, config: dict, batch: int, conditioning: Optional[np.ndarray] = None) -> None:
         self.sample = self.level = None
         self.fixed: Dict[str, np.ndarray] = {}
         self.problems: List[str] = []
@@ -106,10 +126,12 @@ class _Feeds:
             elif len(shape) <= 1 and _LEVEL_INPUT.search(i.name) and self.level is None:
                 self.level, self.level_dtype, self.level_rank = i.name, dtype, len(shape)
             elif len(shape) <= 1:
-                if np.issubdtype(dtype, np.floating):
-                    v = np.linspace(0.0, 1.0, batch) if batch > 1 else np.array([0.5])
+                classes = max(int(config.get("num_classes", batch) or batch), 1)
+                if conditioning is not None:  # values in [0, 1): calibration draws them at random
+                    u = np.asarray(conditioning, np.float64)
                 else:
-                    v = np.arange(batch) % max(int(config.get("num_classes", batch) or batch), 1)
+                    u = np.linspace(*CONDITIONING_SPAN, batch) if batch > 1 else np.array([0.5])
+                v = u if np.issubdtype(dtype, np.floating) else np.minimum((u * classes).astype(np.int64), classes - 1)
                 self.fixed[i.name] = v.astype(dtype).reshape(shape and [batch] or [])
             else:
                 self.problems.append(f"input {i.name!r} of shape {shape} is neither the sample nor a per-item value")
@@ -133,6 +155,10 @@ class _Feeds:
         return dict(fixed, **{self.sample: x.astype(self.sample_dtype), self.level: lv})
 
 
+def _conditioning_desc(spec: "_Feeds") -> str:
+    return ", ".join(f"{k} {', '.join(f'{v:g}' for v in np.ravel(a))}" for k, a in spec.fixed.items()) or "no conditioning"
+
+
 def _figures(y: np.ndarray, q: np.ndarray, x: np.ndarray) -> dict:
     y, q, x = (a.astype(np.float64).ravel() for a in (y, q, x))
     d = q - y
@@ -146,6 +172,41 @@ def _figures(y: np.ndarray, q: np.ndarray, x: np.ndarray) -> dict:
     nu, nv = np.linalg.norm(uy), np.linalg.norm(uq)
     ucos = float(uy @ uq / (nu * nv)) if nu > 0 and nv > 0 else 1.0
     return {"cosine": min(cos, 1.0), "rel_error": rel, "psnr_db": psnr, "update_cosine": min(ucos, 1.0)}
+
+
+def noisy_inputs(reference, spec: "_Feeds", levels: np.ndarray, rng: np.random.Generator) -> List[np.ndarray]:
+    """One input batch per noise level: a clean sample plus that level's seeded noise.
+
+    The clean sample ``x0`` is the network's own one-step output from pure noise at the top
+    level (so low-noise inputs look like the model's data, not like noise); a network that
+    does not return a sample of the input's shape gets the noise itself as ``x0``.
+    """
+    noise0 = rng.standard_normal(spec.sample_shape)
+    top = float(levels.max())
+    x0 = reference.run(None, spec.feeds((noise0 * top).astype(np.float32), np.array([top])))[0]
+    if x0.shape != tuple(spec.sample_shape):
+        x0 = noise0.astype(np.float32)
+    return [(x0 + float(level) * rng.standard_normal(spec.sample_shape)).astype(np.float32) for level in levels]
+
+
+def level_batches(spec: "_Feeds", levels: np.ndarray, inputs: List[np.ndarray], per_run: int):
+    """``(level indices, feeds, stacked input)`` with ``per_run`` levels stacked per forward pass."""
+    batch = spec.sample_shape[0]
+    for first in range(0, len(levels), per_run):  # several levels per pass: far fewer, bigger runs
+        group = range(first, min(first + per_run, len(levels)))
+        x = np.concatenate([inputs[k] for k in group])
+        lv = np.repeat([levels[k] for k in group], batch)
+        yield group, spec.feeds(x, lv, repeat=len(group)), x
+
+
+def _level_figures(y: np.ndarray, q: np.ndarray, x: np.ndarray) -> dict:
+    """One level's figures over its whole batch, plus each sample's cosine (the spread)."""
+    if y.shape != x.shape:  # not a denoiser of its input: no update to compare
+        fig = {k: v for k, v in _figures(y, q, np.zeros_like(y)).items() if k != "update_cosine"}
+    else:
+        fig = _figures(y, q, x)
+    samples = [_figures(y[i], q[i], np.zeros_like(y[i]))["cosine"] for i in range(y.shape[0])]
+    return dict(fig, sample_cosines=samples, worst_sample_cosine=min(samples))
 
 
 def end_to_end(original_path, store, *, num_time_groups: int = 10, weights: Optional[Dict[str, np.ndarray]] = None,
@@ -214,25 +275,16 @@ def end_to_end(original_path, store, *, num_time_groups: int = 10, weights: Opti
     if spec.problems:
         return unavailable("cannot build inputs for the graph: " + "; ".join(spec.problems), graph=str(graph))
 
-    rng = np.random.default_rng(seed)
+    rng = input_rng(seed, VALIDATION_STREAM)
     per_run = max(1, levels_per_run)
     total = 1 + 2 * math.ceil(len(levels) / per_run)
     try:
-        noise0 = rng.standard_normal(spec.sample_shape)
-        top = float(levels.max())
-        x0 = reference.run(None, spec.feeds((noise0 * top).astype(np.float32), np.array([top])))[0]
-        if x0.shape != tuple(spec.sample_shape):  # not an x-prediction: use the noise itself as the clean sample
-            x0 = noise0.astype(np.float32)
+        inputs = noisy_inputs(reference, spec, levels, rng)
         done = 1
         if on_level:
             on_level(done, total)
-        inputs = [(x0 + float(level) * rng.standard_normal(spec.sample_shape)).astype(np.float32) for level in levels]
         rows = []
-        for first in range(0, len(levels), per_run):  # several levels per forward pass: far fewer, bigger runs
-            group = range(first, min(first + per_run, len(levels)))
-            x = np.concatenate([inputs[k] for k in group])
-            lv = np.repeat([levels[k] for k in group], batch)
-            feeds = spec.feeds(x, lv, repeat=len(group))
+        for group, feeds, x in level_batches(spec, levels, inputs, per_run):
             outs = []
             for session in (reference, candidate):
                 if check:
@@ -243,9 +295,7 @@ def end_to_end(original_path, store, *, num_time_groups: int = 10, weights: Opti
                     on_level(done, total)
             for j, k in enumerate(group):
                 y, q, xi = (a[j * batch:(j + 1) * batch] for a in (outs[0], outs[1], x))
-                fig = _figures(y, q, xi) if y.shape == xi.shape else {
-                    k2: v for k2, v in _figures(y, q, np.zeros_like(y)).items() if k2 != "update_cosine"}
-                rows.append(dict({"sigma": float(levels[k])}, **fig))
+                rows.append(dict({"sigma": float(levels[k])}, **_level_figures(y, q, xi)))
     except Exception as e:  # noqa: BLE001
         if type(e).__name__ == "Cancelled":
             raise
@@ -258,7 +308,7 @@ def end_to_end(original_path, store, *, num_time_groups: int = 10, weights: Opti
     report = {
         "available": True,
         "reason": f"{graph.name}: original vs dequantized weights, {len(rows)} noise levels ({level_desc}), "
-                  f"batch {batch}, seed {seed}",
+                  f"batch {batch} ({_conditioning_desc(spec)}), seed {seed}",
         "graph": str(graph),
         "levels": rows,
         "num_levels": len(rows),
@@ -273,6 +323,8 @@ def end_to_end(original_path, store, *, num_time_groups: int = 10, weights: Opti
         "worst_rel_error": float(np.max(rel)),
         "mean_psnr_db": float(np.mean([p for p in psnr if math.isfinite(p)] or [math.inf])),
         "worst_psnr_db": float(np.min(psnr)),
+        "worst_sample_cosine": float(min(r["worst_sample_cosine"] for r in rows)),
+        "conditioning": {k: v.tolist() for k, v in spec.fixed.items()},
         "seconds": time.perf_counter() - started,
     }
     if all("update_cosine" in r for r in rows):

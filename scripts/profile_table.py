@@ -32,6 +32,7 @@ from arrow_quant_v2.config import PROFILES  # noqa: E402
 from arrow_quant_v2.samples import list_samples, sample_path  # noqa: E402
 
 DEFAULT_OUT = ROOT / "docs" / "generated" / "profiles.md"
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "profiles.json"
 DEFAULT_MODELS = ("tiny-dream", "terrain-unet")
 
 
@@ -101,7 +102,8 @@ def render(rows: list, models: list) -> str:
         e2e = "—"
         if r["e2e"]:
             e = r["e2e"]
-            e2e = f"{e['mean_cosine']:.5f} mean, {e['worst_cosine']:.5f} worst ({e['num_levels']} noise levels)"
+            e2e = (f"{e['mean_cosine']:.5f} mean, {e['worst_cosine']:.5f} worst, {e['worst_sample_cosine']:.5f} "
+                   f"worst sample ({e['num_levels']} noise levels × {e['batch']} samples)")
         lines.append(
             f"| {r['model']} | {r['profile']} | {r['size_mb']:.2f} | {r['ratio']:.2f}× | {r['bpw']:.2f} | "
             f"{r['cos']:.5f} | {r['min_cos']:.5f} | {'yes' if r['passed'] else 'no'} | {r['widths']} | "
@@ -121,11 +123,24 @@ def render(rows: list, models: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def raw_figures(rows: list) -> dict:
+    """The measured rows as JSON, with what they were measured on."""
+    import numpy as np
+
+    return {
+        "script": "scripts/profile_table.py", "commit": _git_commit(), "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(), "numpy": np.__version__, "cores": os.cpu_count(),
+        "loadavg": list(os.getloadavg()), "repeats": 1, "statistic": "single run (figures are deterministic)",
+        "rows": [dict({k: v for k, v in r.items() if k != "config"}, config=r["config"].to_dict()) for r in rows],
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=PROFILES)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="the raw figures (default: %(default)s)")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="arrow-quant-profiles-") as tmp:
@@ -137,7 +152,9 @@ def main(argv=None) -> int:
                 rows.append(r)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(rows, args.models), encoding="utf-8")
-    print(f"wrote {args.out}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(raw_figures(rows), indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {args.out} and {args.json}")
     return 0
 
 

@@ -105,7 +105,11 @@ def test_terrain_unet_int8_is_faithful_at_every_noise_level(tmp_path):
     e2e = end_to_end(model, tmp_path / "q", num_time_groups=3)
     assert e2e["available"], e2e["reason"]
     assert [lv["sigma"] for lv in e2e["levels"]] == pytest.approx([80.0, 0.4, 0.002])
-    assert e2e["input_shape"] == [2, 1, 128, 128]
+    # three samples per level, one per difficulty (low, middle, high), each figure also alone
+    assert e2e["input_shape"] == [3, 1, 128, 128] and e2e["conditioning"]["difficulty"] == pytest.approx([0.1, 0.5, 0.9])
+    for lv in e2e["levels"]:
+        assert len(lv["sample_cosines"]) == 3 and lv["worst_sample_cosine"] == min(lv["sample_cosines"])
+    assert e2e["worst_sample_cosine"] == min(lv["worst_sample_cosine"] for lv in e2e["levels"])
     assert e2e["worst_cosine"] > 0.999 and e2e["worst_psnr_db"] > 35
 
 
