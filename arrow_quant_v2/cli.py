@@ -175,6 +175,12 @@ def _config_from(args) -> DiffusionQuantConfig:
         overrides["target_model_size_mb"] = args.target_mb
     if args.spatial:
         overrides["enable_spatial"] = True
+    if args.calibrate:
+        overrides["calibration"] = "graph"
+    if args.calibration_samples is not None:
+        overrides["calibration_samples"] = args.calibration_samples
+    if args.calibration_inputs is not None:
+        overrides["calibration_inputs"] = args.calibration_inputs
     if args.profile:
         return DiffusionQuantConfig.from_profile(args.profile, **overrides)
     return DiffusionQuantConfig(**overrides)
@@ -381,6 +387,11 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-time-aware", action="store_true", help="do not protect time-conditioning modules")
     p.add_argument("--target-mb", type=float, help="size budget in MiB: mixed precision spends bits where they buy most")
     p.add_argument("--spatial", action="store_true", help="per-layer group size (largest that reaches min_accuracy)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="run the model's graph (model.onnx) across the noise levels and round with error compensation")
+    p.add_argument("--calibration-samples", type=int, help="calibration inputs per noise level (default "
+                   f"{DiffusionQuantConfig.calibration_samples})")
+    p.add_argument("--calibration-inputs", metavar="NPZ", help=".npz of graph inputs replacing the synthetic ones")
 
 
 def _common_options() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ BIT_WIDTHS = (2, 4, 8)
 GROUP_SIZES = (None, 0, 8, 16, 32, 64, 128, 256)  # None = the encoding's own, 0 = one group per row
 MODALITIES = (None, "text", "code", "image", "audio")
 PROFILES = ("edge", "local", "cloud")
+CALIBRATIONS = (None, "graph")
 
 
 def spec(default, doc, *, choices=None, bounds=None, kind=None, default_factory=None):
@@ -56,7 +57,10 @@ class DiffusionQuantConfig:
     num_threads: int = spec(0, "Worker threads for one model's kernels (0 = all cores).", bounds=(0, 256))
     enable_spatial: bool = spec(False, "Per-layer group size: the largest group that still reaches min_accuracy on that layer (ignored under a size budget).")
     target_model_size_mb: Optional[float] = spec(None, "Size budget in MiB for the quantized weights (mixed precision).", bounds=(0.001, math.inf))
-    num_time_groups: int = spec(10, "Noise levels checked by end-to-end validation of models with a graph.", bounds=(1, 1000))
+    num_time_groups: int = spec(10, "Noise levels checked by end-to-end validation of models with a graph, and calibrated over.", bounds=(1, 1000))
+    calibration: Optional[str] = spec(None, "'graph': run the model's own graph (model.onnx) across the noise levels and round every layer with error compensation on its inputs (GPTQ-class); None: data-free rounding.", choices=CALIBRATIONS)
+    calibration_samples: int = spec(2, "Calibration inputs per noise level (each its own sample, noise and conditioning; never the validation inputs).", bounds=(1, 64))
+    calibration_inputs: Optional[str] = spec(None, "A .npz of graph inputs (arrays named like the graph's inputs, batch first) replacing the synthetic calibration inputs.", kind="path")
     max_shard_mb: int = spec(2048, "Largest Parquet shard of the output store, in MiB.", bounds=(1, 1 << 20))
     deployment_profile: Optional[str] = spec(None, "The profile this config came from, if any.", choices=(None,) + PROFILES)
 
@@ -213,5 +217,7 @@ def check_field(f: dataclasses.Field, value: Any) -> None:
         return
     if meta.get("kind") == "patterns" and not all(isinstance(p, str) for p in value):
         bad("a list of glob patterns (strings)")
+    if meta.get("kind") == "path" and value is not None and not isinstance(value, str):
+        bad("a file path (string) or None")
     if meta.get("kind") == "encoding" and value is not None and not isinstance(value, str):
         bad("an encoding name or None")

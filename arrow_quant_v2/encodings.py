@@ -69,6 +69,32 @@ def as_u8(a: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Grid:
+    """A chunk's fixed grid: element ``(r, j)`` may take ``levels[q] * scales[r, j // group] + offsets[r, j // group]``.
+
+    ``levels`` float32 sorted ascending (the code ``q`` is the index); ``scales``/``offsets``
+    float32 ``(rows, groups)``, exactly what dequantization uses; ``stored`` the
+    encoding's blobs of these parameters (everything but ``codes``).
+    """
+
+    levels: np.ndarray
+    scales: np.ndarray
+    offsets: np.ndarray
+    group: int
+    stored: Blobs
+
+    def per_element(self, cols: int) -> Tuple[np.ndarray, np.ndarray]:
+        """``(scales, offsets)`` expanded to ``(rows, cols)``."""
+        idx = np.arange(cols) // self.group
+        return self.scales[:, idx], self.offsets[:, idx]
+
+    def values(self, codes: np.ndarray) -> np.ndarray:
+        """float32 ``(rows, cols)`` values of ``(rows, cols)`` codes, as dequantization computes them."""
+        s, o = self.per_element(codes.shape[1])
+        return self.levels[codes] * s + o
+
+
+@dataclass(frozen=True)
 class Encoding:
     """Base class. Subclasses set ``name``, ``supported_bits`` and implement the three methods."""
 
@@ -95,7 +121,29 @@ class Encoding:
         Returns the blobs and the fused statistics ``[sum x*y, sum x*x, sum y*y,
         sum (x-y)**2]`` (float64) of the dequantized result ``y``.
         """
+        grid = self.grid(x)
+        codes, stats = self.round_to_grid(x, grid)
+        return self.pack(grid, codes), stats
+
+    # -- the grid interface: parameters first, then codes (a calibrated solver picks its own codes)
+
+    def grid(self, x: np.ndarray) -> "Grid":
+        """The chunk's grid: every parameter the encoder stores besides the codes."""
         raise NotImplementedError
+
+    def round_to_grid(self, x: np.ndarray, grid: "Grid") -> Tuple[np.ndarray, np.ndarray]:
+        """Nearest-level codes (rows*cols uint8, row-major) and the fused statistics."""
+        raise NotImplementedError
+
+    def pack(self, grid: "Grid", codes: np.ndarray) -> Blobs:
+        """The blobs of ``codes`` (rows*cols uint8, row-major) on ``grid``."""
+        return dict(grid.stored, codes=kernels.pack_codes(codes, self.bits))
+
+    def quantize_codes(self, x: np.ndarray, grid: "Grid", codes: np.ndarray) -> Tuple[Blobs, np.ndarray]:
+        """Encode ``x`` with codes chosen elsewhere (e.g. error-compensated) on ``grid``."""
+        codes = np.ascontiguousarray(codes, dtype=np.uint8)
+        y = grid.values(codes.reshape(x.shape))
+        return self.pack(grid, codes.reshape(-1)), kernels.error_stats(x, y)
 
     def dequantize(self, blobs: Blobs, rows: int, cols: int) -> np.ndarray:
         """Decode blobs back to a float32 ``(rows, cols)`` array."""
@@ -170,19 +218,16 @@ class AffineMinMax(Encoding):
         lo, hi = kernels.group_minmax(x, group)
         return to_f16((hi - lo) / ((1 << self.bits) - 1)), to_f16(lo)
 
-    def quantize(self, x):
+    def grid(self, x):
         group = self.group_for(x.shape[1])
         scales, offsets = self._params(x, group)
-        # The rounding kernel gets the parameters as stored, so the codes and the
-        # statistics are those of exactly what dequantize() will return.
-        codes, stats = kernels.quantize_affine(
-            x, scales.astype(np.float32), offsets.astype(np.float32), self.bits, group
-        )
-        return {
-            "codes": kernels.pack_codes(codes, self.bits),
-            "scales": as_u8(scales),
-            "zeros": as_u8(offsets),
-        }, stats
+        # The parameters as stored, so the codes and the statistics are those of
+        # exactly what dequantize() will return.
+        return Grid(np.arange(1 << self.bits, dtype=np.float32), scales.astype(np.float32),
+                    offsets.astype(np.float32), group, {"scales": as_u8(scales), "zeros": as_u8(offsets)})
+
+    def round_to_grid(self, x, grid):
+        return kernels.quantize_affine(x, grid.scales, grid.offsets, self.bits, grid.group)
 
     def dequantize(self, blobs, rows, cols):
         g = self.group_for(cols)
@@ -249,14 +294,17 @@ class Symmetric(Encoding):
     def _offsets(self, scales32):
         return np.float32(-(1 << (self.bits - 1))) * scales32
 
-    def quantize(self, x):
+    def grid(self, x):
         group = self.group_for(x.shape[1])
         lo, hi = kernels.group_minmax(x, group)
         m = np.where(-lo > hi, lo, hi)
         scales = to_f16(m / -float(1 << (self.bits - 1)))
         s32 = scales.astype(np.float32)
-        codes, stats = kernels.quantize_affine(x, s32, self._offsets(s32), self.bits, group)
-        return {"codes": kernels.pack_codes(codes, self.bits), "scales": as_u8(scales)}, stats
+        return Grid(np.arange(1 << self.bits, dtype=np.float32), s32, self._offsets(s32), group,
+                    {"scales": as_u8(scales)})
+
+    def round_to_grid(self, x, grid):
+        return kernels.quantize_affine(x, grid.scales, grid.offsets, self.bits, grid.group)
 
     def dequantize(self, blobs, rows, cols):
         g = self.group_for(cols)
@@ -335,7 +383,7 @@ class KQuantNL(Encoding):
         sb = self.SCALE_BITS[self.bits]
         return -(1 << (sb - 1)), (1 << (sb - 1)) - 1
 
-    def quantize(self, x):
+    def grid(self, x):
         rows, cols = x.shape
         g, ng, k, ns = self._geometry(cols)
         ts, iters, refine = self.SEARCH[self.bits]
@@ -349,13 +397,14 @@ class KQuantNL(Encoding):
         big = from_bf16_bits(to_bf16_bits(dmax / np.float32(cmax)))
         c = kernels.choose_scale_codes(xc, g, self.bits, d, big, k, cmin, cmax, refine)
         scales, offsets = self._group_params(c, big, mean, ng, k)
-        codes, stats = kernels.quantize_grid(x, scales, offsets, g, self.bits)
         sb = self.SCALE_BITS[self.bits]
-        return {
-            "codes": kernels.pack_codes(codes, self.bits),
+        return Grid(kernels.GRIDS[self.bits], scales, offsets, g, {
             "scales": kernels.pack_codes((c - cmin).astype(np.uint8).reshape(-1), sb),
             "aux": as_u8(to_bf16_bits(np.stack([big, mean], axis=2))),
-        }, stats
+        })
+
+    def round_to_grid(self, x, grid):
+        return kernels.quantize_grid(x, grid.scales, grid.offsets, grid.group, self.bits)
 
     @staticmethod
     def _group_params(c, big, mean, ng, k):
@@ -418,7 +467,7 @@ class KQuant(KQuantNL):
         8: ((1.0, 1.05), 1, True),
     }
 
-    def quantize(self, x):
+    def grid(self, x):
         rows, cols = x.shape
         g, ng, k, ns = self._geometry(cols)
         ts, iters, refine = self.SEARCH[self.bits]
@@ -436,13 +485,14 @@ class KQuant(KQuantNL):
         zq = cz.astype(np.float32) * dz
         cs = kernels.choose_affine_scale_codes(x, g, self.bits, s, zq, big_s, k, cmax_s, refine)
         scales = cs.astype(np.float32) * np.repeat(big_s, k, axis=1)[:, :ng]
-        codes, stats = kernels.quantize_affine(x, scales, zq, self.bits, g)
-        return {
-            "codes": kernels.pack_codes(codes, self.bits),
+        return Grid(np.arange(1 << self.bits, dtype=np.float32), scales, zq, g, {
             "scales": kernels.pack_codes(cs.astype(np.uint8).reshape(-1), sb),
             "zeros": kernels.pack_codes((cz + cmax_z + 1).astype(np.uint8).reshape(-1), sb),
             "aux": as_u8(pair),
-        }, stats
+        })
+
+    def round_to_grid(self, x, grid):
+        return kernels.quantize_affine(x, grid.scales, grid.offsets, self.bits, grid.group)
 
     @staticmethod
     def _super(v, k, ns):

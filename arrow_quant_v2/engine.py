@@ -91,8 +91,11 @@ class QuantizeJob:
 
     def __init__(self, source: ModelSource, writer: StoreWriter, config: DiffusionQuantConfig,
                  plans: Dict[str, TensorPlan], report: Callable[..., None], cancel: CancelToken,
-                 names: Optional[Sequence[str]] = None) -> None:
+                 names: Optional[Sequence[str]] = None, calibration=None) -> None:
         self.source, self.writer, self.config, self.plans = source, writer, config, plans
+        self.calibration = calibration  # calibration.Calibration: per-tensor input second moments, or None
+        self._prepared: Dict[str, object] = {}  # tensor -> solver.Prepared, shared by its chunks
+        self._prepare_lock = threading.Lock()
         self.report, self.cancel = report, cancel
         self.names = list(source.tensors) if names is None else list(names)  # a part of the model (cluster)
         self.threads = resolve_threads(config)
@@ -125,7 +128,32 @@ class QuantizeJob:
         x = self.source.read_rows(info.name, r0, r1)
         if not np.isfinite(x).all():
             raise _NonFinite()
-        return encodings.quantize(x, encodings.get_encoding(plan.encoding, plan.bits, plan.group_size))
+        encoding = encodings.get_encoding(plan.encoding, plan.bits, plan.group_size)
+        if self.calibration is not None and info.name in self.calibration.hessians:
+            return self._encode_calibrated(x, info, encoding, r0, r1)
+        return encodings.quantize(x, encoding)
+
+    def _encode_calibrated(self, x: np.ndarray, info: TensorInfo, encoding, r0: int, r1: int):
+        """The encoder's grid, then error-compensated codes on it (see :mod:`arrow_quant_v2.solver`)."""
+        from . import solver
+
+        layer = self.calibration.layers[info.name]
+        if layer.transposed and (r0, r1) != (0, info.matrix_shape[0]):
+            return encodings.quantize(x, encoding)  # inputs along rows split over chunks: no whole column to solve
+        grid = encoding.grid(x)
+        plain, stats = encoding.round_to_grid(x, grid)
+        turn = (lambda a: a.T) if layer.transposed else (lambda a: a)
+        scales, offsets = grid.per_element(x.shape[1])
+        with self._prepare_lock:  # one factorisation per tensor, not per chunk
+            if info.name not in self._prepared:
+                if len(self._prepared) > self.threads:  # only the tensors in flight (the window) need theirs
+                    del self._prepared[next(iter(self._prepared))]
+                self._prepared[info.name] = solver.prepare(self.calibration.hessians[info.name])
+            prepared = self._prepared[info.name]
+        found = solver.solve(turn(x), prepared, grid.levels, turn(scales), turn(offsets), turn(plain.reshape(x.shape)))
+        if not found.compensated:
+            return encoding.pack(grid, plain), stats
+        return encoding.quantize_codes(x, grid, turn(found.codes))
 
     # -- the pipeline -------------------------------------------------------------------
 
@@ -382,6 +410,10 @@ def prepare(model_path, output_path, config: Optional[DiffusionQuantConfig], *, 
     output = Path(output_path)
     source = open_model(hub.resolve(model_path, revision=revision, download=download),
                         components=components, variant=variant)
+    if config.calibration == "graph":
+        from . import calibration
+
+        calibration.check_model(source.path)  # before anything is written: calibration needs a graph
     try:
         recover_interrupted_overwrite(output)
     except OSError:
@@ -441,6 +473,26 @@ def publish(prep: Preparation, final: Dict[str, dict], fallbacks: List[dict], wa
     return result
 
 
+def calibrate(model_path, source: ModelSource, config: DiffusionQuantConfig, plans: Dict[str, TensorPlan],
+              report: Callable[..., None], cancel: CancelToken):
+    """The ``calibrate`` stage: the graph's layer inputs at the noise levels (:mod:`arrow_quant_v2.calibration`)."""
+    from . import calibration
+
+    total = max(source.total_bytes, 1)
+
+    def on_pass(done: int, passes: int) -> None:
+        report("calibrate", f"calibration: forward pass {done}/{passes} through the graph", tensors_done=0,
+               tensors_total=len(source.tensors), bytes_done=0, bytes_total=total)
+
+    report("calibrate", "calibration: running the original graph across the noise levels", tensors_done=0,
+           tensors_total=len(source.tensors), bytes_done=0, bytes_total=total)
+    names = [n for n, p in plans.items() if not p.lossless]
+    return calibration.collect(model_path, names, num_levels=config.num_time_groups,
+                               samples=config.calibration_samples,
+                               inputs=Path(config.calibration_inputs) if config.calibration_inputs else None,
+                               threads=resolve_threads(config), check=cancel.check, on_pass=on_pass)
+
+
 def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfig] = None, *,
                    progress: Optional[ProgressSink] = None, cancel: Optional[CancelToken] = None,
                    overwrite: bool = False, resume: bool = False, revision: Optional[str] = None,
@@ -466,7 +518,10 @@ def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfi
     prep = prepare(model_path, output_path, config, overwrite=overwrite, resume=resume, revision=revision,
                    download=download, components=components, variant=variant)
     try:
-        job = QuantizeJob(prep.source, prep.writer, prep.config, prep.plans, report, cancel)
+        calibrated = None
+        if prep.config.calibration == "graph":
+            calibrated = calibrate(prep.source.path, prep.source, prep.config, prep.plans, report, cancel)
+        job = QuantizeJob(prep.source, prep.writer, prep.config, prep.plans, report, cancel, calibration=calibrated)
         job.run()
         cancel.check()
         report("finalize", f"writing manifest of {prep.output.name}", tensors_done=job.tensors_done,
@@ -475,6 +530,8 @@ def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfi
     except BaseException:
         prep.writer.abort()
         raise
+    if calibrated is not None:
+        result["calibration"] = calibrated.summary()
     result["quantization_time_s"] = time.perf_counter() - started
     report("done", f"done: {prep.output.name}", tensors_done=job.tensors_done, tensors_total=job.tensors_total,
            bytes_done=job.bytes_total, bytes_total=job.bytes_total)

@@ -24,7 +24,7 @@ class ProgressEvent:
     as ``"quantizing model.layers.3.mlp.down_proj int2 [57/340]"``.
     """
 
-    stage: str  # "plan", "quantize", "write", "finalize", "validate", "done"
+    stage: str  # "plan", "calibrate", "quantize", "write", "finalize", "validate", "done"
     fraction: float
     message: str
     tensor: str = ""

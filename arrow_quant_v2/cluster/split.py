@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from ..config import DiffusionQuantConfig
 from ..engine import Preparation, QuantizeJob, fraction_reporter, prepare, publish
+from ..errors import ConfigurationError
 from ..progress import CancelToken, ProgressEvent, ProgressSink
 from ..source import open_model
 from ..store import ChunkRecord, StoreWriter, shard_layout
@@ -234,6 +235,9 @@ async def quantize_split(runner, call: functools.partial, *, channel, queued: Ca
     ``cluster`` (parts, parts reused, shards, workers)."""
     started = time.perf_counter()
     model_path, output_path, config = call.args
+    if config is not None and config.calibration:  # the parts would each need the whole graph's statistics
+        raise ConfigurationError("calibration='graph' cannot be split across a cluster's workers yet: "
+                                 "quantize this model on one machine (without cluster=) to calibrate it")
     prep = await asyncio.to_thread(prepare, model_path, output_path, config, **call.keywords)
     try:
         result = await _run(runner, prep, channel, queued)
