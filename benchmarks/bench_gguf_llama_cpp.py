@@ -16,8 +16,9 @@ products), the second what the weights alone cost. The float export's own logits
 forward pass of the architecture computed from the source safetensors: that checks the exported
 hyper-parameters (rope base, RMS epsilon, heads, causal or not) and names, not just that the file loads.
 
-Types: the library's ``q8_0`` / ``q4_k`` encodings when registered (helper h11a's ggml block types),
-and always gguf-py's own reference Q8_0 / Q4_0 quantizer behind the same interface (tests/gguf_helpers.py).
+Types: ``target_runtime="gguf"`` at int8 and int4 (the library's ggml block types: Q8_0, Q4_K with
+llama.cpp-style fallbacks) when the config has it, and always gguf-py's own reference Q8_0 / Q4_0
+quantizer behind the same interface (tests/gguf_helpers.py).
 Writes benchmarks/results/gguf_llama_cpp.json.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ for p in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(p))
 
 import gguf_helpers  # noqa: E402  (registers the reference encodings gguf_ref_q8_0 / gguf_ref_q4_0)
-from arrow_quant_v2 import ArrowQuantV2, DiffusionQuantConfig, __version__, encodings, load_quantized  # noqa: E402
+from arrow_quant_v2 import ArrowQuantV2, DiffusionQuantConfig, __version__, load_quantized  # noqa: E402
 from arrow_quant_v2.source import open_model  # noqa: E402
 
 LAYOUTS = ("dream", "qwen2", "llada")
@@ -152,14 +153,14 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict:
 
 
 def variants() -> list:
-    """(label, config kwargs) of the quantized files: the library's ggml types if present, and gguf-py's reference."""
+    """(label, config kwargs) of the quantized files: ``target_runtime="gguf"`` int8 / int4 (the library's
+    ggml types) when the config has it, and gguf-py's reference Q8_0 / Q4_0 behind the same interface."""
     out = []
-    names = set(encodings.encoding_names())
-    for label, enc, bits in (("int8 q8_0 (library)", "q8_0", 8), ("int4 q4_k (library)", "q4_k", 4),
-                             ("int8 Q8_0 (gguf-py reference)", "gguf_ref_q8_0", 8),
+    if "target_runtime" in DiffusionQuantConfig.__dataclass_fields__:
+        out += [(f"int{b} target_runtime=gguf", dict(bit_width=b, target_runtime="gguf")) for b in (8, 4)]
+    for label, enc, bits in (("int8 Q8_0 (gguf-py reference)", "gguf_ref_q8_0", 8),
                              ("int4 Q4_0 (gguf-py reference)", "gguf_ref_q4_0", 4)):
-        if enc in names:
-            out.append((label, dict(bit_width=bits, encoding=enc, min_accuracy=0.5, sensitive_bits=bits)))
+        out.append((label, dict(bit_width=bits, encoding=enc, min_accuracy=0.5, sensitive_bits=bits)))
     return out
 
 
@@ -189,10 +190,10 @@ def main() -> None:
             row = {"architecture": exported["architecture"], "dims": DIMS, "tokens": len(tokens),
                    "float_file_vs_numpy_forward": compare(reference, float_logits), "quantized": []}
             for label, cfg in variants():
-                store = work / f"{arch}-{cfg['encoding']}"
+                store = work / f"{arch}-{len(row['quantized'])}"
                 t0 = time.perf_counter()
                 res = q.quantize_diffusion_model(folder, store, DiffusionQuantConfig(**cfg))
-                gguf_path = work / f"{arch}-{cfg['encoding']}.gguf"
+                gguf_path = work / f"{arch}-{len(row['quantized'])}.gguf"
                 info = load_quantized(store).to_gguf(gguf_path)
                 logits = llama_logits(llama_cpp, gguf_path, tokens)
                 dequantized = numpy_forward(folder, tokens, causal=arch == "qwen2", store=load_quantized(store))

@@ -3,11 +3,13 @@ dequantized by gguf-py's reference ``gguf.quants.dequantize``, against ``Quantiz
 
     python benchmarks/bench_gguf_roundtrip.py            # tiny-dream, terrain-unet, a 4096x4096 Gaussian
 
-For each model and each ggml type available behind the encoding interface (the library's ``q8_0`` /
-``q4_k`` ... when registered, and gguf-py's reference Q8_0 / Q4_0 quantizer from tests/gguf_helpers.py),
-quantize, export with ``to_gguf``, and count tensors that are bit-identical, with the largest
-difference in float32 ulps and in absolute value. Tensors whose rows are not a whole number of ggml
-blocks are kept lossless through ``bit_rules`` (the reference encodings have no fallback of their own).
+For each model, quantize with ``target_runtime="gguf"`` at every bit width (the library's ggml block
+types, with their own decoders; when the config has the field) and with gguf-py's reference Q8_0 /
+Q4_0 quantizer behind the same interface (tests/gguf_helpers.py; tensors whose rows are not whole
+blocks kept lossless, as it has no fallback), export with ``to_gguf``, and count tensors that are
+bit-identical, with the largest difference in float32 ulps and in absolute value. For the reference
+encodings the store decodes with gguf-py itself, so only the byte transport is tested; for the
+library's types, its decoders against gguf-py's.
 Also records export time and the file size. Writes benchmarks/results/gguf_roundtrip.json.
 """
 from __future__ import annotations
@@ -34,12 +36,25 @@ for p in (ROOT, ROOT / "tests"):
 import gguf  # noqa: E402
 from importlib.metadata import version as _version  # noqa: E402
 import gguf_helpers  # noqa: E402,F401  (registers gguf_ref_q8_0 / gguf_ref_q4_0)
-from arrow_quant_v2 import ArrowQuantV2, DiffusionQuantConfig, __version__, encodings, load_quantized  # noqa: E402
+from arrow_quant_v2 import ArrowQuantV2, DiffusionQuantConfig, __version__, load_quantized  # noqa: E402
 from arrow_quant_v2.samples import sample_path  # noqa: E402
 from arrow_quant_v2.source import open_model  # noqa: E402
 
-TYPES = (("q8_0", 8), ("q4_k", 4), ("q6_k", 6), ("q5_k", 5), ("q3_k", 3), ("q2_k", 2),
-         ("gguf_ref_q8_0", 8), ("gguf_ref_q4_0", 4))
+
+def variants(folder: Path) -> list:
+    """(label, config kwargs): the library's ggml types through ``target_runtime="gguf"`` at every bit
+    width when the config has it, and gguf-py's reference Q8_0 / Q4_0 behind the same interface."""
+    from arrow_quant_v2.config import BIT_WIDTHS
+
+    out = []
+    if "target_runtime" in DiffusionQuantConfig.__dataclass_fields__:
+        out += [(f"target_runtime=gguf int{b}", dict(bit_width=b, target_runtime="gguf"))
+                for b in sorted(BIT_WIDTHS, reverse=True)]
+    for enc, bits in (("gguf_ref_q8_0", 8), ("gguf_ref_q4_0", 4)):
+        out.append((f"gguf-py reference {enc[-4:].upper()}",
+                    dict(bit_width=bits, encoding=enc, min_accuracy=0.0, sensitive_bits=bits,
+                         bit_rules=unfit_rules(folder, 32))))
+    return out
 
 
 def gaussian(folder: Path, n: int = 4096) -> Path:
@@ -95,34 +110,27 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gguf_roundtrip.json"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-gguf-rt-"))
-    names = set(encodings.encoding_names())
     models = {"tiny-dream": sample_path("tiny-dream"), "terrain-unet": sample_path("terrain-unet"),
               "gaussian-4096": gaussian(work / "gaussian")}
     results = []
     try:
         for label, folder in models.items():
-            for enc, bits in TYPES:
-                if enc not in names:
-                    continue
-                cls = type(encodings.get_encoding(enc, bits, 0))
-                block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[cls.ggml_type]][0]
-                store_path = work / f"{label}-{enc}"
-                cfg = DiffusionQuantConfig(bit_width=bits, encoding=enc, min_accuracy=0.0, sensitive_bits=bits,
-                                           bit_rules=unfit_rules(folder, block))
+            for name, cfg in variants(folder):
+                store_path = work / "store"
                 t0 = time.perf_counter()
-                ArrowQuantV2().quantize_diffusion_model(folder, store_path, cfg)
+                ArrowQuantV2().quantize_diffusion_model(folder, store_path, DiffusionQuantConfig(**cfg))
                 quantize_s = time.perf_counter() - t0
                 store = load_quantized(store_path)
                 t0 = time.perf_counter()
-                info = store.to_gguf(work / f"{label}-{enc}.gguf")
+                info = store.to_gguf(work / "model.gguf")
                 export_s = time.perf_counter() - t0
-                row = dict(round_trip(store, work / f"{label}-{enc}.gguf"), model=label, encoding=enc,
-                           ggml_type=cls.ggml_type, architecture=info["architecture"], ggml_types=info["ggml_types"],
+                row = dict(round_trip(store, work / "model.gguf"), model=label, variant=name,
+                           architecture=info["architecture"], ggml_types=info["ggml_types"],
                            file_bytes=info["bytes"], quantize_s=quantize_s, export_s=export_s)
                 print(json.dumps(row))
                 results.append(row)
                 shutil.rmtree(store_path)
-                (work / f"{label}-{enc}.gguf").unlink()
+                (work / "model.gguf").unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
