@@ -126,3 +126,17 @@ async def test_refresh_async_scans_off_the_event_loop(env, monkeypatch):
     await lib.refresh_async()
     assert threads and threads[0] is not threading.main_thread()
     assert [e.name for e in lib.models] == ["org/a"]
+
+
+async def test_a_job_on_a_cached_hub_model(env):
+    from arrow_quant_v2 import DiffusionQuantConfig
+    from arrow_quant_v2.store import load_quantized
+    from arrow_quant_v2.ui import JobManager
+
+    snapshot = add_snapshot(env / "hf", "org/a", folder_files(tiny_model(env / "src")))
+    mgr = JobManager(ModelLibrary([], include_samples=False), output_root=env / "out", progress_interval=0.01)
+    job = await mgr.run("org/a", DiffusionQuantConfig.from_profile("cloud"))
+    assert job.status == "done", job.error
+    assert Path(job.output_path) == env / "out" / "a-cloud"
+    assert load_quantized(job.output_path).manifest["source"]["path"] == str(snapshot.resolve())
+    assert job.report["passed"]
