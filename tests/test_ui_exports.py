@@ -43,6 +43,20 @@ async def test_export_actions_write_beside_the_store_with_progress_and_size(mana
     assert exports.for_store(job.output_path) == [floats, second, first]
 
 
+async def test_a_job_cancelled_during_validation_keeps_its_export_actions(manager):
+    from arrow_quant_v2.ui.jobs import Job
+
+    done = await manager.run("dream", DiffusionQuantConfig(bit_width=8, encoding="gguf_ref_q8_0"), label="q8")
+    kept = Job(model_name="dream", output_path=done.output_path, status="cancelled", label="q8")
+    nothing = Job(model_name="dream", output_path=done.output_path + "-never-written", status="cancelled")
+    assert can_export(kept) and not can_export(nothing)
+    exports = Exports(manager)
+    export = await exports.wait(exports.start(kept, "gguf"))
+    assert export.status == "done" and Path(export.output_path).is_file()
+    with pytest.raises(ValueError, match="no finished store"):
+        exports.start(nothing, "gguf")
+
+
 async def test_export_of_arrowquant_encodings_fails_with_the_fix(manager):
     job = await manager.run("dream", DiffusionQuantConfig(bit_width=4), label="int4")
     exports = Exports(manager)
