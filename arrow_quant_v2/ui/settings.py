@@ -25,6 +25,8 @@ HIDDEN_FIELDS = ("deployment_profile",)
 MAIN_FIELDS = ("bit_width", "group_size", "min_accuracy", "enable_time_aware", "protect_embeddings", "sensitive_bits")
 #: The size budget: shown next to the profile (with the reachable range), not in the tuning form.
 BUDGET_FIELD = "target_model_size_mb"
+#: Where the model will run: chosen next to the profile, and kept when the profile changes.
+RUNTIME_FIELD = "target_runtime"
 
 
 def _label(name: str) -> str:
@@ -97,6 +99,7 @@ class QuantSettings(_build_class()):
     def __init__(self, profile: str = "local", **params):
         super().__init__(**params)
         self._loading = False
+        self._loaded = False
         self.load_profile(profile)
 
     @classmethod
@@ -112,18 +115,21 @@ class QuantSettings(_build_class()):
     @classmethod
     def advanced_fields(cls) -> List[str]:
         """The fields under "More settings"."""
-        return [n for n in cls.field_names() if n not in MAIN_FIELDS and n != BUDGET_FIELD]
+        return [n for n in cls.field_names() if n not in MAIN_FIELDS and n not in (BUDGET_FIELD, RUNTIME_FIELD)]
 
     def load_profile(self, profile: str) -> None:
         """Set every field to the profile's value."""
         config = DiffusionQuantConfig.from_profile(profile)
         values = {n: _to_form(getattr(config, n)) for n in self.field_names()}
         values = {n: v if v != AUTO or AUTO in getattr(self.param[n], "objects", ()) else None for n, v in values.items()}
+        if self._loaded:  # a profile says how many bits, not where the model runs
+            values.pop(RUNTIME_FIELD, None)
         self._loading = True
         try:
             self.param.update(profile=profile, **values)
         finally:
             self._loading = False
+        self._loaded = True
 
     @param.depends("profile", watch=True)
     def _on_profile(self) -> None:
@@ -153,11 +159,13 @@ class QuantSettings(_build_class()):
     @property
     def label(self) -> str:
         """Short name for outputs and job rows: the profile, or e.g. ``int4-g32`` when tuned."""
-        changed = self.changed_from_profile()
+        changed = {n: v for n, v in self.changed_from_profile().items() if n != RUNTIME_FIELD}
+        runtime = "-gguf" if getattr(self, RUNTIME_FIELD, None) == "gguf" else ""
         if not changed:
-            return self.profile
+            return self.profile + runtime
         group = {None: "", AUTO: "", 0: "-grow"}.get(self.group_size, f"-g{self.group_size}")
-        return f"int{self.bit_width}{group}" if set(changed) <= {"bit_width", "group_size"} else f"{self.profile}-custom"
+        tuned = f"int{self.bit_width}{group}" if set(changed) <= {"bit_width", "group_size"} else f"{self.profile}-custom"
+        return tuned + runtime
 
 
 # ----------------------------------------------------------------------------- size budget

@@ -10,7 +10,8 @@ from panel.viewable import Viewer
 from ...errors import ArrowQuantError
 from .. import format as fmt
 from ..jobs import Job, JobManager
-from ..settings import BUDGET_FIELD, QuantSettings, ReachableSizes, cached_size_range, check_target, describe_range
+from ..settings import (AUTO, BUDGET_FIELD, RUNTIME_FIELD, QuantSettings, ReachableSizes, cached_size_range,
+                        check_target, describe_range)
 from .html import html, watch_shared
 
 
@@ -173,6 +174,17 @@ class Launcher(Viewer):
         """Start a job with the current choices (what the button does)."""
         return self._on_start()
 
+    def _runtime_choice(self) -> list:
+        """ArrowQuant's encodings (most accurate) or GGUF's block types (lossless export), by the profile."""
+        s = self.settings
+        if RUNTIME_FIELD not in s.param:
+            return []
+        return [html("<div class='aq-muted' style='margin-top:4px'>Target runtime</div>"),
+                pn.widgets.RadioButtonGroup.from_param(
+                    s.param[RUNTIME_FIELD], name="", button_type="primary", button_style="outline",
+                    options={"ArrowQuant (most accurate)": AUTO, "GGUF (llama.cpp, ComfyUI)": "gguf"},
+                    sizing_mode="stretch_width", css_classes=["aq-runtime"], description=s.param[RUNTIME_FIELD].doc)]
+
     def __panel__(self):
         s = self.settings
         main = config_form(s, QuantSettings.main_fields())
@@ -185,6 +197,7 @@ class Launcher(Viewer):
             html("<div class='aq-muted' style='margin-top:4px'>Profile</div>"),
             pn.widgets.RadioButtonGroup.from_param(s.param.profile, button_type="primary", button_style="outline",
                                                    sizing_mode="stretch_width", name=""),
+            *self._runtime_choice(),
             pn.widgets.FloatInput.from_param(s.param[BUDGET_FIELD], name="Size budget (MiB, optional)", start=0.001,
                                              step=1.0, placeholder="none: the profile's widths",
                                              description=s.param[BUDGET_FIELD].doc, sizing_mode="stretch_width",
