@@ -13,9 +13,9 @@ What is minimised
 How it is measured (cheaply)
     Each budgeted tensor is read on a deterministic sample of rows (:data:`SAMPLE_BLOCKS`
     evenly spaced blocks totalling about :data:`SAMPLE_ELEMENTS` elements; small tensors
-    whole) and quantized at every candidate width (2, 4, 8 with the config's group size and
-    ``plan.encoding_for``); ``relF**2`` and the cosine are read from the encoding's
-    statistics. Blob bytes are exact: ``encoding.nbytes`` over the store rows the engine
+    whole) and quantized at every candidate width (2, 3, 4, 5, 6, 8, each with the encoding
+    and group ``plan.choose`` gives it: under ``target_runtime="gguf"`` the ggml types);
+    ``relF**2`` and the cosine are read from the encoding's statistics. Blob bytes are exact: ``encoding.nbytes`` over the store rows the engine
     will write (``engine.chunk_ranges``). The store is zstd-compressed Parquet, so the
     sample blobs are compressed with the same codec and the measured ratio scales the exact
     blob bytes. Lossless storage (the source bytes) is the top candidate of every tensor.
@@ -71,9 +71,9 @@ import numpy as np
 import pyarrow as pa
 
 from . import encodings
-from .config import DiffusionQuantConfig
+from .config import BIT_WIDTHS, DiffusionQuantConfig
 from .errors import ConfigurationError
-from .plan import LOSSLESS, Planner, TensorPlan, encoding_for, group_for, plan_label
+from .plan import LOSSLESS, Planner, TensorPlan, choose, plan_label
 from .source import DTYPES, ModelSource, TensorInfo, open_model
 
 #: About this many elements of each tensor are quantized per candidate width.
@@ -81,7 +81,7 @@ SAMPLE_ELEMENTS = 1 << 16
 #: The sample is (up to) this many evenly spaced blocks of consecutive rows.
 SAMPLE_BLOCKS = 32
 #: Candidate code widths of budgeted tensors (lossless is always the top candidate).
-WIDTHS = (2, 4, 8)
+WIDTHS = BIT_WIDTHS
 #: The codec of the store's Parquet files (``store.StoreWriter``); used to measure compressibility.
 CODEC = "zstd"
 #: A sampled cosine must clear min_accuracy by this many standard errors of its estimate.
@@ -101,6 +101,7 @@ class Option:
     cosine: float
     #: per blob field: (share of the blob bytes, zstd bytes per byte, zstd fixed bytes per store row)
     fields: Dict[str, Tuple[float, float, float]] = field(default_factory=dict)
+    group: int = 0         # the encoding's group size (0 for lossless)
 
     @property
     def label(self) -> str:
@@ -306,9 +307,14 @@ def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, conf
     excluded: List[Tuple[int, float]] = []
     if not np.isfinite(x).all():  # the engine keeps such tensors lossless
         return TensorBudget(info.name, info.numel, "lossless", base, [lossless], sampled_rows / max(rows, 1))
-    for bits in widths:
-        name = encoding_for(config, bits)
-        enc = encodings.get_encoding(name, bits, group_for(config, name, bits))
+    seen = set()
+    for width in widths:
+        c = choose(config, width, cols)  # under "gguf": the ggml type, or llama.cpp's fallback for this row
+        if c.encoding is None or (c.encoding, c.bits) in seen:  # two widths can share a ggml fallback type
+            continue
+        seen.add((c.encoding, c.bits))
+        name, bits = c.encoding, c.bits
+        enc = encodings.get_encoding(name, bits, c.group)
         blobs, stats = encodings.quantize(x, enc)
         fig = encodings.figures(stats)
         need = config.min_accuracy_for(bits)
@@ -322,7 +328,8 @@ def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, conf
         fields = {k: (v.size / total,) + compression_model(v) for k, v in present.items()} or {"codes": (1.0, 1.0, 0.0)}
         chunk_nbytes = [enc.nbytes(r1 - r0, cols) for r0, r1 in chunks]
         rel2 = float(stats[3] / stats[1]) if stats[1] > 0 else 0.0
-        options.append(Option(bits, name, sum(chunk_nbytes), _disk(fields, chunk_nbytes), rel2, fig["cosine"], fields))
+        options.append(Option(bits, name, sum(chunk_nbytes), _disk(fields, chunk_nbytes), rel2, fig["cosine"], fields,
+                              c.group))
         if role == "rule":
             break  # a rule fixes the width; only the fallback chain may widen it
     if role == "rule" and options:
@@ -511,7 +518,7 @@ def _plans(tensors: Dict[str, TensorBudget], config: DiffusionQuantConfig, price
         if t.role == "lossless":
             plans[n] = t.base
             continue
-        g = group_for(config, o.encoding, o.bits) if o.bits != LOSSLESS else 0
+        g = o.group
         label = "lossless" if o.bits == LOSSLESS else plan_label(o.bits, o.encoding, g)
         reason = _reason(t, label, price)
         if o.bits == LOSSLESS:

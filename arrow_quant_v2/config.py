@@ -16,9 +16,12 @@ from typing import Any, Dict, Optional, Tuple
 from .errors import ConfigurationError
 
 #: Default minimum cosine similarity a quantized tensor must reach, per bit width.
-DEFAULT_MIN_ACCURACY = {2: 0.90, 3: 0.95, 4: 0.99, 8: 0.999}
+DEFAULT_MIN_ACCURACY = {2: 0.90, 3: 0.95, 4: 0.99, 5: 0.995, 6: 0.998, 8: 0.999}
 
-BIT_WIDTHS = (2, 4, 8)
+BIT_WIDTHS = (2, 3, 4, 5, 6, 8)
+#: Where the quantized model will run: None = this library's own encodings (the most accurate),
+#: "gguf" = only ggml block types, so that a GGUF export is lossless (see ``ggml_types``).
+TARGET_RUNTIMES = (None, "gguf")
 GROUP_SIZES = (None, 0, 8, 16, 32, 64, 128, 256)  # None = the encoding's own, 0 = one group per row
 MODALITIES = (None, "text", "code", "image", "audio")
 PROFILES = ("edge", "local", "cloud")
@@ -44,14 +47,15 @@ class DiffusionQuantConfig:
     bit_width: int = spec(4, "Bits per weight code of ordinary layers.", choices=BIT_WIDTHS)
     group_size: Optional[int] = spec(None, "Weights per quantization group along the input axis (None = the encoding's tuned size, e.g. 16 for int4; 0 = one group per row).", choices=GROUP_SIZES)
     encoding: Optional[str] = spec(None, "Encoding name (None = the best default for the bit width; see encodings).", kind="encoding")
+    target_runtime: Optional[str] = spec(None, "Where the model will run: None = ArrowQuant's own encodings (most accurate); 'gguf' = only ggml block types (int8 Q8_0, int6 Q6_K, int5 Q5_K, int4 Q4_K, int3 Q3_K, int2 Q2_K) so the GGUF export is lossless.", choices=TARGET_RUNTIMES)
     symmetric: bool = spec(False, "Use a symmetric grid without offset (the 'symmetric' encoding) instead of the default.")
     modality: Optional[str] = spec(None, "Force the modality (text, code, image, audio); None detects it.", choices=MODALITIES)
     enable_time_aware: bool = spec(True, "Give timestep/noise-conditioning modules (time_embed, adaLN_modulation, ...) more bits.")
-    sensitive_bits: int = spec(8, "Bits for protected tensors: embeddings, output heads, time conditioning, sensitive_layers.", choices=(4, 8))
+    sensitive_bits: int = spec(8, "Bits for protected tensors: embeddings, output heads, time conditioning, sensitive_layers.", choices=(4, 5, 6, 8))
     protect_embeddings: bool = spec(True, "Give embeddings, output heads and a denoiser's boundary layers (input conv, first block, output layers) sensitive_bits.")
     sensitive_layers: Tuple[str, ...] = spec((), "Extra tensor-name glob patterns to protect with sensitive_bits.", kind="patterns", default_factory=tuple)
     bit_rules: Dict[str, int] = spec(None, "Ordered {glob pattern: bits} rules; the first match wins over every default (0 = keep lossless).", kind="rules", default_factory=dict)
-    min_accuracy: Optional[float] = spec(None, "Cosine every quantized tensor must reach (None = 0.90/0.99/0.999 for int2/int4/int8).", bounds=(0.0, 1.0))
+    min_accuracy: Optional[float] = spec(None, "Cosine every quantized tensor must reach (None = 0.90/0.95/0.99/0.995/0.998/0.999 for int2/3/4/5/6/8).", bounds=(0.0, 1.0))
     fail_fast: bool = spec(False, "Raise on the first tensor below min_accuracy instead of falling back to more bits.")
     lossless_below: int = spec(4096, "Tensors with fewer elements than this are kept lossless.", bounds=(0, 1 << 30))
     num_threads: int = spec(0, "Worker threads for one model's kernels (0 = all cores).", bounds=(0, 256))
@@ -87,12 +91,17 @@ class DiffusionQuantConfig:
                     f"bit_rules[{pattern!r}]={bits!r} is not allowed; allowed: a glob pattern mapped to one of {(0,) + BIT_WIDTHS}"
                 )
         if self.encoding is not None:
-            from .encodings import get_encoding
-
-            from .encodings import preferred_group
+            from .encodings import get_encoding, preferred_group
 
             group = preferred_group(self.encoding, self.bit_width) if self.group_size is None else self.group_size
-            get_encoding(self.encoding, self.bit_width, group)
+            enc = get_encoding(self.encoding, self.bit_width, group)
+            if self.target_runtime == "gguf" and not getattr(enc, "ggml_type", ""):
+                raise ConfigurationError(
+                    f"encoding={self.encoding!r} is not allowed with target_runtime='gguf'; allowed: None "
+                    "(the ggml type of each width) or a ggml type name such as 'q4_k', 'iq4_nl', 'q8_0'")
+        if self.target_runtime == "gguf" and self.symmetric:
+            raise ConfigurationError("symmetric=True is not allowed with target_runtime='gguf'; allowed: False "
+                                     "(the ggml type of each width decides; e.g. encoding='q4_0' for a symmetric int4)")
 
     # -- profiles and (de)serialisation ---------------------------------------------
 
@@ -102,7 +111,8 @@ class DiffusionQuantConfig:
 
         Args:
             profile: ``"edge"``, ``"local"`` or ``"cloud"``; what each sets is :data:`PROFILE_DEFAULTS`.
-            **overrides: config fields to set on top of the profile, e.g. ``min_accuracy=0.95``.
+            **overrides: config fields to set on top of the profile, e.g. ``min_accuracy=0.95`` or
+                ``target_runtime="gguf"`` (edge -> Q2_K, local -> Q4_K, cloud -> Q8_0).
 
         Returns:
             The config, with ``deployment_profile`` set to ``profile``.

@@ -53,6 +53,12 @@ def supports(name: str, bits: int) -> bool:
     return bits in _REGISTRY[name].supported_bits
 
 
+def width_of(name: str, bits: int) -> int:
+    """``bits`` if encoding ``name`` has that width, else its narrowest one (a fallback
+    ggml type can be wider than the width it stands in for: Q2_K -> IQ4_NL)."""
+    return bits if supports(name, bits) else min(_REGISTRY[name].supported_bits)
+
+
 def get_encoding(name: str, bits: int, group_size: int) -> "Encoding":
     """The encoding ``name`` at ``bits`` bits and ``group_size`` (0 = one group per row)."""
     try:
@@ -102,7 +108,7 @@ class Encoding:
     group_size: int
 
     name: ClassVar[str] = ""
-    supported_bits: ClassVar[Tuple[int, ...]] = (2, 3, 4, 8)
+    supported_bits: ClassVar[Tuple[int, ...]] = (2, 3, 4, 5, 6, 8)
 
     def __post_init__(self):
         if self.bits not in self.supported_bits:
@@ -263,6 +269,8 @@ class AffineOpt(AffineMinMax):
         2: ((1.0, 1.15, 1.3, 1.5, 1.7), 3),
         3: ((1.0, 1.1, 1.2, 1.35, 1.5), 3),
         4: ((1.0, 1.1, 1.2, 1.3, 1.45), 3),
+        5: ((1.0, 1.05, 1.1, 1.2), 2),
+        6: ((1.0, 1.05, 1.1, 1.2), 2),
         8: ((1.0, 1.05, 1.1, 1.2), 2),
     }
 
@@ -548,7 +556,10 @@ KQuantNL.__doc__ += _grid_listing()
 #: The group size matters: kquant_nl is best at g8/g16 (the sizes above). At the
 #: profiles' g32/g64 it stores fewer bits (int4 g64: 4.22 bpw) and is then only about
 #: as accurate as affine at 4.5 bpw (worse on tiny Dream: 0.168 vs 0.144).
-DEFAULT_ENCODING: Dict[int, str] = {2: "kquant_nl", 3: "kquant_nl", 4: "kquant_nl", 8: "affine_opt"}
+#:   int5, int6: affine_opt g64 (5.5 / 6.5 bpw), the int8 choice one and two bits down; the
+#:         ggml types Q5_K / Q6_K (``target_runtime="gguf"``) are measured in bench_ggml_types.
+DEFAULT_ENCODING: Dict[int, str] = {2: "kquant_nl", 3: "kquant_nl", 4: "kquant_nl", 5: "affine_opt", 6: "affine_opt",
+                                    8: "affine_opt"}
 #: The group each encoding is tuned for at a bit width (its accuracy-per-bit sweet spot,
 #: measured above); the config's ``group_size=None`` means "this one". Others: 64.
 PREFERRED_GROUP: Dict[Tuple[str, int], int] = {
@@ -558,8 +569,13 @@ PREFERRED_GROUP: Dict[Tuple[str, int], int] = {
 
 
 def preferred_group(name: str, bits: int) -> int:
-    """The group size encoding ``name`` is tuned for at ``bits`` bits."""
-    return PREFERRED_GROUP.get((name, bits), 64)
+    """The group size encoding ``name`` is tuned for at ``bits`` bits (a ggml type: its block)."""
+    return fixed_group(name) or PREFERRED_GROUP.get((name, bits), 64)
+
+
+def fixed_group(name: str) -> int:
+    """The block length of an encoding whose grouping is part of its format (ggml types), else 0."""
+    return getattr(_REGISTRY.get(name), "block", 0)
 
 
 DEFAULT_GROUP_SIZE: Dict[int, int] = {b: preferred_group(n, b) for b, n in DEFAULT_ENCODING.items()}
@@ -635,3 +651,7 @@ def figures(stats: np.ndarray) -> Dict[str, float]:
     rel = math.sqrt(ee / xx)
     sqnr = math.inf if ee == 0.0 else 10.0 * math.log10(xx / ee)
     return {"cosine": min(cos, 1.0), "rel_error": rel, "sqnr_db": sqnr}
+
+
+# ggml's block types register themselves here (they subclass Encoding, so they come last).
+from . import ggml_types  # noqa: E402,F401

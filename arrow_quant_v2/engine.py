@@ -26,7 +26,7 @@ import numpy as np
 from . import __version__, encodings, hub
 from .config import DiffusionQuantConfig
 from .errors import ConfigurationError, OutputError, QuantizationError
-from .plan import (ALTERNATE_ENCODING, LOSSLESS, Planner, TensorPlan, detect_modality, encoding_for, group_for,
+from .plan import (LOSSLESS, Planner, TensorPlan, alternate_encoding, choose, detect_modality, group_for,
                    next_bits, plan_label, spatial_plan)
 from .progress import CancelToken, ProgressEvent, ProgressSink
 from .source import ModelSource, TensorInfo, open_model
@@ -219,8 +219,10 @@ class QuantizeJob:
         and of the same-width alternate, so a job's first chunk isn't a long silent pause."""
         tiny = np.linspace(-1, 1, 2 * 256, dtype=np.float32).reshape(2, 256)
         kinds = {(p.encoding, p.bits, p.group_size) for p in self.plans.values() if not p.lossless}
-        kinds |= {(ALTERNATE_ENCODING, b, group_for(self.config, ALTERNATE_ENCODING, b))
-                  for _, b, _ in kinds if encodings.supports(ALTERNATE_ENCODING, b)}
+        alternate = alternate_encoding(self.config)
+        if alternate is not None:
+            kinds |= {(alternate, b, group_for(self.config, alternate, b))
+                      for _, b, _ in kinds if encodings.supports(alternate, b)}
         for name, bits, group in sorted(kinds, key=str):
             self.cancel.check()
             enc = encodings.get_encoding(name, bits, group)
@@ -245,8 +247,8 @@ class QuantizeJob:
                 self._write(info, plan, parts, fig, reason)
                 return
             miss = f"{plan.encoding} cos {fig['cosine']:.4f} < {need}"
-            alternate = ALTERNATE_ENCODING
-            if plan.encoding != alternate and encodings.supports(alternate, plan.bits):
+            alternate = alternate_encoding(self.config)
+            if alternate is not None and plan.encoding != alternate and encodings.supports(alternate, plan.bits):
                 # same width, the encoding that copes with outlier columns (see plan.ALTERNATE_ENCODING)
                 g = group_for(self.config, alternate, plan.bits)
                 plan = TensorPlan(info.name, plan.bits, g, "", alternate, plan.role)
@@ -259,17 +261,20 @@ class QuantizeJob:
                     )
                 wider = next_bits(plan.bits)
                 why = f"fallback from int{plan.bits}, {miss}"
-                self.fallbacks.append({"tensor": info.name, "from_bits": plan.bits, "to_bits": wider,
+                # the wider width's encoding for this row length (under "gguf": its ggml type or llama.cpp's fallback)
+                c = choose(self.config, wider, info.matrix_shape[1]) if wider != LOSSLESS else None
+                if c is not None and c.note:
+                    why = f"{why}; {c.note}"
+                to_bits = LOSSLESS if c is None or c.encoding is None else c.bits
+                self.fallbacks.append({"tensor": info.name, "from_bits": plan.bits, "to_bits": to_bits,
                                        "cosine": fig["cosine"]})
-                if wider == LOSSLESS:
+                if to_bits == LOSSLESS:
                     plan = TensorPlan(info.name, LOSSLESS, 0, f"lossless: {why}")
                     parts = self._encode_all(info, plan)
                     self._write(info, plan, parts, {"cosine": 1.0, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
                     return
-                enc = encoding_for(self.config, wider)
-                g = group_for(self.config, enc, wider)
-                plan = TensorPlan(info.name, wider, g, "", enc, plan.role)
-                reason = f"{plan_label(wider, enc, g)}: {why}"
+                plan = TensorPlan(info.name, c.bits, c.group, "", c.encoding, plan.role)
+                reason = f"{plan_label(c.bits, c.encoding, c.group)}: {why}"
             parts = self._encode_all(info, plan)
             stats = np.zeros(4)
             for _, _, (blobs, st) in parts:

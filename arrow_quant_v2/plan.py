@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from . import encodings
-from .config import DiffusionQuantConfig
+from .config import BIT_WIDTHS, DiffusionQuantConfig
 from .source import ModelSource, TensorInfo
 
 #: Timestep / noise-level conditioning: their outputs modulate every block at every
@@ -40,7 +40,7 @@ BOUNDARY_PREFIXES = (
 )
 _WRAPPERS = ("network.", "model.diffusion_model.", "diffusion_model.", "model.", "net.")
 NORM_RE = re.compile(r"(^|[._])(norm|ln|layernorm|layer_norm|rmsnorm|group_norm|gn)(\d*|_\w+)?([._]|$)", re.I)
-FALLBACK_ORDER = (2, 4, 8)
+FALLBACK_ORDER = BIT_WIDTHS
 LOSSLESS = 0
 
 
@@ -100,8 +100,56 @@ def encoding_for(config: DiffusionQuantConfig, bits: int) -> str:
 
 
 def group_for(config: DiffusionQuantConfig, encoding: str, bits: int) -> int:
-    """The configured group size, or (``None``) the one ``encoding`` is tuned for at ``bits``."""
+    """The configured group size, or (``None``) the one ``encoding`` is tuned for at ``bits``;
+    always the block of an encoding whose grouping is its format (ggml types)."""
+    fixed = encodings.fixed_group(encoding)
+    if fixed:
+        return fixed
     return encodings.preferred_group(encoding, bits) if config.group_size is None else config.group_size
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a tensor quantized at some width gets: ``encoding`` None means keep it lossless
+    (under ``target_runtime="gguf"``, no ggml block fits its rows)."""
+
+    encoding: Optional[str]
+    bits: int
+    group: int
+    #: why this differs from the width's plain choice ("" when it doesn't)
+    note: str = ""
+
+
+def choose(config: DiffusionQuantConfig, bits: int, cols: int) -> Choice:
+    """The encoding, width and group for a tensor quantized at ``bits`` with rows of ``cols`` elements.
+
+    Under ``target_runtime="gguf"``: the width's ggml type (``ggml_types.GGUF_TYPE_FOR_BITS``,
+    or ``config.encoding`` when it names a ggml type of that width that fits), and where its
+    block does not divide the row, llama.cpp's fallback type (``ggml_types.ROW_FALLBACK``, which
+    may be wider, e.g. Q2_K -> IQ4_NL), or lossless when no block fits. Otherwise
+    :func:`encoding_for` with :func:`group_for`.
+    """
+    if config.target_runtime == "gguf":
+        from .ggml_types import gguf_type_for
+
+        chosen = config.encoding
+        if chosen is not None and encodings.supports(chosen, bits) and cols % encodings.fixed_group(chosen) == 0:
+            return Choice(chosen, bits, encodings.fixed_group(chosen))
+        name, note = gguf_type_for(bits, cols)
+        if name is None:
+            return Choice(None, LOSSLESS, 0, note)
+        width = encodings.width_of(name, bits)
+        if width != bits:
+            note = f"int{bits} wanted; {note}"
+        return Choice(name, width, encodings.fixed_group(name), note)
+    name = encoding_for(config, bits)
+    return Choice(name, bits, group_for(config, name, bits))
+
+
+def alternate_encoding(config: DiffusionQuantConfig) -> Optional[str]:
+    """The same-width encoding tried before a wider one (:data:`ALTERNATE_ENCODING`); none under
+    ``target_runtime="gguf"``, where the width fixes the ggml type."""
+    return None if config.target_runtime == "gguf" else ALTERNATE_ENCODING
 
 
 def plan_label(bits: int, encoding: str, group: int) -> str:
@@ -118,7 +166,7 @@ SPATIAL_SAMPLE_ELEMENTS = 1 << 18
 def spatial_plan(plan: TensorPlan, source: ModelSource, config: DiffusionQuantConfig) -> TensorPlan:
     """``enable_spatial``: the largest group (fewest bits) that still reaches min_accuracy on this
     layer, measured on evenly spaced rows; layers differ a lot in how much grouping they need (Q-DiT)."""
-    if plan.lossless or plan.role not in ("ordinary", ""):
+    if plan.lossless or plan.role not in ("ordinary", "") or encodings.fixed_group(plan.encoding):
         return plan
     info = source.tensors[plan.name]
     rows, cols = info.matrix_shape
@@ -192,10 +240,12 @@ class Planner:
         return self._quantized(t, c.bit_width, "", "ordinary")
 
     def _quantized(self, t: TensorInfo, bits: int, why: str, role: str = "") -> TensorPlan:
-        enc = encoding_for(self.config, bits)
-        g = group_for(self.config, enc, bits)
-        label = plan_label(bits, enc, g)
-        return TensorPlan(t.name, bits, g, f"{label}: {why}" if why else label, enc, role)
+        c = choose(self.config, bits, t.matrix_shape[1])
+        why = "; ".join(w for w in (why, c.note) if w)
+        if c.encoding is None:
+            return TensorPlan(t.name, LOSSLESS, 0, f"lossless: {why}", role="lossless")
+        label = plan_label(c.bits, c.encoding, c.group)
+        return TensorPlan(t.name, c.bits, c.group, f"{label}: {why}" if why else label, c.encoding, role)
 
     def plan_model(self, source: ModelSource) -> Dict[str, TensorPlan]:
         """Every tensor's plan. Under ``target_model_size_mb`` the widths come from the budget
@@ -210,7 +260,7 @@ class Planner:
 
 
 def next_bits(bits: int) -> int:
-    """The next wider width in the fallback chain 2 -> 4 -> 8 -> lossless."""
+    """The next wider width in the fallback chain 2 -> 3 -> 4 -> 5 -> 6 -> 8 -> lossless."""
     wider = [b for b in FALLBACK_ORDER if b > bits]
     return wider[0] if wider else LOSSLESS
 

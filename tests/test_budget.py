@@ -11,6 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from arrow_quant_v2 import ConfigurationError, DiffusionQuantConfig, load_quantized
+from arrow_quant_v2.config import DEFAULT_MIN_ACCURACY
 from arrow_quant_v2.budget import MIB, Option, TensorBudget, _greedy, measure_model, plan_budget, size_range
 from arrow_quant_v2.engine import quantize_model
 from arrow_quant_v2.plan import TensorPlan
@@ -133,7 +134,7 @@ def test_predicted_fallbacks_are_excluded_and_paid_for(mixed_model, tmp_path):
     assert not r["fallbacks"] and b["met"]
     store = load_quantized(tmp_path / "q")
     assert any("misses min_accuracy" in e.reason for e in store.tensors.values())
-    assert all(e.cosine >= {2: 0.90, 4: 0.99, 8: 0.999}[e.bits] for e in store.tensors.values() if e.quantized)
+    assert all(e.cosine >= DEFAULT_MIN_ACCURACY[e.bits] for e in store.tensors.values() if e.quantized)
 
 
 def _curve(name, n, errs, bytes_):

@@ -20,11 +20,12 @@ from badfiles import hash_tree, leftovers, make_model
 C = DiffusionQuantConfig
 
 BAD = [
-    ("bit_width", 3, "2, 4, 8"), ("bit_width", 16, "2, 4, 8"), ("bit_width", 0, "2, 4, 8"), ("bit_width", "4", "2, 4, 8"),
-    ("bit_width", 4.0, "2, 4, 8"), ("bit_width", True, "2, 4, 8"), ("bit_width", None, "2, 4, 8"),
+    ("bit_width", 7, "2, 3, 4, 5, 6, 8"), ("bit_width", 16, "2, 3, 4, 5, 6, 8"), ("bit_width", 0, "2, 3, 4, 5, 6, 8"),
+    ("bit_width", "4", "2, 3, 4, 5, 6, 8"), ("bit_width", 4.0, "2, 3, 4, 5, 6, 8"), ("bit_width", True, "2, 3, 4, 5, 6, 8"),
+    ("bit_width", None, "2, 3, 4, 5, 6, 8"), ("target_runtime", "onnx", "None, 'gguf'"), ("target_runtime", "GGUF", "'gguf'"),
     ("group_size", 48, "None, 0, 8, 16, 32, 64, 128, 256"), ("group_size", -1, "0, 8, 16, 32"),
     ("group_size", 64.0, "0, 8, 16, 32"),
-    ("sensitive_bits", 2, "4, 8"), ("modality", "video", "'text'"), ("modality", "TEXT", "'text'"),
+    ("sensitive_bits", 2, "4, 5, 6, 8"), ("modality", "video", "'text'"), ("modality", "TEXT", "'text'"),
     ("deployment_profile", "mobile", "'edge'"), ("symmetric", 1, "True or False"), ("fail_fast", "yes", "True or False"),
     ("enable_time_aware", None, "True or False"), ("protect_embeddings", 0, "True or False"),
     ("min_accuracy", 1.5, "[0.0, 1.0]"), ("min_accuracy", -0.1, "[0.0, 1.0]"), ("min_accuracy", math.nan, "[0.0, 1.0]"),
@@ -35,8 +36,8 @@ BAD = [
     ("target_model_size_mb", 0, "[0.001, inf]"), ("target_model_size_mb", -5.0, "[0.001, inf]"),
     ("target_model_size_mb", math.nan, "a number"), ("encoding", "nope", "affine"), ("encoding", 5, "an encoding name"),
     ("sensitive_layers", [1], "glob patterns"), ("sensitive_layers", 5, "glob patterns"),
-    ("bit_rules", {"*.attn.*": 3}, "(0, 2, 4, 8)"), ("bit_rules", {"*.attn.*": 4.0}, "(0, 2, 4, 8)"),
-    ("bit_rules", {"*.attn.*": False}, "(0, 2, 4, 8)"), ("bit_rules", {1: 4}, "glob pattern"),
+    ("bit_rules", {"*.attn.*": 7}, "(0, 2, 3, 4, 5, 6, 8)"), ("bit_rules", {"*.attn.*": 4.0}, "(0, 2, 3, 4, 5, 6, 8)"),
+    ("bit_rules", {"*.attn.*": False}, "(0, 2, 3, 4, 5, 6, 8)"), ("bit_rules", {1: 4}, "glob pattern"),
     ("bit_rules", "abc", "glob pattern"), ("bit_rules", [1, 2], "glob pattern"),
 ]
 
@@ -118,6 +119,26 @@ def test_profiles(profile):
     assert C.from_profile(profile, group_size=128).group_size == 128
 
 
+@pytest.mark.parametrize("profile", PROFILES)
+def test_profiles_with_target_runtime_gguf(profile):
+    c = C.from_profile(profile, target_runtime="gguf")
+    assert c.target_runtime == "gguf" and c.deployment_profile == profile
+    assert c.bit_width == {"edge": 2, "local": 4, "cloud": 8}[profile]
+    _round_trips(c)
+
+
+def test_target_runtime_gguf_conflicts_name_the_fix():
+    assert C(target_runtime="gguf", bit_width=4, encoding="iq4_nl").encoding == "iq4_nl"  # a ggml type: fine
+    with pytest.raises(ConfigurationError, match="encoding='kquant_nl' is not allowed with target_runtime='gguf'"):
+        C(target_runtime="gguf", encoding="kquant_nl")
+    with pytest.raises(ConfigurationError, match="symmetric=True is not allowed with target_runtime='gguf'"):
+        C(target_runtime="gguf", symmetric=True)
+    with pytest.raises(ConfigurationError, match="bit_width=4 is not supported by encoding 'q8_0'"):
+        C(bit_width=4, encoding="q8_0")
+    spec = field_specs()["target_runtime"]
+    assert spec["choices"] == (None, "gguf") and spec["default"] is None
+
+
 def _round_trips(c: C) -> None:
     d = c.to_dict()
     assert set(d) == {f.name for f in dataclasses.fields(C)}
@@ -160,10 +181,10 @@ def test_field_specs_are_the_single_source_of_bounds():
 configs = st.builds(
     C,
     bit_width=st.sampled_from(BIT_WIDTHS), group_size=st.sampled_from(GROUP_SIZES),
-    symmetric=st.booleans(), modality=st.sampled_from([None, "text", "code", "image", "audio"]),
-    enable_time_aware=st.booleans(), sensitive_bits=st.sampled_from([4, 8]), protect_embeddings=st.booleans(),
+    symmetric=st.booleans(), target_runtime=st.just(None), modality=st.sampled_from([None, "text", "code", "image", "audio"]),
+    enable_time_aware=st.booleans(), sensitive_bits=st.sampled_from([4, 5, 6, 8]), protect_embeddings=st.booleans(),
     sensitive_layers=st.lists(st.text(max_size=8), max_size=3),
-    bit_rules=st.dictionaries(st.text(max_size=8), st.sampled_from([0, 2, 4, 8]), max_size=3),
+    bit_rules=st.dictionaries(st.text(max_size=8), st.sampled_from([0, 2, 3, 4, 5, 6, 8]), max_size=3),
     min_accuracy=st.one_of(st.none(), st.floats(0, 1)), fail_fast=st.booleans(),
     lossless_below=st.integers(0, 1 << 30), num_threads=st.integers(0, 256),
     target_model_size_mb=st.one_of(st.none(), st.floats(min_value=1e-3, max_value=1e9)),

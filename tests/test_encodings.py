@@ -12,7 +12,8 @@ from arrow_quant_v2 import encodings as E
 from arrow_quant_v2 import kernels
 from arrow_quant_v2.errors import ConfigurationError
 
-NAMES = E.encoding_names()
+#: the generic encodings (any group, any row length); the ggml block types have tests/test_ggml_types.py.
+NAMES = tuple(n for n in E.encoding_names() if not getattr(E._REGISTRY[n], "ggml_type", ""))
 ALL = [(n, b) for n in NAMES for b in E._REGISTRY[n].supported_bits]
 PLAIN = ("affine", "symmetric")  # plain rounding: nearest level of the group's grid
 SEARCHED = ("affine_opt", "kquant_nl", "kquant")

@@ -1,0 +1,954 @@
+"""Numba kernels for ggml's block types (Q8_0, Q4_K, ...): exact decoders and searched encoders.
+
+The byte layouts are ggml's (``ggml-common.h``); each encoding class in
+``ggml_types`` states its layout in its docstring. Here:
+
+* **Decoders** (``decode_*``) read a chunk's block bytes and return float32 values
+  computed with exactly the operations, in exactly the order, of gguf-py's reference
+  ``gguf.quants.dequantize`` (e.g. Q4_K: ``(d * sc) * q - (dmin * m)``, all float32,
+  no fused multiply-add), so the values are bit-identical to it.
+* **Encoders** (``encode_*``) search the parameters (the format is fixed; the search
+  is ours) and pack the blocks. They only *propose* bytes; what those bytes mean is
+  defined by the decoders, and the encoding computes its error statistics from the
+  decoded values. So the encoders may use relaxed floating point.
+
+Encoder ideas, relative to ggml's reference quantizer (``ggml_quantize_chunk``
+without an importance matrix): we minimise the plain squared error (ggml weights
+each element by ``mean|x| + |x|``); every sub-block tries a few candidate ranges,
+each followed by a least-squares re-fit of (scale, min) to its codes; the
+super-block scales are then re-fitted by least squares *given* the integer
+sub-scales (ggml's reference keeps ``max / 63``), the sub-scales re-chosen between
+their two nearest integers, and the codes re-rounded, a few times. Each block keeps
+the best state seen, and plain round-to-nearest (min-max ranges) is always one of
+the states, so the encoder is never worse than it on any block.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+QK_K = 256
+#: Decoders: no fast-math flags at all, so no product is fused into an FMA.
+EXACT = dict(nogil=True, cache=True, fastmath=False)
+#: Encoders: only proposals (see the module docstring).
+SEARCH = dict(nogil=True, cache=True, fastmath={"reassoc", "nsz", "arcp"})
+INLINE = dict(nogil=True, cache=True, inline="always")
+F16_MAX = 65504.0
+
+#: IQ4_NL's non-uniform grid (ggml's ``kvalues_iq4nl``; part of the format).
+IQ4NL_GRID = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+_IQ4NL_MID = ((IQ4NL_GRID[1:].astype(np.float32) + IQ4NL_GRID[:-1]) / 2).astype(np.float32)
+
+
+# -- float16 ---------------------------------------------------------------------
+
+
+@njit(**INLINE)
+def f16_value(h):
+    """float32 value of the IEEE half-precision bit pattern ``h`` (exact)."""
+    h = int(h)
+    e = (h >> 10) & 0x1F
+    f = h & 0x3FF
+    if e == 0:
+        v = math.ldexp(float(f), -24)
+    elif e == 31:
+        v = math.inf if f == 0 else math.nan
+    else:
+        v = math.ldexp(float(f + 1024), e - 25)
+    return np.float32(-v if h & 0x8000 else v)
+
+
+@njit(**INLINE)
+def f16_bits(v):
+    """Half-precision bits of ``v`` rounded to nearest-even, saturating at +-65504 (never inf)."""
+    a = abs(float(v))
+    sign = 0x8000 if math.copysign(1.0, v) < 0 else 0
+    if not a < F16_MAX:  # also NaN -> largest finite; callers never pass NaN
+        return sign | 0x7BFF
+    if a < 6.103515625e-05:  # 2**-14: subnormal, quantum 2**-24
+        return sign | int(np.rint(math.ldexp(a, 24)))
+    m, e = math.frexp(a)  # a = m * 2**e, m in [0.5, 1)
+    f = int(np.rint(m * 2048.0))  # in [1024, 2048]; 2048 carries into the exponent
+    bits = ((e + 14) << 10) + f - 1024
+    return sign | min(bits, 0x7BFF)
+
+
+@njit(**INLINE)
+def f16_round(v):
+    """``v`` rounded to the nearest float16 value (as float32)."""
+    return f16_value(f16_bits(v))
+
+
+@njit(**INLINE)
+def _u16(b, o):
+    return int(b[o]) | (int(b[o + 1]) << 8)
+
+
+@njit(**INLINE)
+def _put16(b, o, h):
+    b[o] = h & 0xFF
+    b[o + 1] = (h >> 8) & 0xFF
+
+
+@njit(**INLINE)
+def _i8(v):
+    v = int(v)
+    return v - 256 if v >= 128 else v
+
+
+# -- decoders (bit-identical to gguf.quants.dequantize) ---------------------------
+
+
+@njit(**EXACT)
+def decode_q8_0(b, n):
+    out = np.empty(n, np.float32)
+    for i in range(n // 32):
+        o = 34 * i
+        d = f16_value(_u16(b, o))
+        for l in range(32):
+            out[32 * i + l] = np.float32(_i8(b[o + 2 + l])) * d
+    return out
+
+
+@njit(**EXACT)
+def decode_q4_0(b, n):
+    out = np.empty(n, np.float32)
+    for i in range(n // 32):
+        o = 18 * i
+        d = f16_value(_u16(b, o))
+        for l in range(16):
+            v = int(b[o + 2 + l])
+            out[32 * i + l] = d * np.float32((v & 0xF) - 8)
+            out[32 * i + 16 + l] = d * np.float32((v >> 4) - 8)
+    return out
+
+
+@njit(**EXACT)
+def decode_q5_0(b, n):
+    out = np.empty(n, np.float32)
+    for i in range(n // 32):
+        o = 22 * i
+        d = f16_value(_u16(b, o))
+        qh = int(b[o + 2]) | (int(b[o + 3]) << 8) | (int(b[o + 4]) << 16) | (int(b[o + 5]) << 24)
+        for l in range(16):
+            v = int(b[o + 6 + l])
+            lo = (v & 0xF) | (((qh >> l) & 1) << 4)
+            hi = (v >> 4) | (((qh >> (l + 16)) & 1) << 4)
+            out[32 * i + l] = d * np.float32(lo - 16)
+            out[32 * i + 16 + l] = d * np.float32(hi - 16)
+    return out
+
+
+@njit(**EXACT)
+def decode_q5_1(b, n):
+    out = np.empty(n, np.float32)
+    for i in range(n // 32):
+        o = 24 * i
+        d = f16_value(_u16(b, o))
+        m = f16_value(_u16(b, o + 2))
+        qh = int(b[o + 4]) | (int(b[o + 5]) << 8) | (int(b[o + 6]) << 16) | (int(b[o + 7]) << 24)
+        for l in range(16):
+            v = int(b[o + 8 + l])
+            lo = (v & 0xF) | (((qh >> l) & 1) << 4)
+            hi = (v >> 4) | (((qh >> (l + 16)) & 1) << 4)
+            out[32 * i + l] = d * np.float32(lo) + m
+            out[32 * i + 16 + l] = d * np.float32(hi) + m
+    return out
+
+
+@njit(**EXACT)
+def decode_iq4_nl(b, n):
+    out = np.empty(n, np.float32)
+    for i in range(n // 32):
+        o = 18 * i
+        d = f16_value(_u16(b, o))
+        for l in range(16):
+            v = int(b[o + 2 + l])
+            out[32 * i + l] = d * np.float32(IQ4NL_GRID[v & 0xF])
+            out[32 * i + 16 + l] = d * np.float32(IQ4NL_GRID[v >> 4])
+    return out
+
+
+@njit(**INLINE)
+def _scale_min_k4(b, o, j):
+    """Sub-block ``j``'s 6-bit (scale, min) from the 12 packed bytes at ``b[o:]`` (Q4_K/Q5_K)."""
+    if j < 4:
+        return int(b[o + j]) & 63, int(b[o + j + 4]) & 63
+    sc = (int(b[o + j + 4]) & 0xF) | ((int(b[o + j - 4]) >> 6) << 4)
+    m = (int(b[o + j + 4]) >> 4) | ((int(b[o + j]) >> 6) << 4)
+    return sc, m
+
+
+@njit(**EXACT)
+def decode_q4_k(b, n, five=False):
+    """Q4_K, or Q5_K when ``five`` (176-byte blocks with a ``qh`` plane of fifth bits)."""
+    size = 176 if five else 144
+    qs0 = 48 if five else 16
+    out = np.empty(n, np.float32)
+    for i in range(n // QK_K):
+        o = size * i
+        d = f16_value(_u16(b, o))
+        dmin = f16_value(_u16(b, o + 2))
+        for j in range(8):
+            sc, m = _scale_min_k4(b, o + 4, j)
+            d1 = d * np.float32(sc)
+            m1 = dmin * np.float32(m)
+            shift = 4 * (j & 1)
+            q0 = o + qs0 + 32 * (j >> 1)
+            for l in range(32):
+                q = (int(b[q0 + l]) >> shift) & 0xF
+                if five:
+                    q |= ((int(b[o + 16 + l]) >> j) & 1) << 4
+                out[QK_K * i + 32 * j + l] = d1 * np.float32(q) - m1
+    return out
+
+
+@njit(**EXACT)
+def decode_q6_k(b, n):
+    out = np.empty(n, np.float32)
+    for i in range(n // QK_K):
+        o = 210 * i
+        d = f16_value(_u16(b, o + 208))
+        for e in range(QK_K):
+            h, r = e >> 7, e & 127
+            lo = (int(b[o + 64 * h + (r & 63)]) >> (4 * (r >> 6))) & 0xF
+            hi = (int(b[o + 128 + 32 * h + (r & 31)]) >> (2 * (r >> 5))) & 3
+            dl = d * np.float32(_i8(b[o + 192 + (e >> 4)]))
+            out[QK_K * i + e] = dl * np.float32((lo | (hi << 4)) - 32)
+    return out
+
+
+@njit(**INLINE)
+def _scale_q3_k(b, o, j):
+    """Sub-block ``j``'s signed 6-bit scale from the 12 packed bytes at ``b[o:]`` (Q3_K)."""
+    lo = np.int64(b[o + j] & 0xF) if j < 8 else np.int64(b[o + j - 8] >> 4)
+    hi = np.int64((b[o + 8 + (j & 3)] >> (2 * (j >> 2))) & 3)
+    return (lo | (hi << 4)) - 32
+
+
+@njit(**EXACT)
+def decode_q3_k(b, n):
+    out = np.empty(n, np.float32)
+    for i in range(n // QK_K):
+        o = 110 * i
+        d = f16_value(_u16(b, o + 108))
+        for e in range(QK_K):
+            h, r = e >> 7, e & 127
+            low = (int(b[o + 32 + 32 * h + (r & 31)]) >> (2 * (r >> 5))) & 3
+            high = (int(b[o + (e & 31)]) >> (e >> 5)) & 1
+            dl = d * np.float32(_scale_q3_k(b, o + 96, e >> 4))
+            out[QK_K * i + e] = dl * np.float32(low - (0 if high else 4))
+    return out
+
+
+@njit(**EXACT)
+def decode_q2_k(b, n):
+    out = np.empty(n, np.float32)
+    for i in range(n // QK_K):
+        o = 84 * i
+        d = f16_value(_u16(b, o + 80))
+        dmin = f16_value(_u16(b, o + 82))
+        for e in range(QK_K):
+            h, r = e >> 7, e & 127
+            q = (int(b[o + 16 + 32 * h + (r & 31)]) >> (2 * (r >> 5))) & 3
+            s = int(b[o + (e >> 4)])
+            dl = d * np.float32(s & 0xF)
+            ml = dmin * np.float32(s >> 4)
+            out[QK_K * i + e] = dl * np.float32(q) - ml
+    return out
+
+
+# -- encoder building blocks --------------------------------------------------------
+
+
+@njit(**INLINE)
+def _assign_sym(x, a, n, s, qmin, qmax, q):
+    """Nearest codes of ``x[a:a+n]`` on ``s * k`` (k in [qmin, qmax]) into ``q[a:]``;
+    returns (squared error, sum x*k, sum k*k)."""
+    inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
+    err = np.float32(0.0)
+    sxq = np.float32(0.0)
+    sqq = np.float32(0.0)
+    for i in range(a, a + n):
+        v = x[i]
+        k = np.float32(np.int32(min(max(v * inv, np.float32(qmin)), np.float32(qmax)) + np.float32(0.5 - qmin)) + qmin)
+        q[i] = np.int16(k)
+        r = v - s * k
+        err += r * r
+        sxq += v * k
+        sqq += k * k
+    return float(err), float(sxq), float(sqq)
+
+
+@njit(**INLINE)
+def _assign_aff(x, a, n, s, o, nmax, q):
+    """Nearest codes of ``x[a:a+n]`` on ``s * k + o`` (k in [0, nmax]) into ``q[a:]``;
+    returns (squared error, sum k, sum k*k, sum x*k)."""
+    inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
+    err = np.float32(0.0)
+    sq = np.float32(0.0)
+    sqq = np.float32(0.0)
+    sxq = np.float32(0.0)
+    for i in range(a, a + n):
+        v = x[i]
+        k = np.float32(np.int32(min(max((v - o) * inv, np.float32(0.0)), np.float32(nmax)) + np.float32(0.5)))
+        q[i] = np.int16(k)
+        r = v - (s * k + o)
+        err += r * r
+        sq += k
+        sqq += k * k
+        sxq += v * k
+    return float(err), float(sq), float(sqq), float(sxq)
+
+
+@njit(**INLINE)
+def _sums_aff(x, a, n, s, o, nmax):
+    """(sum k, sum k*k, sum x*k) of the nearest codes on ``s * k + o``, without storing them:
+    the search's inner loop, in float32 so that it vectorises."""
+    inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
+    sq = np.float32(0.0)
+    sqq = np.float32(0.0)
+    sxq = np.float32(0.0)
+    for i in range(a, a + n):
+        k = np.float32(np.int32(min(max((x[i] - o) * inv, np.float32(0.0)), np.float32(nmax)) + np.float32(0.5)))
+        sq += k
+        sqq += k * k
+        sxq += x[i] * k
+    return float(sq), float(sqq), float(sxq)
+
+
+@njit(**INLINE)
+def _sums_sym(x, a, n, s, qmin, qmax):
+    """(sum x*k, sum k*k) of the nearest codes on ``s * k`` (k in [qmin, qmax]), not stored."""
+    inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
+    sxq = np.float32(0.0)
+    sqq = np.float32(0.0)
+    for i in range(a, a + n):
+        k = np.float32(np.int32(min(max(x[i] * inv, np.float32(qmin)), np.float32(qmax)) + np.float32(0.5 - qmin)) + qmin)
+        sxq += x[i] * k
+        sqq += k * k
+    return float(sxq), float(sqq)
+
+
+@njit(**INLINE)
+def _fit_aff(n, sx, sxx, sq, sqq, sxq, neg=True):
+    """Least-squares (scale, offset) for fixed codes, the offset <= 0 when ``neg`` (k-quants
+    subtract ``dmin * m`` with ``m >= 0``); returns (s, o, squared error)."""
+    det = n * sqq - sq * sq
+    s = 0.0
+    o = 0.0
+    if det > 0:
+        s = (n * sxq - sq * sx) / det
+        o = (sx - s * sq) / n
+    if (neg and o > 0) or det <= 0:
+        o = 0.0
+        s = sxq / sqq if sqq > 0 else 0.0
+    if s < 0:
+        s = 0.0
+        o = min(sx / n, 0.0) if neg else sx / n
+    e = sxx - 2 * s * sxq - 2 * o * sx + s * s * sqq + 2 * s * o * sq + n * o * o
+    return s, o, e
+
+
+@njit(**INLINE)
+def _search_aff(x, a, n, nmax, deltas, iters, work, neg=True):
+    """A sub-block's (scale >= 0, offset; <= 0 when ``neg``). Candidates: the range spread
+    over ``nmax + delta`` steps, anchored at the minimum (clipping the top when delta < 0)
+    and at the maximum (clipping the bottom); all rounded in one pass over the elements
+    (``work``: float32 scratch of at least 5 x 2 x len(deltas)), each least-squares
+    re-fitted; the best refined by ``iters`` more round/re-fit steps."""
+    mn = np.float32(0.0) if neg else x[a]
+    mx = x[a]
+    sx = 0.0
+    sxx = 0.0
+    for i in range(a, a + n):
+        v = x[i]
+        mn = min(mn, v)
+        mx = max(mx, v)
+        sx += v
+        sxx += v * v
+    if mx <= mn:
+        return 0.0, float(mn)
+    nc = 2 * deltas.size
+    inv, off, sq, sqq, sxq = work[0, :nc], work[1, :nc], work[2, :nc], work[3, :nc], work[4, :nc]
+    for k in range(nc):
+        s = (float(mx) - mn) / (nmax + deltas[k % deltas.size])
+        o = float(mn) if k < deltas.size else float(mx) - nmax * s
+        off[k] = min(o, 0.0) if neg else o
+        inv[k] = 1.0 / s
+        sq[k] = 0.0
+        sqq[k] = 0.0
+        sxq[k] = 0.0
+    top = np.float32(nmax)
+    for i in range(a, a + n):
+        v = x[i]
+        for k in range(nc):
+            q = np.float32(np.int32(min(max((v - off[k]) * inv[k], np.float32(0.0)), top) + np.float32(0.5)))
+            sq[k] += q
+            sqq[k] += q * q
+            sxq[k] += v * q
+    best_s = (float(mx) - mn) / nmax
+    best_o = float(mn)
+    best_e = math.inf
+    for k in range(nc + iters):
+        if k < nc:
+            s, o, e = _fit_aff(n, sx, sxx, float(sq[k]), float(sqq[k]), float(sxq[k]), neg)
+        else:
+            t0, t1, t2 = _sums_aff(x, a, n, np.float32(best_s), np.float32(best_o), nmax)
+            s, o, e = _fit_aff(n, sx, sxx, t0, t1, t2, neg)
+        if e < best_e and s > 0:
+            best_s, best_o, best_e = s, o, e
+    return best_s, best_o
+
+
+@njit(**INLINE)
+def _search_sym(x, a, n, qmin, qmax, offs, iters):
+    """A sub-block's signed scale on the grid [qmin, qmax]: the extreme element mapped to
+    ``qmin + off`` for each offset, rounded and least-squares re-fitted, then refined."""
+    m = np.float32(0.0)
+    sxx = 0.0
+    for i in range(a, a + n):
+        v = x[i]
+        sxx += v * v
+        if abs(v) > abs(m):
+            m = v
+    if m == 0:
+        return 0.0
+    best_s = m / float(qmin)
+    best_e = math.inf
+    for k in range(offs.size + iters):
+        s = m / (qmin + offs[k]) if k < offs.size else best_s
+        sxq, sqq = _sums_sym(x, a, n, np.float32(s), qmin, qmax)
+        if sqq > 0:
+            s = sxq / sqq
+            e = sxx - s * sxq
+            if e < best_e:
+                best_s, best_e = s, e
+    return best_s
+
+
+# -- single-level blocks of 32: Q8_0, Q4_0, Q5_0 (symmetric), Q5_1 (affine), IQ4_NL --
+
+
+@njit(**SEARCH)
+def encode_sym32(x, qmin, qmax, offs):
+    """Per block of 32: fp16 scale ``d`` and codes ``k`` in [qmin, qmax] for ``y = d * k``.
+
+    Candidates: ggml's (``max|x| / qmax`` or ``max / qmin``: plain rounding) and the
+    extreme mapped to ``qmin + off``; each rounded, least-squares re-fitted, rounded to
+    fp16 and re-coded; the lowest exact squared error wins. Returns (d bits, codes)."""
+    nb = x.size // 32
+    dbits = np.empty(nb, np.uint16)
+    q = np.empty(x.size, np.int16)
+    tmp = np.empty(x.size, np.int16)
+    for i in range(nb):
+        a = 32 * i
+        m = np.float32(0.0)
+        for l in range(a, a + 32):
+            if abs(x[l]) > abs(m):
+                m = x[l]
+        best_e = math.inf
+        best_h = 0
+        for k in range(offs.size + 1):
+            s = m / (qmin + offs[k]) if k < offs.size else abs(m) / qmax
+            for refit in range(2):
+                h = f16_bits(s)
+                e, sxq, sqq = _assign_sym(x, a, 32, f16_value(h), qmin, qmax, tmp)
+                if e < best_e:
+                    best_e, best_h = e, h
+                    q[a:a + 32] = tmp[a:a + 32]
+                if sqq <= 0:
+                    break
+                s = sxq / sqq
+        dbits[i] = best_h
+        if best_e == math.inf:
+            _assign_sym(x, a, 32, np.float32(0.0), qmin, qmax, q)
+    return dbits, q
+
+
+@njit(**SEARCH)
+def encode_aff32(x, nmax, deltas, iters):
+    """Per block of 32: fp16 scale ``d`` and offset ``m`` and codes in [0, nmax] for
+    ``y = d * k + m`` (Q5_1). Candidates: ggml's min-max, and the searched range (as the
+    k-quants' sub-blocks, offset of any sign) with its least-squares re-fit; each rounded
+    to fp16 and re-coded; the lowest exact error wins. Returns (d bits, m bits, codes)."""
+    nb = x.size // 32
+    dbits = np.empty(nb, np.uint16)
+    mbits = np.empty(nb, np.uint16)
+    q = np.empty(x.size, np.int16)
+    tmp = np.empty(x.size, np.int16)
+    work = np.empty((5, 2 * deltas.size), np.float32)
+    for i in range(nb):
+        a = 32 * i
+        mn = x[a:a + 32].min()
+        mx = x[a:a + 32].max()
+        best_e = math.inf
+        for k in range(2):
+            if k == 0:
+                s, o = (float(mx) - mn) / nmax, float(mn)
+            else:
+                s, o = _search_aff(x, a, 32, nmax, deltas, iters, work, False)
+            hs, ho = f16_bits(s), f16_bits(o)
+            e, sq, sqq, sxq = _assign_aff(x, a, 32, f16_value(hs), f16_value(ho), nmax, tmp)
+            if e < best_e:
+                best_e = e
+                dbits[i], mbits[i] = hs, ho
+                q[a:a + 32] = tmp[a:a + 32]
+    return dbits, mbits, q
+
+
+@njit(**INLINE)
+def _assign_grid(x, a, n, s, q):
+    """Nearest IQ4_NL level of ``x[a:a+n] / s`` into ``q[a:]``; (error, sum x*g, sum g*g)."""
+    inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
+    err = 0.0
+    sxg = 0.0
+    sgg = 0.0
+    for i in range(a, a + n):
+        t = x[i] * inv
+        k = 0
+        for j in range(15):
+            k += t > _IQ4NL_MID[j]
+        g = np.float32(IQ4NL_GRID[k])
+        q[i] = k
+        r = x[i] - s * g
+        err += r * r
+        sxg += x[i] * g
+        sgg += g * g
+    return err, sxg, sgg
+
+
+@njit(**SEARCH)
+def encode_iq4_nl(x, offs):
+    """Per block of 32: fp16 scale and IQ4_NL level indices. The extreme element is mapped
+    to the grid's end (-127, or +113 mirrored) moved by each offset, least-squares re-fitted,
+    fp16-rounded; lowest exact error wins. Returns (d bits, indices)."""
+    nb = x.size // 32
+    dbits = np.empty(nb, np.uint16)
+    q = np.empty(x.size, np.int16)
+    tmp = np.empty(x.size, np.int16)
+    for i in range(nb):
+        a = 32 * i
+        m = np.float32(0.0)
+        for l in range(a, a + 32):
+            if abs(x[l]) > abs(m):
+                m = x[l]
+        best_e = math.inf
+        dbits[i] = 0
+        for k in range(2 * offs.size):
+            end = -127.0 if k < offs.size else 113.0
+            s = m / (end + (offs[k % offs.size] if end < 0 else -offs[k % offs.size]))
+            for refit in range(2):
+                h = f16_bits(s)
+                e, sxg, sgg = _assign_grid(x, a, 32, f16_value(h), tmp)
+                if e < best_e:
+                    best_e = e
+                    dbits[i] = h
+                    q[a:a + 32] = tmp[a:a + 32]
+                if sgg <= 0:
+                    break
+                s = sxg / sgg
+        if best_e == math.inf:
+            _assign_grid(x, a, 32, np.float32(0.0), q)
+    return dbits, q
+
+
+# -- two-level k-quants ---------------------------------------------------------------
+
+
+@njit(**INLINE)
+def _aff_state(x, a, nsub, sub, nmax, smax, d, dm, sc, mn, q, sums):
+    """Codes of one super-block for integer sub-scales/mins under (d, dm); per sub-block
+    (sum k, sum k*k, sum x*k) into ``sums``; returns the total squared error."""
+    err = 0.0
+    for j in range(nsub):
+        s = np.float32(d * np.float32(sc[j]))
+        o = -np.float32(dm * np.float32(mn[j]))
+        e, sq, sqq, sxq = _assign_aff(x, a + sub * j, sub, s, o, nmax, q)
+        err += e
+        sums[j, 0], sums[j, 1], sums[j, 2] = sq, sqq, sxq
+    return err
+
+
+@njit(**INLINE)
+def _pick_codes_aff(x, a, sub, nmax, smax, d, dm, s, o, q, work):
+    """A sub-block's integer (scale, min) codes under (d, dm): the best, after re-rounding
+    the codes, of the floor/ceil neighbours of its continuous (s, o) (all four rounded in
+    one pass; ``work``: float32 scratch of at least 4 x 4); returns (sc, m, error, sq, sqq, sxq)."""
+    fs = s / d if d > 0 else 0.0
+    fm = -o / dm if dm > 0 else 0.0
+    sc_c, err, off, inv = work[0, :4], work[1, :4], work[2, :4], work[3, :4]
+    for k in range(4):
+        c = int(min(max(math.floor(fs) + (k >> 1), 0), smax))
+        m = int(min(max(math.floor(fm) + (k & 1), 0), smax))
+        sc_c[k] = np.float32(d * np.float32(c))
+        off[k] = -np.float32(dm * np.float32(m))
+        inv[k] = np.float32(1.0) / sc_c[k] if sc_c[k] > 0 else np.float32(0.0)
+        err[k] = 0.0
+    top = np.float32(nmax)
+    for i in range(a, a + sub):
+        v = x[i]
+        for k in range(4):
+            t = np.float32(np.int32(min(max((v - off[k]) * inv[k], np.float32(0.0)), top) + np.float32(0.5)))
+            r = v - (sc_c[k] * t + off[k])
+            err[k] += r * r
+    k = int(np.argmin(err))
+    c = int(min(max(math.floor(fs) + (k >> 1), 0), smax))
+    m = int(min(max(math.floor(fm) + (k & 1), 0), smax))
+    e, sq, sqq, sxq = _assign_aff(x, a, sub, sc_c[k], off[k], nmax, q)
+    return c, m, e, sq, sqq, sxq
+
+
+@njit(**SEARCH)
+def encode_kquant_affine(x, sub, nmax, smax, deltas, iters, rounds):
+    """Two-level affine k-quant (Q4_K, Q5_K, Q2_K) over super-blocks of 256 elements.
+
+    ``y = (d * sc_j) * k - (dmin * m_j)``, k in [0, nmax], sc/m in [0, smax], d/dmin fp16.
+    Returns (d bits, dmin bits, sc (uint8, per sub-block), m (uint8), codes (int16))."""
+    nsup = x.size // QK_K
+    nsub = QK_K // sub
+    dbits = np.zeros(nsup, np.uint16)
+    mbits = np.zeros(nsup, np.uint16)
+    sc_out = np.zeros(nsup * nsub, np.uint8)
+    m_out = np.zeros(nsup * nsub, np.uint8)
+    q = np.zeros(x.size, np.int16)
+    cur = np.zeros(x.size, np.int16)
+    tmp = np.zeros(x.size, np.int16)
+    work = np.empty((5, max(2 * deltas.size, 4)), np.float32)
+    s_sub = np.empty(nsub)
+    o_sub = np.empty(nsub)
+    sc = np.zeros(nsub, np.int64)
+    mn = np.zeros(nsub, np.int64)
+    sums = np.zeros((nsub, 3))
+    sx = np.empty(nsub)
+    sxx = np.empty(nsub)
+    for i in range(nsup):
+        a0 = QK_K * i
+        for j in range(nsub):
+            a = a0 + sub * j
+            t = 0.0
+            tt = 0.0
+            for l in range(a, a + sub):
+                t += x[l]
+                tt += x[l] * x[l]
+            sx[j], sxx[j] = t, tt
+        best_e = math.inf
+        # state 0: plain rounding (min-max ranges, nearest sub-codes); state 1: searched ranges
+        for start in range(2):
+            for j in range(nsub):
+                a = a0 + sub * j
+                if start == 0:
+                    lo = min(0.0, float(x[a:a + sub].min()))
+                    s_sub[j] = (float(x[a:a + sub].max()) - lo) / nmax
+                    o_sub[j] = lo
+                else:
+                    s_sub[j], o_sub[j] = _search_aff(x, a, sub, nmax, deltas, iters, work)
+            hd = f16_bits(s_sub.max() / smax)
+            hm = f16_bits(-o_sub.min() / smax)
+            d, dm = f16_value(hd), f16_value(hm)
+            for j in range(nsub):
+                sc[j] = int(min(max(np.rint(s_sub[j] / d), 0), smax)) if d > 0 else 0
+                mn[j] = int(min(max(np.rint(-o_sub[j] / dm), 0), smax)) if dm > 0 else 0
+            e = _aff_state(x, a0, nsub, sub, nmax, smax, d, dm, sc, mn, cur, sums)
+            if e < best_e:
+                best_e = e
+                dbits[i], mbits[i] = hd, hm
+                sc_out[nsub * i:nsub * (i + 1)] = sc
+                m_out[nsub * i:nsub * (i + 1)] = mn
+                q[a0:a0 + QK_K] = cur[a0:a0 + QK_K]
+            if start == 0:
+                continue
+            for r in range(rounds):
+                # super-block scales by least squares given the integer sub-codes and codes
+                a11 = 0.0
+                a12 = 0.0
+                a22 = 0.0
+                r1 = 0.0
+                r2 = 0.0
+                for j in range(nsub):
+                    a11 += sc[j] * sc[j] * sums[j, 1]
+                    a12 += sc[j] * mn[j] * sums[j, 0]
+                    a22 += mn[j] * mn[j] * sub
+                    r1 += sc[j] * sums[j, 2]
+                    r2 += mn[j] * sx[j]
+                det = a11 * a22 - a12 * a12
+                if a11 <= 0:
+                    break
+                if det > 1e-12 * a11 * a22 and a22 > 0:
+                    nd = (r1 * a22 - a12 * r2) / det
+                    nm = (a12 * r1 - a11 * r2) / det
+                else:
+                    nd, nm = r1 / a11, 0.0
+                if nm < 0:
+                    nd, nm = r1 / a11, 0.0
+                hd, hm = f16_bits(nd), f16_bits(nm)
+                d, dm = f16_value(hd), f16_value(hm)
+                if d <= 0:
+                    break
+                # sub-codes re-chosen between their neighbours for each sub-block's own fit
+                e = 0.0
+                for j in range(nsub):
+                    a = a0 + sub * j
+                    s_fit, o_fit, _ = _fit_aff(sub, sx[j], sxx[j], sums[j, 0], sums[j, 1], sums[j, 2])
+                    c, m, ej, sq, sqq, sxq = _pick_codes_aff(x, a, sub, nmax, smax, d, dm, s_fit, o_fit, cur, work)
+                    sc[j], mn[j] = c, m
+                    sums[j, 0], sums[j, 1], sums[j, 2] = sq, sqq, sxq
+                    e += ej
+                if e < best_e:
+                    best_e = e
+                    dbits[i], mbits[i] = hd, hm
+                    sc_out[nsub * i:nsub * (i + 1)] = sc
+                    m_out[nsub * i:nsub * (i + 1)] = mn
+                    q[a0:a0 + QK_K] = cur[a0:a0 + QK_K]
+                else:
+                    break
+    return dbits, mbits, sc_out, m_out, q
+
+
+@njit(**INLINE)
+def _pick_code_sym(x, a, sub, qmin, qmax, smin, smax, d, s, sxx, sums, q):
+    """A sub-block's integer scale under ``d``: the better floor/ceil neighbour of ``s / d``,
+    judged on its current codes (``sums``: sum x*k, sum k*k), then the codes re-rounded once;
+    returns (sc, error, sxq, sqq)."""
+    f = s / d
+    best_c, best_e = 0, math.inf
+    for cs in (math.floor(f), math.floor(f) + 1):
+        c = int(min(max(cs, smin), smax))
+        ss = float(np.float32(d * np.float32(c)))
+        e = sxx - 2 * ss * sums[0] + ss * ss * sums[1]
+        if e < best_e:
+            best_c, best_e = c, e
+    e, sxq, sqq = _assign_sym(x, a, sub, np.float32(d * np.float32(best_c)), qmin, qmax, q)
+    return best_c, e, sxq, sqq
+
+
+@njit(**SEARCH)
+def encode_kquant_symmetric(x, sub, qmin, qmax, smin, smax, offs, iters, rounds):
+    """Two-level symmetric k-quant (Q6_K, Q3_K) over super-blocks of 256 elements.
+
+    ``y = (d * sc_j) * k``, k in [qmin, qmax], signed sc in [smin, smax], d fp16.
+    Returns (d bits, sc (int16 per sub-block), codes (int16))."""
+    nsup = x.size // QK_K
+    nsub = QK_K // sub
+    dbits = np.zeros(nsup, np.uint16)
+    sc_out = np.zeros(nsup * nsub, np.int16)
+    q = np.zeros(x.size, np.int16)
+    cur = np.zeros(x.size, np.int16)
+    s_sub = np.empty(nsub)
+    sc = np.zeros(nsub, np.int64)
+    sums = np.zeros((nsub, 2))
+    sxx = np.empty(nsub)
+    for i in range(nsup):
+        a0 = QK_K * i
+        for j in range(nsub):
+            t = np.float32(0.0)
+            for l in range(a0 + sub * j, a0 + sub * (j + 1)):
+                t += x[l] * x[l]
+            sxx[j] = t
+        best_e = math.inf
+        for start in range(2):
+            for j in range(nsub):
+                a = a0 + sub * j
+                if start == 0:
+                    m = np.float32(0.0)
+                    for l in range(a, a + sub):
+                        if abs(x[l]) > abs(m):
+                            m = x[l]
+                    s_sub[j] = m / float(qmin)
+                else:
+                    s_sub[j] = _search_sym(x, a, sub, qmin, qmax, offs, iters)
+            big = 0.0
+            for j in range(nsub):
+                if abs(s_sub[j]) > abs(big):
+                    big = s_sub[j]
+            hd = f16_bits(big / smin)
+            d = f16_value(hd)
+            e = 0.0
+            for j in range(nsub):
+                a = a0 + sub * j
+                sc[j] = int(min(max(np.rint(s_sub[j] / d), smin), smax)) if d != 0 else 0
+                ej, sxq, sqq = _assign_sym(x, a, sub, np.float32(d * np.float32(sc[j])), qmin, qmax, cur)
+                e += ej
+                sums[j, 0], sums[j, 1] = sxq, sqq
+            if e < best_e:
+                best_e = e
+                dbits[i] = hd
+                sc_out[nsub * i:nsub * (i + 1)] = sc
+                q[a0:a0 + QK_K] = cur[a0:a0 + QK_K]
+            if start == 0 or d == 0:
+                continue
+            for r in range(rounds):
+                num = 0.0
+                den = 0.0
+                for j in range(nsub):
+                    num += sc[j] * sums[j, 0]
+                    den += sc[j] * sc[j] * sums[j, 1]
+                if den <= 0:
+                    break
+                hd = f16_bits(num / den)
+                d = f16_value(hd)
+                if d == 0:
+                    break
+                e = 0.0
+                for j in range(nsub):
+                    a = a0 + sub * j
+                    s_fit = sums[j, 0] / sums[j, 1] if sums[j, 1] > 0 else 0.0
+                    c, ej, sxq, sqq = _pick_code_sym(x, a, sub, qmin, qmax, smin, smax, d, s_fit, sxx[j], sums[j], cur)
+                    sc[j] = c
+                    sums[j, 0], sums[j, 1] = sxq, sqq
+                    e += ej
+                if e < best_e:
+                    best_e = e
+                    dbits[i] = hd
+                    sc_out[nsub * i:nsub * (i + 1)] = sc
+                    q[a0:a0 + QK_K] = cur[a0:a0 + QK_K]
+                else:
+                    break
+    return dbits, sc_out, q
+
+
+# -- packers (the inverse of the decoders' byte reads) ------------------------------
+
+
+@njit(**EXACT)
+def pack_q8_0(dbits, q):
+    out = np.empty(34 * dbits.size, np.uint8)
+    for i in range(dbits.size):
+        o = 34 * i
+        _put16(out, o, int(dbits[i]))
+        for l in range(32):
+            out[o + 2 + l] = int(q[32 * i + l]) & 0xFF
+    return out
+
+
+@njit(**EXACT)
+def pack_q4_0(dbits, q):
+    """Codes ``k`` in [-8, 7] stored as ``k + 8``."""
+    out = np.empty(18 * dbits.size, np.uint8)
+    for i in range(dbits.size):
+        o = 18 * i
+        _put16(out, o, int(dbits[i]))
+        for l in range(16):
+            out[o + 2 + l] = (int(q[32 * i + l]) + 8) | ((int(q[32 * i + 16 + l]) + 8) << 4)
+    return out
+
+
+@njit(**EXACT)
+def pack_iq4_nl(dbits, q):
+    out = np.empty(18 * dbits.size, np.uint8)
+    for i in range(dbits.size):
+        o = 18 * i
+        _put16(out, o, int(dbits[i]))
+        for l in range(16):
+            out[o + 2 + l] = int(q[32 * i + l]) | (int(q[32 * i + 16 + l]) << 4)
+    return out
+
+
+@njit(**EXACT)
+def pack_q5(dbits, mbits, q, bias):
+    """Q5_0 (``mbits`` empty, codes in [-16, 15], ``bias`` 16) or Q5_1 (codes in [0, 31], ``bias`` 0)."""
+    has_m = mbits.size > 0
+    size = 24 if has_m else 22
+    head = 8 if has_m else 6
+    out = np.empty(size * dbits.size, np.uint8)
+    for i in range(dbits.size):
+        o = size * i
+        _put16(out, o, int(dbits[i]))
+        if has_m:
+            _put16(out, o + 2, int(mbits[i]))
+        qh = 0
+        for l in range(32):
+            qh |= ((int(q[32 * i + l]) + bias) >> 4) << l
+        for k in range(4):
+            out[o + head - 4 + k] = (qh >> (8 * k)) & 0xFF
+        for l in range(16):
+            lo = (int(q[32 * i + l]) + bias) & 0xF
+            hi = (int(q[32 * i + 16 + l]) + bias) & 0xF
+            out[o + head + l] = lo | (hi << 4)
+    return out
+
+
+@njit(**INLINE)
+def _put_scale_min_k4(out, o, sc, m):
+    """Pack 8 six-bit (scale, min) pairs into 12 bytes at ``out[o:]`` (Q4_K/Q5_K)."""
+    for j in range(4):
+        out[o + j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6)
+        out[o + j + 4] = (m[j] & 63) | ((m[j + 4] >> 4) << 6)
+        out[o + j + 8] = (sc[j + 4] & 0xF) | ((m[j + 4] & 0xF) << 4)
+
+
+@njit(**EXACT)
+def pack_q4_k(dbits, mbits, sc, m, q, five):
+    """Q4_K, or Q5_K when ``five`` (then codes are 5-bit and a ``qh`` plane is added)."""
+    size = 176 if five else 144
+    qs0 = 48 if five else 16
+    out = np.zeros(size * dbits.size, np.uint8)
+    for i in range(dbits.size):
+        o = size * i
+        _put16(out, o, int(dbits[i]))
+        _put16(out, o + 2, int(mbits[i]))
+        _put_scale_min_k4(out, o + 4, sc[8 * i:8 * i + 8].astype(np.int64), m[8 * i:8 * i + 8].astype(np.int64))
+        for j in range(8):
+            for l in range(32):
+                k = int(q[QK_K * i + 32 * j + l])
+                out[o + qs0 + 32 * (j >> 1) + l] |= (k & 0xF) << (4 * (j & 1))
+                if five:
+                    out[o + 16 + l] |= (k >> 4) << j
+    return out
+
+
+@njit(**EXACT)
+def pack_q6_k(dbits, sc, q):
+    """Codes in [-32, 31] stored as ``k + 32``; int8 sub-scales."""
+    out = np.zeros(210 * dbits.size, np.uint8)
+    for i in range(dbits.size):
+        o = 210 * i
+        for e in range(QK_K):
+            k = int(q[QK_K * i + e]) + 32
+            h, r = e >> 7, e & 127
+            out[o + 64 * h + (r & 63)] |= (k & 0xF) << (4 * (r >> 6))
+            out[o + 128 + 32 * h + (r & 31)] |= (k >> 4) << (2 * (r >> 5))
+        for j in range(16):
+            out[o + 192 + j] = int(sc[16 * i + j]) & 0xFF
+        _put16(out, o + 208, int(dbits[i]))
+    return out
+
+
+@njit(**EXACT)
+def pack_q3_k(dbits, sc, q):
+    """Codes in [-4, 3]: low 2 bits of ``k + 4`` in ``qs``, the high bit in ``hmask``;
+    signed 6-bit sub-scales stored as ``sc + 32``."""
+    out = np.zeros(110 * dbits.size, np.uint8)
+    for i in range(dbits.size):
+        o = 110 * i
+        for e in range(QK_K):
+            k = int(q[QK_K * i + e]) + 4
+            h, r = e >> 7, e & 127
+            out[o + 32 + 32 * h + (r & 31)] |= (k & 3) << (2 * (r >> 5))
+            out[o + (e & 31)] |= (k >> 2) << (e >> 5)
+        for j in range(16):
+            v = int(sc[16 * i + j]) + 32
+            if j < 8:
+                out[o + 96 + j] |= v & 0xF
+            else:
+                out[o + 96 + j - 8] |= (v & 0xF) << 4
+            out[o + 96 + 8 + (j & 3)] |= (v >> 4) << (2 * (j >> 2))
+        _put16(out, o + 108, int(dbits[i]))
+    return out
+
+
+@njit(**EXACT)
+def pack_q2_k(dbits, mbits, sc, m, q):
+    out = np.zeros(84 * dbits.size, np.uint8)
+    for i in range(dbits.size):
+        o = 84 * i
+        for j in range(16):
+            out[o + j] = (int(sc[16 * i + j]) & 0xF) | ((int(m[16 * i + j]) & 0xF) << 4)
+        for e in range(QK_K):
+            h, r = e >> 7, e & 127
+            out[o + 16 + 32 * h + (r & 31)] |= (int(q[QK_K * i + e]) & 3) << (2 * (r >> 5))
+        _put16(out, o + 80, int(dbits[i]))
+        _put16(out, o + 82, int(mbits[i]))
+    return out

@@ -1,0 +1,427 @@
+"""ggml's block types as encodings: a store quantized with them exports to GGUF losslessly.
+
+Each class is registered under the lower-case ggml type name (``q8_0``, ``q4_k``, ...)
+and has ``ggml_type``, the ``gguf.GGMLQuantizationType`` member name. Its ``codes``
+blob for a chunk of ``rows`` rows is exactly ggml's block bytes for those rows, rows
+in order (each row is ``cols / block`` blocks, ``cols`` a multiple of ``block``);
+there are no other blobs. So a GGUF tensor's data is the concatenation of its
+chunks' ``codes`` blobs, and decoding equals ``gguf.quants.dequantize`` bit for bit.
+
+The byte layouts (each class docstring) are ggml's; the decoders in
+``ggml_kernels`` reproduce gguf-py's reference arithmetic exactly; the encoders are
+our own search (see ``ggml_kernels``), measured against ggml's reference quantizer by
+``benchmarks/bench_ggml_types.py``.
+
+Which type a bit width becomes under ``target_runtime="gguf"``, and what a row
+length that a type's block does not divide falls back to, are :data:`GGUF_TYPE_FOR_BITS`
+and :data:`ROW_FALLBACK` below (the planner reads them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Optional, Tuple
+
+import numpy as np
+
+from . import ggml_kernels as G
+from . import kernels
+from .encodings import Encoding, register
+from .errors import ConfigurationError, ValidationError
+
+
+@dataclass(frozen=True)
+class GGMLEncoding(Encoding):
+    """Base of the ggml block types: ``block`` elements in ``type_size`` bytes, one blob.
+
+    ``group_size`` is ignored (the block is the group); a row length that ``block``
+    does not divide raises :class:`ConfigurationError` (the planner never asks for one).
+    """
+
+    ggml_type: ClassVar[str] = ""
+    block: ClassVar[int] = 32
+    type_size: ClassVar[int] = 0
+
+    def group_for(self, cols: int) -> int:
+        return self.block
+
+    def fits(self, cols: int) -> bool:
+        """Whether a row of ``cols`` elements is a whole number of this type's blocks."""
+        return cols > 0 and cols % self.block == 0
+
+    def _check(self, cols: int) -> None:
+        if not self.fits(cols):
+            raise ConfigurationError(
+                f"encoding {self.name!r} (ggml {self.ggml_type}) needs a row length that is a multiple of "
+                f"{self.block}, got {cols}; plan with target_runtime='gguf' to get llama.cpp's fallback type"
+            )
+
+    def nbytes(self, rows: int, cols: int) -> int:
+        self._check(cols)
+        return rows * (cols // self.block) * self.type_size
+
+    def quantize(self, x):
+        rows, cols = x.shape
+        self._check(cols)
+        blob = self._encode(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))
+        y = self._decode(blob, rows * cols)
+        return {"codes": blob}, kernels.error_stats(x, y.reshape(rows, cols))
+
+    def dequantize(self, blobs, rows, cols):
+        self._check(cols)
+        codes = blobs.get("codes")
+        if codes is None or codes.size != self.nbytes(rows, cols):
+            got = "no codes" if codes is None else f"{codes.size} bytes"
+            raise ValidationError(f"{self.ggml_type} chunk of {rows}x{cols} needs {self.nbytes(rows, cols)} bytes of codes, got {got}")
+        return self._decode(np.ascontiguousarray(codes), rows * cols).reshape(rows, cols)
+
+    @property
+    def label(self) -> str:
+        return f"int{self.bits} {self.name}"
+
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _decode(self, blob: np.ndarray, n: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _f64(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64)
+
+
+@register
+@dataclass(frozen=True)
+class Q8_0(GGMLEncoding):
+    """ggml Q8_0: blocks of 32 elements in 34 bytes (8.5 bpw).
+
+    Block: float16 ``d`` (2 bytes, little-endian), then 32 int8 codes ``k``.
+    Dequantization: ``y[l] = float32(k[l]) * d``.
+    Encoder: ggml's ``d = max|x| / 127`` and the extreme mapped to -128 + off (the extra
+    negative level: a finer step), each least-squares re-fitted, rounded to float16 and
+    re-coded; the lowest squared error wins.
+    """
+
+    name: ClassVar[str] = "q8_0"
+    ggml_type: ClassVar[str] = "Q8_0"
+    supported_bits: ClassVar[Tuple[int, ...]] = (8,)
+    block: ClassVar[int] = 32
+    type_size: ClassVar[int] = 34
+    #: encoder effort (not format): the extreme element is tried at level -128 + off for each off.
+    SEARCH: ClassVar[Dict[str, Any]] = {"offsets": (-0.5, 0.0, 0.5)}
+
+    def _encode(self, x):
+        d, q = G.encode_sym32(x, -128, 127, _f64(self.SEARCH["offsets"]))
+        return G.pack_q8_0(d, q)
+
+    def _decode(self, blob, n):
+        return G.decode_q8_0(blob, n)
+
+
+@register
+@dataclass(frozen=True)
+class Q4_0(GGMLEncoding):
+    """ggml Q4_0: blocks of 32 elements in 18 bytes (4.5 bpw).
+
+    Block: float16 ``d``; 16 bytes ``qs``: element ``l < 16`` is the low nibble of
+    ``qs[l]``, element ``16 + l`` the high nibble; nibble ``u`` is code ``u - 8``.
+    Dequantization: ``y = d * float32(u - 8)``.
+    Encoder: the extreme mapped to -8 + off for offsets in [-1, 1] (clipping it, or not),
+    least-squares re-fitted, float16, re-coded; the lowest squared error wins (ggml without
+    an importance matrix: ``max / -8`` only).
+    """
+
+    name: ClassVar[str] = "q4_0"
+    ggml_type: ClassVar[str] = "Q4_0"
+    supported_bits: ClassVar[Tuple[int, ...]] = (4,)
+    block: ClassVar[int] = 32
+    type_size: ClassVar[int] = 18
+    SEARCH: ClassVar[Dict[str, Any]] = {"offsets": tuple(np.linspace(-1, 1, 9).tolist())}
+
+    def _encode(self, x):
+        d, q = G.encode_sym32(x, -8, 7, _f64(self.SEARCH["offsets"]))
+        return G.pack_q4_0(d, q)
+
+    def _decode(self, blob, n):
+        return G.decode_q4_0(blob, n)
+
+
+@register
+@dataclass(frozen=True)
+class Q5_0(GGMLEncoding):
+    """ggml Q5_0: blocks of 32 elements in 22 bytes (5.5 bpw).
+
+    Block: float16 ``d``; ``qh`` (4 bytes, a little-endian uint32): bit ``l`` is the
+    high bit of element ``l``'s code; 16 bytes ``qs`` holding the low nibbles as in
+    Q4_0. The 5-bit value ``u`` is code ``u - 16``. Dequantization: ``y = d * float32(u - 16)``.
+    Encoder: as Q4_0's, on levels -16..15.
+    """
+
+    name: ClassVar[str] = "q5_0"
+    ggml_type: ClassVar[str] = "Q5_0"
+    supported_bits: ClassVar[Tuple[int, ...]] = (5,)
+    block: ClassVar[int] = 32
+    type_size: ClassVar[int] = 22
+    SEARCH: ClassVar[Dict[str, Any]] = {"offsets": tuple(np.linspace(-1, 1, 9).tolist())}
+
+    def _encode(self, x):
+        d, q = G.encode_sym32(x, -16, 15, _f64(self.SEARCH["offsets"]))
+        return G.pack_q5(d, np.empty(0, np.uint16), q, 16)
+
+    def _decode(self, blob, n):
+        return G.decode_q5_0(blob, n)
+
+
+@register
+@dataclass(frozen=True)
+class Q5_1(GGMLEncoding):
+    """ggml Q5_1: blocks of 32 elements in 24 bytes (6 bpw).
+
+    Block: float16 ``d``, float16 ``m``, ``qh`` (uint32) and ``qs`` (16 bytes) as in Q5_0;
+    the 5-bit value ``u`` is the code. Dequantization: ``y = d * float32(u) + m``.
+    Encoder: ggml's min-max, and the range searched as for the k-quants' sub-blocks
+    (anchored at either end, least-squares re-fitted); float16, re-coded; the lower error wins.
+    """
+
+    name: ClassVar[str] = "q5_1"
+    ggml_type: ClassVar[str] = "Q5_1"
+    supported_bits: ClassVar[Tuple[int, ...]] = (5,)
+    block: ClassVar[int] = 32
+    type_size: ClassVar[int] = 24
+    SEARCH: ClassVar[Dict[str, Any]] = {"deltas": tuple(np.linspace(-3, 1, 9).tolist()), "iters": 1}
+
+    def _encode(self, x):
+        d, m, q = G.encode_aff32(x, 31, _f64(self.SEARCH["deltas"]), self.SEARCH["iters"])
+        return G.pack_q5(d, m, q, 0)
+
+    def _decode(self, blob, n):
+        return G.decode_q5_1(blob, n)
+
+
+@register
+@dataclass(frozen=True)
+class IQ4_NL(GGMLEncoding):
+    """ggml IQ4_NL: blocks of 32 elements in 18 bytes (4.5 bpw), non-uniform levels.
+
+    Block: float16 ``d``; 16 bytes ``qs`` with the nibbles placed as in Q4_0; nibble
+    ``u`` selects level ``G[u]`` of ggml's grid ``G = ggml_kernels.IQ4NL_GRID``
+    (-127 -104 -83 -65 -49 -35 -22 -10 1 13 25 38 53 69 89 113).
+    Dequantization: ``y = d * float32(G[u])``.
+    Encoder: the extreme mapped to either end of the grid (the sign of ``d`` mirrors
+    it) moved by a few offsets, least-squares re-fitted, float16, re-coded.
+    """
+
+    name: ClassVar[str] = "iq4_nl"
+    ggml_type: ClassVar[str] = "IQ4_NL"
+    supported_bits: ClassVar[Tuple[int, ...]] = (4,)
+    block: ClassVar[int] = 32
+    type_size: ClassVar[int] = 18
+    SEARCH: ClassVar[Dict[str, Any]] = {"offsets": (-12.0, -8.0, -4.0, 0.0, 4.0)}
+
+    def _encode(self, x):
+        d, q = G.encode_iq4_nl(x, _f64(self.SEARCH["offsets"]))
+        return G.pack_iq4_nl(d, q)
+
+    def _decode(self, blob, n):
+        return G.decode_iq4_nl(blob, n)
+
+
+@dataclass(frozen=True)
+class _KQuantAffine(GGMLEncoding):
+    """Shared encoder of Q4_K / Q5_K / Q2_K (see ``ggml_kernels.encode_kquant_affine``)."""
+
+    block: ClassVar[int] = 256
+    SUB: ClassVar[int] = 32
+    NMAX: ClassVar[int] = 15
+    SMAX: ClassVar[int] = 63
+    #: encoder effort (not format): range spreads (levels + delta), refinement steps per
+    #: sub-block, super-block re-fit rounds.
+    SEARCH: ClassVar[Dict[str, Any]] = {"deltas": (0.0,), "iters": 1, "rounds": 2}
+
+    def _search(self, x):
+        s = self.SEARCH
+        return G.encode_kquant_affine(x, self.SUB, self.NMAX, self.SMAX, _f64(s["deltas"]), s["iters"], s["rounds"])
+
+
+@register
+@dataclass(frozen=True)
+class Q4_K(_KQuantAffine):
+    """ggml Q4_K: super-blocks of 256 elements in 144 bytes (4.5 bpw), 8 sub-blocks of 32.
+
+    Super-block: float16 ``d``, float16 ``dmin``, 12 bytes ``scales``, 128 bytes ``qs``.
+    ``scales`` packs a 6-bit scale ``sc[j]`` and min ``m[j]`` per sub-block ``j``: for
+    ``j < 4`` ``sc[j] = scales[j] & 63``, ``m[j] = scales[j + 4] & 63``; for ``j >= 4``
+    ``sc[j] = (scales[j + 4] & 15) | (scales[j - 4] >> 6) << 4`` and
+    ``m[j] = (scales[j + 4] >> 4) | (scales[j] >> 6) << 4``.
+    Codes: element ``l`` of sub-block ``j`` is nibble ``j % 2`` (low first) of
+    ``qs[32 * (j // 2) + l]``.
+    Dequantization: ``y = (d * sc[j]) * u - (dmin * m[j])`` (float32, in that order).
+    """
+
+    name: ClassVar[str] = "q4_k"
+    ggml_type: ClassVar[str] = "Q4_K"
+    supported_bits: ClassVar[Tuple[int, ...]] = (4,)
+    type_size: ClassVar[int] = 144
+    SEARCH: ClassVar[Dict[str, Any]] = {"deltas": tuple(np.linspace(-1, 1, 9).tolist()), "iters": 1, "rounds": 2}
+
+    def _encode(self, x):
+        d, dm, sc, m, q = self._search(x)
+        return G.pack_q4_k(d, dm, sc, m, q, False)
+
+    def _decode(self, blob, n):
+        return G.decode_q4_k(blob, n)
+
+
+@register
+@dataclass(frozen=True)
+class Q5_K(_KQuantAffine):
+    """ggml Q5_K: super-blocks of 256 elements in 176 bytes (5.5 bpw), 8 sub-blocks of 32.
+
+    Super-block: float16 ``d``, float16 ``dmin``, 12 bytes ``scales`` (packed as in Q4_K),
+    32 bytes ``qh``, 128 bytes ``qs``. Element ``l`` of sub-block ``j`` has its low 4
+    bits placed as in Q4_K's ``qs`` and its fifth bit at bit ``j`` of ``qh[l]``.
+    Dequantization: ``y = (d * sc[j]) * u - (dmin * m[j])``, ``u`` in [0, 31].
+    """
+
+    name: ClassVar[str] = "q5_k"
+    ggml_type: ClassVar[str] = "Q5_K"
+    supported_bits: ClassVar[Tuple[int, ...]] = (5,)
+    type_size: ClassVar[int] = 176
+    NMAX: ClassVar[int] = 31
+    SEARCH: ClassVar[Dict[str, Any]] = {"deltas": tuple(np.linspace(-2, 2, 5).tolist()), "iters": 1, "rounds": 2}
+
+    def _encode(self, x):
+        d, dm, sc, m, q = self._search(x)
+        return G.pack_q4_k(d, dm, sc, m, q, True)
+
+    def _decode(self, blob, n):
+        return G.decode_q4_k(blob, n, True)
+
+
+@register
+@dataclass(frozen=True)
+class Q2_K(_KQuantAffine):
+    """ggml Q2_K: super-blocks of 256 elements in 84 bytes (2.625 bpw), 16 sub-blocks of 16.
+
+    Super-block: 16 bytes ``scales`` (sub-block ``j``: low nibble scale ``sc[j]``, high
+    nibble min ``m[j]``), 64 bytes ``qs``, float16 ``d``, float16 ``dmin``. Element ``e``
+    (``h = e // 128``, ``r = e % 128``) is bits ``2 * (r // 32)`` and up of
+    ``qs[32 * h + r % 32]`` (2 bits). Sub-block of ``e``: ``j = e // 16``.
+    Dequantization: ``y = (d * sc[j]) * u - (dmin * m[j])``, ``u`` in [0, 3].
+    """
+
+    name: ClassVar[str] = "q2_k"
+    ggml_type: ClassVar[str] = "Q2_K"
+    supported_bits: ClassVar[Tuple[int, ...]] = (2,)
+    type_size: ClassVar[int] = 84
+    SUB: ClassVar[int] = 16
+    NMAX: ClassVar[int] = 3
+    SMAX: ClassVar[int] = 15
+    SEARCH: ClassVar[Dict[str, Any]] = {"deltas": tuple(np.linspace(-0.5, 1.5, 9).tolist()), "iters": 1, "rounds": 2}
+
+    def _encode(self, x):
+        d, dm, sc, m, q = self._search(x)
+        return G.pack_q2_k(d, dm, sc, m, q)
+
+    def _decode(self, blob, n):
+        return G.decode_q2_k(blob, n)
+
+
+@dataclass(frozen=True)
+class _KQuantSymmetric(GGMLEncoding):
+    """Shared encoder of Q6_K / Q3_K (see ``ggml_kernels.encode_kquant_symmetric``)."""
+
+    block: ClassVar[int] = 256
+    SUB: ClassVar[int] = 16
+    QMIN: ClassVar[int] = -32
+    SMIN: ClassVar[int] = -128
+    #: encoder effort (not format): the extreme tried at level QMIN + off for each offset,
+    #: refinement steps per sub-block, super-block re-fit rounds.
+    SEARCH: ClassVar[Dict[str, Any]] = {"offsets": (0.0,), "iters": 1, "rounds": 2}
+
+    def _search(self, x):
+        s = self.SEARCH
+        return G.encode_kquant_symmetric(x, self.SUB, self.QMIN, -self.QMIN - 1, self.SMIN, -self.SMIN - 1,
+                                         _f64(s["offsets"]), s["iters"], s["rounds"])
+
+
+@register
+@dataclass(frozen=True)
+class Q6_K(_KQuantSymmetric):
+    """ggml Q6_K: super-blocks of 256 elements in 210 bytes (6.5625 bpw), 16 sub-blocks of 16.
+
+    Super-block: 128 bytes ``ql``, 64 bytes ``qh``, 16 int8 ``scales``, float16 ``d``.
+    Element ``e`` (``h = e // 128``, ``r = e % 128``): low 4 bits are nibble ``r // 64``
+    of ``ql[64 * h + r % 64]``, high 2 bits are bits ``2 * (r // 32)`` and up of
+    ``qh[32 * h + r % 32]``; the 6-bit value ``u`` is code ``u - 32``.
+    Dequantization: ``y = (d * scales[e // 16]) * float32(u - 32)``.
+    """
+
+    name: ClassVar[str] = "q6_k"
+    ggml_type: ClassVar[str] = "Q6_K"
+    supported_bits: ClassVar[Tuple[int, ...]] = (6,)
+    type_size: ClassVar[int] = 210
+    SEARCH: ClassVar[Dict[str, Any]] = {"offsets": (0.0, 0.5, 1.0), "iters": 1, "rounds": 2}
+
+    def _encode(self, x):
+        d, sc, q = self._search(x)
+        return G.pack_q6_k(d, sc, q)
+
+    def _decode(self, blob, n):
+        return G.decode_q6_k(blob, n)
+
+
+@register
+@dataclass(frozen=True)
+class Q3_K(_KQuantSymmetric):
+    """ggml Q3_K: super-blocks of 256 elements in 110 bytes (3.4375 bpw), 16 sub-blocks of 16.
+
+    Super-block: 32 bytes ``hmask``, 64 bytes ``qs``, 12 bytes ``scales``, float16 ``d``.
+    Element ``e`` (``h = e // 128``, ``r = e % 128``): low 2 bits are bits ``2 * (r // 32)``
+    and up of ``qs[32 * h + r % 32]``; its high bit is bit ``e // 32`` of ``hmask[e % 32]``;
+    the code is ``low - (0 if high else 4)``, in [-4, 3].
+    Sub-block ``j``'s 6-bit scale ``v``: low 4 bits from ``scales[j] & 15`` (``j < 8``) or
+    ``scales[j - 8] >> 4``, high 2 bits from ``scales[8 + j % 4] >> (2 * (j // 4))``; the
+    signed scale is ``v - 32``. Dequantization: ``y = (d * (v - 32)) * float32(code)``.
+    """
+
+    name: ClassVar[str] = "q3_k"
+    ggml_type: ClassVar[str] = "Q3_K"
+    supported_bits: ClassVar[Tuple[int, ...]] = (3,)
+    type_size: ClassVar[int] = 110
+    QMIN: ClassVar[int] = -4
+    SMIN: ClassVar[int] = -32
+    SEARCH: ClassVar[Dict[str, Any]] = {"offsets": tuple(np.linspace(-1, 1, 9).tolist()), "iters": 1, "rounds": 2}
+
+    def _encode(self, x):
+        d, sc, q = self._search(x)
+        return G.pack_q3_k(d, sc, q)
+
+    def _decode(self, blob, n):
+        return G.decode_q3_k(blob, n)
+
+
+#: The ggml type each bit width becomes under ``target_runtime="gguf"``.
+GGUF_TYPE_FOR_BITS: Dict[int, str] = {2: "q2_k", 3: "q3_k", 4: "q4_k", 5: "q5_k", 6: "q6_k", 8: "q8_0"}
+
+#: llama.cpp's fallback for a row length that a k-quant's 256-element super-block does not
+#: divide (``llama-quant.cpp``, ``convert_incompatible_tensor``); a row that the fallback's
+#: 32-element block does not divide either stays unquantized (llama.cpp: F16; here: lossless).
+ROW_FALLBACK: Dict[str, str] = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
+def gguf_type_for(bits: int, cols: int) -> Tuple[Optional[str], str]:
+    """The ggml encoding for a ``bits``-wide tensor with rows of ``cols`` elements, and why.
+
+    Returns ``(name, note)``; ``name`` is None when no ggml block fits the row (keep it
+    lossless). ``note`` is empty for the plain mapping, else the fallback's reason.
+    """
+    from .encodings import _REGISTRY
+
+    name = GGUF_TYPE_FOR_BITS[bits]
+    if cols % _REGISTRY[name].block == 0:
+        return name, ""
+    why = f"row length {cols} is not a multiple of {_REGISTRY[name].block}"
+    fallback = ROW_FALLBACK.get(name)
+    if fallback is not None and cols % _REGISTRY[fallback].block == 0:
+        return fallback, f"{why}, llama.cpp's fallback for {name.upper()}"
+    return None, f"{why} or 32 (llama.cpp keeps such rows in F16)"
