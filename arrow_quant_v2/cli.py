@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from . import __version__
-from .config import BIT_WIDTHS, GROUP_SIZES, PROFILES, DiffusionQuantConfig
+from .config import BIT_WIDTHS, GROUP_SIZES, PROFILES, TARGET_RUNTIMES, DiffusionQuantConfig
 from .export import FORMATS, SAFETENSORS_DTYPES
 from .errors import (
     ArrowQuantError,
@@ -165,6 +165,8 @@ def _config_from(args) -> DiffusionQuantConfig:
         overrides["group_size"] = args.group_size
     if args.encoding is not None:
         overrides["encoding"] = args.encoding
+    if args.target_runtime is not None:
+        overrides["target_runtime"] = args.target_runtime
     if args.min_accuracy is not None:
         overrides["min_accuracy"] = args.min_accuracy
     if args.fail_fast:
@@ -382,6 +384,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, choices=BIT_WIDTHS, help="bit width of ordinary layers")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, help="group size (0 = per row)")
     p.add_argument("--encoding", help="encoding name (default: the best for the bit width)")
+    p.add_argument("--target-runtime", choices=[r for r in TARGET_RUNTIMES if r],
+                   help="gguf: store only ggml block types (Q8_0/Q6_K/Q5_K/Q4_K/Q3_K/Q2_K) so a GGUF export is lossless")
     p.add_argument("--min-accuracy", type=float, help="cosine every tensor must reach (else fall back to more bits)")
     p.add_argument("--fail-fast", action="store_true", help="raise instead of falling back to more bits")
     p.add_argument("--no-time-aware", action="store_true", help="do not protect time-conditioning modules")

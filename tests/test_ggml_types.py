@@ -296,3 +296,17 @@ def test_gguf_size_budget_allocates_over_ggml_types(tmp_path):
     assert {e.encoding for e in qm.tensors.values()} <= set(GGML) | {"raw"}
     assert any(e.encoding != "raw" for e in qm.tensors.values())
     _check_gguf_store(tmp_path / "q", qm)
+
+
+def test_cli_target_runtime_gguf(tmp_path):
+    from arrow_quant_v2 import load_quantized
+    from arrow_quant_v2.cli import ExitCode, main
+
+    model = _gguf_model(tmp_path / "m")
+    out = tmp_path / "q"
+    assert main(["quantize", str(model), str(out), "--profile", "local", "--target-runtime", "gguf", "-q"]) == ExitCode.OK
+    qm = load_quantized(out)
+    assert qm.tensors["blocks.0.attn.weight"].encoding == "q4_k"
+    with pytest.raises(SystemExit) as info:  # argparse: not one of the choices
+        main(["quantize", str(model), str(tmp_path / "r"), "--target-runtime", "onnx", "-q"])
+    assert info.value.code == ExitCode.USAGE
