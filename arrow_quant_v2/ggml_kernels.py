@@ -404,9 +404,11 @@ def _search_aff(x, a, n, nmax, deltas, iters, work, neg=True):
 
 
 @njit(**INLINE)
-def _search_sym(x, a, n, qmin, qmax, offs, iters):
+def _search_sym(x, a, n, qmin, qmax, offs, iters, work):
     """A sub-block's signed scale on the grid [qmin, qmax]: the extreme element mapped to
-    ``qmin + off`` for each offset, rounded and least-squares re-fitted, then refined."""
+    ``qmin + off`` and to ``qmax + off`` (either orientation of the asymmetric grid) for each
+    offset, all rounded in one pass (``work``: float32 scratch of at least 3 x 2 x len(offs)),
+    each least-squares re-fitted; the best refined by ``iters`` round/re-fit steps."""
     m = np.float32(0.0)
     sxx = 0.0
     for i in range(a, a + n):
@@ -416,14 +418,32 @@ def _search_sym(x, a, n, qmin, qmax, offs, iters):
             m = v
     if m == 0:
         return 0.0
+    nc = 2 * offs.size
+    inv, sxq, sqq = work[0, :nc], work[1, :nc], work[2, :nc]
+    for k in range(nc):
+        end = qmin if k < offs.size else qmax
+        inv[k] = (end + offs[k % offs.size]) / m
+        sxq[k] = 0.0
+        sqq[k] = 0.0
+    lo = np.float32(qmin)
+    hi = np.float32(qmax)
+    shift = np.float32(0.5 - qmin)
+    for i in range(a, a + n):
+        v = x[i]
+        for k in range(nc):
+            q = np.float32(np.int32(min(max(v * inv[k], lo), hi) + shift)) + lo
+            sxq[k] += v * q
+            sqq[k] += q * q
     best_s = m / float(qmin)
     best_e = math.inf
-    for k in range(offs.size + iters):
-        s = m / (qmin + offs[k]) if k < offs.size else best_s
-        sxq, sqq = _sums_sym(x, a, n, np.float32(s), qmin, qmax)
-        if sqq > 0:
-            s = sxq / sqq
-            e = sxx - s * sxq
+    for k in range(nc + iters):
+        if k < nc:
+            t0, t1 = float(sxq[k]), float(sqq[k])
+        else:
+            t0, t1 = _sums_sym(x, a, n, np.float32(best_s), qmin, qmax)
+        if t1 > 0:
+            s = t0 / t1
+            e = sxx - s * t0
             if e < best_e:
                 best_s, best_e = s, e
     return best_s
@@ -736,6 +756,7 @@ def encode_kquant_symmetric(x, sub, qmin, qmax, smin, smax, offs, iters, rounds)
     sc_out = np.zeros(nsup * nsub, np.int16)
     q = np.zeros(x.size, np.int16)
     cur = np.zeros(x.size, np.int16)
+    work = np.empty((3, 2 * offs.size), np.float32)
     s_sub = np.empty(nsub)
     sc = np.zeros(nsub, np.int64)
     sums = np.zeros((nsub, 2))
@@ -758,7 +779,7 @@ def encode_kquant_symmetric(x, sub, qmin, qmax, smin, smax, offs, iters, rounds)
                             m = x[l]
                     s_sub[j] = m / float(qmin)
                 else:
-                    s_sub[j] = _search_sym(x, a, sub, qmin, qmax, offs, iters)
+                    s_sub[j] = _search_sym(x, a, sub, qmin, qmax, offs, iters, work)
             big = 0.0
             for j in range(nsub):
                 if abs(s_sub[j]) > abs(big):

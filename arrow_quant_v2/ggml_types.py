@@ -261,7 +261,7 @@ class Q4_K(_KQuantAffine):
     ggml_type: ClassVar[str] = "Q4_K"
     supported_bits: ClassVar[Tuple[int, ...]] = (4,)
     type_size: ClassVar[int] = 144
-    SEARCH: ClassVar[Dict[str, Any]] = {"deltas": tuple(np.linspace(-1, 1, 9).tolist()), "iters": 1, "rounds": 2}
+    SEARCH: ClassVar[Dict[str, Any]] = {"deltas": tuple(np.linspace(-1, 1, 9).tolist()), "iters": 1, "rounds": 3}
 
     def _encode(self, x):
         d, dm, sc, m, q = self._search(x)
@@ -334,8 +334,8 @@ class _KQuantSymmetric(GGMLEncoding):
     SUB: ClassVar[int] = 16
     QMIN: ClassVar[int] = -32
     SMIN: ClassVar[int] = -128
-    #: encoder effort (not format): the extreme tried at level QMIN + off for each offset,
-    #: refinement steps per sub-block, super-block re-fit rounds.
+    #: encoder effort (not format): the extreme tried at levels QMIN + off and QMAX + off for
+    #: each offset, refinement steps per sub-block, super-block re-fit rounds.
     SEARCH: ClassVar[Dict[str, Any]] = {"offsets": (0.0,), "iters": 1, "rounds": 2}
 
     def _search(self, x):
@@ -360,7 +360,7 @@ class Q6_K(_KQuantSymmetric):
     ggml_type: ClassVar[str] = "Q6_K"
     supported_bits: ClassVar[Tuple[int, ...]] = (6,)
     type_size: ClassVar[int] = 210
-    SEARCH: ClassVar[Dict[str, Any]] = {"offsets": (0.0, 0.5, 1.0), "iters": 1, "rounds": 2}
+    SEARCH: ClassVar[Dict[str, Any]] = {"offsets": tuple(np.linspace(-2, 2, 9).tolist()), "iters": 1, "rounds": 2}
 
     def _encode(self, x):
         d, sc, q = self._search(x)

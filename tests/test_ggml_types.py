@@ -11,9 +11,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
 from arrow_quant_v2 import encodings as E  # noqa: E402
 from arrow_quant_v2 import ggml_kernels as G  # noqa: E402
 from arrow_quant_v2.errors import ConfigurationError, ValidationError  # noqa: E402
-from arrow_quant_v2.ggml_types import GGUF_TYPE_FOR_BITS, ROW_FALLBACK, gguf_type_for  # noqa: E402
+from arrow_quant_v2.ggml_types import GGUF_TYPE_FOR_BITS, ROW_FALLBACK, GGMLEncoding, gguf_type_for  # noqa: E402
 
-GGML = sorted(n for n, c in E._REGISTRY.items() if getattr(c, "ggml_type", ""))
+#: this library's ggml encodings (other test modules may register stand-ins with a ggml_type too)
+GGML = sorted(n for n, c in E._REGISTRY.items() if issubclass(c, GGMLEncoding))
 
 
 def _enc(name):
@@ -242,7 +243,7 @@ def _check_gguf_store(store, qm):
             continue
         cls = E._REGISTRY[e.encoding]
         assert cls.ggml_type, name
-        data = np.concatenate([np.frombuffer(r["codes"], np.uint8) for r in qm._rows(name)])  # noqa: SLF001
+        data = np.concatenate([np.frombuffer(c["codes"], np.uint8) for c in qm.chunks(name)])
         rows = e.shape[0]
         ref = gguf.quants.dequantize(data.reshape(rows, -1), GGMLQuantizationType[cls.ggml_type])
         np.testing.assert_array_equal(qm.dequantize(name).reshape(rows, -1).view(np.uint32), ref.view(np.uint32))
