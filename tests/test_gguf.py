@@ -415,3 +415,21 @@ def test_denoiser_only_gguf_of_a_full_checkpoint_compares_the_denoiser(tmp_path)
     assert sorted(report["per_layer"]) == sorted(n for n in full if n.startswith("model.diffusion_model."))
     assert report["passed"] and report["architecture"] == "sd1"
     assert "not compared" in report["warnings"][0]
+
+
+# -- the library's ggml block types (target_runtime="gguf") ----------------------------------
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_target_runtime_gguf_stores_export_losslessly(tmp_path, bits):
+    """k-quants need rows of 256: the 320-wide vocabulary rows and 64-wide rows fall back to the
+    types llama.cpp uses; every tensor still decodes in gguf-py exactly as in the store."""
+    src = gguf_helpers.make_dream(tmp_path / "d", hidden=256, intermediate=512, vocab=320)
+    store = quantize(src, tmp_path / "s", bit_width=bits, target_runtime="gguf")
+    result = store.to_gguf(tmp_path / "d.gguf")
+    assert_round_trip(store, tmp_path / "d.gguf")
+    main = {8: "Q8_0", 4: "Q4_K", 2: "Q2_K"}[bits]
+    assert result["ggml_types"][main] > 0
+    report = ArrowQuantV2().validate_quality(src, tmp_path / "d.gguf")
+    assert report["per_layer_accuracy"] == pytest.approx({n: store.tensors[n].cosine for n in report["per_layer"]},
+                                                         abs=1e-9)

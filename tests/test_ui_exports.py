@@ -129,3 +129,15 @@ async def exports_wait(manager, export):
     from arrow_quant_v2.ui.exports import exports_for
 
     return await exports_for(manager).wait(export)
+
+
+def test_runtime_choice_sits_by_the_profile_and_survives_profile_changes():
+    from arrow_quant_v2.ui.settings import RUNTIME_FIELD, QuantSettings
+
+    s = QuantSettings("local")
+    assert RUNTIME_FIELD not in QuantSettings.advanced_fields() and s.label == "local"
+    s.target_runtime = "gguf"
+    assert s.label == "local-gguf"
+    s.profile = "edge"
+    assert s.target_runtime == "gguf" and s.label == "edge-gguf"
+    assert s.to_config().target_runtime == "gguf" and s.to_config().bit_width == 2
