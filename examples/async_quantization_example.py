@@ -182,7 +182,7 @@ async def error_handling(quantizer: AsyncArrowQuantV2, model: Path, small: list,
 
     try:
         await quantizer.quantize_diffusion_model_async(str(model), str(out / "never"),
-                                                       config=DiffusionQuantConfig(bit_width=3))
+                                                       config=DiffusionQuantConfig(bit_width=7))
     except ConfigurationError as e:
         print(f"Invalid configuration: {e}")
 

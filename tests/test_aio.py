@@ -491,7 +491,7 @@ async def test_errors_are_typed_and_name_what_is_wrong(small, tmp_path):
     with pytest.raises(ConfigurationError, match="config"):
         await q.quantize_diffusion_model_async(small, tmp_path / "out", config={"bit_width": 4})
     with pytest.raises(ConfigurationError, match="bit_width"):
-        await q.quantize_diffusion_model_async(small, tmp_path / "out", DiffusionQuantConfig(bit_width=3))
+        await q.quantize_diffusion_model_async(small, tmp_path / "out", DiffusionQuantConfig(bit_width=7))
     with pytest.raises(ConfigurationError, match="progress_interval"):
         await q.quantize_diffusion_model_async(small, tmp_path / "out", progress_interval=-1)
     await q.quantize_diffusion_model_async(small, tmp_path / "out", INT4)

@@ -53,7 +53,7 @@ def test_async_example_covers_every_section(repo_root, tmp_path, mode):
 
     errors = s["Error handling"]
     assert "Quantization failed: " in errors and "invalid/path" in errors
-    assert "Invalid configuration: bit_width=3" in errors
+    assert "Invalid configuration: bit_width=7" in errors
     assert re.search(r"Quantization failed: \S+: cosine [\d.]+ at int2 is below min_accuracy", errors)
     assert "Fallback result: int4" in errors
     assert "1 of 2 models failed: [1]" in errors and "Kept the finished stores: ['batch-ok']" in errors

@@ -255,12 +255,12 @@ def test_target_runtime_gguf_stores_only_ggml_types_with_llama_cpp_fallbacks(tmp
 
     model = _gguf_model(tmp_path / "m")
     config = DiffusionQuantConfig(bit_width=4, target_runtime="gguf", lossless_below=0, min_accuracy=0.0,
-                                  protect_embeddings=False)
+                                  protect_embeddings=False, bit_rules={"blocks.0.conv.*": 6})
     quantize_model(model, tmp_path / "q", config)
     qm = load_quantized(tmp_path / "q")
     got = {n: (e.encoding, e.bits, e.reason) for n, e in qm.tensors.items()}
     assert got["blocks.0.attn.weight"][:2] == ("q4_k", 4)
-    assert got["blocks.0.conv.weight"][:2] == ("q4_k", 4)
+    assert got["blocks.0.conv.weight"][:2] == ("q6_k", 6) and "rule" in got["blocks.0.conv.weight"][2]
     assert got["blocks.0.mlp.weight"][:2] == ("q5_0", 5)
     assert "row length 96 is not a multiple of 256" in got["blocks.0.mlp.weight"][2]
     assert got["blocks.0.odd.weight"][0] == "raw" and "row length 100" in got["blocks.0.odd.weight"][2]

@@ -115,10 +115,10 @@ def test_settings_form_is_generated_from_field_specs():
     assert s.label == "int4" and s.to_config().bit_width == 4
     s.group_size = 32
     assert s.label == "int4-g32" and s.to_config().group_size == 32
-    s.bit_rules = {"*.q_proj.weight": 3}
+    s.bit_rules = {"*.q_proj.weight": 7}
     with pytest.raises(ConfigurationError, match="bit_rules"):
         s.to_config()
-    assert set(s.param.bit_width.objects) == {2, 4, 8}
+    assert set(s.param.bit_width.objects) == {2, 3, 4, 5, 6, 8}
     assert s.param.min_accuracy.bounds == (0.0, 1.0) and s.param.min_accuracy.allow_None
 
 
