@@ -41,6 +41,10 @@ CHUNK_ELEMENTS = 8 << 20
 SPLIT_WAYS = 8
 MIN_SPLIT_ELEMENTS = 1 << 18
 
+#: Lossless tensors up to this size are copied on the job's thread, not sent to the kernel
+#: pool: for a model of many tiny tensors the hand-off cost more than the copy.
+INLINE_BYTES = 64 << 10
+
 _pool_lock = threading.Lock()
 _pool: Optional[ThreadPoolExecutor] = None
 
@@ -79,6 +83,19 @@ class _NonFinite(Exception):
     pass
 
 
+class _Ready:
+    """A result computed on the spot, with the two methods of a Future the pipeline calls."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def result(self):
+        return self.value
+
+    def cancel(self) -> bool:
+        return False
+
+
 def chunk_ranges(source: ModelSource, info: TensorInfo) -> List[Tuple[int, int]]:
     """The row ranges of ``info``'s 2-D view that become the store rows of this tensor."""
     rows, cols = info.matrix_shape
@@ -103,6 +120,7 @@ class QuantizeJob:
         self.final: Dict[str, dict] = {}  # tensor -> its figures, bits, bytes, reason
         self.warnings: List[str] = []
         self.fallbacks: List[dict] = []
+        self._source_files: Dict[Path, str] = {}  # weight file -> its name relative to the model root
 
     # -- work items ---------------------------------------------------------------------
 
@@ -179,7 +197,10 @@ class QuantizeJob:
                 if item is None:
                     return
                 info, plan, i, r0, r1, last = item
-                pending.append((item, self.pool.submit(self._encode, info, plan, r0, r1)))
+                if plan.lossless and info.nbytes <= INLINE_BYTES:  # a copy: cheaper here than a pool round trip
+                    pending.append((item, _Ready(self._encode(info, plan, r0, r1))))
+                else:
+                    pending.append((item, self.pool.submit(self._encode, info, plan, r0, r1)))
 
         try:
             while True:
@@ -293,7 +314,10 @@ class QuantizeJob:
             concurrent.futures.wait(futures)  # let running chunks end so no thread outlives the job
 
     def _write(self, info: TensorInfo, plan: TensorPlan, parts, fig: Dict[str, float], reason: str) -> None:
-        rel = str(info.file.relative_to(self.source.root)) if self.source.path.is_dir() else info.file.name
+        rel = self._source_files.get(info.file)
+        if rel is None:
+            rel = str(info.file.relative_to(self.source.root)) if self.source.path.is_dir() else info.file.name
+            self._source_files[info.file] = rel
         encoding = RAW if plan.lossless else plan.encoding
         records = [
             ChunkRecord(info.name, rel, info.shape, info.dtype, i, r0, r1 - r0, encoding, plan.bits, plan.group_size, blobs)

@@ -125,6 +125,38 @@ def _disk_error(e: OSError, where: Path) -> OutputError:
     return OutputError(f"{where}: write failed ({e})")
 
 
+#: Once a shard holds SHARED_GROUPS_AFTER rows, rows of fewer blob bytes than SMALL_ROW_BYTES
+#: share a row group, up to ROW_GROUP_BYTES together: one footer entry for many tiny tensors
+#: (a model of 100,000 of them would otherwise have 100,000 row groups, and a 3.6 GB writer).
+#: Every other row has a row group of its own, so a real chunk is read alone, and a model of
+#: ordinary size is stored exactly as before (its store pins and the size budget's overhead
+#: model, budget.store_overhead, are unchanged).
+SHARED_GROUPS_AFTER, SMALL_ROW_BYTES, ROW_GROUP_BYTES = 1024, 16 << 10, 1 << 20
+
+
+def _binary_column(blobs: List[Optional[np.ndarray]]) -> pa.Array:
+    """A large_binary column of several small blobs (copied once into one buffer)."""
+    if len(blobs) == 1:
+        return _binary_cell(blobs[0])
+    sizes = np.array([0 if b is None else b.nbytes for b in blobs], dtype=np.int64)
+    offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    present = [np.ascontiguousarray(b).view(np.uint8).reshape(-1) for b in blobs if b is not None]
+    data = np.concatenate(present) if present else np.zeros(0, np.uint8)
+    validity = None
+    if any(b is None for b in blobs):
+        validity = pa.py_buffer(np.packbits(np.array([b is not None for b in blobs]), bitorder="little"))
+    return pa.Array.from_buffers(pa.large_binary(), len(blobs), [validity, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def row_places(pf: pq.ParquetFile) -> List[Tuple[int, int]]:
+    """(row group, row within it) of every row of a shard, in order, from its footer."""
+    meta = pf.metadata
+    if meta.num_row_groups == meta.num_rows:  # one row per row group (stores written before small rows shared groups)
+        return [(i, 0) for i in range(meta.num_rows)]
+    return [(g, k) for g in range(meta.num_row_groups) for k in range(meta.row_group(g).num_rows)]
+
+
 def _binary_cell(blob: Optional[np.ndarray]) -> pa.Array:
     """A one-value large_binary array over the blob's own memory (no copy).
 
@@ -248,6 +280,8 @@ class StoreWriter:
         self.resumed: Dict[str, dict] = {}  # tensor name -> its figures, for tensors kept from a killed run
         self._writer: Optional[pq.ParquetWriter] = None
         self._shard_bytes = 0
+        self._pending: List[tuple] = []  # rows waiting to become one row group: (record, figures, reason)
+        self._pending_bytes = 0
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self._claim(resume)
@@ -352,7 +386,7 @@ class StoreWriter:
                    "tensors": {n: self._journal_tensors[n] for s in self.shards for n in s["tensor_names"]}}
         tmp = self.tmp / (JOURNAL + ".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(journal, fh)
+            fh.write(json.dumps(journal))  # dumps uses the C encoder; dump does not (100k tensors: seconds)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.tmp / JOURNAL)
@@ -374,6 +408,7 @@ class StoreWriter:
 
     def _close_shard(self) -> None:
         if self._writer is not None:
+            self._flush_rows()
             self._writer.close()
             self._writer = None
             self._record_shard(self._open_figures)
@@ -390,16 +425,13 @@ class StoreWriter:
             if self._writer is None or starts_new_shard(self._shard_bytes, size, self.max_shard_bytes):
                 self._open_shard()  # closes (and journals) the previous shard: disk errors here too
             for r in records:
-                row = {
-                    "name": [r.name], "source_file": [r.source_file], "shape": [list(r.shape)], "dtype": [r.dtype],
-                    "chunk": [r.chunk], "row_start": [r.row_start], "row_count": [r.row_count],
-                    "encoding": [r.encoding], "bits": [r.bits], "group_size": [r.group_size], "nbytes": [r.nbytes],
-                    "cosine": [figures["cosine"]], "rel_error": [figures["rel_error"]],
-                    "sqnr_db": [figures["sqnr_db"]], "reason": [reason],
-                }
-                for f in encodings.BLOB_FIELDS:
-                    row[f] = _binary_cell(r.blobs.get(f))
-                self._writer.write_table(pa.table(row, schema=SCHEMA))
+                small = r.nbytes < SMALL_ROW_BYTES and self.shards[-1]["rows"] >= SHARED_GROUPS_AFTER
+                if not small or self._pending_bytes + r.nbytes > ROW_GROUP_BYTES:
+                    self._flush_rows()
+                self._pending.append((r, figures, reason))
+                self._pending_bytes += r.nbytes
+                if not small:
+                    self._flush_rows()
         except OSError as e:
             raise _disk_error(e, self.output) from None
         self._shard_bytes += size
@@ -407,6 +439,30 @@ class StoreWriter:
         self.shards[-1]["rows"] += len(records)
         self.shards[-1]["tensor_names"].append(records[0].name)
         self._open_figures[records[0].name] = summary or {}
+
+    def _flush_rows(self) -> None:
+        """Write the pending rows as one row group. Where the cuts fall depends only on the rows,
+        so the same inputs give the same files (resume relies on it)."""
+        if not self._pending:
+            return
+        rows, self._pending, self._pending_bytes = self._pending, [], 0
+        columns = {
+            "name": [r.name for r, _, _ in rows], "source_file": [r.source_file for r, _, _ in rows],
+            "shape": [list(r.shape) for r, _, _ in rows], "dtype": [r.dtype for r, _, _ in rows],
+            "chunk": [r.chunk for r, _, _ in rows], "row_start": [r.row_start for r, _, _ in rows],
+            "row_count": [r.row_count for r, _, _ in rows], "encoding": [r.encoding for r, _, _ in rows],
+            "bits": [r.bits for r, _, _ in rows], "group_size": [r.group_size for r, _, _ in rows],
+            "nbytes": [r.nbytes for r, _, _ in rows],
+            "cosine": [f["cosine"] for _, f, _ in rows], "rel_error": [f["rel_error"] for _, f, _ in rows],
+            "sqnr_db": [f["sqnr_db"] for _, f, _ in rows], "reason": [why for _, _, why in rows],
+        }
+        arrays = []
+        for field in SCHEMA:
+            if field.name in encodings.BLOB_FIELDS:
+                arrays.append(_binary_column([r.blobs.get(field.name) for r, _, _ in rows]))
+            else:
+                arrays.append(pa.array(columns[field.name], type=field.type))
+        self._writer.write_table(pa.Table.from_arrays(arrays, schema=SCHEMA), row_group_size=len(rows))
 
     # -- publish / abort ---------------------------------------------------------------
 
@@ -550,10 +606,7 @@ class QuantizedModel:
                     raise StoreFormatError(self.path, f"{where}.rows",
                                            f"the file has {meta.num_rows} rows, the manifest says {shard['rows']}")
                 columns = pf.read(columns=META_COLUMNS).to_pydict()
-                if meta.num_row_groups == meta.num_rows:  # one row per row group (format v1 writers before 0.2)
-                    places = [(si, i, 0) for i in range(meta.num_rows)]
-                else:
-                    places = [(si, g, k) for g in range(meta.num_row_groups) for k in range(meta.row_group(g).num_rows)]
+                places = [(si, g, k) for g, k in row_places(pf)]
             except (OSError, pa.ArrowException, ValueError) as e:
                 raise StoreFormatError(self.path, where, f"unreadable Parquet ({str(e)[:200]})") from None
             refs = [(place, start, count, nbytes, cos, rel, sqnr, reason) for place, start, count, nbytes, cos, rel,

@@ -257,6 +257,7 @@ class RowChecker:
         self.store = store
         self.tensors: Dict[str, List[tuple]] = {}
         self._layouts: Dict[tuple, object] = {}
+        self._checked: Dict[tuple, object] = {}
 
     def add(self, file: str, columns: Dict[str, list], refs: List[tuple]) -> None:
         n = len(refs)
@@ -284,7 +285,10 @@ class RowChecker:
                     raise StoreFormatError(self.store, field, "differs between chunks of the tensor", name)
             meta = dict(zip(PER_TENSOR, first))
             meta["shape"] = tuple(meta["shape"])
-            layout = self._check_tensor(name, meta)
+            key = tuple(meta.values())  # many tensors share all of these: check each combination once
+            layout = self._checked.get(key)
+            if layout is None:
+                layout = self._checked[key] = self._check_tensor(name, meta)
             self._check_rows(name, meta, layout, rows)
             out[name] = (meta, [r[5] for r in rows])
         return out

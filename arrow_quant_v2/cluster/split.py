@@ -37,7 +37,7 @@ from ..engine import Preparation, QuantizeJob, fraction_reporter, prepare, publi
 from ..errors import ConfigurationError
 from ..progress import CancelToken, ProgressEvent, ProgressSink
 from ..source import open_model
-from ..store import ChunkRecord, StoreWriter, shard_layout
+from ..store import ChunkRecord, StoreWriter, row_places, shard_layout
 
 #: Models larger than this are split across the workers unless the caller says otherwise.
 SPLIT_ABOVE_BYTES = 1 << 30
@@ -94,12 +94,18 @@ def write_shard(members: List[Tuple[str, List[str]]], target: str, marker: str, 
         for folder, names in members:
             figures = json.loads((Path(folder) / DONE).read_text(encoding="utf-8"))["final"]
             rows_file = pq.ParquetFile(Path(folder) / ROWS)
-            where: Dict[str, List[int]] = {}
+            where: Dict[str, List[Tuple[int, int]]] = {}
+            places = row_places(rows_file)  # small rows share a row group
             for i, name in enumerate(rows_file.read(columns=["name"]).column("name").to_pylist()):
-                where.setdefault(name, []).append(i)  # one row group per row
+                where.setdefault(name, []).append(places[i])
+            group: Tuple[int, Any] = (-1, None)
             for name in names:
                 cancel.check()
-                rows = [rows_file.read_row_group(i).to_pylist()[0] for i in where[name]]
+                rows = []
+                for g, k in where[name]:
+                    if group[0] != g:
+                        group = (g, rows_file.read_row_group(g))
+                    rows.append(group[1].slice(k, 1).to_pylist()[0])
                 writer.write_tensor([ChunkRecord.from_row(r) for r in rows],
                                     {k: rows[0][k] for k in ("cosine", "rel_error", "sqnr_db")}, rows[0]["reason"],
                                     figures[name])
