@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def cache(tmp_path, monkeypatch):
     """An empty sample cache: samples are listed but not built (nothing is downloaded)."""
     monkeypatch.setenv("ARROW_QUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))  # the library lists it: keep the user's out
     monkeypatch.delenv(MODEL_ROOTS_ENV, raising=False)
     monkeypatch.delenv("ARROW_QUANT_OUTPUT_ROOT", raising=False)
     return tmp_path / "cache"

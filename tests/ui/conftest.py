@@ -125,6 +125,7 @@ def start_server(tmp: Path, model_root: Path, extra_env=None) -> Server:
     env = dict(os.environ)
     env.update({
         "ARROW_QUANT_CACHE": str(tmp / "cache"),
+        "HF_HUB_CACHE": str(tmp / "hf-hub"),  # the library lists the Hugging Face cache: keep the user's out
         "ARROW_QUANT_OUTPUT_ROOT": str(tmp / "outputs"),
         "ARROW_QUANT_MODEL_ROOTS": str(model_root),
         "ARROW_QUANT_OFFLINE": "1",  # the real samples are not fetched in tests: only tiny-dream is built
