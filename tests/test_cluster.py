@@ -348,3 +348,47 @@ async def test_a_worker_killed_mid_model_is_retried_elsewhere_and_the_store_is_i
     assert result["cluster"]["part_runs"] == result["cluster"]["parts"] + 1  # only its part ran again
     assert store_fingerprint(tmp_path / "split") == store_fingerprint(tmp_path / "local")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "split"]
+
+
+# -- the app's state: "this machine" / "Dask cluster at …" -----------------------------------------
+
+
+async def test_the_app_runs_new_jobs_on_the_chosen_cluster_and_lists_its_workers(client, fleet, tmp_path,
+                                                                                   monkeypatch):
+    from arrow_quant_v2.ui.compute import DASK, THIS_MACHINE
+    from arrow_quant_v2.ui.jobs import JobManager
+    from arrow_quant_v2.ui.library import ModelLibrary
+
+    manager = JobManager(ModelLibrary([fleet[0].parent], include_samples=False), output_root=tmp_path / "out",
+                         progress_interval=0.01, scan_outputs=False)
+    place = manager.compute
+    place.param.update(where=DASK, address=client.scheduler.address)
+    assert await place.apply()
+    assert sorted(w["address"] for w in place.workers) == sorted(client.scheduler_info()["workers"])
+    assert place.active == f"{DASK} at {client.scheduler.address}" and "2 workers" in place.status
+    with distributed.get_task_stream(client=client) as stream:
+        job = await manager.run("m1", INT4)
+    assert job.status == "done", job.error
+    assert {t["key"].rsplit("-", 1)[0] for t in stream.data} >= {"quantize_model", "validate_store"}
+    assert store_fingerprint(Path(job.output_path)) == store_fingerprint(
+        Path(quantize_model(fleet[1], tmp_path / "local", INT4)["quantized_path"]))
+
+    monkeypatch.setattr(runner, "CONNECT_TIMEOUT_S", 1)
+    place.address = "tcp://127.0.0.1:9"  # nobody there: the last good choice stays
+    assert not await place.apply()
+    assert place.status.startswith("cannot use tcp://127.0.0.1:9") and place.active.startswith(DASK)
+    place.where = THIS_MACHINE
+    assert await place.apply() and place.workers == [] and manager.quantizer.cluster is None
+    manager.quantizer.close()
+
+
+def test_the_compute_choice_view_shows_the_workers():
+    pn = pytest.importorskip("panel")
+    from arrow_quant_v2.ui.compute import ComputePlace
+    from arrow_quant_v2.ui.views import ComputeChoice
+
+    place = ComputePlace(lambda quantizer: None)
+    view = ComputeChoice(place=place)
+    assert isinstance(view.__panel__(), pn.Column)
+    place.workers = [{"address": "tcp://127.0.0.1:1234", "name": "0", "nthreads": 1, "memory_limit": 2**30}]
+    assert "tcp://127.0.0.1:1234" in view._workers.object and "1.0 GiB" in view._workers.object

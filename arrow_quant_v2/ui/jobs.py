@@ -26,6 +26,7 @@ from ..progress import ProgressEvent
 from .. import storecheck
 from ..errors import StoreFormatError
 from ..store import MANIFEST
+from .compute import ComputePlace
 from .library import ModelEntry, ModelLibrary
 from .roots import default_output_root, is_within, unique_path
 
@@ -169,6 +170,7 @@ class JobManager(param.Parameterized):
         self.library = library if library is not None else ModelLibrary()
         self._quantizer = quantizer
         self._max_jobs = max_concurrent_jobs
+        self.compute = ComputePlace(self.use_quantizer, self.progress_interval)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._reserved: set = set()
         self._lock = threading.Lock()
@@ -188,6 +190,10 @@ class JobManager(param.Parameterized):
             q = q()
         self._quantizer = q
         return q
+
+    def use_quantizer(self, quantizer: Optional[Quantizer]) -> None:
+        """Run new jobs on ``quantizer`` (None: a local one, made on first use); running jobs go on where they are."""
+        self._quantizer = quantizer
 
     # -- jobs --------------------------------------------------------------------------
 

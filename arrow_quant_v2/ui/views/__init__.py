@@ -7,6 +7,7 @@ per-session periodic callback (every 0.1 s), so every tab sees every job and not
 closed tab lingers. One module per view; :mod:`.html` holds the stylesheet and HTML helpers.
 """
 from .compare import CompareView
+from .compute import ComputeChoice
 from .dashboard import Dashboard, dashboard
 from .exports import ExportPanel, ExportRow, GGUFCheckForm
 from .html import CSS, budget_text, watch_shared
@@ -15,6 +16,6 @@ from .launcher import Launcher, config_form
 from .library import LibraryView
 from .quality import QualityView
 
-__all__ = ["CSS", "POLL_MS", "CompareView", "Dashboard", "ExportPanel", "ExportRow", "GGUFCheckForm", "JobBoard",
+__all__ = ["CSS", "POLL_MS", "CompareView", "ComputeChoice", "Dashboard", "ExportPanel", "ExportRow", "GGUFCheckForm", "JobBoard",
            "JobRow", "Launcher", "LibraryView",
            "QualityView", "budget_text", "config_form", "dashboard", "watch_shared"]

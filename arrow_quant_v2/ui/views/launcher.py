@@ -12,6 +12,7 @@ from .. import format as fmt
 from ..jobs import Job, JobManager
 from ..settings import (AUTO, BUDGET_FIELD, RUNTIME_FIELD, QuantSettings, ReachableSizes, cached_size_range,
                         check_target, describe_range)
+from .compute import ComputeChoice
 from .html import html, watch_shared
 
 
@@ -205,6 +206,7 @@ class Launcher(Viewer):
             self._range,
             pn.Card(main, title="Tune the config", collapsed=True, sizing_mode="stretch_width", margin=(5, 5)),
             advanced,
+            ComputeChoice(place=self.manager.compute),
             self._start, self._alert, self._note,
             sizing_mode="stretch_width",
         )
