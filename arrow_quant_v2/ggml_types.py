@@ -261,7 +261,7 @@ class Q4_K(_KQuantAffine):
     ggml_type: ClassVar[str] = "Q4_K"
     supported_bits: ClassVar[Tuple[int, ...]] = (4,)
     type_size: ClassVar[int] = 144
-    SEARCH: ClassVar[Dict[str, Any]] = {"deltas": tuple(np.linspace(-1, 1, 9).tolist()), "iters": 1, "rounds": 3}
+    SEARCH: ClassVar[Dict[str, Any]] = {"deltas": tuple(np.linspace(-1.5, 1.5, 13).tolist()), "iters": 1, "rounds": 3}
 
     def _encode(self, x):
         d, dm, sc, m, q = self._search(x)
