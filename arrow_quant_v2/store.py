@@ -605,23 +605,28 @@ class QuantizedModel:
                 if meta.num_rows != shard["rows"]:
                     raise StoreFormatError(self.path, f"{where}.rows",
                                            f"the file has {meta.num_rows} rows, the manifest says {shard['rows']}")
-                columns = pf.read(columns=META_COLUMNS).to_pydict()
+                table = pf.read(columns=META_COLUMNS)
+                columns = table.to_pydict()
                 places = [(si, g, k) for g, k in row_places(pf)]
             except (OSError, pa.ArrowException, ValueError) as e:
                 raise StoreFormatError(self.path, where, f"unreadable Parquet ({str(e)[:200]})") from None
             refs = [(place, start, count, nbytes, cos, rel, sqnr, reason) for place, start, count, nbytes, cos, rel,
                     sqnr, reason in zip(places, columns["row_start"], columns["row_count"], columns["nbytes"],
                                         columns["cosine"], columns["rel_error"], columns["sqnr_db"], columns["reason"])]
-            self._checker.add(shard["file"], columns, refs)
+            self._checker.add(shard["file"], table, columns, refs)
             self._parquet.append(pf)
         for name, (meta, refs) in self._checker.finish().items():
-            _, _, _, _, cos, rel, sqnr, reason = refs[0]
+            (si, rg, k), start, count, nbytes, cos, rel, sqnr, reason = refs[0]
+            if len(refs) == 1:  # most tensors (all of a model of many tiny ones): no generator needed
+                rows = ((si, rg, k, start, count),)
+            else:
+                rows = tuple((p[0], p[1], p[2], r0, n) for p, r0, n, *_ in refs)
+                nbytes = sum(r[3] for r in refs)
             self._meta[name] = meta
             self.tensors[name] = TensorEntry(
                 name=name, shape=meta["shape"], dtype=meta["dtype"], encoding=meta["encoding"], bits=meta["bits"],
                 group_size=meta["group_size"], reason=reason or "", cosine=cos, rel_error=rel, sqnr_db=sqnr,
-                nbytes=sum(r[3] for r in refs), source_file=meta["source_file"],
-                rows=tuple((place[0], place[1], place[2], start, count) for place, start, count, *_ in refs),
+                nbytes=nbytes, source_file=meta["source_file"], rows=rows,
             )
 
     # -- per tensor ---------------------------------------------------------------------

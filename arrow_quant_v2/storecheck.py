@@ -37,6 +37,9 @@ import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
+import pyarrow.compute as pc
+
 from . import encodings
 from .errors import ConfigurationError, StoreFormatError
 from .source import DTYPES, MAX_RANK
@@ -259,37 +262,46 @@ class RowChecker:
         self._layouts: Dict[tuple, object] = {}
         self._checked: Dict[tuple, object] = {}
 
-    def add(self, file: str, columns: Dict[str, list], refs: List[tuple]) -> None:
-        n = len(refs)
+    def add(self, file: str, table, columns: Dict[str, list], refs: List[tuple]) -> None:
+        """Take a shard's metadata rows: ``table`` (pyarrow) for the null checks, ``columns`` the same
+        as Python lists, ``refs`` one caller value per row."""
         for c in REQUIRED:
-            if any(v is None for v in columns[c]):
-                i = columns[c].index(None)
+            if table.column(c).null_count:
+                i = int(np.argmax(table.column(c).is_null().to_numpy(zero_copy_only=False)))
                 raise StoreFormatError(self.store, c, f"is null (row {i} of {file})", _name_at(columns, i))
-        shape_col = columns["shape"]
-        for i in range(n):
-            if any(d is None for d in shape_col[i]):
-                raise StoreFormatError(self.store, "shape", "has a null dimension", columns["name"][i])
+        if pc.list_flatten(table.column("shape")).null_count:
+            i = next(i for i, dims in enumerate(columns["shape"]) if None in dims)
+            raise StoreFormatError(self.store, "shape", "has a null dimension", columns["name"][i])
         rows = zip(columns["name"], columns["chunk"], columns["row_start"], columns["row_count"],
-                   columns["nbytes"], *(columns[c] for c in PER_TENSOR), refs)
-        for name, chunk, r0, count, nbytes, *rest in rows:
-            self.tensors.setdefault(name, []).append((chunk, r0, count, nbytes, tuple(rest[:-1]), rest[-1]))
+                   columns["nbytes"], zip(*(columns[c] for c in PER_TENSOR)), refs)
+        tensors = self.tensors
+        for name, chunk, r0, count, nbytes, fields, ref in rows:
+            entry = (chunk, r0, count, nbytes, fields, ref)
+            if name in tensors:
+                tensors[name].append(entry)
+            else:
+                tensors[name] = [entry]
 
     def finish(self) -> Dict[str, Tuple[dict, List[tuple]]]:
         out = {}
         for name, rows in self.tensors.items():
-            rows.sort(key=lambda r: r[0])
+            if len(rows) > 1:
+                rows.sort(key=lambda r: r[0])
             first = rows[0][4]
             for r in rows:
                 if r[4] != first:
                     field = next(c for c, a, b in zip(PER_TENSOR, r[4], first) if a != b)
                     raise StoreFormatError(self.store, field, "differs between chunks of the tensor", name)
-            meta = dict(zip(PER_TENSOR, first))
-            meta["shape"] = tuple(meta["shape"])
-            key = tuple(meta.values())  # many tensors share all of these: check each combination once
-            layout = self._checked.get(key)
-            if layout is None:
-                layout = self._checked[key] = self._check_tensor(name, meta)
-            self._check_rows(name, meta, layout, rows)
+            key = first[:1] + (tuple(first[1]),) + first[2:]  # many tensors share all of these: check once
+            known = self._checked.get(key)
+            if known is None:
+                meta = dict(zip(PER_TENSOR, key))
+                known = self._checked[key] = (meta, self._check_tensor(name, meta), matrix_shape(meta["shape"])[0])
+            meta, layout, total = known
+            chunk, r0, count, nbytes, _, _ = rows[0]
+            if len(rows) != 1 or chunk != 0 or r0 != 0 or count != total or nbytes != layout(count) \
+                    or (count == 0 and total != 0):
+                self._check_rows(name, meta, layout, rows)  # the general check (and its precise error)
             out[name] = (meta, [r[5] for r in rows])
         return out
 
