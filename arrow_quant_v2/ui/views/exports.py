@@ -12,7 +12,7 @@ from panel.viewable import Viewer
 from .. import format as fmt
 from ..exports import ExportJob, Exports, can_export, check_gguf, exports_for
 from ..jobs import Job, JobManager
-from .html import BAR_COLORS, CSS, badge, html
+from .html import BAR_COLORS, CSS, badge, html, watch_shared
 
 
 class ExportRow(Viewer):
@@ -131,9 +131,10 @@ class GGUFCheckForm(Viewer):
         self._button = pn.widgets.Button(name="Check GGUF", button_type="primary", button_style="outline", width=120,
                                          align="end", css_classes=["aq-gguf-check"])
         self._button.on_click(lambda _: self.start())
+        watch_shared(self.manager.library, self.refresh_models, "models")
         self.refresh_models()
 
-    def refresh_models(self) -> None:
+    def refresh_models(self, *_) -> None:
         names = [e.name for e in self.manager.library.models if e.usable]
         self.param.model.objects = names
         if self.model not in names:
@@ -158,7 +159,7 @@ class GGUFCheckForm(Viewer):
             html("<div class='aq-section'>Check a GGUF file against its source</div>"
                  "<div class='aq-muted'>Any GGUF — exported here, by llama-quantize, or by ComfyUI-GGUF — compared "
                  "tensor by tensor with the safetensors it was made from (inside the model folders).</div>"),
-            pn.Row(pn.widgets.Select.from_param(self.param.model, width=220),
+            pn.Row(pn.widgets.Select.from_param(self.param.model, width=220, css_classes=["aq-gguf-model"]),
                    pn.widgets.TextInput.from_param(self.param.gguf_path, placeholder="path/to/model.gguf",
                                                    css_classes=["aq-gguf-path"], sizing_mode="stretch_width"),
                    self._button, sizing_mode="stretch_width"),
