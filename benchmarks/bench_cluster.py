@@ -1,0 +1,281 @@
+"""Benchmark of jobs on a Dask cluster (LocalCluster on this machine, bound to 127.0.0.1).
+
+    python benchmarks/bench_cluster.py [--repeats 3] [--big-repeats 2] [--workdir DIR] [--parts fleet,big]
+
+(a) fleet: 4 synthetic Dream-layout models (~136M params, ~270 MB BF16 each, different seeds),
+    int4, quantized as one ``quantize_multiple_models_async`` call on 2 workers of 1 thread
+    each, versus one after the other (``await`` each in turn) on a cluster of 1 worker of 1
+    thread. Target: parallel / serial <= 0.6.
+(b) one large model: the ``2gb`` preset of ``make_synthetic.py`` (~1.0B params, ~2.0 GB BF16,
+    2 input shards), int4, output shards of 64 MiB, split across the workers
+    (``split_across_workers=True``) of a cluster of 2 one-thread workers versus 1. Target <= 0.65.
+
+Every run is a fresh ``AsyncArrowQuantV2(cluster=...)`` on a cluster started before the clock
+starts (worker start-up and the kernels' first load are outside the time: each cluster
+quantizes a small model once first). Wall time is from the first call to the last result.
+Each worker process's RSS is sampled every 50 ms (psutil) and its peak is recorded, next to
+its RSS before the run. Runs of the two sides alternate; the statistic is the median of the
+repeats and the ratio is median(parallel) / median(serial). ``os.getloadavg()`` is recorded
+before and after every run, and the CPU time the rest of the machine used during the run
+(system-wide busy time minus this process and its workers): the machine is shared, so a
+figure measured while others were busy shows it there.
+
+Writes ``benchmarks/results/cluster.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil  # noqa: E402
+from distributed import Client, LocalCluster  # noqa: E402
+
+import arrow_quant_v2  # noqa: E402
+from arrow_quant_v2 import AsyncArrowQuantV2, DiffusionQuantConfig  # noqa: E402
+from arrow_quant_v2.samples import DREAM_PRESETS, generate_dream  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FLEET_SHAPE = dict(hidden=1024, intermediate=2816, layers=8, heads=8, kv_heads=2, vocab=16000,
+                   max_shard_bytes=4 * 10**9)
+INT4 = DiffusionQuantConfig(bit_width=4)
+BIG = DiffusionQuantConfig(bit_width=4, max_shard_mb=64)
+
+
+def cluster(workers: int) -> LocalCluster:
+    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                        dashboard_address="127.0.0.1:0")
+
+
+class Watch:
+    """Peak RSS of each worker process and the CPU the rest of the machine used, over a run."""
+
+    def __init__(self, client: Client) -> None:
+        self.pids = client.run(os.getpid)  # address -> pid
+        self.procs = {a: psutil.Process(p) for a, p in self.pids.items()}
+        self.own = [psutil.Process()] + list(self.procs.values())
+
+    def _cpu_ours(self) -> float:
+        total = 0.0
+        for p in self.own:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    @staticmethod
+    def _cpu_machine() -> float:
+        t = psutil.cpu_times()
+        return sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+    def __enter__(self):
+        self.before = {a: p.memory_info().rss for a, p in self.procs.items()}
+        self.peak = dict(self.before)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        self.load_before = os.getloadavg()
+        self.cpu0, self.machine0 = self._cpu_ours(), self._cpu_machine()
+        self.t0 = time.perf_counter()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.05):
+            for a, p in self.procs.items():
+                try:
+                    self.peak[a] = max(self.peak[a], p.memory_info().rss)
+                except psutil.Error:
+                    pass
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.t0
+        ours = self._cpu_ours() - self.cpu0
+        self.others_cpu_s = max(self._cpu_machine() - self.machine0 - ours, 0.0)
+        self.ours_cpu_s = ours
+        self.stop.set()
+        self.thread.join()
+        self.load_after = os.getloadavg()
+
+    def record(self) -> dict:
+        return {"wall_s": round(self.wall, 3), "cpu_ours_s": round(self.ours_cpu_s, 2),
+                "cpu_others_s": round(self.others_cpu_s, 2),
+                "loadavg_before": [round(x, 2) for x in self.load_before],
+                "loadavg_after": [round(x, 2) for x in self.load_after],
+                "workers": {a: {"rss_before_mib": round(self.before[a] / 2**20, 1),
+                                "peak_rss_mib": round(self.peak[a] / 2**20, 1)} for a in self.procs}}
+
+
+async def warm(client: Client, model: Path, out: Path) -> None:
+    """Start-up costs outside the clock: each worker loads the kernels once."""
+    async with AsyncArrowQuantV2(cluster=client) as q:
+        workers = len(client.scheduler_info()["workers"])
+        await q.quantize_multiple_models_async([(model, out / f"warm{i}", INT4) for i in range(workers)])
+
+
+async def fleet_serial(client: Client, models, out: Path) -> None:
+    async with AsyncArrowQuantV2(cluster=client) as q:
+        for i, m in enumerate(models):
+            await q.quantize_diffusion_model_async(m, out / f"s{i}", INT4, split_across_workers=False)
+
+
+async def fleet_parallel(client: Client, models, out: Path) -> None:
+    async with AsyncArrowQuantV2(cluster=client) as q:
+        await q.quantize_multiple_models_async([(m, out / f"p{i}", INT4) for i, m in enumerate(models)])
+
+
+async def big_split(client: Client, model: Path, out: Path) -> dict:
+    async with AsyncArrowQuantV2(cluster=client) as q:
+        result = await q.quantize_diffusion_model_async(model, out, BIG, split_across_workers=True)
+    return result["cluster"]
+
+
+def run(client: Client, coroutine_function, *args) -> dict:
+    with Watch(client) as watch:
+        extra = asyncio.run(coroutine_function(client, *args))
+    record = watch.record()
+    if isinstance(extra, dict):
+        record["split"] = extra
+    return record
+
+
+def side(name: str, runs: list) -> dict:
+    walls = [r["wall_s"] for r in runs]
+    return {"runs": runs, "median_wall_s": statistics.median(walls), "min_wall_s": min(walls),
+            "peak_rss_mib_per_worker_max": max(w["peak_rss_mib"] for r in runs for w in r["workers"].values())}
+
+
+def summary(serial_name: str, serial: list, parallel_name: str, parallel: list, target: float) -> dict:
+    out: dict = {"target": target, "complete_pairs": min(len(serial), len(parallel))}
+    if serial:
+        out[serial_name] = side(serial_name, serial)
+    if parallel:
+        out[parallel_name] = side(parallel_name, parallel)
+    if serial and parallel:
+        ratio = out[parallel_name]["median_wall_s"] / out[serial_name]["median_wall_s"]
+        out.update(ratio_median=round(ratio, 3), met=ratio <= target)
+    return out
+
+
+def compare(name: str, serial_name: str, parallel_name: str, measure, repeats: int, target: float,
+            save) -> dict:
+    """Alternate the two sides ``repeats`` times; ``save(summary)`` after every run, so a run
+    cut short still leaves what it measured."""
+    with cluster(1) as c1, Client(c1, set_as_default=False) as one, \
+            cluster(2) as c2, Client(c2, set_as_default=False) as two:
+        measure("warm", one)
+        measure("warm", two)
+        serial, parallel = [], []
+        for i in range(repeats):  # alternate the sides so that a noisy stretch hits both
+            serial.append(measure(serial_name, one))
+            save(summary(serial_name, serial, parallel_name, parallel, target))
+            parallel.append(measure(parallel_name, two))
+            save(summary(serial_name, serial, parallel_name, parallel, target))
+            print(f"{name} repeat {i + 1}: {serial_name} {serial[-1]['wall_s']:.1f} s, "
+                  f"{parallel_name} {parallel[-1]['wall_s']:.1f} s, load {os.getloadavg()[0]:.1f}", flush=True)
+    return summary(serial_name, serial, parallel_name, parallel, target)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--big-repeats", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--parts", default="fleet,big", help="which comparisons to run (fleet, big); the others "
+                    "keep their last results in the JSON")
+    args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-cluster-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out_file = ROOT / "benchmarks" / "results" / "cluster.json"
+    previous = json.loads(out_file.read_text()) if out_file.is_file() else {}
+    run_info = { "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                                                         capture_output=True, text=True).stdout.strip(),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "ram_gib": round(psutil.virtual_memory().total / 2**30, 1)},
+        "versions": {"python": platform.python_version(), "arrow_quant_v2": arrow_quant_v2.__version__,
+                     "distributed": __import__("distributed").__version__, "numpy": __import__("numpy").__version__,
+                     "pyarrow": __import__("pyarrow").__version__},
+        "loadavg_start": list(os.getloadavg()),
+    }
+    results = {"benchmark": "cluster",
+               "statistic": "median wall time of the repeats; ratio = median(parallel) / median(serial)",
+               **{k: previous[k] for k in ("fleet", "big_model") if k in previous}}
+
+    def save(key: str, extra: dict):
+        def write(summary_: dict) -> None:
+            results[key] = {**extra, **summary_, "run": dict(run_info, loadavg_now=list(os.getloadavg()))}
+            out_file.write_text(json.dumps(results, indent=1) + "\n")
+        return write
+
+    try:
+        models = []
+        for i in range(4):
+            m = work / f"fleet{i}"
+            if not m.exists():
+                generate_dream(m, seed=i, **FLEET_SHAPE)
+            models.append(m)
+        warm_model = work / "warm-model"
+        if not warm_model.exists():
+            generate_dream(warm_model, seed=9, **DREAM_PRESETS["tiny"])
+        counter = iter(range(10**6))
+
+        def fleet_measure(kind: str, client: Client) -> dict:
+            out = work / f"out-{next(counter)}"
+            try:
+                if kind == "warm":
+                    return asyncio.run(warm(client, warm_model, out))
+                return run(client, fleet_serial if kind == "one_worker_one_after_the_other" else fleet_parallel,
+                           models, out)
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+
+        if "fleet" in parts:
+            print("fleet: 4 models", flush=True)
+            extra = {"models": 4, "config": "int4", "source_mib_per_model": round(
+                sum(f.stat().st_size for f in models[0].glob("*.safetensors")) / 2**20, 1)}
+            compare("fleet", "one_worker_one_after_the_other", "two_workers_fleet", fleet_measure, args.repeats,
+                    0.6, save("fleet", extra))
+        if "big" in parts:
+            big = work / "big-2gb"
+            if not big.exists():
+                generate_dream(big, seed=0, **DREAM_PRESETS["2gb"])
+
+            def big_measure(kind: str, client: Client) -> dict:
+                out = work / f"out-{next(counter)}"
+                try:
+                    if kind == "warm":
+                        return asyncio.run(warm(client, warm_model, out))
+                    return run(client, big_split, big, out / "store")
+                finally:
+                    shutil.rmtree(out, ignore_errors=True)
+
+            print("one large model split across workers", flush=True)
+            extra = {"source_mib": round(sum(f.stat().st_size for f in big.glob("*.safetensors")) / 2**20, 1),
+                     "config": "int4, max_shard_mb=64"}
+            compare("big", "one_worker", "two_workers", big_measure, args.big_repeats, 0.65, save("big_model", extra))
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    for key in ("fleet", "big_model"):
+        if key in results:
+            print(f"{key}: ratio {results[key].get('ratio_median')} (target {results[key]['target']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
