@@ -16,7 +16,7 @@ How it is measured (cheaply)
     whole) and quantized at every candidate width (2, 3, 4, 5, 6, 8, each with the encoding
     and group ``plan.choose`` gives it: under ``target_runtime="gguf"`` the ggml types);
     ``relF**2`` and the cosine are read from the encoding's statistics. Blob bytes are exact: ``encoding.nbytes`` over the store rows the engine
-    will write (``engine.chunk_ranges``). The store is zstd-compressed Parquet, so the
+    will write (``layout.chunk_ranges``). The store is zstd-compressed Parquet, so the
     sample blobs are compressed with the same codec and the measured ratio scales the exact
     blob bytes. Lossless storage (the source bytes) is the top candidate of every tensor.
 
@@ -73,8 +73,10 @@ import pyarrow as pa
 from . import encodings
 from .config import BIT_WIDTHS, DiffusionQuantConfig
 from .errors import ConfigurationError
+from .layout import chunk_ranges
 from .plan import LOSSLESS, Planner, TensorPlan, choose, plan_label
 from .source import DTYPES, ModelSource, TensorInfo, open_model
+from .store import RAW, ChunkRecord, StoreWriter
 
 #: About this many elements of each tensor are quantized per candidate width.
 SAMPLE_ELEMENTS = 1 << 16
@@ -270,19 +272,13 @@ def _disk(fields: Dict[str, Tuple[float, float, float]], chunk_nbytes: List[int]
     return total
 
 
-def _chunks(source: ModelSource, info: TensorInfo) -> List[Tuple[int, int]]:
-    from .engine import chunk_ranges  # the engine imports plan, which imports this lazily
-
-    return chunk_ranges(source, info)
-
-
 def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, config: DiffusionQuantConfig
                    ) -> TensorBudget:
     """The candidates of one tensor, measured on its sample."""
     rows, cols = info.matrix_shape
     ranges = sample_ranges(info)
     sampled_rows = sum(r1 - r0 for r0, r1 in ranges)
-    chunks = _chunks(source, info)
+    chunks = chunk_ranges(*info.matrix_shape)
     raw_bytes = info.numel * DTYPES[info.dtype].itemsize
 
     raw = np.concatenate([source.read_raw(info.name, r0 * cols, (r1 - r0) * cols) for r0, r1 in ranges])
@@ -386,8 +382,6 @@ def store_overhead(source: ModelSource, tensors: Dict[str, TensorBudget], plans:
     estimated size (so page headers and footer entries get their real widths), and
     subtracts the compressed size of the stand-ins.
     """
-    from .store import RAW, ChunkRecord, StoreWriter
-
     with tempfile.TemporaryDirectory(prefix="aq-budget-") as tmp:
         writer = StoreWriter(Path(tmp) / "calibration", max_shard_bytes=config.max_shard_mb << 20)
         blob_disk = 0
@@ -398,7 +392,7 @@ def store_overhead(source: ModelSource, tensors: Dict[str, TensorBudget], plans:
                 _, cols = info.matrix_shape
                 rel = str(info.file.relative_to(source.root)) if source.path.is_dir() else info.file.name
                 records = []
-                for i, (r0, r1) in enumerate(_chunks(source, info)):
+                for i, (r0, r1) in enumerate(chunk_ranges(*info.matrix_shape)):
                     if plan.lossless:
                         n = (r1 - r0) * cols * DTYPES[info.dtype].itemsize
                         fields = opt.fields if opt.bits == LOSSLESS else {"codes": (1.0, 1.0, 0.0)}

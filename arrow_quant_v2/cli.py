@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from . import __version__
+from ._version import __version__
 from .config import BIT_WIDTHS, GROUP_SIZES, PROFILES, TARGET_RUNTIMES, DiffusionQuantConfig
 from .export import FORMATS, SAFETENSORS_DTYPES
 from .errors import (

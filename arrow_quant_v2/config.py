@@ -91,7 +91,7 @@ class DiffusionQuantConfig:
                     f"bit_rules[{pattern!r}]={bits!r} is not allowed; allowed: a glob pattern mapped to one of {(0,) + BIT_WIDTHS}"
                 )
         if self.encoding is not None:
-            from .encodings import get_encoding, preferred_group
+            from .encodings import get_encoding, preferred_group  # here: importing the config needs no numba
 
             group = preferred_group(self.encoding, self.bit_width) if self.group_size is None else self.group_size
             enc = get_encoding(self.encoding, self.bit_width, group)

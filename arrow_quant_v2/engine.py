@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -23,23 +24,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import __version__, encodings, hub
+from . import encodings, hub
+from ._version import __version__
+from .budget import BudgetPlan, allocate
 from .config import DiffusionQuantConfig
 from .errors import ConfigurationError, OutputError, QuantizationError
+from .layout import chunk_ranges
 from .plan import (LOSSLESS, Planner, TensorPlan, alternate_encoding, choose, detect_modality, group_for,
                    next_bits, plan_label, spatial_plan)
 from .progress import CancelToken, ProgressEvent, ProgressSink
 from .source import ModelSource, TensorInfo, open_model
 from .store import (FORMAT_NAME, FORMAT_VERSION, RAW, ChunkRecord, StoreWriter, check_output,
                     recover_interrupted_overwrite)
-
-#: Largest chunk, in elements (32 MiB of float32): bounds memory and cancel latency.
-CHUNK_ELEMENTS = 8 << 20
-#: Large tensors are cut in this many chunks (so threads share them) but never into
-#: chunks smaller than MIN_SPLIT_ELEMENTS. Chunking depends on the tensor alone, not on
-#: the thread count, so the same inputs always give the same store bytes (resume relies on it).
-SPLIT_WAYS = 8
-MIN_SPLIT_ELEMENTS = 1 << 18
 
 #: Lossless tensors up to this size are copied on the job's thread, not sent to the kernel
 #: pool: for a model of many tiny tensors the hand-off cost more than the copy.
@@ -96,13 +92,6 @@ class _Ready:
         return False
 
 
-def chunk_ranges(source: ModelSource, info: TensorInfo) -> List[Tuple[int, int]]:
-    """The row ranges of ``info``'s 2-D view that become the store rows of this tensor."""
-    rows, cols = info.matrix_shape
-    per = min(CHUNK_ELEMENTS, max(MIN_SPLIT_ELEMENTS, math.ceil(info.numel / SPLIT_WAYS)))
-    return list(source.chunks(info.name, per)) if info.numel else [(0, rows)]
-
-
 class QuantizeJob:
     """Quantizes one model into one store. Use :func:`quantize_model`."""
 
@@ -132,7 +121,7 @@ class QuantizeJob:
             plan = self.plans[name]
             if self.config.enable_spatial and self.config.target_model_size_mb is None:
                 plan = self.plans[name] = spatial_plan(plan, self.source, self.config)
-            ranges = chunk_ranges(self.source, info)
+            ranges = chunk_ranges(*info.matrix_shape)
             for i, (r0, r1) in enumerate(ranges):
                 yield info, plan, i, r0, r1, i == len(ranges) - 1
 
@@ -303,7 +292,7 @@ class QuantizeJob:
             parts = [(r0, r1, blobs) for r0, r1, (blobs, _) in parts]
 
     def _encode_all(self, info: TensorInfo, plan: TensorPlan):
-        ranges = chunk_ranges(self.source, info)
+        ranges = chunk_ranges(*info.matrix_shape)
         futures = [self.pool.submit(self._encode, info, plan, r0, r1) for r0, r1 in ranges]
         try:
             return [(r0, r1, f.result()) if not plan.lossless else (r0, r1, f.result()[0])
@@ -380,8 +369,6 @@ def source_fingerprint(source: ModelSource) -> str:
 def run_key(source: ModelSource, config: DiffusionQuantConfig) -> str:
     """What makes two runs produce the same store: source headers and data fingerprint
     (:func:`source_fingerprint`), config (threads aside), versions."""
-    import hashlib
-
     settings = config.to_dict()
     settings.pop("num_threads")
     text = (f"{FORMAT_VERSION}|{__version__}|{source.header_checksum}|{source_fingerprint(source)}|"
@@ -413,6 +400,20 @@ def summarize(final: Dict[str, dict]) -> dict:
     }
 
 
+def plan_tensors(source: ModelSource, config: DiffusionQuantConfig) -> Tuple[Dict[str, TensorPlan], Optional[BudgetPlan]]:
+    """Every tensor's plan, and the budget allocation when ``target_model_size_mb`` is set.
+
+    The per-tensor rules (:meth:`~arrow_quant_v2.plan.Planner.plan`) decide alone, unless there is a
+    size budget: then :func:`~arrow_quant_v2.budget.allocate` chooses the widths, keeping the rules'
+    lossless and ``bit_rules`` decisions and treating their protected widths as floors.
+    """
+    planner = Planner(config)
+    if config.target_model_size_mb is None:
+        return planner.plan_model(source), None
+    budget = allocate(source, config, planner)
+    return dict(budget.plans), budget
+
+
 @dataclasses.dataclass
 class Preparation:
     """What a run decides before any tensor is quantized: the source, its plan and the writer."""
@@ -422,8 +423,8 @@ class Preparation:
     config: DiffusionQuantConfig
     modality: str
     modality_reason: str
-    planner: Planner
     plans: Dict[str, TensorPlan]
+    budget: Optional[BudgetPlan]  # the allocation under target_model_size_mb, else None
     state_before: list
     writer: StoreWriter
 
@@ -449,12 +450,11 @@ def prepare(model_path, output_path, config: Optional[DiffusionQuantConfig], *, 
         pass  # an unusable output path is reported by check_paths
     check_paths(source, output, overwrite)
     modality, modality_reason = detect_modality(source, config.modality)
-    planner = Planner(config, diffusion=True)
-    plans = planner.plan_model(source)
+    plans, budget = plan_tensors(source, config)
     state_before = _file_state(source)
     writer = StoreWriter(output, overwrite=overwrite, max_shard_bytes=config.max_shard_mb << 20,
                          run_key=run_key(source, config), resume=resume)
-    return Preparation(source, output, config, modality, modality_reason, planner, plans, state_before, writer)
+    return Preparation(source, output, config, modality, modality_reason, plans, budget, state_before, writer)
 
 
 def publish(prep: Preparation, final: Dict[str, dict], fallbacks: List[dict], warnings: List[str]) -> dict:
@@ -483,8 +483,8 @@ def publish(prep: Preparation, final: Dict[str, dict], fallbacks: List[dict], wa
         "warnings": warnings,
         "deployment_profile": config.deployment_profile,
     }
-    if prep.planner.budget is not None:  # target_model_size_mb: what the allocator aimed at versus the disk
-        result["budget"] = prep.planner.budget.outcome(weight_bytes, final)
+    if prep.budget is not None:  # target_model_size_mb: what the allocator aimed at versus the disk
+        result["budget"] = prep.budget.outcome(weight_bytes, final)
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

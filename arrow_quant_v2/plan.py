@@ -183,11 +183,9 @@ def spatial_plan(plan: TensorPlan, source: ModelSource, config: DiffusionQuantCo
 class Planner:
     """Turns a tensor's name, dtype and shape into a :class:`TensorPlan` for one config."""
 
-    def __init__(self, config: DiffusionQuantConfig, diffusion: bool = True) -> None:
+    def __init__(self, config: DiffusionQuantConfig) -> None:
         self.config = config
-        self.time_aware = config.enable_time_aware and diffusion
-        #: The :class:`~arrow_quant_v2.budget.BudgetPlan` of the last ``plan_model`` under a size budget.
-        self.budget = None
+        self.time_aware = config.enable_time_aware
 
     def plan(self, t: TensorInfo) -> TensorPlan:
         """The plan of one tensor under this config, by the first rule that applies.
@@ -248,14 +246,9 @@ class Planner:
         return TensorPlan(t.name, c.bits, c.group, f"{label}: {why}" if why else label, c.encoding, role)
 
     def plan_model(self, source: ModelSource) -> Dict[str, TensorPlan]:
-        """Every tensor's plan. Under ``target_model_size_mb`` the widths come from the budget
-        allocator (:func:`arrow_quant_v2.budget.allocate`), which keeps :meth:`plan`'s lossless
-        and rule decisions and treats its protected widths as floors; ``self.budget`` keeps its report."""
-        if self.config.target_model_size_mb is not None:
-            from .budget import allocate
-
-            self.budget = allocate(source, self.config, self)
-            return dict(self.budget.plans)
+        """Every tensor's plan by the rules alone. A size budget (``target_model_size_mb``) is
+        not applied here: the engine asks :func:`arrow_quant_v2.budget.allocate` instead, which
+        starts from these plans (see :func:`arrow_quant_v2.engine.plan_tensors`)."""
         return {name: self.plan(t) for name, t in source.tensors.items()}
 
 

@@ -421,13 +421,6 @@ class ModelSource:
         info = self.tensors[name]
         return to_float32(self.read_raw(name), info.dtype).reshape(info.shape)
 
-    def chunks(self, name: str, max_elements: int) -> Iterator[Tuple[int, int]]:
-        """Row ranges of the 2-D view holding at most ``max_elements`` each (at least one row)."""
-        rows, cols = self.tensors[name].matrix_shape
-        step = max(1, max_elements // max(cols, 1))
-        for r in range(0, rows, step):
-            yield r, min(r + step, rows)
-
 
 def read_at(f, buf: bytearray, offset: int) -> int:
     """Fill ``buf`` from byte ``offset`` of the open file ``f``; the number of bytes read (short at EOF).

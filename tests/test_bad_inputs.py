@@ -105,10 +105,10 @@ def _nan_model(root: Path) -> Path:
 @pytest.mark.parametrize("split", [False, True], ids=["one-chunk", "many-chunks"])
 def test_nan_inf_weights_are_kept_lossless_with_a_warning(tmp_path, monkeypatch, split):
     if split:  # the non-finite value then sits in a later chunk than the first one quantized
-        import arrow_quant_v2.engine as engine
+        from arrow_quant_v2 import layout
 
-        monkeypatch.setattr(engine, "MIN_SPLIT_ELEMENTS", 512)
-        monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1024)
+        monkeypatch.setattr(layout, "MIN_SPLIT_ELEMENTS", 512)
+        monkeypatch.setattr(layout, "CHUNK_ELEMENTS", 1024)
     model = _nan_model(tmp_path / "model")
     before = hash_tree(model)
     result = quantize_model(model, tmp_path / "out")
