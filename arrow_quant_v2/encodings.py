@@ -28,7 +28,7 @@ from typing import ClassVar, Dict, Tuple, Type
 
 import numpy as np
 
-from . import kernels
+from .kernels import decode, packing, rounding, search
 from .errors import ConfigurationError
 
 #: Parquet binary columns an encoding may fill, in order.
@@ -143,13 +143,13 @@ class Encoding:
 
     def pack(self, grid: "Grid", codes: np.ndarray) -> Blobs:
         """The blobs of ``codes`` (rows*cols uint8, row-major) on ``grid``."""
-        return dict(grid.stored, codes=kernels.pack_codes(codes, self.bits))
+        return dict(grid.stored, codes=packing.pack_codes(codes, self.bits))
 
     def quantize_codes(self, x: np.ndarray, grid: "Grid", codes: np.ndarray) -> Tuple[Blobs, np.ndarray]:
         """Encode ``x`` with codes chosen elsewhere (e.g. error-compensated) on ``grid``."""
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
         y = grid.values(codes.reshape(x.shape))
-        return self.pack(grid, codes.reshape(-1)), kernels.error_stats(x, y)
+        return self.pack(grid, codes.reshape(-1)), rounding.error_stats(x, y)
 
     def dequantize(self, blobs: Blobs, rows: int, cols: int) -> np.ndarray:
         """Decode blobs back to a float32 ``(rows, cols)`` array."""
@@ -221,7 +221,7 @@ class AffineMinMax(Encoding):
 
     def _params(self, x, group):
         """float16 ``(scales, offsets)`` per group."""
-        lo, hi = kernels.group_minmax(x, group)
+        lo, hi = rounding.group_minmax(x, group)
         return to_f16((hi - lo) / ((1 << self.bits) - 1)), to_f16(lo)
 
     def grid(self, x):
@@ -233,19 +233,19 @@ class AffineMinMax(Encoding):
                     offsets.astype(np.float32), group, {"scales": as_u8(scales), "zeros": as_u8(offsets)})
 
     def round_to_grid(self, x, grid):
-        return kernels.quantize_affine(x, grid.scales, grid.offsets, self.bits, grid.group)
+        return rounding.quantize_affine(x, grid.scales, grid.offsets, self.bits, grid.group)
 
     def dequantize(self, blobs, rows, cols):
         g = self.group_for(cols)
-        ng = kernels.groups_per_row(cols, g)
-        codes = kernels.unpack_codes(blobs["codes"], self.bits, rows * cols)
+        ng = packing.groups_per_row(cols, g)
+        codes = packing.unpack_codes(blobs["codes"], self.bits, rows * cols)
         scales = blobs["scales"].view(np.float16).reshape(rows, ng).astype(np.float32)
         offsets = blobs["zeros"].view(np.float16).reshape(rows, ng).astype(np.float32)
-        return kernels.dequantize_affine(codes, scales, offsets, rows, cols, g)
+        return decode.dequantize_affine(codes, scales, offsets, rows, cols, g)
 
     def blob_nbytes(self, rows, cols):
-        ng = kernels.groups_per_row(cols, self.group_for(cols))
-        return {"codes": kernels.packed_nbytes(rows * cols, self.bits), "scales": 2 * rows * ng, "zeros": 2 * rows * ng}
+        ng = packing.groups_per_row(cols, self.group_for(cols))
+        return {"codes": packing.packed_nbytes(rows * cols, self.bits), "scales": 2 * rows * ng, "zeros": 2 * rows * ng}
 
 
 @register
@@ -260,7 +260,7 @@ class AffineOpt(AffineMinMax):
     min-max range shrunk about its centre by a few factors (clipping the tails),
     each rounded and followed by a least-squares re-fit of (scale, offset) to the
     codes, the best kept and refined by a few round/re-fit steps
-    (``kernels.search_affine``); then rounded to float16 and coded by nearest level.
+    (``search.search_affine``); then rounded to float16 and coded by nearest level.
     """
 
     name: ClassVar[str] = "affine_opt"
@@ -276,7 +276,7 @@ class AffineOpt(AffineMinMax):
 
     def _params(self, x, group):
         ts, iters = self.SEARCH[self.bits]
-        scales, offsets = kernels.search_affine(x, group, self.bits, np.asarray(ts, np.float32), iters)
+        scales, offsets = search.search_affine(x, group, self.bits, np.asarray(ts, np.float32), iters)
         return to_f16(scales), to_f16(offsets)
 
 
@@ -304,7 +304,7 @@ class Symmetric(Encoding):
 
     def grid(self, x):
         group = self.group_for(x.shape[1])
-        lo, hi = kernels.group_minmax(x, group)
+        lo, hi = rounding.group_minmax(x, group)
         m = np.where(-lo > hi, lo, hi)
         scales = to_f16(m / -float(1 << (self.bits - 1)))
         s32 = scales.astype(np.float32)
@@ -312,18 +312,18 @@ class Symmetric(Encoding):
                     {"scales": as_u8(scales)})
 
     def round_to_grid(self, x, grid):
-        return kernels.quantize_affine(x, grid.scales, grid.offsets, self.bits, grid.group)
+        return rounding.quantize_affine(x, grid.scales, grid.offsets, self.bits, grid.group)
 
     def dequantize(self, blobs, rows, cols):
         g = self.group_for(cols)
-        ng = kernels.groups_per_row(cols, g)
-        codes = kernels.unpack_codes(blobs["codes"], self.bits, rows * cols)
+        ng = packing.groups_per_row(cols, g)
+        codes = packing.unpack_codes(blobs["codes"], self.bits, rows * cols)
         s32 = blobs["scales"].view(np.float16).reshape(rows, ng).astype(np.float32)
-        return kernels.dequantize_affine(codes, s32, self._offsets(s32), rows, cols, g)
+        return decode.dequantize_affine(codes, s32, self._offsets(s32), rows, cols, g)
 
     def blob_nbytes(self, rows, cols):
-        ng = kernels.groups_per_row(cols, self.group_for(cols))
-        return {"codes": kernels.packed_nbytes(rows * cols, self.bits), "scales": 2 * rows * ng}
+        ng = packing.groups_per_row(cols, self.group_for(cols))
+        return {"codes": packing.packed_nbytes(rows * cols, self.bits), "scales": 2 * rows * ng}
 
 
 @register
@@ -336,7 +336,7 @@ class KQuantNL(Encoding):
     group_for(cols)`` elements along each row, ``ng = ceil(cols / g)`` per row;
     super-blocks of ``K = max(1, 256 // g)`` consecutive groups of the same row,
     ``ns = ceil(ng / K)`` per row (the last ones possibly shorter).
-    Per bit width: grid ``L = kernels.GRIDS[bits]`` (sorted float32 levels, listed
+    Per bit width: grid ``L = decode.GRIDS[bits]`` (sorted float32 levels, listed
     below), sub-scale width ``sb = SCALE_BITS[bits]`` and code range
     ``[cmin, cmax] = [-2**(sb-1), 2**(sb-1) - 1]`` (signed: the grids are not
     symmetric, and a negative scale mirrors the grid).
@@ -358,10 +358,10 @@ class KQuantNL(Encoding):
     layers, e.g. a U-Net's embedding projections, have rows far from zero-mean,
     which a scale-only grid cannot follow: relF 0.054 -> 0.044 on the terrain U-Net
     at int4); per group of ``x - M``, the scale minimising the squared error
-    (``kernels.search_grid_scales``); ``D = bf16(max |d| / cmax)`` per super-block;
+    (``search.search_grid_scales``); ``D = bf16(max |d| / cmax)`` per super-block;
     the sub-scale code by rounding ``d / D`` (or, with ``refine``, the better of its
     two neighbours); then nearest-level coding with the stored values
-    (``kernels.quantize_grid``). A zero group has ``c = 0`` and decodes to ``M``.
+    (``rounding.quantize_grid``). A zero group has ``c = 0`` and decodes to ``M``.
     """
 
     name: ClassVar[str] = "kquant_nl"
@@ -383,9 +383,9 @@ class KQuantNL(Encoding):
 
     def _geometry(self, cols):
         g = self.group_for(cols)
-        ng = kernels.groups_per_row(cols, g)
+        ng = packing.groups_per_row(cols, g)
         k = max(1, self.SUPER // g)
-        return g, ng, k, kernels.groups_per_row(ng, k)
+        return g, ng, k, packing.groups_per_row(ng, k)
 
     def _code_range(self):
         sb = self.SCALE_BITS[self.bits]
@@ -396,23 +396,23 @@ class KQuantNL(Encoding):
         g, ng, k, ns = self._geometry(cols)
         ts, iters, refine = self.SEARCH[self.bits]
         cmin, cmax = self._code_range()
-        xc, mean = kernels.center_spans(x, k * g)
-        d = kernels.search_grid_scales(xc, g, self.bits, np.asarray(ts, np.float32), iters)
+        xc, mean = rounding.center_spans(x, k * g)
+        d = search.search_grid_scales(xc, g, self.bits, np.asarray(ts, np.float32), iters)
         # Super-block scale: the largest |d| of the super-block maps to code cmax.
         pad = np.zeros((rows, ns * k), np.float32)
         pad[:, :ng] = np.abs(d)
         dmax = pad.reshape(rows, ns, k).max(axis=2)
         big = from_bf16_bits(to_bf16_bits(dmax / np.float32(cmax)))
-        c = kernels.choose_scale_codes(xc, g, self.bits, d, big, k, cmin, cmax, refine)
+        c = search.choose_scale_codes(xc, g, self.bits, d, big, k, cmin, cmax, refine)
         scales, offsets = self._group_params(c, big, mean, ng, k)
         sb = self.SCALE_BITS[self.bits]
-        return Grid(kernels.GRIDS[self.bits], scales, offsets, g, {
-            "scales": kernels.pack_codes((c - cmin).astype(np.uint8).reshape(-1), sb),
+        return Grid(decode.GRIDS[self.bits], scales, offsets, g, {
+            "scales": packing.pack_codes((c - cmin).astype(np.uint8).reshape(-1), sb),
             "aux": as_u8(to_bf16_bits(np.stack([big, mean], axis=2))),
         })
 
     def round_to_grid(self, x, grid):
-        return kernels.quantize_grid(x, grid.scales, grid.offsets, grid.group, self.bits)
+        return rounding.quantize_grid(x, grid.scales, grid.offsets, grid.group, self.bits)
 
     @staticmethod
     def _group_params(c, big, mean, ng, k):
@@ -424,16 +424,16 @@ class KQuantNL(Encoding):
         g, ng, k, ns = self._geometry(cols)
         cmin, _ = self._code_range()
         sb = self.SCALE_BITS[self.bits]
-        codes = kernels.unpack_codes(blobs["codes"], self.bits, rows * cols)
-        c = kernels.unpack_codes(blobs["scales"], sb, rows * ng).astype(np.int32).reshape(rows, ng) + cmin
+        codes = packing.unpack_codes(blobs["codes"], self.bits, rows * cols)
+        c = packing.unpack_codes(blobs["scales"], sb, rows * ng).astype(np.int32).reshape(rows, ng) + cmin
         pair = from_bf16_bits(blobs["aux"].view(np.uint16)).reshape(rows, ns, 2)
         scales, offsets = self._group_params(c, pair[..., 0], pair[..., 1], ng, k)
-        return kernels.dequantize_grid(codes, scales, offsets, rows, cols, g, self.bits)
+        return decode.dequantize_grid(codes, scales, offsets, rows, cols, g, self.bits)
 
     def blob_nbytes(self, rows, cols):
         _, ng, _, ns = self._geometry(cols)
-        return {"codes": kernels.packed_nbytes(rows * cols, self.bits),
-                "scales": kernels.packed_nbytes(rows * ng, self.SCALE_BITS[self.bits]), "aux": 4 * rows * ns}
+        return {"codes": packing.packed_nbytes(rows * cols, self.bits),
+                "scales": packing.packed_nbytes(rows * ng, self.SCALE_BITS[self.bits]), "aux": 4 * rows * ns}
 
 
 @register
@@ -457,10 +457,10 @@ class KQuant(KQuantNL):
     bpw = bits + 2 sb / g + 32 / (K g): 4.5 at 4 bits g32 (Q4_K's size), 2.625 at
     2 bits g16 (Q2_K's size), 8.375 at 8 bits g64.
     Encoder (not part of the format): least-squares clipping search of each group's
-    (scale, offset) (``kernels.search_affine``), ``Dz = bf16(max |z| / (2**(sb-1) - 1))``
+    (scale, offset) (``search.search_affine``), ``Dz = bf16(max |z| / (2**(sb-1) - 1))``
     and ``cz = round(z / Dz)``; ``D = bf16(max s / (2**sb - 1))`` and the scale code
     by rounding (or the better neighbour, ``refine``) given the stored offset; then
-    nearest-level coding with the stored parameters (``kernels.quantize_affine``).
+    nearest-level coding with the stored parameters (``rounding.quantize_affine``).
     """
 
     name: ClassVar[str] = "kquant"
@@ -481,7 +481,7 @@ class KQuant(KQuantNL):
         ts, iters, refine = self.SEARCH[self.bits]
         sb = self.SCALE_BITS[self.bits]
         cmax_s, cmax_z = (1 << sb) - 1, (1 << (sb - 1)) - 1
-        s, z = kernels.search_affine(x, g, self.bits, np.asarray(ts, np.float32), iters)
+        s, z = search.search_affine(x, g, self.bits, np.asarray(ts, np.float32), iters)
         big_s = self._super(np.maximum(s, 0), k, ns) / np.float32(cmax_s)
         big_z = self._super(np.abs(z), k, ns) / np.float32(cmax_z)
         pair = to_bf16_bits(np.stack([big_s, big_z], axis=2))
@@ -491,16 +491,16 @@ class KQuant(KQuantNL):
             cz = np.where(dz > 0, np.rint(z / dz), 0)
         cz = np.clip(cz, -cmax_z - 1, cmax_z).astype(np.int32)
         zq = cz.astype(np.float32) * dz
-        cs = kernels.choose_affine_scale_codes(x, g, self.bits, s, zq, big_s, k, cmax_s, refine)
+        cs = search.choose_affine_scale_codes(x, g, self.bits, s, zq, big_s, k, cmax_s, refine)
         scales = cs.astype(np.float32) * np.repeat(big_s, k, axis=1)[:, :ng]
         return Grid(np.arange(1 << self.bits, dtype=np.float32), scales, zq, g, {
-            "scales": kernels.pack_codes(cs.astype(np.uint8).reshape(-1), sb),
-            "zeros": kernels.pack_codes((cz + cmax_z + 1).astype(np.uint8).reshape(-1), sb),
+            "scales": packing.pack_codes(cs.astype(np.uint8).reshape(-1), sb),
+            "zeros": packing.pack_codes((cz + cmax_z + 1).astype(np.uint8).reshape(-1), sb),
             "aux": as_u8(pair),
         })
 
     def round_to_grid(self, x, grid):
-        return kernels.quantize_affine(x, grid.scales, grid.offsets, self.bits, grid.group)
+        return rounding.quantize_affine(x, grid.scales, grid.offsets, self.bits, grid.group)
 
     @staticmethod
     def _super(v, k, ns):
@@ -513,23 +513,23 @@ class KQuant(KQuantNL):
     def dequantize(self, blobs, rows, cols):
         g, ng, k, ns = self._geometry(cols)
         sb = self.SCALE_BITS[self.bits]
-        codes = kernels.unpack_codes(blobs["codes"], self.bits, rows * cols)
-        cs = kernels.unpack_codes(blobs["scales"], sb, rows * ng).reshape(rows, ng)
-        cz = kernels.unpack_codes(blobs["zeros"], sb, rows * ng).astype(np.int32).reshape(rows, ng) - (1 << (sb - 1))
+        codes = packing.unpack_codes(blobs["codes"], self.bits, rows * cols)
+        cs = packing.unpack_codes(blobs["scales"], sb, rows * ng).reshape(rows, ng)
+        cz = packing.unpack_codes(blobs["zeros"], sb, rows * ng).astype(np.int32).reshape(rows, ng) - (1 << (sb - 1))
         pair = from_bf16_bits(blobs["aux"].view(np.uint16)).reshape(rows, ns, 2)
         scales = cs.astype(np.float32) * np.repeat(pair[..., 0], k, axis=1)[:, :ng]
         zq = cz.astype(np.float32) * np.repeat(pair[..., 1], k, axis=1)[:, :ng]
-        return kernels.dequantize_affine(codes, scales, zq, rows, cols, g)
+        return decode.dequantize_affine(codes, scales, zq, rows, cols, g)
 
     def blob_nbytes(self, rows, cols):
         _, ng, _, ns = self._geometry(cols)
-        sub = kernels.packed_nbytes(rows * ng, self.SCALE_BITS[self.bits])
-        return {"codes": kernels.packed_nbytes(rows * cols, self.bits), "scales": sub, "zeros": sub, "aux": 4 * rows * ns}
+        sub = packing.packed_nbytes(rows * ng, self.SCALE_BITS[self.bits])
+        return {"codes": packing.packed_nbytes(rows * cols, self.bits), "scales": sub, "zeros": sub, "aux": 4 * rows * ns}
 
 
 def _grid_listing() -> str:
-    lines = ["", "    Grids (``kernels.GRIDS``, float32):"]
-    for b, levels in kernels.GRIDS.items():
+    lines = ["", "    Grids (``decode.GRIDS``, float32):"]
+    for b, levels in decode.GRIDS.items():
         lines.append(f"      * {b} bits: ``{[float(v) for v in levels]}``.")
     return "\n".join(lines) + "\n"
 

@@ -13,7 +13,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from . import kernels
+from .kernels import rounding
 from .config import DEFAULT_MIN_ACCURACY
 from .encodings import figures, weighted_cosine
 from .errors import ArrowQuantError, ValidationError
@@ -106,7 +106,7 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
             y = store.dequantize(name)
             if keep is not None:
                 keep[name] = y
-            fig = figures(kernels.error_stats(np.ascontiguousarray(x), np.ascontiguousarray(y)))
+            fig = figures(rounding.error_stats(np.ascontiguousarray(x), np.ascontiguousarray(y)))
             if not math.isclose(fig["cosine"], entry.cosine, rel_tol=0, abs_tol=COSINE_AGREEMENT):
                 raise ValidationError(
                     f"{quantized_path}: tensor {name!r} measures cosine {fig['cosine']:.6f} but the store recorded "

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arrow_quant_v2 import encodings as E
-from arrow_quant_v2 import kernels
+from arrow_quant_v2.kernels import packing
 from arrow_quant_v2.errors import ConfigurationError
 
 #: the generic encodings (any group, any row length); the ggml block types have tests/test_ggml_types.py.
@@ -85,7 +85,7 @@ def test_plain_rounding_within_half_a_step(name, bits):
     group = 32
     enc = E.get_encoding(name, bits, group)
     blobs, y, _ = _check_round_trip(enc, x)
-    ng = kernels.groups_per_row(200, group)
+    ng = packing.groups_per_row(200, group)
     s = blobs["scales"].view(np.float16).reshape(6, ng).astype(np.float32)
     if name == "affine":
         z = blobs["zeros"].view(np.float16).reshape(6, ng).astype(np.float32)
