@@ -74,6 +74,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Deque, List, Optional, Sequence, Tuple, Union
 
+from .concurrency import WeightedSemaphore, default_max_bytes_in_flight, wait_stopped
 from .config import DiffusionQuantConfig
 from .engine import quantize_model
 from .errors import (
@@ -97,21 +98,6 @@ QUEUED = "queued"
 ProgressCallback = Callable[..., Union[None, Awaitable[None]]]
 EventHook = Callable[[ProgressEvent], Union[None, Awaitable[None]]]
 ModelSpec = Tuple[Any, Any, Optional[DiffusionQuantConfig]]
-
-
-def default_max_bytes_in_flight() -> int:
-    """A quarter of the machine's RAM (at least 256 MiB)."""
-    total = 0
-    try:
-        import psutil
-
-        total = psutil.virtual_memory().total
-    except Exception:  # noqa: BLE001 - psutil is optional
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (AttributeError, ValueError, OSError):
-            total = 8 << 30
-    return max(total // 4, 256 << 20)
 
 
 def source_bytes(model_path) -> int:
@@ -139,62 +125,10 @@ def source_bytes(model_path) -> int:
 # -- bounds ------------------------------------------------------------------------------------
 
 
-class _Budget:
-    """A first-come-first-served counting semaphore with weighted acquire, for one event loop."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.used = 0
-        self._waiters: Deque[list] = collections.deque()  # [units, future]
-
-    def would_wait(self, units: int) -> bool:
-        units = min(units, self.capacity)
-        return bool(self._waiters) or self.used + units > self.capacity
-
-    async def acquire(self, units: int) -> int:
-        """Take ``units`` (capped at the capacity); returns how many were taken."""
-        units = min(units, self.capacity)
-        if not self.would_wait(units):
-            self.used += units
-            return units
-        fut = asyncio.get_running_loop().create_future()
-        entry = [units, fut]
-        self._waiters.append(entry)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():  # granted just as we were cancelled: give it back
-                self.release(units)
-            else:
-                try:
-                    self._waiters.remove(entry)
-                except ValueError:
-                    pass
-                self._wake()  # we may have been blocking smaller requests behind us
-            raise
-        return units
-
-    def release(self, units: int) -> None:
-        self.used -= units
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters:
-            units, fut = self._waiters[0]
-            if fut.done():
-                self._waiters.popleft()
-                continue
-            if self.used + units > self.capacity:
-                break
-            self._waiters.popleft()
-            self.used += units
-            fut.set_result(None)
-
-
 @dataclasses.dataclass
 class _Limits:
-    jobs: _Budget
-    memory: _Budget
+    jobs: WeightedSemaphore
+    memory: WeightedSemaphore
 
 
 # -- progress ----------------------------------------------------------------------------------
@@ -466,7 +400,7 @@ class AsyncArrowQuantV2:
     def _limits_for(self, loop: asyncio.AbstractEventLoop) -> _Limits:
         limits = self._limits.get(loop)
         if limits is None:
-            limits = self._limits[loop] = _Limits(_Budget(self.max_concurrent_jobs), _Budget(self.max_bytes_in_flight))
+            limits = self._limits[loop] = _Limits(WeightedSemaphore(self.max_concurrent_jobs), WeightedSemaphore(self.max_bytes_in_flight))
         return limits
 
     def stats(self) -> dict:
@@ -508,7 +442,7 @@ class AsyncArrowQuantV2:
                     return await asyncio.shield(fut)
                 except asyncio.CancelledError:
                     token.cancel()
-                    await _wait_stopped(fut)
+                    await wait_stopped(fut)
                     raise
                 except Cancelled:  # only our token cancels a job, and then we are cancelled too
                     raise asyncio.CancelledError() from None
@@ -700,16 +634,3 @@ class AsyncArrowQuantV2:
         return await self._job(fn, source=store_path, listeners=listeners, interval=interval, model_index=None,
                                wrap=wrap)
 
-
-async def _wait_stopped(fut: "asyncio.Future") -> None:
-    """Wait until the executor call behind ``fut`` has returned, whatever it returned,
-    even if the waiting task is cancelled again meanwhile."""
-    while not fut.done():
-        try:
-            await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            continue
-        except BaseException:  # noqa: BLE001 - the worker's outcome no longer matters
-            break
-    if fut.done() and not fut.cancelled():
-        fut.exception()  # mark it retrieved

@@ -74,6 +74,7 @@ from . import encodings
 from .config import BIT_WIDTHS, DiffusionQuantConfig
 from .errors import ConfigurationError
 from .layout import chunk_ranges
+from .metrics import figures
 from .plan import LOSSLESS, Planner, TensorPlan, choose, plan_label
 from .source import DTYPES, ModelSource, TensorInfo, open_model
 from .store import RAW, ChunkRecord, StoreWriter
@@ -312,7 +313,7 @@ def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, conf
         name, bits = c.encoding, c.bits
         enc = encodings.get_encoding(name, bits, c.group)
         blobs, stats = encodings.quantize(x, enc)
-        fig = encodings.figures(stats)
+        fig = figures(stats)
         need = config.min_accuracy_for(bits)
         margin = 0.0 if exact else SAMPLE_MARGIN * _cosine_stderr(
             x, encodings.dequantize(blobs, enc, *x.shape), sampled_rows / rows, [r1 - r0 for r0, r1 in ranges])

@@ -48,6 +48,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .metrics import end_to_end_unavailable
+
 GRAPH_NAMES = ("model.onnx",)
 #: Samples per noise level: each one its own clean sample, noise and conditioning value.
 DEFAULT_BATCH = 3
@@ -77,10 +79,6 @@ def find_graph(model_path) -> Optional[Path]:
 def input_rng(seed: int, stream: int) -> np.random.Generator:
     """The generator of one purpose's inputs (:data:`VALIDATION_STREAM`, :data:`CALIBRATION_STREAM`)."""
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream,)))
-
-
-def unavailable(reason: str, **extra) -> dict:
-    return dict({"available": False, "reason": reason, "levels": []}, **extra)
 
 
 def _model_config(graph: Path) -> dict:
@@ -228,13 +226,13 @@ def end_to_end(original_path, store, *, num_time_groups: int = 10, weights: Opti
     started = time.perf_counter()
     graph = find_graph(original_path)
     if graph is None:
-        return unavailable(f"no executable graph ({' / '.join(GRAPH_NAMES)}) next to the weights of {Path(original_path).name}")
+        return end_to_end_unavailable(f"no executable graph ({' / '.join(GRAPH_NAMES)}) next to the weights of {Path(original_path).name}")
     try:
         import onnx
         import onnxruntime as ort
         from onnx import numpy_helper
     except ImportError as e:
-        return unavailable(f"onnx/onnxruntime are not installed ({e.name}); pip install 'arrow-quant-v2[onnx]'",
+        return end_to_end_unavailable(f"onnx/onnxruntime are not installed ({e.name}); pip install 'arrow-quant-v2[onnx]'",
                             graph=str(graph))
     from .store import QuantizedModel, load_quantized
 
@@ -242,18 +240,18 @@ def end_to_end(original_path, store, *, num_time_groups: int = 10, weights: Opti
     config = _model_config(graph)
     levels = noise_levels(config, num_time_groups)
     if levels is None:
-        return unavailable("config.json gives no noise range (sigma_min/sigma_max or num_train_timesteps)",
+        return end_to_end_unavailable("config.json gives no noise range (sigma_min/sigma_max or num_train_timesteps)",
                             graph=str(graph))
     levels, level_desc = levels
     try:
         model = onnx.load(str(graph))
     except Exception as e:  # noqa: BLE001 - any unreadable graph is "unavailable", not a failed validation
-        return unavailable(f"{graph.name} cannot be loaded ({e})", graph=str(graph))
+        return end_to_end_unavailable(f"{graph.name} cannot be loaded ({e})", graph=str(graph))
     inits = {t.name: t for t in model.graph.initializer}
     replaced = [n for n, e in store.tensors.items() if e.quantized and n in inits]
     quantized = [n for n, e in store.tensors.items() if e.quantized]
     if quantized and not replaced:
-        return unavailable(f"none of the store's quantized tensors is an initializer of {graph.name}", graph=str(graph))
+        return end_to_end_unavailable(f"none of the store's quantized tensors is an initializer of {graph.name}", graph=str(graph))
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -269,11 +267,11 @@ def end_to_end(original_path, store, *, num_time_groups: int = 10, weights: Opti
             t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=want), name))
         candidate = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
-        return unavailable(f"onnxruntime cannot run {graph.name} ({e})", graph=str(graph))
+        return end_to_end_unavailable(f"onnxruntime cannot run {graph.name} ({e})", graph=str(graph))
     del model, inits
     spec = _Feeds(reference.get_inputs(), config, batch)
     if spec.problems:
-        return unavailable("cannot build inputs for the graph: " + "; ".join(spec.problems), graph=str(graph))
+        return end_to_end_unavailable("cannot build inputs for the graph: " + "; ".join(spec.problems), graph=str(graph))
 
     rng = input_rng(seed, VALIDATION_STREAM)
     per_run = max(1, levels_per_run)
@@ -299,7 +297,7 @@ def end_to_end(original_path, store, *, num_time_groups: int = 10, weights: Opti
     except Exception as e:  # noqa: BLE001
         if type(e).__name__ == "Cancelled":
             raise
-        return unavailable(f"onnxruntime failed while running {graph.name} ({e})", graph=str(graph))
+        return end_to_end_unavailable(f"onnxruntime failed while running {graph.name} ({e})", graph=str(graph))
 
     cos = [r["cosine"] for r in rows]
     rel = [r["rel_error"] for r in rows]

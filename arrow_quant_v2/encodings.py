@@ -22,7 +22,6 @@ Encodings (bpw for a row length that the group divides):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Dict, Tuple, Type
 
@@ -30,6 +29,7 @@ import numpy as np
 
 from .kernels import decode, packing, rounding, search
 from .errors import ConfigurationError
+from .metrics import figures
 
 #: Parquet binary columns an encoding may fill, in order.
 BLOB_FIELDS = ("codes", "scales", "zeros", "aux")
@@ -631,27 +631,3 @@ def choose_group_for_target(
         if cos > best_cos:
             best, best_cos = enc, cos
     return best
-
-
-def weighted_cosine(tensors) -> float:
-    """A model's cosine similarity: the parameter-weighted mean over its quantized tensors
-    (each an object or dict with ``numel`` and ``cosine``); 1.0 when none is quantized."""
-    pairs = [(t["numel"], t["cosine"]) for t in tensors]
-    params = sum(n for n, _ in pairs)
-    return float(sum(n * c for n, c in pairs) / params) if params else 1.0
-
-
-def figures(stats: np.ndarray) -> Dict[str, float]:
-    """Cosine, relative Frobenius error and SQNR (dB) from fused statistics."""
-    xy, xx, yy, ee = (float(v) for v in stats)
-    if xx == 0.0:
-        cos = 1.0 if yy == 0.0 else 0.0
-        return {"cosine": cos, "rel_error": 0.0 if ee == 0.0 else math.inf, "sqnr_db": math.inf if ee == 0 else -math.inf}
-    cos = xy / math.sqrt(xx * yy) if yy > 0 else 0.0
-    rel = math.sqrt(ee / xx)
-    sqnr = math.inf if ee == 0.0 else 10.0 * math.log10(xx / ee)
-    return {"cosine": min(cos, 1.0), "rel_error": rel, "sqnr_db": sqnr}
-
-
-# ggml's block types register themselves here (they subclass Encoding, so they come last).
-from . import ggml_types  # noqa: E402,F401

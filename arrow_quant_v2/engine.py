@@ -30,6 +30,7 @@ from .budget import BudgetPlan, allocate
 from .config import DiffusionQuantConfig
 from .errors import ConfigurationError, OutputError, QuantizationError
 from .layout import chunk_ranges
+from .metrics import figures, weighted_cosine
 from .plan import (LOSSLESS, Planner, TensorPlan, alternate_encoding, choose, detect_modality, group_for,
                    next_bits, plan_label, spatial_plan)
 from .progress import CancelToken, ProgressEvent, ProgressSink
@@ -251,7 +252,7 @@ class QuantizeJob:
                 parts = self._encode_all(info, plan)
                 self._write(info, plan, parts, {"cosine": math.nan, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
                 return
-            fig = encodings.figures(stats)
+            fig = figures(stats)
             need = self.config.min_accuracy_for(plan.bits)
             if fig["cosine"] >= need:
                 self._write(info, plan, parts, fig, reason)
@@ -377,7 +378,7 @@ def run_key(source: ModelSource, config: DiffusionQuantConfig) -> str:
 
 
 def summarize(final: Dict[str, dict]) -> dict:
-    """Model-level figures from per-tensor ones (definitions in DESIGN.md)."""
+    """Model-level figures from per-tensor ones (the definitions are in the README's result keys and in :mod:`arrow_quant_v2.metrics`)."""
     q = {n: t for n, t in final.items() if t["bits"] != LOSSLESS}
     params = sum(t["numel"] for t in q.values())
     per_bits: Dict[str, dict] = {}
@@ -389,7 +390,7 @@ def summarize(final: Dict[str, dict]) -> dict:
         d["bytes"] += t["nbytes"]
     worst = min(q.items(), key=lambda kv: kv[1]["cosine"], default=(None, {"cosine": 1.0}))
     return {
-        "cosine_similarity": encodings.weighted_cosine(q.values()),
+        "cosine_similarity": weighted_cosine(q.values()),
         "min_cosine": float(worst[1]["cosine"]),
         "worst_layer": worst[0],
         "bits_per_weight": (sum(t["nbytes"] for t in q.values()) * 8 / params) if params else 0.0,

@@ -13,39 +13,13 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .kernels import rounding
 from .config import DEFAULT_MIN_ACCURACY
-from .encodings import figures, weighted_cosine
+from .kernels import rounding
+from .metrics import COSINE_AGREEMENT, end_to_end_unavailable, figures, summarize
 from .errors import ArrowQuantError, ValidationError
 from .progress import CancelToken, ProgressEvent, ProgressSink
 from .source import open_model
 from .store import load_quantized
-
-#: How far a re-measured cosine may drift from the stored one before the store is called inconsistent.
-COSINE_AGREEMENT = 1e-6
-
-
-def summarize(per_layer: Dict[str, dict], *, num_tensors: int, source_bytes: int, weight_bytes: int,
-              modality: Optional[str]) -> dict:
-    """The validation report's figures from the per-layer records (a store's or a GGUF file's)."""
-    params = sum(p["numel"] for p in per_layer.values())
-    worst = sorted(per_layer, key=lambda n: per_layer[n]["cosine"])[:10]
-    return {
-        "cosine_similarity": weighted_cosine(per_layer.values()),
-        "compression_ratio": source_bytes / weight_bytes if weight_bytes else 0.0,
-        "per_layer_accuracy": {n: p["cosine"] for n, p in per_layer.items()},
-        "passed": all(p["passed"] for p in per_layer.values()),
-        "min_cosine": min((p["cosine"] for p in per_layer.values()), default=1.0),
-        "worst_layers": [(n, per_layer[n]["cosine"]) for n in worst],
-        "failed_layers": [n for n, p in per_layer.items() if not p["passed"]],
-        "per_layer": per_layer,
-        "model_size_mb": weight_bytes / 2**20,
-        "bits_per_weight": sum(p["bits_per_weight"] * p["numel"] for p in per_layer.values()) / params if params else 0.0,
-        "num_quantized": len(per_layer),
-        "num_lossless": num_tensors - len(per_layer),
-        "modality": modality,
-    }
-
 
 def validate_store(original_path, quantized_path, *, min_accuracy: Optional[float] = None,
                    progress: Optional[ProgressSink] = None, cancel: Optional[CancelToken] = None,
@@ -126,7 +100,7 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
     report = summarize(per_layer, num_tensors=len(store.tensors), source_bytes=source.total_bytes,
                        weight_bytes=store.weight_bytes, modality=store.manifest.get("modality", {}).get("name"))
     if graph is None:
-        report["end_to_end"] = e2e.unavailable(
+        report["end_to_end"] = end_to_end_unavailable(
             "not requested (end_to_end=False)" if end_to_end is False else
             f"no executable graph ({' / '.join(e2e.GRAPH_NAMES)}) next to the weights of {Path(original_path).name}")
     else:

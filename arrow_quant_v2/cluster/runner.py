@@ -11,7 +11,7 @@ import uuid
 import weakref
 from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
-from ..aio import _wait_stopped, default_max_bytes_in_flight  # this package lives under aio
+from ..concurrency import default_max_bytes_in_flight, wait_stopped
 from ..errors import ClusterError, ConfigurationError
 from ..progress import Cancelled, ProgressEvent
 from . import remote
@@ -334,8 +334,8 @@ class ClusterRunner:
             try:
                 return await asyncio.shield(waiter)
             except asyncio.CancelledError:  # a second cancel must not cut this short: wait for the worker
-                await _wait_stopped(asyncio.ensure_future(asyncio.to_thread(self._cancel, client, job_id)))
-                await _wait_stopped(waiter)
+                await wait_stopped(asyncio.ensure_future(asyncio.to_thread(self._cancel, client, job_id)))
+                await wait_stopped(waiter)
                 raise
             except Cancelled:  # only our event cancels a job, and then we are cancelled too
                 raise asyncio.CancelledError() from None

@@ -17,10 +17,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import gguf
 import numpy as np
 
-from .. import kernels
 from ..config import DEFAULT_MIN_ACCURACY
-from ..encodings import figures
 from ..errors import ArrowQuantError, ValidationError
+from ..kernels import rounding
+from ..metrics import COSINE_AGREEMENT, end_to_end_unavailable, figures, summarize
 from ..progress import CancelToken, ProgressEvent, ProgressSink
 from ..source import open_model
 from . import runtime
@@ -192,8 +192,6 @@ def _match_names(gf: GGUFFile, source, folder: Optional[Path]) -> Tuple[Dict[str
 def validate_gguf(original_path, gguf_path, *, min_accuracy: Optional[float] = None,
                   progress: Optional[ProgressSink] = None, cancel: Optional[CancelToken] = None) -> dict:
     """Compare every tensor of a GGUF file with the source model; the same report as a store's."""
-    from ..validation import COSINE_AGREEMENT, summarize
-
     cancel = cancel or CancelToken()
     try:
         source = open_model(original_path)
@@ -227,7 +225,7 @@ def validate_gguf(original_path, gguf_path, *, min_accuracy: Optional[float] = N
         if t.tensor_type.name in FLOAT_TYPES and np.array_equal(x, y, equal_nan=True):
             lossless += 1
         else:
-            fig = figures(kernels.error_stats(np.ascontiguousarray(x.reshape(x.shape[0] if x.ndim else 1, -1)),
+            fig = figures(rounding.error_stats(np.ascontiguousarray(x.reshape(x.shape[0] if x.ndim else 1, -1)),
                                               np.ascontiguousarray(y.reshape(x.shape[0] if x.ndim else 1, -1))))
             stored = record.get(gname, {}).get("cosine")
             if isinstance(stored, (int, float)) and not math.isclose(fig["cosine"], stored, rel_tol=0,
@@ -252,9 +250,7 @@ def validate_gguf(original_path, gguf_path, *, min_accuracy: Optional[float] = N
     report["architecture"] = gf.architecture
     report["unmatched_gguf_tensors"] = sorted(set(gf.tensors) - set(mapping.values()))
     report["warnings"] = list(target.warnings)
-    from .. import e2e
-
-    report["end_to_end"] = e2e.unavailable("not run for GGUF files (the per-tensor comparison above is)")
+    report["end_to_end"] = end_to_end_unavailable("not run for GGUF files (the per-tensor comparison above is)")
     if progress is not None:
         progress(ProgressEvent(stage="done", fraction=1.0, message="validation done", tensors_done=len(mapping),
                                tensors_total=len(mapping), bytes_done=total, bytes_total=total))

@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Tuple
 import gguf
 import numpy as np
 
-from .. import __version__, encodings
+from .. import encodings
+from .._version import __version__
 from ..errors import ExportError, OutputError
 from ..progress import CancelToken, ProgressEvent, ProgressSink
 from . import runtime
