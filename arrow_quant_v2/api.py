@@ -31,12 +31,13 @@ def plain_progress(callback: Optional[Callable[[str, float], None]], interval: f
 class ArrowQuantV2:
     """Blocking quantizer.
 
-    ``mode`` is ``"diffusion"`` (the only mode: time-aware protection on).
+    ``mode`` is kept for the seed API's ``ArrowQuantV2(mode="diffusion")`` and checked; it
+    selects nothing (what protects time conditioning is ``config.enable_time_aware``).
     ``progress_interval`` is the minimum seconds between two progress callbacks
     (the first and the final one are always delivered).
 
     Args:
-        mode: must be ``"diffusion"``.
+        mode: must be ``"diffusion"`` (the one value; any other is refused).
         progress_interval: seconds between two progress callbacks (default 5.0).
         cluster: run on a Dask cluster (a ``distributed.Client`` or a scheduler address such
             as ``"tcp://127.0.0.1:8786"``) instead of this machine; calls still block.

@@ -286,7 +286,7 @@ def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, conf
     raw_fields = {"codes": (1.0,) + compression_model(raw)}
     itemsize = DTYPES[info.dtype].itemsize
     raw_disk = _disk(raw_fields, [(r1 - r0) * cols * itemsize for r0, r1 in chunks])
-    lossless = Option(LOSSLESS, "raw", raw_bytes, raw_disk, 0.0, 1.0, raw_fields)
+    lossless = Option(LOSSLESS, RAW, raw_bytes, raw_disk, 0.0, 1.0, raw_fields)
     role = base.role or ("lossless" if base.lossless else "ordinary")
     if role == "lossless":
         return TensorBudget(info.name, info.numel, role, base, [lossless], sampled_rows / max(rows, 1))

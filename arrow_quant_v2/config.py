@@ -49,7 +49,7 @@ class DiffusionQuantConfig:
     encoding: Optional[str] = spec(None, "Encoding name (None = the best default for the bit width; see encodings).", kind="encoding")
     target_runtime: Optional[str] = spec(None, "Where the model will run: None = ArrowQuant's own encodings (most accurate); 'gguf' = only ggml block types (int8 Q8_0, int6 Q6_K, int5 Q5_K, int4 Q4_K, int3 Q3_K, int2 Q2_K) so the GGUF export is lossless.", choices=TARGET_RUNTIMES)
     symmetric: bool = spec(False, "Use a symmetric grid without offset (the 'symmetric' encoding) instead of the default.")
-    modality: Optional[str] = spec(None, "Force the modality (text, code, image, audio); None detects it.", choices=MODALITIES)
+    modality: Optional[str] = spec(None, "The modality the result and manifest report (text, code, image, audio); None detects it. A label only: no tensor's plan depends on it.", choices=MODALITIES)
     enable_time_aware: bool = spec(True, "Give timestep/noise-conditioning modules (time_embed, adaLN_modulation, ...) more bits.")
     sensitive_bits: int = spec(8, "Bits for protected tensors: embeddings, output heads, time conditioning, sensitive_layers.", choices=(4, 5, 6, 8))
     protect_embeddings: bool = spec(True, "Give embeddings, output heads and a denoiser's boundary layers (input conv, first block, output layers) sensitive_bits.")

@@ -6,7 +6,7 @@ named in :data:`BLOB_FIELDS`; the encoding class is the single place that says w
 each blob holds (its docstring is the byte layout). The public surface is
 :func:`get_encoding`, :func:`quantize` and :func:`dequantize`.
 
-The ``raw`` encoding carries a tensor losslessly in its source dtype.
+Lossless tensors use no encoding: the store keeps their source bytes (``layout.RAW`` rows).
 
 Encodings (bpw for a row length that the group divides):
 
@@ -22,6 +22,7 @@ Encodings (bpw for a row length that the group divides):
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import ClassVar, Dict, Tuple, Type
 
@@ -40,12 +41,16 @@ _REGISTRY: Dict[str, Type["Encoding"]] = {}
 
 
 def register(cls):
+    """Class decorator: make ``cls`` available by its ``name``; a name is registered once."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"encoding {cls.name!r} is already registered ({_REGISTRY[cls.name].__qualname__}); "
+                         "choose another name")
     _REGISTRY[cls.name] = cls
     return cls
 
 
 def encoding_names() -> Tuple[str, ...]:
-    return tuple(n for n in _REGISTRY if n != "raw")
+    return tuple(_REGISTRY)
 
 
 def supports(name: str, bits: int) -> bool:
@@ -101,8 +106,10 @@ class Grid:
 
 
 @dataclass(frozen=True)
-class Encoding:
-    """Base class. Subclasses set ``name``, ``supported_bits`` and implement the three methods."""
+class Encoding(abc.ABC):
+    """Base class (abstract). Subclasses set ``name`` and ``supported_bits``, implement
+    :meth:`dequantize`, and either :meth:`quantize` or the grid interface (:meth:`grid`,
+    :meth:`round_to_grid`), and :meth:`blob_nbytes` or :meth:`nbytes`."""
 
     bits: int
     group_size: int
@@ -151,9 +158,9 @@ class Encoding:
         y = grid.values(codes.reshape(x.shape))
         return self.pack(grid, codes.reshape(-1)), rounding.error_stats(x, y)
 
+    @abc.abstractmethod
     def dequantize(self, blobs: Blobs, rows: int, cols: int) -> np.ndarray:
         """Decode blobs back to a float32 ``(rows, cols)`` array."""
-        raise NotImplementedError
 
     def blob_nbytes(self, rows: int, cols: int) -> Dict[str, int]:
         """Length of each blob for a ``(rows, cols)`` chunk: the layout a store reader checks
@@ -326,9 +333,25 @@ class Symmetric(Encoding):
         return {"codes": packing.packed_nbytes(rows * cols, self.bits), "scales": 2 * rows * ng}
 
 
+@dataclass(frozen=True)
+class SuperBlocks(Encoding):
+    """The geometry the k-quant-style encodings share: groups of ``g = group_for(cols)`` elements
+    along each row (``ng`` per row) under super-blocks of ``K = max(1, SUPER // g)`` consecutive
+    groups of the same row (``ns = ceil(ng / K)`` per row, the last ones possibly shorter)."""
+
+    #: elements per super-block (part of the format: K = max(1, SUPER // g)).
+    SUPER: ClassVar[int] = 256
+
+    def _geometry(self, cols):
+        g = self.group_for(cols)
+        ng = packing.groups_per_row(cols, g)
+        k = max(1, self.SUPER // g)
+        return g, ng, k, packing.groups_per_row(ng, k)
+
+
 @register
 @dataclass(frozen=True)
-class KQuantNL(Encoding):
+class KQuantNL(SuperBlocks):
     """Non-uniform grid, one signed sub-scale per group; bfloat16 scale and mean per super-block.
 
     The quality encoding (in the spirit of llama.cpp's k-quants and IQ4_XS, with
@@ -368,24 +391,17 @@ class KQuantNL(Encoding):
     supported_bits: ClassVar[Tuple[int, ...]] = (2, 3, 4)
     #: bits of the sub-scale code per weight bit width (part of the format).
     SCALE_BITS: ClassVar[Dict[int, int]] = {2: 4, 3: 6, 4: 6}
-    #: elements per super-block (part of the format: K = max(1, SUPER // g)).
-    SUPER: ClassVar[int] = 256
     #: encoder effort per bit width: (clip factors, Lloyd steps, refine sub-scale codes).
     SEARCH: ClassVar[Dict[int, Tuple[Tuple[float, ...], int, bool]]] = {
-        # Measured on 4096-wide Gaussian/Student-t rows (relF, 1-core MB/s):
-        # int2 g8: (1.0, 1.1, 1.2) 0.2509 / 250; (1.0, 1.2) 0.2509 / 304; (1.1,) 0.2527 / 434.
+        # Chosen on 4096-wide Gaussian/Student-t rows (relF; relative 1-core speed):
+        # int2 g8: (1.0, 1.1, 1.2) 0.2509 / 1.0; (1.0, 1.2) 0.2509 / 1.2; (1.1,) 0.2527 / 1.7.
         2: ((1.0, 1.2), 0, True),
         3: ((1.0, 1.2), 0, True),
-        # int4 g16: (1.0, 1.1) 0.0649 / ~400; (1.0,)+1 Lloyd step 0.0654 / ~430; (1.0,) 0.0657 / ~515.
-        # The last: the int4 default must reach 500 MB/s on 2 threads even on a shared machine.
+        # int4 g16: (1.0, 1.1) 0.0649 / 1.0; (1.0,)+1 Lloyd step 0.0654 / 1.1; (1.0,) 0.0657 / 1.3.
+        # The last: int4 is the profile most runs use, so it takes the fastest setting (its
+        # measured speed: the README's encodings table, benchmarks/results/bench_encodings.json).
         4: ((1.0,), 0, False),
     }
-
-    def _geometry(self, cols):
-        g = self.group_for(cols)
-        ng = packing.groups_per_row(cols, g)
-        k = max(1, self.SUPER // g)
-        return g, ng, k, packing.groups_per_row(ng, k)
 
     def _code_range(self):
         sb = self.SCALE_BITS[self.bits]
@@ -438,7 +454,7 @@ class KQuantNL(Encoding):
 
 @register
 @dataclass(frozen=True)
-class KQuant(KQuantNL):
+class KQuant(SuperBlocks):
     """Asymmetric uniform grid with two-level scales *and* offsets (k-quant style).
 
     Same geometry as ``kquant_nl``: groups of ``g = group_for(cols)`` elements
@@ -546,7 +562,7 @@ KQuantNL.__doc__ += _grid_listing()
 #:         affine g64 3.5: 0.192 / 0.252; llama.cpp Q3_K 3.44: 0.151)
 #:   int4: kquant_nl g16  4.5 bpw    0.0656 / 0.076 (kquant g32 4.5: 0.0733 / 0.088;
 #:         affine_opt g64 4.5: 0.0835 / 0.109; affine g64 4.5: 0.0896 / 0.117;
-#:         llama.cpp Q4_K 4.5: 0.0713); ~480 MB/s per core, 640-750 MB/s on 2 threads.
+#:         llama.cpp Q4_K 4.5: 0.0713); speeds: benchmarks/results/bench_encodings.json.
 #:   int8: affine_opt g64 8.5 bpw    0.0051 / 0.0067 (affine g64 8.5: 0.0053 / 0.0069;
 #:         kquant g64 8.375: 0.0053 / 0.0070; Q8_0 8.5: 0.0054 / 0.0073). A symmetric
 #:         uniform 8-bit grid with two-level scales (g32, 8.31 bpw: 0.0052 / 0.0072)

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Dict, Optional, Tuple
 import numpy as np
 
 from . import ggml_kernels as G
-from . import kernels
+from .kernels import rounding
 from .encodings import Encoding, register
 from .errors import ConfigurationError, ValidationError
 
@@ -64,7 +64,7 @@ class GGMLEncoding(Encoding):
         self._check(cols)
         blob = self._encode(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))
         y = self._decode(blob, rows * cols)
-        return {"codes": blob}, kernels.error_stats(x, y.reshape(rows, cols))
+        return {"codes": blob}, rounding.error_stats(x, y.reshape(rows, cols))
 
     def dequantize(self, blobs, rows, cols):
         self._check(cols)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 from typing import List, Tuple
 
+#: The ``encoding`` of a row stored losslessly: ``codes`` holds the source bytes in its dtype.
+RAW = "raw"
+
 #: Largest chunk, in elements (32 MiB of float32): bounds memory and cancel latency.
 CHUNK_ELEMENTS = 8 << 20
 #: Large tensors are cut in this many chunks (so threads share them) but never into

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import encodings
 from .config import BIT_WIDTHS, DiffusionQuantConfig
+from .layout import RAW
 from .source import ModelSource, TensorInfo
 
 #: Timestep / noise-level conditioning: their outputs modulate every block at every
@@ -52,7 +53,7 @@ class TensorPlan:
     bits: int
     group_size: int
     reason: str
-    encoding: str = "raw"
+    encoding: str = RAW
     #: Why this width class: "lossless", "rule" (bit_rules), "protected" (time conditioning,
     #: embeddings/heads, sensitive_layers) or "ordinary". A size budget moves only the last
     #: two (protected ones never below ``sensitive_bits``); see ``budget``.

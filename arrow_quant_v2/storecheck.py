@@ -42,14 +42,13 @@ import pyarrow.compute as pc
 
 from . import encodings
 from .errors import ConfigurationError, StoreFormatError
+from .layout import RAW  # noqa: F401 - the encoding name of lossless rows, defined with the row layout
 from .source import DTYPES, MAX_RANK
 
 #: The signature that makes a folder a store: written by this project into manifest.json.
 FORMAT_NAME = "arrowquant"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-#: The encoding name of lossless rows (the source bytes as they were).
-RAW = "raw"
 
 #: A manifest larger than this is refused before it is parsed.
 MAX_MANIFEST_BYTES = 64 << 20

@@ -1,4 +1,4 @@
-"""Bad input gets a clear error, and nothing is lost (DESIGN.md).
+"""Bad input gets a clear error, and nothing is lost.
 
 Every case of the damaged-file corpus (``tests/badfiles.py``) must raise its typed error
 naming the file/tensor/path concerned, leave every byte under the test folder exactly

@@ -231,3 +231,12 @@ def test_property_any_shape_and_data(data, idx, rows, cols, group, kind):
     else:  # a wide dynamic range across rows
         x = rng.standard_normal((rows, cols)) * 10.0 ** rng.uniform(-6, 2, (rows, 1))
     _check_round_trip(E.get_encoding(name, bits, group), np.ascontiguousarray(x, dtype=np.float32))
+
+
+def test_a_name_is_registered_once_and_the_base_is_abstract():
+    """A second encoding under a taken name would silently change what stores decode to."""
+    with pytest.raises(ValueError, match="'kquant' is already registered"):
+        E.register(type("Again", (E.KQuant,), {}))
+    assert E.get_encoding("kquant", 4, 32).__class__ is E.KQuant
+    with pytest.raises(TypeError, match="abstract"):
+        E.Encoding(4, 64)
