@@ -3,8 +3,10 @@
 One job reads the model chunk by chunk (a chunk is a block of rows of a tensor's 2-D
 view), quantizes chunks on a shared pool of kernel threads and writes each finished
 tensor to the store. A sliding window of chunk tasks overlaps reading, quantizing
-and writing across tensors, and bounds memory to a few chunks plus the encoded
-chunks of the tensor being finished. The cancel token is checked between chunks.
+and writing across tensors. Memory is bounded by that window plus at most
+``SPOOL_MEMORY_BYTES`` of encoded chunks waiting for their tensor to finish (the rest
+wait in an anonymous temporary file), whatever the largest tensor. The cancel token
+is checked between chunks.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +94,68 @@ class _Ready:
 
     def cancel(self) -> bool:
         return False
+
+
+#: Encoded chunks of the tensor being finished kept in memory; beyond this they are spooled to disk.
+SPOOL_MEMORY_BYTES = 64 << 20
+
+
+class ChunkSpool:
+    """The encoded chunks of one tensor, until its figures are known and its rows can be written.
+
+    Every Parquet row of a tensor carries the tensor's figures and reason, which are known only
+    after its last chunk (and decide whether it is re-encoded wider), so its rows cannot be
+    written as the chunks finish. The first ``memory_bytes`` of chunks stay in memory; later
+    ones go to an anonymous temporary file in ``folder`` (unlinked from the start: nothing is
+    left behind even if the process dies) and are read back one at a time while the rows are
+    written. Only the job's thread uses a spool.
+    """
+
+    def __init__(self, folder: Path, memory_bytes: int) -> None:
+        self.folder, self.memory_bytes = folder, memory_bytes
+        self.chunks: List[tuple] = []  # (r0, r1, blobs or their {field: (offset, size)} in the file, spooled)
+        self.nbytes = 0
+        self._in_memory = 0
+        self._file = None
+
+    def add(self, r0: int, r1: int, blobs) -> None:
+        """Keep chunk ``[r0, r1)``'s blobs (``None``: a chunk that could not be encoded)."""
+        size = 0 if blobs is None else sum(int(b.size) for b in blobs.values() if b is not None)
+        self.nbytes += size
+        if blobs is None or self._in_memory + size <= self.memory_bytes:
+            self._in_memory += size
+            self.chunks.append((r0, r1, blobs, False))
+            return
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(dir=self.folder, prefix=".spool-")
+        where = {}
+        for field, blob in blobs.items():
+            if blob is None:
+                where[field] = None
+                continue
+            data = np.ascontiguousarray(blob).view(np.uint8).reshape(-1)
+            where[field] = (self._file.seek(0, os.SEEK_END), data.size)
+            self._file.write(data.data)
+        self.chunks.append((r0, r1, where, True))
+
+    def __iter__(self):
+        for r0, r1, blobs, spooled in self.chunks:
+            yield r0, r1, self._read(blobs) if spooled else blobs
+
+    def _read(self, where):
+        out = {}
+        for field, loc in where.items():
+            if loc is not None:
+                self._file.seek(loc[0])
+                out[field] = np.frombuffer(self._file.read(loc[1]), np.uint8)
+            else:
+                out[field] = None
+        return out
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class QuantizeJob:
@@ -169,7 +234,7 @@ class QuantizeJob:
         pending: collections.deque = collections.deque()
         tasks = self._tasks()
         window = self.threads  # this job's chunks in flight: num_threads (0 = all cores), never more
-        parts: List[Tuple[int, int, object]] = []
+        parts = self._spool()
         stats = np.zeros(4)
         whole = len(self.names) == len(self.source.tensors)
         self.bytes_total = max(self.source.total_bytes if whole else sum(self.source.tensors[n].nbytes for n in self.names), 1)
@@ -201,11 +266,11 @@ class QuantizeJob:
                 (info, plan, i, r0, r1, last), fut = pending.popleft()
                 try:
                     blobs, st = fut.result()
-                    parts.append((r0, r1, blobs))
+                    parts.add(r0, r1, blobs)
                     if st is not None:
                         stats += st
                 except _NonFinite:
-                    parts.append((r0, r1, None))
+                    parts.add(r0, r1, None)
                     stats[:] = np.nan
                 refill()  # keep `window` chunks computing while this thread writes
                 self.bytes_done += info.nbytes * (r1 - r0) // max(info.matrix_shape[0], 1)
@@ -214,8 +279,9 @@ class QuantizeJob:
                            f"[{self.tensors_done + 1}/{self.tensors_total}]")
                 if last:
                     self._finish_tensor(info, plan, parts, stats)
-                    parts, stats = [], np.zeros(4)
+                    parts, stats = self._spool(), np.zeros(4)
         except BaseException:
+            parts.close()
             for _, fut in pending:
                 fut.cancel()
             for _, fut in pending:  # let running chunks end so no thread outlives the job
@@ -239,7 +305,17 @@ class QuantizeJob:
             enc = encodings.get_encoding(name, bits, group)
             encodings.dequantize(encodings.quantize(tiny, enc)[0], enc, *tiny.shape)
 
-    def _finish_tensor(self, info: TensorInfo, plan: TensorPlan, parts, stats) -> None:
+    def _spool(self) -> ChunkSpool:
+        return ChunkSpool(self.writer.tmp, SPOOL_MEMORY_BYTES)
+
+    def _finish_tensor(self, info: TensorInfo, plan: TensorPlan, parts: ChunkSpool, stats) -> None:
+        try:
+            self._settle(info, plan, parts, stats)
+        finally:
+            parts.close()
+
+    def _settle(self, info: TensorInfo, plan: TensorPlan, parts: ChunkSpool, stats) -> None:
+        """Write the tensor, or re-encode it along the fallback chain until it is accepted."""
         if plan.lossless:
             self._write(info, plan, parts, {"cosine": 1.0, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
             return
@@ -249,7 +325,8 @@ class QuantizeJob:
                 msg = f"{info.name}: contains NaN/Inf values; kept lossless so nothing changes"
                 self.warnings.append(msg)
                 plan = TensorPlan(info.name, LOSSLESS, 0, "lossless: contains NaN/Inf")
-                parts = self._encode_all(info, plan)
+                parts.close()
+                parts, _ = self._encode_all(info, plan)
                 self._write(info, plan, parts, {"cosine": math.nan, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
                 return
             fig = figures(stats)
@@ -281,41 +358,55 @@ class QuantizeJob:
                                        "cosine": fig["cosine"]})
                 if to_bits == LOSSLESS:
                     plan = TensorPlan(info.name, LOSSLESS, 0, f"lossless: {why}")
-                    parts = self._encode_all(info, plan)
+                    parts.close()
+                    parts, _ = self._encode_all(info, plan)
                     self._write(info, plan, parts, {"cosine": 1.0, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
                     return
                 plan = TensorPlan(info.name, c.bits, c.group, "", c.encoding, plan.role)
                 reason = f"{plan_label(c.bits, c.encoding, c.group)}: {why}"
-            parts = self._encode_all(info, plan)
-            stats = np.zeros(4)
-            for _, _, (blobs, st) in parts:
-                stats += st
-            parts = [(r0, r1, blobs) for r0, r1, (blobs, _) in parts]
+            parts.close()
+            parts, stats = self._encode_all(info, plan)
 
-    def _encode_all(self, info: TensorInfo, plan: TensorPlan):
-        ranges = chunk_ranges(*info.matrix_shape)
-        futures = [self.pool.submit(self._encode, info, plan, r0, r1) for r0, r1 in ranges]
+    def _encode_all(self, info: TensorInfo, plan: TensorPlan) -> Tuple[ChunkSpool, np.ndarray]:
+        """Encode every chunk of ``info`` again under ``plan``, ``num_threads`` chunks in flight at a
+        time (as the first pass), into a new spool; returns it and the summed statistics."""
+        spool, stats = self._spool(), np.zeros(4)
+        ranges = iter(chunk_ranges(*info.matrix_shape))
+        pending: collections.deque = collections.deque()
         try:
-            return [(r0, r1, f.result()) if not plan.lossless else (r0, r1, f.result()[0])
-                    for (r0, r1), f in zip(ranges, futures)]
-        finally:
-            for f in futures:
-                f.cancel()
-            concurrent.futures.wait(futures)  # let running chunks end so no thread outlives the job
+            while True:
+                while len(pending) < self.threads and (r := next(ranges, None)) is not None:
+                    pending.append((r, self.pool.submit(self._encode, info, plan, *r)))
+                if not pending:
+                    return spool, stats
+                (r0, r1), fut = pending.popleft()
+                blobs, st = fut.result()
+                spool.add(r0, r1, blobs)
+                if st is not None:
+                    stats += st
+        except BaseException:
+            spool.close()
+            for _, fut in pending:
+                fut.cancel()
+            concurrent.futures.wait([fut for _, fut in pending])  # no thread outlives the job
+            raise
 
-    def _write(self, info: TensorInfo, plan: TensorPlan, parts, fig: Dict[str, float], reason: str) -> None:
+    def _write(self, info: TensorInfo, plan: TensorPlan, parts: ChunkSpool, fig: Dict[str, float], reason: str) -> None:
         rel = self._source_files.get(info.file)
         if rel is None:
             rel = str(info.file.relative_to(self.source.root)) if self.source.path.is_dir() else info.file.name
             self._source_files[info.file] = rel
         encoding = RAW if plan.lossless else plan.encoding
-        records = [
+        records = (  # read back one at a time: only one spooled chunk is in memory while writing
             ChunkRecord(info.name, rel, info.shape, info.dtype, i, r0, r1 - r0, encoding, plan.bits, plan.group_size, blobs)
             for i, (r0, r1, blobs) in enumerate(parts)
-        ]
-        summary = dict(fig, bits=plan.bits, encoding=encoding, nbytes=sum(r.nbytes for r in records),
+        )
+        summary = dict(fig, bits=plan.bits, encoding=encoding, nbytes=parts.nbytes,
                        numel=info.numel, reason=reason, source_bytes=info.nbytes)
-        self.writer.write_tensor(records, fig, reason, summary)
+        try:
+            self.writer.write_tensor(records, fig, reason, summary, nbytes=parts.nbytes)
+        finally:
+            parts.close()
         self.final[info.name] = summary
         self.tensors_done += 1
 

@@ -413,14 +413,21 @@ class StoreWriter:
             self._writer = None
             self._record_shard(self._open_figures)
 
-    def write_tensor(self, records: List[ChunkRecord], figures: Dict[str, float], reason: str,
-                     summary: Optional[dict] = None) -> None:
+    def write_tensor(self, records: Iterable[ChunkRecord], figures: Dict[str, float], reason: str,
+                     summary: Optional[dict] = None, nbytes: Optional[int] = None) -> None:
         """Append all chunks of one tensor (a tensor never straddles two shards).
 
         ``summary`` is what the engine knows of the tensor (bits, bytes, figures); it is
         journaled with the shard so a resumed run can report it without re-reading.
+        ``records`` may be any iterable (the engine passes a generator that reads its spooled
+        chunks back one by one); ``nbytes``, the sum of their blob bytes, is then required so
+        that the shard is chosen before the first row.
         """
-        size = sum(r.nbytes for r in records)
+        if nbytes is None:
+            records = list(records)
+            nbytes = sum(r.nbytes for r in records)
+        size = nbytes
+        rows, name = 0, None
         try:
             if self._writer is None or starts_new_shard(self._shard_bytes, size, self.max_shard_bytes):
                 self._open_shard()  # closes (and journals) the previous shard: disk errors here too
@@ -432,13 +439,14 @@ class StoreWriter:
                 self._pending_bytes += r.nbytes
                 if not small:
                     self._flush_rows()
+                rows, name = rows + 1, r.name
         except OSError as e:
             raise _disk_error(e, self.output) from None
         self._shard_bytes += size
         self.shards[-1]["tensors"] += 1
-        self.shards[-1]["rows"] += len(records)
-        self.shards[-1]["tensor_names"].append(records[0].name)
-        self._open_figures[records[0].name] = summary or {}
+        self.shards[-1]["rows"] += rows
+        self.shards[-1]["tensor_names"].append(name)
+        self._open_figures[name] = summary or {}
 
     def _flush_rows(self) -> None:
         """Write the pending rows as one row group. Where the cuts fall depends only on the rows,
