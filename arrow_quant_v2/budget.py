@@ -14,7 +14,7 @@ How it is measured (cheaply)
     Each budgeted tensor is read on a deterministic sample of rows (:data:`SAMPLE_BLOCKS`
     evenly spaced blocks totalling about :data:`SAMPLE_ELEMENTS` elements; small tensors
     whole) and quantized at every candidate width (2, 3, 4, 5, 6, 8, each with the encoding
-    and group ``plan.choose`` gives it: under ``target_runtime="gguf"`` the ggml types);
+    and group ``policy.at_width`` gives it, the engine's chain judged by ``policy.accepts``: under ``target_runtime="gguf"`` the ggml types);
     ``relF**2`` and the cosine are read from the encoding's statistics. Blob bytes are exact: ``encoding.nbytes`` over the store rows the engine
     will write (``layout.chunk_ranges``). The store is zstd-compressed Parquet, so the
     sample blobs are compressed with the same codec and the measured ratio scales the exact
@@ -47,8 +47,11 @@ Rules that still hold
     ``sensitive_layers``) never go below ``sensitive_bits``; ordinary ones start at int2.
 
 The per-layer accuracy fallback
-    A candidate whose sampled cosine misses ``min_accuracy`` for its width, or clears it by
-    less than three standard errors of the sample estimate (row blocks as sampling units),
+    Each width is judged as the engine will judge it (:mod:`arrow_quant_v2.policy`): its
+    candidates in the engine's order (the width's encoding, then the same-width alternate),
+    the first accepted one kept. A width none of whose candidates reaches ``min_accuracy``,
+    or clears it by less than ``policy.SAMPLE_MARGIN`` standard errors of the sample estimate
+    (row blocks as sampling units),
     is dropped before allocating, because the engine would re-quantize
     it wider anyway; so the fallback is already paid for in the plan and the smallest
     reachable size honours ``min_accuracy``. Near the threshold the estimate can still be
@@ -70,12 +73,13 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pyarrow as pa
 
-from . import encodings
+from . import encodings, policy
 from .config import BIT_WIDTHS, DiffusionQuantConfig
 from .errors import ConfigurationError
 from .layout import chunk_ranges
 from .metrics import figures
-from .plan import LOSSLESS, Planner, TensorPlan, choose, plan_label
+from .plan import Planner, TensorPlan
+from .policy import LOSSLESS, plan_label
 from .source import DTYPES, ModelSource, TensorInfo, open_model
 from .store import RAW, ChunkRecord, StoreWriter
 
@@ -87,8 +91,6 @@ SAMPLE_BLOCKS = 32
 WIDTHS = BIT_WIDTHS
 #: The codec of the store's Parquet files (``store.StoreWriter``); used to measure compressibility.
 CODEC = "zstd"
-#: A sampled cosine must clear min_accuracy by this many standard errors of its estimate.
-SAMPLE_MARGIN = 3.0
 MIB = 2 ** 20
 
 
@@ -306,19 +308,23 @@ def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, conf
         return TensorBudget(info.name, info.numel, "lossless", base, [lossless], sampled_rows / max(rows, 1))
     seen = set()
     for width in widths:
-        c = choose(config, width, cols)  # under "gguf": the ggml type, or llama.cpp's fallback for this row
-        if c.encoding is None or (c.encoding, c.bits) in seen:  # two widths can share a ggml fallback type
+        candidates = policy.at_width(config, width, cols)  # the engine's chain at this width, judged on the sample
+        if not candidates or (candidates[0].encoding, candidates[0].bits) in seen:  # widths can share a ggml type
             continue
-        seen.add((c.encoding, c.bits))
-        name, bits = c.encoding, c.bits
-        enc = encodings.get_encoding(name, bits, c.group)
-        blobs, stats = encodings.quantize(x, enc)
-        fig = figures(stats)
-        need = config.min_accuracy_for(bits)
-        margin = 0.0 if exact else SAMPLE_MARGIN * _cosine_stderr(
-            x, encodings.dequantize(blobs, enc, *x.shape), sampled_rows / rows, [r1 - r0 for r0, r1 in ranges])
-        if fig["cosine"] < need + margin:
-            excluded.append((bits, fig["cosine"]))
+        seen.add((candidates[0].encoding, candidates[0].bits))
+        missed = []
+        for c in candidates:
+            name, bits = c.encoding, c.bits
+            enc = encodings.get_encoding(name, bits, c.group)
+            blobs, stats = encodings.quantize(x, enc)
+            fig = figures(stats)
+            stderr = 0.0 if exact else _cosine_stderr(
+                x, encodings.dequantize(blobs, enc, *x.shape), sampled_rows / rows, [r1 - r0 for r0, r1 in ranges])
+            if policy.accepts(config, bits, fig["cosine"], stderr):
+                break
+            missed.append(fig["cosine"])
+        else:
+            excluded.append((candidates[0].bits, missed[0]))
             continue
         present = {k: v for k, v in blobs.items() if v is not None and v.size}
         total = sum(int(v.size) for v in present.values()) or 1
@@ -485,7 +491,7 @@ def _reason(t: TensorBudget, plan_label: str, price: float) -> str:
         if t.option.bits == t.base.bits:
             return t.base.reason
         return f"{plan_label}: {t.base.reason.split(': ', 1)[-1]}, widened: " + ", ".join(
-            f"int{b} misses min_accuracy (sampled cos {c:.4f})" for b, c in t.excluded)
+            policy.sampled_miss(b, c) for b, c in t.excluded)
     floor = t.base.reason.split(": ", 1)[1] if t.role == "protected" and ": " in t.base.reason else ""
     why = f"{floor}, " if floor else ""
     if t.slope > 0:
@@ -495,7 +501,7 @@ def _reason(t: TensorBudget, plan_label: str, price: float) -> str:
     else:
         why += "budget"
     if t.excluded:
-        why += "; " + ", ".join(f"int{b} misses min_accuracy (sampled cos {c:.4f})" for b, c in t.excluded)
+        why += "; " + ", ".join(policy.sampled_miss(b, c) for b, c in t.excluded)
     return f"{plan_label}: {why}"
 
 

@@ -27,15 +27,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import encodings, hub
+from . import encodings, hub, policy
 from ._version import __version__
 from .budget import BudgetPlan, allocate
 from .config import DiffusionQuantConfig
 from .errors import ConfigurationError, OutputError, QuantizationError
 from .layout import chunk_ranges
 from .metrics import figures, weighted_cosine
-from .plan import (LOSSLESS, Planner, TensorPlan, alternate_encoding, choose, detect_modality, group_for,
-                   next_bits, plan_label, spatial_plan)
+from .plan import Planner, TensorPlan, detect_modality, spatial_plan
+from .policy import LOSSLESS, Choice
 from .progress import CancelToken, ProgressEvent, ProgressSink
 from .source import ModelSource, TensorInfo, open_model
 from .store import (FORMAT_NAME, FORMAT_VERSION, RAW, ChunkRecord, StoreWriter, check_output,
@@ -296,9 +296,9 @@ class QuantizeJob:
         and of the same-width alternate, so a job's first chunk isn't a long silent pause."""
         tiny = np.linspace(-1, 1, 2 * 256, dtype=np.float32).reshape(2, 256)
         kinds = {(p.encoding, p.bits, p.group_size) for p in self.plans.values() if not p.lossless}
-        alternate = alternate_encoding(self.config)
+        alternate = policy.alternate_encoding(self.config)
         if alternate is not None:
-            kinds |= {(alternate, b, group_for(self.config, alternate, b))
+            kinds |= {(alternate, b, policy.group_for(self.config, alternate, b))
                       for _, b, _ in kinds if encodings.supports(alternate, b)}
         for name, bits, group in sorted(kinds, key=str):
             self.cancel.check()
@@ -315,7 +315,7 @@ class QuantizeJob:
             parts.close()
 
     def _settle(self, info: TensorInfo, plan: TensorPlan, parts: ChunkSpool, stats) -> None:
-        """Write the tensor, or re-encode it along the fallback chain until it is accepted."""
+        """Write the tensor, or re-encode it along the policy's chain until it is accepted."""
         if plan.lossless:
             self._write(info, plan, parts, {"cosine": 1.0, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
             return
@@ -330,40 +330,26 @@ class QuantizeJob:
                 self._write(info, plan, parts, {"cosine": math.nan, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
                 return
             fig = figures(stats)
-            need = self.config.min_accuracy_for(plan.bits)
-            if fig["cosine"] >= need:
+            if policy.accepts(self.config, plan.bits, fig["cosine"]):
                 self._write(info, plan, parts, fig, reason)
                 return
-            miss = f"{plan.encoding} cos {fig['cosine']:.4f} < {need}"
-            alternate = alternate_encoding(self.config)
-            if alternate is not None and plan.encoding != alternate and encodings.supports(alternate, plan.bits):
-                # same width, the encoding that copes with outlier columns (see plan.ALTERNATE_ENCODING)
-                g = group_for(self.config, alternate, plan.bits)
-                plan = TensorPlan(info.name, plan.bits, g, "", alternate, plan.role)
-                reason = f"{plan_label(plan.bits, alternate, g)}: {miss}"
-            else:
+            tried = Choice(plan.encoding, plan.bits, plan.group_size)
+            nxt, reason, wider = policy.fallback(self.config, tried, fig["cosine"], info.matrix_shape[1])
+            if wider:
                 if self.config.fail_fast:
                     raise QuantizationError(
-                        f"{info.name}: cosine {fig['cosine']:.5f} at int{plan.bits} is below min_accuracy {need} "
-                        "(fail_fast is on; turn it off to fall back to more bits)"
+                        f"{info.name}: cosine {fig['cosine']:.5f} at int{plan.bits} is below min_accuracy "
+                        f"{policy.required(self.config, plan.bits)} (fail_fast is on; turn it off to fall back to more bits)"
                     )
-                wider = next_bits(plan.bits)
-                why = f"fallback from int{plan.bits}, {miss}"
-                # the wider width's encoding for this row length (under "gguf": its ggml type or llama.cpp's fallback)
-                c = choose(self.config, wider, info.matrix_shape[1]) if wider != LOSSLESS else None
-                if c is not None and c.note:
-                    why = f"{why}; {c.note}"
-                to_bits = LOSSLESS if c is None or c.encoding is None else c.bits
-                self.fallbacks.append({"tensor": info.name, "from_bits": plan.bits, "to_bits": to_bits,
+                self.fallbacks.append({"tensor": info.name, "from_bits": plan.bits, "to_bits": nxt.bits,
                                        "cosine": fig["cosine"]})
-                if to_bits == LOSSLESS:
-                    plan = TensorPlan(info.name, LOSSLESS, 0, f"lossless: {why}")
-                    parts.close()
-                    parts, _ = self._encode_all(info, plan)
-                    self._write(info, plan, parts, {"cosine": 1.0, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
-                    return
-                plan = TensorPlan(info.name, c.bits, c.group, "", c.encoding, plan.role)
-                reason = f"{plan_label(c.bits, c.encoding, c.group)}: {why}"
+            if nxt.encoding is None:
+                plan = TensorPlan(info.name, LOSSLESS, 0, reason)
+                parts.close()
+                parts, _ = self._encode_all(info, plan)
+                self._write(info, plan, parts, {"cosine": 1.0, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
+                return
+            plan = TensorPlan(info.name, nxt.bits, nxt.group, "", nxt.encoding, plan.role)
             parts.close()
             parts, stats = self._encode_all(info, plan)
 

@@ -12,8 +12,9 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from . import encodings
-from .config import BIT_WIDTHS, DiffusionQuantConfig
+from .config import DiffusionQuantConfig
 from .layout import RAW
+from .policy import LOSSLESS, choose, plan_label  # noqa: F401 - LOSSLESS: TensorPlan's width of lossless tensors
 from .source import ModelSource, TensorInfo
 
 #: Timestep / noise-level conditioning: their outputs modulate every block at every
@@ -41,8 +42,6 @@ BOUNDARY_PREFIXES = (
 )
 _WRAPPERS = ("network.", "model.diffusion_model.", "diffusion_model.", "model.", "net.")
 NORM_RE = re.compile(r"(^|[._])(norm|ln|layernorm|layer_norm|rmsnorm|group_norm|gn)(\d*|_\w+)?([._]|$)", re.I)
-FALLBACK_ORDER = BIT_WIDTHS
-LOSSLESS = 0
 
 
 @dataclass(frozen=True)
@@ -75,13 +74,6 @@ def _module_hit(name: str, modules: Tuple[str, ...]) -> Optional[str]:
     return None
 
 
-#: Tried at the same width, with its own group size, when a tensor misses min_accuracy
-#: with the default encoding, before any wider width: the two-level scales of the
-#: k-quant-style encodings lose on matrices with outlier input columns, where plain
-#: per-group scale and offset (least-squares clipped) keep the width.
-ALTERNATE_ENCODING = "affine_opt"
-
-
 def _boundary_hit(name: str) -> Optional[str]:
     bare = name.split("/", 1)[-1]
     for wrapper in _WRAPPERS:
@@ -89,72 +81,6 @@ def _boundary_hit(name: str) -> Optional[str]:
             bare = bare[len(wrapper):]
             break
     return next((p.rstrip(".") for p in BOUNDARY_PREFIXES if bare.startswith(p)), None)
-
-
-def encoding_for(config: DiffusionQuantConfig, bits: int) -> str:
-    """The encoding name used at ``bits``: the configured one if it supports them, else the default."""
-    if config.symmetric:
-        return "symmetric"
-    if config.encoding is not None and encodings.supports(config.encoding, bits):
-        return config.encoding
-    return encodings.DEFAULT_ENCODING.get(bits, "affine")
-
-
-def group_for(config: DiffusionQuantConfig, encoding: str, bits: int) -> int:
-    """The configured group size, or (``None``) the one ``encoding`` is tuned for at ``bits``;
-    always the block of an encoding whose grouping is its format (ggml types)."""
-    fixed = encodings.fixed_group(encoding)
-    if fixed:
-        return fixed
-    return encodings.preferred_group(encoding, bits) if config.group_size is None else config.group_size
-
-
-@dataclass(frozen=True)
-class Choice:
-    """What a tensor quantized at some width gets: ``encoding`` None means keep it lossless
-    (under ``target_runtime="gguf"``, no ggml block fits its rows)."""
-
-    encoding: Optional[str]
-    bits: int
-    group: int
-    #: why this differs from the width's plain choice ("" when it doesn't)
-    note: str = ""
-
-
-def choose(config: DiffusionQuantConfig, bits: int, cols: int) -> Choice:
-    """The encoding, width and group for a tensor quantized at ``bits`` with rows of ``cols`` elements.
-
-    Under ``target_runtime="gguf"``: the width's ggml type (``ggml_types.GGUF_TYPE_FOR_BITS``,
-    or ``config.encoding`` when it names a ggml type of that width that fits), and where its
-    block does not divide the row, llama.cpp's fallback type (``ggml_types.ROW_FALLBACK``, which
-    may be wider, e.g. Q2_K -> IQ4_NL), or lossless when no block fits. Otherwise
-    :func:`encoding_for` with :func:`group_for`.
-    """
-    if config.target_runtime == "gguf":
-        from .ggml_types import gguf_type_for
-
-        chosen = config.encoding
-        if chosen is not None and encodings.supports(chosen, bits) and cols % encodings.fixed_group(chosen) == 0:
-            return Choice(chosen, bits, encodings.fixed_group(chosen))
-        name, note = gguf_type_for(bits, cols)
-        if name is None:
-            return Choice(None, LOSSLESS, 0, note)
-        width = encodings.width_of(name, bits)
-        if width != bits:
-            note = f"int{bits} wanted; {note}"
-        return Choice(name, width, encodings.fixed_group(name), note)
-    name = encoding_for(config, bits)
-    return Choice(name, bits, group_for(config, name, bits))
-
-
-def alternate_encoding(config: DiffusionQuantConfig) -> Optional[str]:
-    """The same-width encoding tried before a wider one (:data:`ALTERNATE_ENCODING`); none under
-    ``target_runtime="gguf"``, where the width fixes the ggml type."""
-    return None if config.target_runtime == "gguf" else ALTERNATE_ENCODING
-
-
-def plan_label(bits: int, encoding: str, group: int) -> str:
-    return f"int{bits} {encoding} g{group if group else 'row'}"
 
 
 #: Group sizes ``enable_spatial`` chooses among, and the share of the accuracy slack it
@@ -251,12 +177,6 @@ class Planner:
         not applied here: the engine asks :func:`arrow_quant_v2.budget.allocate` instead, which
         starts from these plans (see :func:`arrow_quant_v2.engine.plan_tensors`)."""
         return {name: self.plan(t) for name, t in source.tensors.items()}
-
-
-def next_bits(bits: int) -> int:
-    """The next wider width in the fallback chain 2 -> 3 -> 4 -> 5 -> 6 -> 8 -> lossless."""
-    wider = [b for b in FALLBACK_ORDER if b > bits]
-    return wider[0] if wider else LOSSLESS
 
 
 # -- modality -------------------------------------------------------------------------

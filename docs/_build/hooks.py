@@ -132,7 +132,7 @@ def gen_min_accuracy() -> str:
 
 
 def gen_plan_modules() -> str:
-    from arrow_quant_v2 import plan
+    from arrow_quant_v2 import plan, policy
 
     def names(seq):
         return ", ".join(f"`{m}`" for m in seq)
@@ -143,8 +143,9 @@ def gen_plan_modules() -> str:
         f"- **Boundary layers of a denoiser** (`plan.BOUNDARY_PREFIXES`, name prefixes after `network.`, "
         f"`model.diffusion_model.` or a component folder): {names(plan.BOUNDARY_PREFIXES)}.",
         f"- **Norms** (`plan.NORM_RE`, case-insensitive): `{plan.NORM_RE.pattern}`.",
-        f"- **Fallback chain** (`plan.FALLBACK_ORDER`): "
-        + " → ".join(f"int{b}" for b in plan.FALLBACK_ORDER) + " → lossless.",
+        f"- **Fallback chain** (`policy.FALLBACK_ORDER`, each width trying `policy.ALTERNATE_ENCODING` "
+        f"= `{policy.ALTERNATE_ENCODING}` after its own encoding, except under `target_runtime=\"gguf\"`): "
+        + " → ".join(f"int{b}" for b in policy.FALLBACK_ORDER) + " → lossless.",
     ])
 
 
