@@ -46,6 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arrow_quant_v2 import AsyncArrowQuantV2, DiffusionQuantConfig  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import Record  # noqa: E402
+
 try:
     import psutil
 except ImportError:  # pragma: no cover
@@ -245,6 +248,7 @@ def load() -> str:
 
 
 async def main(args) -> None:
+    record = Record("bench_async")
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-async-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -294,6 +298,17 @@ async def main(args) -> None:
                   f"{r['cpu_before']:.0f}% while it worked, {r['cpu_after']:.0f}% in the second after; "
                   f"threads still using CPU: {r['busy_threads']}; partial/output folders left: {r['leftovers'] or 'none'}")
         print(f"    load average now: {load()}")
+        runs = {str(threads): dict({k: v for k, v in r.items() if k not in ("seq", "conc")},
+                                   **{name: [{"wall_s": m.wall, "own_cores": m.own / m.wall, "other_cores": m.others / m.wall}
+                                             for m in r[key]] for key, name in (("seq", "sequential"), ("conc", "concurrent"))})
+                for threads, r in res.items()}
+        record.write({"inputs": {"models": 3, "tensors_per_model": args.tensors, "tensor_shape": [2048, 2048],
+                                 "cancel_tensor_shape": [10240, 10240]},
+                      "concurrent_vs_sequential": runs, "heartbeat": hb, "cancellation": rows},
+                     repeats=args.repeats,
+                     statistic="(a) `repeats` alternating sequential/concurrent pairs; ratio = median concurrent / "
+                               "median sequential (also best-of and the pairs run while other processes used < 0.2 "
+                               "core); (b) one run, worst and p99 lateness; (c) one cancel per fraction")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

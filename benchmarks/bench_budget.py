@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,9 @@ from arrow_quant_v2.engine import quantize_model
 from arrow_quant_v2.plan import Planner
 from arrow_quant_v2.samples import sample_path
 from arrow_quant_v2.source import open_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import Record  # noqa: E402
 
 
 def store_figures(path, names):
@@ -46,8 +50,10 @@ def store_figures(path, names):
             "wrelF2": float((n * rel**2).sum() / n.sum()), "bits": bits}
 
 
-def run(model: str, fractions, out: Path) -> None:
+def run(model: str, fractions, out: Path) -> dict:
+    """Prints the comparison and returns its figures."""
     path = sample_path(model)
+    rec = {"model": model, "budgets": []}
     source = open_model(path)
     pure = dict(min_accuracy=0.0)
     print(f"\n=== {model}: {source.total_bytes / 2**20:.2f} MiB source, {len(source.tensors)} tensors")
@@ -58,6 +64,7 @@ def run(model: str, fractions, out: Path) -> None:
         uniform[bits] = r["model_size_mb"]
         print(f"all-int{bits}: {r['model_size_mb']:.4f} MiB  cos {r['cosine_similarity']:.5f}  ({time.perf_counter() - t:.2f}s)")
     names = [n for n, e in load_quantized(out / "u2").tensors.items() if e.quantized]
+    rec["uniform_mb"] = {f"int{b}": mb for b, mb in uniform.items()}
 
     planner = Planner(DiffusionQuantConfig(bit_width=2, **pure))
     ordinary = [n for n, info in source.tensors.items() if planner.plan(info).role == "ordinary"]
@@ -78,6 +85,11 @@ def run(model: str, fractions, out: Path) -> None:
               f"{b['estimated_mb']:.4f}, off {b['estimate_error_pct']:+.3f}%), plan {b['planning_time_s']:.2f}s, "
               f"total {time.perf_counter() - t:.2f}s")
         print(f"           wrelF {fb['wrelF']:.5f}  wrelF2 {fb['wrelF2']:.6f}  cos {r['cosine_similarity']:.5f}  {fb['bits']}")
+        entry = {"fraction": frac, "target_mb": target, "budget": dict(fb, cosine=r["cosine_similarity"],
+                                                                      estimated_mb=b["estimated_mb"],
+                                                                      planning_time_s=b["planning_time_s"]),
+                 "mixes": {}}
+        rec["budgets"].append(entry)
         for label, order in (("first-k", ordinary),
                              ("spread", [ordinary[i] for i in np.argsort((np.arange(len(ordinary)) * 0.618034) % 1.0)])):
             need = fb["mb"] * 2**20 - uniform[2] * 2**20
@@ -90,6 +102,7 @@ def run(model: str, fractions, out: Path) -> None:
             rules = {n: 4 for n in chosen}
             r2 = quantize_model(path, out / label, DiffusionQuantConfig(bit_width=2, bit_rules=rules, **pure), overwrite=True)
             f2 = store_figures(out / label, names)
+            entry["mixes"][label] = dict(f2, int4_tensors=len(chosen), cosine=r2["cosine_similarity"])
             print(f"{label:9s}: {f2['mb']:.4f} MiB on disk ({len(chosen)} int4 tensors)  wrelF {f2['wrelF']:.5f}  "
                   f"wrelF2 {f2['wrelF2']:.6f}  cos {r2['cosine_similarity']:.5f}  -> budget is "
                   f"{100 * (1 - fb['wrelF'] / f2['wrelF']):.1f}% lower wrelF, {100 * (1 - fb['wrelF2'] / f2['wrelF2']):.1f}% lower wrelF2")
@@ -101,11 +114,16 @@ def run(model: str, fractions, out: Path) -> None:
             r3 = quantize_model(path, out / "budget-default", DiffusionQuantConfig(target_model_size_mb=target),
                                 overwrite=True)
             b3 = r3["budget"]
+            entry["default_min_accuracy"] = {"measured_mb": b3["measured_mb"], "fallbacks": len(r3["fallbacks"]),
+                                             "excluded": b3["excluded_for_min_accuracy"],
+                                             "cosine": r3["cosine_similarity"]}
             print(f"default min_accuracy: {b3['measured_mb']:.4f} MiB ({b3['error_vs_target_pct']:+.3f}%), "
                   f"{b3['excluded_for_min_accuracy']} candidate widths excluded as predicted fallbacks, "
                   f"{len(r3['fallbacks'])} fallbacks taken, cos {r3['cosine_similarity']:.5f}")
         except ConfigurationError as e:
             print(f"default min_accuracy: ConfigurationError: {e}")
+            entry["default_min_accuracy"] = {"error": str(e)}
+    return rec
 
 
 def r_reasons(path):
@@ -124,10 +142,12 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["tiny-dream", "terrain-unet"])
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.5])
     args = ap.parse_args()
+    record = Record("bench_budget")
     out = Path(tempfile.mkdtemp(prefix="aq-bench-budget-"))
     try:
-        for m in args.models:
-            run(m, args.fractions, out)
+        results = [run(m, args.fractions, out) for m in args.models]
+        record.write(results, repeats=1, statistic="one deterministic run per model and budget; sizes are the "
+                     "written stores' weight files, errors re-read from them (whole tensors)")
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

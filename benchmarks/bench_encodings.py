@@ -14,6 +14,12 @@ and 2 Python threads (the matrix split in 2 row blocks, as the engine does),
 against gguf's quantizer in the same run. The machine is shared, so the load
 average is printed and CPU-time throughput (per busy core) is given beside the
 wall-clock one.
+
+llama.cpp's own quantizers (``ggml_quantize_chunk`` of libggml-base, what ``llama-quantize``
+runs: Q2_K, Q3_K, Q4_K, Q6_K, Q4_0, Q8_0) are measured on the same matrices, accuracy and speed,
+when ``--llama-cpp DIR`` (or ``$LLAMA_CPP_LIB``) names the folder holding ``libggml-base.so``
+(llama-cpp-python's ``llama_cpp/lib``); without it those rows are absent and the run says so.
+Everything is written to ``benchmarks/results/bench_encodings.json`` (see ``_record.py``).
 """
 from __future__ import annotations
 
@@ -34,16 +40,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from arrow_quant_v2 import encodings as E  # noqa: E402
+from arrow_quant_v2.metrics import figures  # noqa: E402
 
-# llama.cpp (C) figures quoted in issue 5 for the Gaussian 4096x4096 matrix; the
-# gguf Python package cannot produce k-quants, so these are not measured here.
-REFERENCE = [
-    ("Q8_0 (llama.cpp)", 8.5, 0.0053), ("Q6_K (llama.cpp)", 6.56, 0.0178),
-    ("Q4_K (llama.cpp)", 4.5, 0.0713), ("Q4_0 (llama.cpp)", 4.5, 0.0859),
-    ("HQQ 4-bit g64", 4.5, 0.0860), ("NF4 b64", 4.5, 0.0920),
-    ("Q3_K (llama.cpp)", 3.44, 0.151), ("Q2_K (llama.cpp)", 2.625, 0.296),
-    ("IQ2_XXS (llama.cpp)", 2.06, 0.344), ("HQQ 2-bit g64", 2.5, 0.431),
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import Record  # noqa: E402
+
+#: llama.cpp types measured through ggml_quantize_chunk, with their ggml_type numbers.
+LLAMA_TYPES = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q6_K": 14, "Q4_0": 2, "Q8_0": 8}
+#: ... and the bits label each sits under in the tables.
+LLAMA_BITS = {"Q2_K": 2, "Q3_K": 3, "Q4_K": 4, "Q6_K": 6, "Q4_0": 4, "Q8_0": 8}
 TARGETS = {4: (4.5, 0.070), 2: (2.625, 0.29), 8: (8.5, 0.0053)}
 
 
@@ -100,7 +105,7 @@ def run_ours(x, name, bits, group):
     dt = time.perf_counter() - t0
     nbytes = sum(b.size for b in blobs.values())
     assert nbytes == enc.nbytes(*x.shape)
-    f = E.figures(stats)  # fused in the kernel; equal to a recomputation (tests check it)
+    f = figures(stats)  # fused in the kernel; equal to a recomputation (tests check it)
     return nbytes * 8 / x.size, f["rel_error"], f["cosine"], dt
 
 
@@ -123,6 +128,50 @@ def run_gguf(x, qname):
     return q.nbytes * 8 / x.size, rel, cos, dt
 
 
+class LlamaCpp:
+    """ggml's reference quantizers (``ggml_quantize_chunk``, as llama-quantize runs them) via ctypes;
+    their output is decoded with gguf-py's ``quants.dequantize`` to measure the error."""
+
+    def __init__(self, libdir) -> None:
+        import ctypes
+
+        self.lib = ctypes.CDLL(str(Path(libdir) / "libggml-base.so"))
+        self.lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        self.lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        self.lib.ggml_row_size.restype = ctypes.c_size_t
+        self.lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+
+    def quantize(self, x, name):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        rows, cols = x.shape
+        t = LLAMA_TYPES[name]
+        out = np.empty(rows * self.lib.ggml_row_size(t, cols), np.uint8)
+        n = self.lib.ggml_quantize_chunk(t, x.ctypes.data, out.ctypes.data, 0, rows, cols, None)
+        return out[:n]
+
+    def run(self, x, name):
+        from gguf import GGMLQuantizationType, quants
+
+        t0 = time.perf_counter()
+        q = self.quantize(x, name)
+        dt = time.perf_counter() - t0
+        y = quants.dequantize(q.reshape(x.shape[0], -1), GGMLQuantizationType(LLAMA_TYPES[name])).reshape(x.shape)
+        rel, cos = figures_of(x, y)
+        return q.nbytes * 8 / x.size, rel, cos, dt
+
+
+def find_llama_cpp(option):
+    where = option or os.environ.get("LLAMA_CPP_LIB")
+    if not where:
+        print("llama.cpp: not measured (pass --llama-cpp DIR or set LLAMA_CPP_LIB to the folder with libggml-base.so)")
+        return None
+    if not (Path(where) / "libggml-base.so").is_file():
+        print(f"llama.cpp: not measured ({where} holds no libggml-base.so)")
+        return None
+    return LlamaCpp(where)
+
+
 def table_rows(quick):
     """(bits label, kind, name, group) in print order: plain rounding first, then the searched ones."""
     d = E.DEFAULT_GROUP_SIZE
@@ -140,12 +189,14 @@ def table_rows(quick):
             rows += [(4, "gguf", "Q4_0", None), (4, "gguf", "Q4_1", None), (5, "gguf", "Q5_0", None)]
         if bits == 8:
             rows += [(8, "gguf", "Q8_0", None)]
+        rows += [(b, "llama.cpp", n, None) for n, b in LLAMA_BITS.items() if b == bits]
     return rows
 
 
-def accuracy_tables(mats, quick):
+def accuracy_tables(mats, quick, llama):
     quants, _ = gguf_types()
     results = {}
+    rows_out = []
     header = f"{'bits':>4} {'encoding':<22} {'bpw':>7}"
     for label in mats:
         header += f" | {label + ' relF':>15} {'cos':>9}"
@@ -153,23 +204,26 @@ def accuracy_tables(mats, quick):
     print(header)
     print("-" * len(header))
     for bits, kind, name, group in table_rows(quick):
-        if kind == "gguf" and quants is None:
+        if kind == "gguf" and quants is None or kind == "llama.cpp" and llama is None:
             continue
         line, first_dt, bpw = "", None, None
         for label, x in mats.items():
             if kind == "ours":
                 bpw, rel, cos, dt = run_ours(x, name, bits, group)
+            elif kind == "llama.cpp":
+                bpw, rel, cos, dt = llama.run(x, name)
             else:
                 bpw, rel, cos, dt = run_gguf(x, name)
             results[(label, kind, name, bits, group)] = (bpw, rel, cos)
+            rows_out.append({"matrix": label, "kind": kind, "encoding": name, "bits": bits, "group": group,
+                             "bpw": bpw, "rel_error": rel, "cosine": cos})
             first_dt = dt if first_dt is None else first_dt
             line += f" | {rel:>15.4f} {cos:>9.6f}"
         first = next(iter(mats.values()))
-        desc = f"{name} g{'row' if group == 0 else group}" if kind == "ours" else f"gguf {name}"
+        desc = f"{name} g{'row' if group == 0 else group}" if kind == "ours" else f"{kind} {name}"
         print(f"{bits:>4} {desc:<22} {bpw:>7.4f}{line} | {first.nbytes / 1e6 / first_dt:>13.0f}", flush=True)
-    print("Reference (llama.cpp / HQQ / NF4 on the Gaussian matrix, quoted from issue 5, not measured here):")
-    print("  " + "; ".join(f"{n} {b} bpw relF {r}" for n, b, r in REFERENCE))
-    return results
+    print("  (the last column is one timed call; the throughput table below is the one to quote)")
+    return results, rows_out
 
 
 def check_targets(results, label):
@@ -199,31 +253,44 @@ def _timed(fn, parts, threads):
         return time.perf_counter() - t0, cpu
 
 
-def throughput(x, repeats):
+def _ours(name, bits, group):
+    enc = E.get_encoding(name, bits, group)
+    return lambda p: enc.quantize(p)
+
+
+def throughput(x, repeats, llama):
+    """Every job timed ``repeats`` times on 1 and on 2 threads; returns the raw rates."""
     quants, types = gguf_types()
     halves = [np.ascontiguousarray(x[: x.shape[0] // 2]), np.ascontiguousarray(x[x.shape[0] // 2:])]
     mb = x.nbytes / 1e6
-    jobs = [(f"{E.DEFAULT_ENCODING[b]} int{b} g{E.DEFAULT_GROUP_SIZE[b]} (default)",
-             (lambda enc: (lambda p: enc.quantize(p)))(E.get_encoding(E.DEFAULT_ENCODING[b], b, E.DEFAULT_GROUP_SIZE[b])))
-            for b in (2, 3, 4, 8)]
-    jobs += [("affine int4 g64 (plain rounding)", lambda p: E.get_encoding("affine", 4, 64).quantize(p)),
-             ("affine_opt int4 g64", lambda p: E.get_encoding("affine_opt", 4, 64).quantize(p)),
-             ("kquant int4 g32", lambda p: E.get_encoding("kquant", 4, 32).quantize(p))]
+    jobs = [(("ours", E.DEFAULT_ENCODING[b], b, E.DEFAULT_GROUP_SIZE[b]),
+             _ours(E.DEFAULT_ENCODING[b], b, E.DEFAULT_GROUP_SIZE[b])) for b in (2, 3, 4, 8)]
+    jobs += [(("ours", n, b, g), _ours(n, b, g)) for n, b, g in
+             (("affine", 2, 64), ("affine", 4, 64), ("affine_opt", 4, 64), ("kquant", 4, 32), ("kquant", 2, 16))]
     if quants is not None:
-        jobs += [("gguf Q4_0 (python)", lambda p: quants.quantize(p, types["Q4_0"])),
-                 ("gguf Q8_0 (python)", lambda p: quants.quantize(p, types["Q8_0"]))]
+        jobs += [(("gguf", "Q4_0", 4, None), lambda p: quants.quantize(p, types["Q4_0"])),
+                 (("gguf", "Q8_0", 8, None), lambda p: quants.quantize(p, types["Q8_0"]))]
+    if llama is not None:
+        jobs += [(("llama.cpp", n, LLAMA_BITS[n], None), (lambda n: lambda p: llama.quantize(p, n))(n))
+                 for n in LLAMA_TYPES]
     print(f"{'quantize (MB/s of float32)':<40} {'1 thread':>9} {'2 threads':>10} {'CPU-time/core':>14}")
-    for name, fn in jobs:
+    out = []
+    for (kind, name, bits, group), fn in jobs:
         fn(x[:8])  # compile / warm up
-        best1 = best2 = cpu_rate = 0.0
+        one, two, cpu = [], [], []
         for _ in range(repeats):
             w1, _ = _timed(fn, [x], 1)
             w2, c2 = _timed(fn, halves, 2)
-            best1, best2 = max(best1, mb / w1), max(best2, mb / w2)
-            cpu_rate = max(cpu_rate, mb / c2)
-        print(f"{name:<40} {best1:>9.0f} {best2:>10.0f} {cpu_rate:>14.0f}", flush=True)
+            one.append(mb / w1)
+            two.append(mb / w2)
+            cpu.append(mb / c2)
+        label = f"{kind} {name} int{bits}" + (f" g{group}" if group is not None else "")
+        print(f"{label:<40} {max(one):>9.0f} {max(two):>10.0f} {max(cpu):>14.0f}", flush=True)
+        out.append({"kind": kind, "encoding": name, "bits": bits, "group": group, "mb": mb,
+                    "mb_per_s_1_thread": one, "mb_per_s_2_threads": two, "mb_per_s_per_busy_core": cpu})
     print("  (wall-clock best of", repeats, "runs; CPU-time/core = MB / CPU seconds spent by the 2 threads:"
           " the rate each core gives when not shared)")
+    return out
 
 
 # --------------------------------------------------------------------------- models
@@ -277,7 +344,7 @@ def models_table(dirs):
                     a[0] += st[3]
                     a[1] += st[1]
                     a[2] += sum(b.size for b in blobs.values())
-                    cos = E.figures(st)["cosine"]
+                    cos = figures(st)["cosine"]
                     a[3] = cos if a[4] == 0 else min(a[3], cos)
                     a[4] += 1
         print(f"model {d}: {n_el / 1e6:.1f}M quantizable weights in {len(files)} file(s)")
@@ -345,8 +412,12 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=None, help="matrix rows (default 4096, 1024 with --quick)")
     ap.add_argument("--speed-only", action="store_true", help="only the throughput table")
     ap.add_argument("--repeats", type=int, default=None, help="throughput runs (best kept; default 3, 2 with --quick)")
+    ap.add_argument("--llama-cpp", metavar="DIR", help="folder with llama.cpp's libggml-base.so (else $LLAMA_CPP_LIB)")
+    ap.add_argument("--no-record", action="store_true", help="do not write benchmarks/results/bench_encodings.json")
     args = ap.parse_args(argv)
+    record = Record("bench_encodings", argv)
     print(machine())
+    llama = find_llama_cpp(args.llama_cpp)
     if args.train_grids:
         train_grids(args.quick)
         return
@@ -357,14 +428,22 @@ def main(argv=None):
         for bits, kind, name, group in table_rows(True):
             if kind == "ours":
                 E.get_encoding(name, bits, group).quantize(x[:4])
+    accuracy = []
     if not args.speed_only:
-        results = accuracy_tables(mats, args.quick)
+        results, accuracy = accuracy_tables(mats, args.quick, llama)
         check_targets(results, "Gaussian")
         print()
-    throughput(mats["Gaussian"], args.repeats or (2 if args.quick else 3))
+    repeats = args.repeats or (2 if args.quick else 3)
+    speed = throughput(mats["Gaussian"], repeats, llama)
     if args.models:
         print()
         models_table(args.models)
+    if not args.no_record:
+        record.write({"matrices": {"rows": rows, "cols": 4096, "kinds": list(mats)}, "accuracy": accuracy,
+                      "throughput": speed, "llama_cpp": llama is not None}, repeats=repeats,
+                     statistic="accuracy: one deterministic run per matrix; speed: each job timed `repeats` times "
+                               "on 1 and on 2 threads (the 2-thread run splits the matrix in two row blocks); "
+                               "the figures quote the best (max MB/s), the least disturbed run on a shared machine")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["BF16", "F16", "F32"], default="BF16")
     ap.add_argument("--max-shard-bytes", type=int, default=None,
                     help="override the preset's shard size (bytes)")
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="override the preset's vocabulary (the embedding and head have vocab x hidden parameters)")
     ap.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = ap.parse_args(argv)
 
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = dict(DREAM_PRESETS[args.preset])
     if args.max_shard_bytes:
         preset["max_shard_bytes"] = args.max_shard_bytes
+    if args.vocab:
+        preset["vocab"] = args.vocab
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.building-{os.getpid()}")

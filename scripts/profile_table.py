@@ -31,8 +31,10 @@ from arrow_quant_v2 import ArrowQuantV2, DiffusionQuantConfig, __version__  # no
 from arrow_quant_v2.config import PROFILES  # noqa: E402
 from arrow_quant_v2.samples import list_samples, sample_path  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _record import Record  # noqa: E402
+
 DEFAULT_OUT = ROOT / "docs" / "generated" / "profiles.md"
-DEFAULT_JSON = ROOT / "benchmarks" / "results" / "profiles.json"
 DEFAULT_MODELS = ("tiny-dream", "terrain-unet")
 
 
@@ -123,25 +125,13 @@ def render(rows: list, models: list) -> str:
     return "\n".join(lines) + "\n"
 
 
-def raw_figures(rows: list) -> dict:
-    """The measured rows as JSON, with what they were measured on."""
-    import numpy as np
-
-    return {
-        "script": "scripts/profile_table.py", "commit": _git_commit(), "date": datetime.date.today().isoformat(),
-        "python": platform.python_version(), "numpy": np.__version__, "cores": os.cpu_count(),
-        "loadavg": list(os.getloadavg()), "repeats": 1, "statistic": "single run (figures are deterministic)",
-        "rows": [dict({k: v for k, v in r.items() if k != "config"}, config=r["config"].to_dict()) for r in rows],
-    }
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=PROFILES)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="the raw figures (default: %(default)s)")
     args = parser.parse_args(argv)
+    record = Record("profiles", argv, script="scripts/profile_table.py")
     rows = []
     with tempfile.TemporaryDirectory(prefix="arrow-quant-profiles-") as tmp:
         for model in args.models:
@@ -152,9 +142,11 @@ def main(argv=None) -> int:
                 rows.append(r)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(rows, args.models), encoding="utf-8")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(raw_figures(rows), indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {args.out} and {args.json}")
+    print(f"wrote {args.out}")
+    infos = {s.name: s for s in list_samples()}
+    record.write([dict(r, config=r["config"].to_dict(), description=infos[r["model"]].description) for r in rows],
+                 repeats=1, statistic="one run per model and profile; sizes and cosines are deterministic, "
+                 "time_s is one wall-clock measurement of the quantization")
     return 0
 
 

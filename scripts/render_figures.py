@@ -1,0 +1,212 @@
+"""Render the README's and the docs' measured figures from the benchmarks' JSON results.
+
+    python scripts/render_figures.py            # rewrite the blocks in place
+    python scripts/render_figures.py --check    # exit 1 if a block differs from what the JSON gives
+
+A figure block sits between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->`` in README.md
+or a page of docs/; NAME is a renderer below, which reads ``benchmarks/results/<benchmark>.json``
+(written by the benchmark itself, see ``benchmarks/_record.py``). So a number in the README is
+always one a benchmark measured, with the commit, the machine, the repeats and the load it was
+measured under; ``tests/test_figures.py`` checks the committed text against the committed JSON.
+To change a figure, rerun its benchmark and then this script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BLOCK = re.compile(r"(<!-- figures:([\w-]+) -->\n)(.*?)(<!-- /figures:\2 -->)", re.S)
+
+
+def result(name: str, results_dir: Path = RESULTS) -> dict:
+    path = results_dir / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `python benchmarks/{name}.py` first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def provenance(r: dict) -> str:
+    """Where and how the figures were measured, said once under each block."""
+    m, load = r["machine"], r["load_average"]
+    where = f"{m['cpu']}, {m['usable_cores']} usable cores"
+    loaded = f"load average {load['before'][0]:.1f} before, {load['after'][0]:.1f} after"
+    dirty = " + uncommitted changes" if r.get("uncommitted_changes") else ""
+    return (f"*Measured by `{r['command']}` at commit {r['commit'][:10]}{dirty} on {where} ({loaded}; "
+            f"the machine is shared, so timings are noisy); {r['statistic']}. "
+            f"Raw numbers: `benchmarks/results/{r['benchmark']}.json`.*")
+
+
+# --------------------------------------------------------------------------- encodings
+
+ENCODING_ROWS = [  # (kind, encoding, bits, group, label)
+    ("ours", "kquant_nl", 2, 8, "**kquant_nl g8** (default)"),
+    ("ours", "kquant", 2, 16, "kquant g16"),
+    ("ours", "affine", 2, 64, "affine g64 (plain rounding)"),
+    ("llama.cpp", "Q2_K", 2, None, "llama.cpp Q2_K"),
+    ("ours", "kquant_nl", 4, 16, "**kquant_nl g16** (default)"),
+    ("ours", "kquant", 4, 32, "kquant g32"),
+    ("ours", "affine", 4, 64, "affine g64 (plain rounding)"),
+    ("llama.cpp", "Q4_K", 4, None, "llama.cpp Q4_K"),
+    ("llama.cpp", "Q4_0", 4, None, "llama.cpp Q4_0"),
+    ("ours", "affine_opt", 8, 64, "**affine_opt g64** (default)"),
+    ("llama.cpp", "Q8_0", 8, None, "llama.cpp Q8_0"),
+]
+
+
+def _find(rows: List[dict], kind, encoding, bits, group, **extra) -> dict:
+    for row in rows:
+        if (row["kind"], row["encoding"], row["bits"], row["group"]) == (kind, encoding, bits, group) and \
+                all(row.get(k) == v for k, v in extra.items()):
+            return row
+    return {}
+
+
+def render_encodings(results_dir: Path = RESULTS) -> str:
+    r = result("bench_encodings", results_dir)
+    acc, speed = r["results"]["accuracy"], r["results"]["throughput"]
+    lines = ["| bits | encoding | bpw | relF Gaussian | relF Student-t | MB per CPU-second | wall MB/s, 1 / 2 threads |",
+             "|---|---|---|---|---|---|---|"]
+    for kind, enc, bits, group, label in ENCODING_ROWS:
+        g, t = _find(acc, kind, enc, bits, group, matrix="Gaussian"), _find(acc, kind, enc, bits, group, matrix="Student-t")
+        s = _find(speed, kind, enc, bits, group)
+        if not g:
+            continue
+        cpu = f"{max(s['mb_per_s_per_busy_core']):.0f}" if s else "—"
+        rate = f"{max(s['mb_per_s_1_thread']):.0f} / {max(s['mb_per_s_2_threads']):.0f}" if s else "—"
+        lines.append(f"| {bits} | {label} | {g['bpw']:.3f} | {g['rel_error']:.4f} | {t['rel_error']:.4f} | {cpu} | {rate} |")
+    rows, cols = r["results"]["matrices"]["rows"], r["results"]["matrices"]["cols"]
+    text = "\n".join(lines) + "\n\n"
+    ours, ref = _find(speed, "ours", "kquant_nl", 4, 16), _find(speed, "llama.cpp", "Q4_K", 4, None)
+    ours2, ref2 = _find(speed, "ours", "kquant_nl", 2, 8), _find(speed, "llama.cpp", "Q2_K", 2, None)
+    if ours and ref:
+        rate = "mb_per_s_per_busy_core"
+        one, base = max(ours[rate]), max(ref[rate])
+        text += (f"Per CPU-second the int4 default encodes {one:.0f} MB of float32, {one / base:.1f}× llama.cpp's "
+                 f"own Q4_K quantizer ({base:.0f} MB, `ggml_quantize_chunk` as llama-quantize runs it)")
+        if ours2 and ref2:
+            a, b = max(ours2[rate]), max(ref2[rate])
+            text += f"; at int2, {a:.0f} MB against Q2_K's {b:.0f} ({a / b:.1f}×)"
+        text += (". MB per CPU-second (MB over the CPU time the two threads spent) is what a core gives when it "
+                 "is not shared; wall-clock rates on this shared machine are lower and noisier. ")
+    text += (f"Matrices: {rows}×{cols} float32, Gaussian σ=0.02 and Student-t (df 4) with a per-row scale spread; "
+             "relF = ‖W−Ŵ‖/‖W‖; bpw counts every stored byte.\n\n" + provenance(r) + "\n")
+    return text
+
+
+# --------------------------------------------------------------------------- budget
+
+def render_budget(results_dir: Path = RESULTS) -> str:
+    r = result("bench_budget", results_dir)
+    parts = []
+    for model in r["results"]:
+        b = model["budgets"][0]
+        got, target = b["budget"]["mb"], b["target_mb"]
+        gains = [100 * (1 - b["budget"]["wrelF2"] / mix["wrelF2"]) for mix in b["mixes"].values()]
+        parts.append(f"{model['model']} {got:.3f} MiB on disk for a {target:.3f} MiB target "
+                     f"({100 * (got - target) / target:+.2f}%), parameter-weighted relF² {min(gains):.1f}–{max(gains):.1f}% "
+                     f"lower than int2/int4 mixes of the same size")
+    return ("A target halfway between the all-int2 and all-int4 sizes: " + "; ".join(parts) + ".\n\n"
+            + provenance(r) + "\n")
+
+
+# --------------------------------------------------------------------------- memory
+
+def render_memory(results_dir: Path = RESULTS) -> str:
+    r = result("bench_memory", results_dir)
+    lines = ["| run | parameters | largest tensor | encoded chunks waiting | int4 wall time | peak RSS | store |",
+             "|---|---|---|---|---|---|---|"]
+    for label, run in r["results"].items():
+        waiting = "spooled beyond 64 MiB" if run.get("chunk_spool") else "all in memory"
+        lines.append(f"| {label} | {run['params'] / 1e9:.2f}B ({run['source_gb']:.2f} GB BF16) | {run['largest']} "
+                     f"({run['largest_f32_mb']:.0f} MiB as float32) | {waiting} | {run['wall_s']:.1f} s "
+                     f"({run['source_gb'] / run['wall_s']:.3f} GB/s) | **{run['peak_rss_mb']:.0f} MiB** | "
+                     f"{run['size_mb']:.0f} MiB (commit {run['commit'][:10]}, load {run['load_average_after'][0]:.1f}) |")
+    m = r["machine"]
+    return ("\n".join(lines) + f"\n\n*Measured by `python benchmarks/bench_memory.py --embedding N --code-commit C` (one "
+            f"run per row, each in a fresh process, with the package of the commit in its row) on {m['cpu']}, "
+            f"{m['usable_cores']} usable cores; {r['statistic']}. Raw numbers: `benchmarks/results/bench_memory.json`.*\n")
+
+
+# --------------------------------------------------------------------------- async
+
+def render_async(results_dir: Path = RESULTS) -> str:
+    r = result("bench_async", results_dir)
+    res = r["results"]
+    one = res["concurrent_vs_sequential"]["1"]
+    busy = res["heartbeat"]["busy"]
+    cancels = res["cancellation"]
+    lat = [c["latency_ms"] for c in cancels]
+    after = max(c["cpu_after"] for c in cancels)
+    return (f"Two models concurrently take {one['ratio']:.2f}× the time of one after the other (median of "
+            f"{r['repeats']} pairs, one kernel thread per job); the event loop's worst stall while three models "
+            f"quantize is {busy['worst_ms']:.1f} ms (p99 {busy['p99_ms']:.1f} ms); `task.cancel()` on a "
+            f"105M-element tensor returns in {min(lat):.0f}–{max(lat):.0f} ms and the process uses at most "
+            f"{after:.0f}% CPU the second after.\n\n" + provenance(r) + "\n")
+
+
+# --------------------------------------------------------------------------- profiles
+
+def render_profiles(results_dir: Path = RESULTS) -> str:
+    r = result("profiles", results_dir)
+    lines = ["| model | profile | size | compression | bits/weight | mean / min weight cosine | output cosine mean / worst |",
+             "|---|---|---|---|---|---|---|"]
+    last = None
+    for row in r["results"]:
+        model = "" if row["model"] == last else f"{row['model']} ({row['params'] / 1e6:.1f}M parameters, {row['source_mb']:.2f} MiB)"
+        last = row["model"]
+        e2e = row["e2e"]
+        out = f"{e2e['mean_cosine']:.4f} / {e2e['worst_cosine']:.4f}" if e2e else "—"
+        lines.append(f"| {model} | {row['profile']} | {row['size_mb']:.2f} MiB | {row['ratio']:.2f}× | {row['bpw']:.2f} | "
+                     f"{row['cos']:.5f} / {row['min_cos']:.5f} | {out} |")
+    return "\n".join(lines) + "\n\n" + provenance(r) + "\n"
+
+
+RENDERERS: Dict[str, Callable[..., str]] = {
+    "profiles": render_profiles,
+    "encodings": render_encodings,
+    "budget": render_budget,
+    "memory": render_memory,
+    "async": render_async,
+}
+
+
+def documents() -> List[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def render(text: str, results_dir: Path = RESULTS) -> str:
+    """``text`` with every figure block rendered afresh from the JSON results."""
+    def block(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in RENDERERS:
+            raise KeyError(f"unknown figure block {name!r}; known: {', '.join(RENDERERS)}")
+        return m.group(1) + RENDERERS[name](results_dir) + m.group(4)
+
+    return BLOCK.sub(block, text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
+    args = ap.parse_args(argv)
+    stale = []
+    for path in documents():
+        text = path.read_text(encoding="utf-8")
+        new = render(text)
+        if new != text:
+            stale.append(path.relative_to(ROOT))
+            if not args.check:
+                path.write_text(new, encoding="utf-8")
+    verb = "differ from the results" if args.check else "rewritten"
+    print(f"{', '.join(map(str, stale))}: {verb}" if stale else "every figure block matches the results")
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
