@@ -8,8 +8,9 @@ measured on. Every layer whose weight is to be quantized (Conv, Gemm, MatMul wit
 as an initializer) has its input exposed as an extra graph output; its second moment
 ``H = X^T X`` (Conv inputs unfolded into patches, im2col) is accumulated per noise level,
 normalised per level so every level weighs the same, and the activations are dropped
-right away: memory is the H matrices (float32, one per distinct layer input and kernel
-geometry) plus one forward pass's activations.
+right away. Layers are calibrated a group at a time (the group's inputs at most
+:data:`GROUP_BYTES` per pass, sizes from ONNX shape inference), so memory is the H matrices
+(float32, one per distinct layer input and kernel geometry) plus one group's activations.
 
 A ``.npz`` of graph inputs (arrays named like the graph's inputs, batch first) may replace
 the synthetic inputs. :func:`collect` returns a :class:`Calibration`; the engine hands each
@@ -30,6 +31,10 @@ from .errors import ConfigurationError
 #: Largest number of rows (output pixels) one sample contributes to a Conv layer's H:
 #: a random subset of positions, enough for a stable second moment at a fraction of the cost.
 MAX_ROWS_PER_SAMPLE = 1024
+#: Activations one forward pass exposes at most (bytes): the layers are calibrated a group at a time.
+GROUP_BYTES = 192 << 20
+#: Size assumed for an activation whose shape ONNX cannot infer.
+UNKNOWN_ACTIVATION_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,38 @@ def _session(model, extra: List[str], threads: int):
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False  # give each pass's activations back instead of keeping the peak
     return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _activation_sizes(model) -> Dict[str, int]:
+    """Bytes per sample of each float tensor whose shape ONNX shape inference can tell (others: unknown)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - sizes only steer grouping
+        return {}
+    out = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input):
+        dims = [d.dim_value for d in v.type.tensor_type.shape.dim][1:]
+        if dims and all(d > 0 for d in dims):
+            out[v.name] = 4 * int(np.prod(dims))
+    return out
+
+
+def _groups(names: List[str], sizes: Dict[str, int], samples: int) -> List[List[str]]:
+    """Activations split so one forward pass exposes at most :data:`GROUP_BYTES` of them."""
+    groups: List[List[str]] = [[]]
+    used = 0
+    for name in names:
+        size = sizes.get(name, UNKNOWN_ACTIVATION_BYTES) * samples
+        if groups[-1] and used + size > GROUP_BYTES:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
 
 
 def _user_batches(path: Path, graph_inputs: List[str], per_run: int):
@@ -212,41 +248,48 @@ def collect(model_path, names: Iterable[str], *, samples: int, num_levels: int =
                                  "node, so the graph cannot calibrate them")
     config = e2e._model_config(graph)
     graph_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    reference = _session(onnx.load(str(graph)), [], threads)
-    session = _session(model, sorted({layer.activation for layer in layers.values()}), threads)
+    sizes = _activation_sizes(model)
     del model
+    reference = _session(onnx.load(str(graph)), [], threads)
     rng = e2e.input_rng(seed, e2e.CALIBRATION_STREAM + 1)  # which conv positions enter H
     if inputs is not None:
-        batches = ((None, feeds) for feeds in _user_batches(Path(inputs), graph_inputs, samples))
-        source, level_list, total = f"user inputs {Path(inputs).name}", [], None
+        feeds_list = [(None, f) for f in _user_batches(Path(inputs), graph_inputs, samples)]
+        source = f"user inputs {Path(inputs).name}"
     else:
-        batches = _synthetic_batches(reference, config, samples, num_levels, seed)
-        source, level_list, total = f"synthetic, stream {e2e.CALIBRATION_STREAM} of seed {seed}", [], num_levels
+        feeds_list = list(_synthetic_batches(reference, config, samples, num_levels, seed))
+        source = f"synthetic, stream {e2e.CALIBRATION_STREAM} of seed {seed}"
+    del reference
+    if not feeds_list:
+        raise ConfigurationError(f"{inputs}: holds no calibration samples")
     by_key: Dict[tuple, List[str]] = {}
     for w, layer in layers.items():
         by_key.setdefault(layer.key, []).append(w)
+    groups = _groups(sorted({k[0] for k in by_key}), sizes, samples)
     sums: Dict[tuple, np.ndarray] = {}
-    weight = 0
-    for done, (level, feeds) in enumerate(batches, 1):
-        if check:
-            check()
-        acts = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-        for key, ws in by_key.items():
-            x = layer_rows(acts[key[0]], layers[ws[0]], rng)
-            h = x.T @ x
-            # Every pass (noise level) weighs the same whatever the activations' scale at that level:
-            # the error that matters is relative to each level's own signal (an output cosine per level).
-            h /= max(float(np.trace(h)), np.finfo(np.float32).tiny)
-            sums[key] = h if key not in sums else sums[key] + h
-        weight += 1
-        del acts
-        if level is not None:
-            level_list.append(level)
-        if on_pass:
-            on_pass(done, total or done)
-    if weight == 0:
-        raise ConfigurationError(f"{inputs}: holds no calibration samples")
-    hessians = {w: sums[layer.key] / np.float32(weight) for w, layer in layers.items()}
+    total, done = len(groups) * len(feeds_list), 0
+    for group in groups:  # a few layers' inputs per forward pass: memory is one group's activations
+        session = _session(onnx.load(str(graph)), group, threads)
+        keys = [k for k in by_key if k[0] in group]
+        for _, feeds in feeds_list:
+            if check:
+                check()
+            acts = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+            for key in keys:
+                x = layer_rows(acts[key[0]], layers[by_key[key][0]], rng)
+                h = x.T @ x
+                # Every pass (noise level) weighs the same whatever the activations' scale at that level:
+                # the error that matters is relative to each level's own signal (an output cosine per level).
+                h /= max(float(np.trace(h)), np.finfo(np.float32).tiny)
+                sums[key] = h if key not in sums else sums[key].__iadd__(h)
+            del acts
+            done += 1
+            if on_pass:
+                on_pass(done, total)
+        del session
+    for h in sums.values():
+        h /= np.float32(len(feeds_list))
+    hessians = {w: sums[layer.key] for w, layer in layers.items()}  # layers reading the same input share it
+    level_list = [lv for lv, _ in feeds_list if lv is not None]
     return Calibration(hessians, layers, skipped, level_list, samples, source, time.perf_counter() - started)
 
 

@@ -168,6 +168,7 @@ class QuantizeJob:
         self.calibration = calibration  # calibration.Calibration: per-tensor input second moments, or None
         self._prepared: Dict[str, object] = {}  # tensor -> solver.Prepared, shared by its chunks
         self._prepare_lock = threading.Lock()
+        self._plain_stats: Dict[str, np.ndarray] = {}  # calibrated tensor -> plain rounding's statistics so far
         self.report, self.cancel = report, cancel
         self.names = list(source.tensors) if names is None else list(names)  # a part of the model (cluster)
         self.threads = resolve_threads(config)
@@ -206,6 +207,13 @@ class QuantizeJob:
             return self._encode_calibrated(x, info, encoding, r0, r1)
         return encodings.quantize(x, encoding)
 
+    def _judged(self, name: str, fig: Dict[str, float]) -> Dict[str, float]:
+        """The figures the fallback decision reads: for a calibrated tensor those of plain rounding on
+        the same grid, so calibration changes codes, never widths (the same bits per weight as without)."""
+        with self._prepare_lock:
+            plain = self._plain_stats.pop(name, None)
+        return figures(plain) if plain is not None else fig
+
     def _encode_calibrated(self, x: np.ndarray, info: TensorInfo, encoding, r0: int, r1: int):
         """The encoder's grid, then error-compensated codes on it (see :mod:`arrow_quant_v2.solver`)."""
         from . import solver
@@ -215,6 +223,8 @@ class QuantizeJob:
             return encodings.quantize(x, encoding)  # inputs along rows split over chunks: no whole column to solve
         grid = encoding.grid(x)
         plain, stats = encoding.round_to_grid(x, grid)
+        with self._prepare_lock:
+            self._plain_stats[info.name] = self._plain_stats.get(info.name, 0) + stats
         turn = (lambda a: a.T) if layer.transposed else (lambda a: a)
         scales, offsets = grid.per_element(x.shape[1])
         with self._prepare_lock:  # one factorisation per tensor, not per chunk
@@ -330,11 +340,12 @@ class QuantizeJob:
                 self._write(info, plan, parts, {"cosine": math.nan, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
                 return
             fig = figures(stats)
-            if policy.accepts(self.config, plan.bits, fig["cosine"]):
+            judged = self._judged(info.name, fig)
+            if policy.accepts(self.config, plan.bits, judged["cosine"]):
                 self._write(info, plan, parts, fig, reason)
                 return
             tried = Choice(plan.encoding, plan.bits, plan.group_size)
-            nxt, reason, wider = policy.fallback(self.config, tried, fig["cosine"], info.matrix_shape[1])
+            nxt, reason, wider = policy.fallback(self.config, tried, judged["cosine"], info.matrix_shape[1])
             if wider:
                 if self.config.fail_fast:
                     raise QuantizationError(

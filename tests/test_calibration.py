@@ -166,3 +166,20 @@ def test_user_inputs_replace_the_synthetic_ones(graph_model, tmp_path):
     np.savez(tmp_path / "bad.npz", noisy=np.zeros((1, 4, 8, 8), np.float32))
     with pytest.raises(ConfigurationError, match="bad.npz.*sigma"):
         calibration.collect(graph_model, ["conv1.weight"], samples=2, inputs=tmp_path / "bad.npz")
+
+
+def test_calibration_keeps_the_widths_and_halves_the_int2_output_error_of_the_terrain_unet(tmp_path):
+    """The real U-Net at edge (int2): calibrated on its own stream, validated on e2e's held-out inputs."""
+    pytest.importorskip("onnxruntime")
+    from arrow_quant_v2.samples import sample_path
+
+    model = sample_path("terrain-unet")
+    runs = {}
+    for cal in (None, "graph"):
+        cfg = DiffusionQuantConfig.from_profile("edge", calibration=cal, calibration_samples=1, num_time_groups=4)
+        r = quantize_model(model, tmp_path / str(cal), cfg)
+        runs[cal] = (r, e2e.end_to_end(model, tmp_path / str(cal), num_time_groups=4))
+    (plain, plain_e2e), (cal, cal_e2e) = runs[None], runs["graph"]
+    assert cal["bits_per_weight"] == plain["bits_per_weight"] and cal["calibration"]["layers"] > 200
+    assert 1 - cal_e2e["worst_cosine"] < 0.5 * (1 - plain_e2e["worst_cosine"]), (plain_e2e["worst_cosine"],
+                                                                             cal_e2e["worst_cosine"])
