@@ -228,11 +228,13 @@ class QuantizeJob:
         turn = (lambda a: a.T) if layer.transposed else (lambda a: a)
         scales, offsets = grid.per_element(x.shape[1])
         with self._prepare_lock:  # one factorisation per tensor, not per chunk
-            if info.name not in self._prepared:
+            prepared = self._prepared.get(info.name)
+        if prepared is None:  # factorised outside the lock: chunks of other tensors go on meanwhile
+            prepared = solver.prepare(self.calibration.hessians[info.name])
+            with self._prepare_lock:
                 if len(self._prepared) > self.threads:  # only the tensors in flight (the window) need theirs
                     del self._prepared[next(iter(self._prepared))]
-                self._prepared[info.name] = solver.prepare(self.calibration.hessians[info.name])
-            prepared = self._prepared[info.name]
+                self._prepared.setdefault(info.name, prepared)
         found = solver.solve(turn(x), prepared, grid.levels, turn(scales), turn(offsets), turn(plain.reshape(x.shape)))
         if not found.compensated:
             return encoding.pack(grid, plain), stats

@@ -90,13 +90,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     model = sample_path("terrain-unet")
-    rows = []
+    rows: list = []
+
+    def keep(row: dict) -> None:  # written after every run, so a long benchmark leaves what it measured
+        rows.append(row)
+        save(args.out, rows)
+
     with tempfile.TemporaryDirectory(prefix="aq-bench-cal-") as tmp:
         work = Path(tmp)
         for profile in [r for r in args.runs if r != "budget"]:
             for cal in (None, "graph"):
                 cfg = DiffusionQuantConfig.from_profile(profile, calibration=cal, calibration_samples=args.samples)
-                rows.append(measure(model, work / f"{profile}-{cal}", f"{profile} calibration={cal}", cfg))
+                keep(measure(model, work / f"{profile}-{cal}", f"{profile} calibration={cal}", cfg))
         if "budget" in args.runs:
             sizes = [quantize(model, work / f"u{b}", DiffusionQuantConfig(bit_width=b, min_accuracy=0.0))["model_size_mb"]
                      for b in (2, 4)]
@@ -104,8 +109,12 @@ def main() -> None:
             for cal in (None, "graph"):
                 cfg = DiffusionQuantConfig(target_model_size_mb=target, min_accuracy=0.0, calibration=cal,
                                            calibration_samples=args.samples)
-                rows.append(dict(measure(model, work / f"budget-{cal}", f"budget {target:.3f} MiB calibration={cal}",
+                keep(dict(measure(model, work / f"budget-{cal}", f"budget {target:.3f} MiB calibration={cal}",
                                          cfg), all_int2_mb=sizes[0], all_int4_mb=sizes[1]))
+    print(f"wrote {args.out}")
+
+
+def save(out: Path, rows: list) -> None:
     import numpy
     import onnxruntime
 
@@ -119,9 +128,8 @@ def main() -> None:
         "held_out": "validation inputs from e2e.VALIDATION_STREAM, calibration from e2e.CALIBRATION_STREAM",
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -183,3 +183,11 @@ def test_calibration_keeps_the_widths_and_halves_the_int2_output_error_of_the_te
     assert cal["bits_per_weight"] == plain["bits_per_weight"] and cal["calibration"]["layers"] > 200
     assert 1 - cal_e2e["worst_cosine"] < 0.5 * (1 - plain_e2e["worst_cosine"]), (plain_e2e["worst_cosine"],
                                                                              cal_e2e["worst_cosine"])
+
+
+def test_cli_calibrate_on_a_model_without_a_graph_says_why(make_model, tmp_path, capsys):
+    from arrow_quant_v2.cli import main
+
+    code = main(["quantize", str(make_model("tiny")), str(tmp_path / "q"), "--calibrate", "--quiet"])
+    assert code != 0 and "calibration='graph' needs the model's executable graph" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
