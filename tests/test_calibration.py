@@ -168,6 +168,7 @@ def test_user_inputs_replace_the_synthetic_ones(graph_model, tmp_path):
         calibration.collect(graph_model, ["conv1.weight"], samples=2, inputs=tmp_path / "bad.npz")
 
 
+@pytest.mark.timeout(1800)  # every layer's H is factorised: a few minutes when the two cores are shared
 def test_calibration_keeps_the_widths_and_halves_the_int2_output_error_of_the_terrain_unet(tmp_path):
     """The real U-Net at edge (int2): calibrated on its own stream, validated on e2e's held-out inputs."""
     pytest.importorskip("onnxruntime")

@@ -8,6 +8,8 @@ time, so the docs cannot drift from it:
 * ``profile-settings``  what each profile sets, from ``config.PROFILE_DEFAULTS``
 * ``profiles-measured``  ``docs/generated/profiles.md``, written by ``scripts/profile_table.py``
   (measuring takes a while, so that one is a committed file; the build fails if it is missing)
+* ``calibration-measured``  ``benchmarks/results/bench_calibration*.json``, written by
+  ``benchmarks/bench_calibration.py`` (committed; the build fails if the main one is missing)
 * ``min-accuracy``, ``plan-modules``, ``default-encodings``: from ``config`` / ``plan`` / ``encodings``
 * ``store-schema``    the Parquet columns, from ``store.SCHEMA`` and the comments beside it
 * ``encodings``       each encoding's byte layout: its class docstring in ``encodings.py``
@@ -121,6 +123,30 @@ def gen_profiles_measured() -> str:
                 f"    Changed since: {'; '.join(stale)}. The maintainers rerun `scripts/profile_table.py` "
                 f"to remeasure.\n\n" + text)
     return text
+
+
+def gen_calibration_measured() -> str:
+    """Output cosines with and without calibration, from the benchmark's JSON files."""
+    import json
+
+    files = sorted((ROOT / "benchmarks" / "results").glob("bench_calibration*.json"))
+    if not files:
+        raise PluginError("benchmarks/results/bench_calibration.json is missing: run benchmarks/bench_calibration.py")
+    lines = ["| run | bits/weight | output cosine mean | worst level (σ) | worst sample | quantize s "
+             "(calibration s) | peak MiB | load avg |", "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for f in files:
+        data = json.loads(f.read_text(encoding="utf-8"))
+        for r in data["rows"]:
+            e, cal = r["e2e"], r.get("calibration") or {}
+            lines.append(
+                f"| {r['label']} | {r['bits_per_weight']:.4f} | {e['mean_cosine']:.5f} | {e['worst_cosine']:.5f} "
+                f"({e['worst_sigma']:.3g}) | {e['worst_sample_cosine']:.5f} | {r['quantize_wall_s']:.0f} "
+                f"({cal.get('seconds', 0):.0f}) | {r['peak_rss_mb']:.0f} | {r['loadavg_before'][0]:.1f} |")
+        notes.append(f"`{f.relative_to(ROOT)}`: commit {data['commit']}, {data['date']}, {data['cores']} cores, "
+                     f"numpy {data['numpy']}, onnxruntime {data['onnxruntime']}; {data['statistic']}.")
+    held_out = "Held-out inputs: " + json.loads(files[0].read_text(encoding="utf-8"))["held_out"] + "."
+    return "\n".join(lines) + "\n\n" + held_out + " " + " ".join(notes) + "\n"
 
 
 def gen_min_accuracy() -> str:
@@ -285,6 +311,7 @@ GENERATORS = {
     "config-fields": gen_config_fields,
     "profile-settings": gen_profile_settings,
     "profiles-measured": gen_profiles_measured,
+    "calibration-measured": gen_calibration_measured,
     "min-accuracy": gen_min_accuracy,
     "plan-modules": gen_plan_modules,
     "default-encodings": gen_default_encodings,
