@@ -144,6 +144,11 @@ class Encoding(abc.ABC):
         """The chunk's grid: every parameter the encoder stores besides the codes."""
         raise NotImplementedError
 
+    @property
+    def has_grid(self) -> bool:
+        """Whether this encoding exposes its grid (so calibrated rounding can choose its codes)."""
+        return type(self).grid is not Encoding.grid
+
     def round_to_grid(self, x: np.ndarray, grid: "Grid") -> Tuple[np.ndarray, np.ndarray]:
         """Nearest-level codes (rows*cols uint8, row-major) and the fused statistics."""
         raise NotImplementedError

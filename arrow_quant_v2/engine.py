@@ -219,6 +219,11 @@ class QuantizeJob:
         from . import solver
 
         layer = self.calibration.layers[info.name]
+        if not encoding.has_grid:
+            if r0 == 0:
+                self.warnings.append(f"{info.name}: encoding {encoding.name} does not expose its grid yet; "
+                                     "rounded without calibration")
+            return encodings.quantize(x, encoding)
         if layer.transposed and (r0, r1) != (0, info.matrix_shape[0]):
             return encodings.quantize(x, encoding)  # inputs along rows split over chunks: no whole column to solve
         grid = encoding.grid(x)

@@ -142,6 +142,15 @@ def test_calibrated_store_reads_back_and_is_closer_to_the_network(graph_model, t
     assert 1 - figs["cal"]["mean_cosine"] < 1 - figs["plain"]["mean_cosine"]
 
 
+def test_an_encoding_without_a_grid_is_rounded_plainly_and_says_so(graph_model, tmp_path):
+    cfg = DiffusionQuantConfig(bit_width=4, encoding="q4_0", lossless_below=0, min_accuracy=0.0, calibration="graph",
+                               bit_rules={"conv1.weight": 0},  # 36 inputs: not whole ggml blocks
+                               num_time_groups=2)
+    r = quantize_model(graph_model, tmp_path / "q", cfg)
+    assert any("does not expose its grid" in w for w in r["warnings"])
+    assert not encodings.get_encoding("q4_0", 4, 32).has_grid and encodings.get_encoding("kquant_nl", 2, 8).has_grid
+
+
 def test_calibration_without_a_graph_is_a_clear_error(make_model, tmp_path):
     with pytest.raises(ConfigurationError, match="needs the model's executable graph"):
         quantize_model(make_model("tiny"), tmp_path / "q", DiffusionQuantConfig(calibration="graph"))
