@@ -143,6 +143,8 @@ def test_calibrated_store_reads_back_and_is_closer_to_the_network(graph_model, t
 
 
 def test_an_encoding_without_a_grid_is_rounded_plainly_and_says_so(graph_model, tmp_path):
+    from arrow_quant_v2 import ggml_types  # noqa: F401 - registers the ggml block types
+
     cfg = DiffusionQuantConfig(bit_width=4, encoding="q4_0", lossless_below=0, min_accuracy=0.0, calibration="graph",
                                bit_rules={"conv1.weight": 0},  # 36 inputs: not whole ggml blocks
                                num_time_groups=2)
