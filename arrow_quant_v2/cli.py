@@ -108,8 +108,12 @@ def _add_model_source_options(p: argparse.ArgumentParser, *, download: bool, sel
 
 
 def _progress_bar(desc: str, enabled: bool):
-    """A tqdm bar over source bytes and an engine progress sink that drives it."""
+    """A tqdm bar per stage and an engine progress sink that drives it: source bytes while they
+    are read (quantizing, the per-layer check), percent of the stage otherwise (the end-to-end
+    check); a new stage starts a new bar, so each one's rate and ETA are its own."""
     from tqdm import tqdm
+
+    from .progress import STAGE_LABELS
 
     holder = {}  # the bar appears with the first event, so a bad path errors without one
 
@@ -119,19 +123,27 @@ def _progress_bar(desc: str, enabled: bool):
                 holder["bar"].close()
 
     def sink(event) -> None:
-        if event.stage != holder.get("stage"):  # -v: one line per stage; -vv: every event
-            holder["stage"] = event.stage
+        new_stage = event.stage != holder.get("stage")
+        holder["stage"] = event.stage
+        if new_stage:  # -v: one line per stage; -vv: every event
             log.info("%s: %s", event.stage, event.message)
         else:
             log.debug("%s: %s", event.stage, event.message)
-        if "bar" not in holder:
-            holder["bar"] = tqdm(total=max(event.bytes_total, 1), unit="B", unit_scale=True, desc=desc,
-                                 disable=not enabled, leave=False, file=sys.stderr)
+        if event.stage == "done":
+            return
+        by_bytes = bool(event.bytes_total) and event.stage != "end-to-end"
+        if new_stage or "bar" not in holder:
+            Bar().close()
+            label = f"{desc}: {STAGE_LABELS.get(event.stage, event.stage)}" if event.stage in ("validate", "end-to-end") \
+                else desc
+            holder["bar"] = tqdm(total=max(event.bytes_total, 1) if by_bytes else 100, unit="B" if by_bytes else "%",
+                                 unit_scale=by_bytes, desc=label, disable=not enabled, leave=False, file=sys.stderr)
         bar = holder["bar"]
-        if event.bytes_total and bar.total != event.bytes_total:
+        if by_bytes and bar.total != event.bytes_total:
             bar.total = event.bytes_total
         bar.set_postfix_str(event.message[-60:], refresh=False)
-        bar.update(event.bytes_done - bar.n)  # redraws at most every mininterval
+        now = event.bytes_done if by_bytes else round(event.stage_progress * 100)
+        bar.update(now - bar.n)  # redraws at most every mininterval
 
     return Bar(), sink
 
@@ -243,7 +255,11 @@ def cmd_validate(args) -> int:
     if args.cluster:
         report = _on_cluster(args.cluster, "validate_quality_async", resolve_model(args.original, args.revision), args.store, **options)
     else:
-        report = validate_store(resolve_model(args.original, args.revision), args.store, **options)
+        bar, sink = _progress_bar("validating", not args.json and args.quiet == 0)
+        try:
+            report = validate_store(resolve_model(args.original, args.revision), args.store, progress=sink, **options)
+        finally:
+            bar.close()
     if args.json:
         print_json(report)
     else:

@@ -11,6 +11,13 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 
+#: What each stage is called to a person (the CLI's bars, the app's job rows).
+STAGE_LABELS = {"prepare": "preparing", "plan": "planning", "calibrate": "calibrating", "quantize": "quantizing",
+                "write": "writing",
+                "finalize": "finishing", "validate": "per-layer check", "end-to-end": "end-to-end check",
+                "done": "done"}
+
+
 class Cancelled(Exception):
     """Raised inside a worker when its CancelToken is set; the async layer turns it into CancelledError."""
 
@@ -21,10 +28,13 @@ class ProgressEvent:
 
     ``fraction`` is monotonic in [0, 1] and weighted by bytes (reading, quantizing,
     writing and checking a tensor each move it); ``message`` is a readable line such
-    as ``"quantizing model.layers.3.mlp.down_proj int2 [57/340]"``.
+    as ``"quantizing model.layers.3.mlp.down_proj int2 [57/340]"``. An operation of
+    several stages whose relative costs are not known in advance (validation: the
+    per-layer check, then the end-to-end check) also gives ``stage_fraction``, how far
+    the current stage is: a rate, and so an ETA, is only meaningful within one stage.
     """
 
-    stage: str  # "plan", "calibrate", "quantize", "write", "finalize", "validate", "done"
+    stage: str  # "plan", "calibrate", "quantize", "write", "finalize", "validate", "end-to-end", "done"
     fraction: float
     message: str
     tensor: str = ""
@@ -34,6 +44,12 @@ class ProgressEvent:
     bytes_total: int = 0
     model_index: Optional[int] = None
     time: float = field(default_factory=time.monotonic)
+    stage_fraction: Optional[float] = None
+
+    @property
+    def stage_progress(self) -> float:
+        """How far the current stage is, in [0, 1] (the whole operation's fraction if it has one stage)."""
+        return self.fraction if self.stage_fraction is None else self.stage_fraction
 
     def for_model(self, index: int) -> "ProgressEvent":
         """A copy of this event tagged with ``model_index`` (multi-model runs)."""

@@ -21,6 +21,11 @@ from .progress import CancelToken, ProgressEvent, ProgressSink
 from .source import open_model
 from .store import load_quantized
 
+#: The part of the whole validation's fraction the per-layer check takes when an end-to-end check
+#: follows (their costs are not known in advance, so the ETA uses each stage's own fraction).
+PER_LAYER_SHARE = 0.5
+
+
 def validate_store(original_path, quantized_path, *, min_accuracy: Optional[float] = None,
                    progress: Optional[ProgressSink] = None, cancel: Optional[CancelToken] = None,
                    end_to_end: Optional[bool] = None, num_time_groups: Optional[int] = None) -> dict:
@@ -66,6 +71,12 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
     per_layer: Dict[str, dict] = {}
     total = max(source.total_bytes, 1)
     done = 0
+    # the two stages' relative costs are not known in advance: each reports its own stage_fraction
+    layer_share = PER_LAYER_SHARE if graph is not None else 1.0
+    n_tensors = len(store.tensors)
+    if progress is not None:  # at once, so nothing sits at "0 %" while the first tensor is read
+        progress(ProgressEvent(stage="validate", fraction=0.0, stage_fraction=0.0, tensors_total=n_tensors,
+                               bytes_total=total, message=f"per-layer check: {n_tensors} tensors against the source"))
     for i, (name, entry) in enumerate(store.tensors.items()):
         cancel.check()
         info = source.tensors[name]
@@ -94,8 +105,9 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
             )
         done += info.nbytes
         if progress is not None:
-            progress(ProgressEvent(stage="validate", fraction=min(done / total, 0.99), message=f"checking {name}",
-                                   tensor=name, tensors_done=i + 1, tensors_total=len(store.tensors),
+            progress(ProgressEvent(stage="validate", fraction=min(layer_share * done / total, 0.99),
+                                   stage_fraction=done / total, message=f"per-layer check: {name}",
+                                   tensor=name, tensors_done=i + 1, tensors_total=n_tensors,
                                    bytes_done=done, bytes_total=total))
     report = summarize(per_layer, num_tensors=len(store.tensors), source_bytes=source.total_bytes,
                        weight_bytes=store.weight_bytes, modality=store.manifest.get("modality", {}).get("name"))
@@ -108,10 +120,19 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
 
         def on_level(done: int, total_passes: int) -> None:
             if progress is not None:
-                progress(ProgressEvent(stage="validate", fraction=0.99, tensor="",
-                                       message=f"end-to-end: forward pass {done}/{total_passes}",
-                                       tensors_done=len(store.tensors), tensors_total=len(store.tensors),
+                part = done / max(total_passes, 1)
+                progress(ProgressEvent(stage="end-to-end", fraction=min(layer_share + (1 - layer_share) * part, 0.99),
+                                       stage_fraction=part, tensor="",
+                                       message=f"end-to-end check at {groups} noise levels: "
+                                               f"forward pass {done}/{total_passes}",
+                                       tensors_done=n_tensors, tensors_total=n_tensors,
                                        bytes_done=total, bytes_total=total))
+
+        if progress is not None:
+            progress(ProgressEvent(stage="end-to-end", fraction=layer_share, stage_fraction=0.0,
+                                   message=f"end-to-end check at {groups} noise levels: loading {graph.name}",
+                                   tensors_done=n_tensors, tensors_total=n_tensors, bytes_done=total,
+                                   bytes_total=total))
 
         report["end_to_end"] = e2e.end_to_end(original_path, store, num_time_groups=int(groups), weights=keep,
                                               check=cancel.check, on_level=on_level)

@@ -126,3 +126,36 @@ def test_terrain_unet_local_profile_keeps_every_noise_level_above_099(tmp_path):
     assert store.tensors["network.input_blocks.2.0.in_layers.2.weight"].bits == 4
     e2e = end_to_end(model, tmp_path / "q", num_time_groups=10)
     assert e2e["worst_cosine"] >= 0.99, [(lv["sigma"], lv["cosine"]) for lv in e2e["levels"]]
+
+
+def test_validation_reports_its_stages_to_the_api_and_the_cli(graph_model, tmp_path, capsys):
+    """The per-layer check, then the end-to-end check with its own count of noise levels: each
+    stage's events carry its own progress (what an ETA can be computed from), and the same stages
+    reach a plain listener, the async API and the CLI's bar."""
+    import asyncio
+
+    from arrow_quant_v2 import AsyncArrowQuantV2
+    from arrow_quant_v2.cli import main
+
+    quantize_model(graph_model, tmp_path / "q", DiffusionQuantConfig(bit_width=4, num_time_groups=3, lossless_below=0))
+    events = []
+    validate_store(graph_model, tmp_path / "q", progress=events.append)
+    stages = [e.stage for e in events]
+    assert stages[0] == "validate" and events[0].stage_fraction == 0.0  # at once, before the first tensor
+    assert stages == sorted(stages, key=["validate", "end-to-end", "done"].index)  # one stage after the other
+    e2e = [e for e in events if e.stage == "end-to-end"]
+    assert e2e[0].stage_fraction == 0.0 and e2e[-1].stage_fraction == 1.0
+    assert all("3 noise levels" in e.message for e in e2e) and "forward pass" in e2e[-1].message
+    assert [e.stage_fraction for e in e2e] == sorted(e.stage_fraction for e in e2e)
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0  # the whole stays monotonic
+
+    seen = []
+    asyncio.run(AsyncArrowQuantV2().validate_quality_async(graph_model, tmp_path / "q", on_event=seen.append,
+                                                           progress_interval=0))
+    assert [(e.stage, e.stage_fraction, e.message) for e in seen] == [(e.stage, e.stage_fraction, e.message)
+                                                                      for e in events]
+
+    assert main(["validate", str(graph_model), str(tmp_path / "q")]) == 0
+    err = capsys.readouterr().err
+    assert "validating: per-layer check" in err and "validating: end-to-end check" in err

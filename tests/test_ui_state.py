@@ -16,7 +16,8 @@ from arrow_quant_v2 import ArrowQuantError, ConfigurationError, DiffusionQuantCo
 from arrow_quant_v2.config import field_specs
 from arrow_quant_v2.ui import JobManager, ModelLibrary, PathNotAllowed, QualityReport, QuantSettings
 from arrow_quant_v2.ui.quality import (
-    cosine_label, diff_frame, heatmap_frame, is_transformer, layer_frame, nines, parse_block_module,
+    block_rows, cosine_label, diff_frame, fits_block_grid, heatmap_frame, layer_frame, nines, page_of,
+    parse_block_module, place,
 )
 from arrow_quant_v2.ui.roots import MODEL_ROOTS_ENV, unique_path
 from arrow_quant_v2.ui.settings import parameter_for
@@ -87,9 +88,25 @@ def test_paths_outside_roots_are_refused(cache, roots):
                 "../outside/secret-lm"):
         with pytest.raises(PathNotAllowed, match="outside the allowed model folders"):
             lib.add_path(bad)
-        assert "outside the allowed" in lib.message
+        assert "outside the allowed" in lib.message and f"{MODEL_ROOTS_ENV}=" in lib.message  # how to add a root
     entry = lib.add_path(models / "org" / ".." / "small-lm")  # `..` that stays inside is fine
     assert entry.path == str((models / "small-lm").resolve()) and lib.message == ""
+    assert "already listed" in lib.notice  # the root scan found it: said, not silently accepted
+
+
+def test_a_root_itself_or_a_folder_without_weights_is_refused_with_the_reason(cache, roots):
+    from arrow_quant_v2.errors import ModelNotFoundError
+
+    models, _ = roots
+    (models / "pictures").mkdir()
+    (models / "pictures" / "terrain.png").write_bytes(b"\x89PNG")
+    lib = ModelLibrary([models])
+    before = [e.name for e in lib.models]
+    with pytest.raises(ModelNotFoundError, match="is a model root, not a model"):
+        lib.add_path(models)
+    with pytest.raises(ModelNotFoundError, match="no model weights here"):
+        lib.add_path(models / "pictures")
+    assert "no model weights here" in lib.message and [e.name for e in lib.models] == before
 
 
 def test_unique_output_never_clobbers(tmp_path):
@@ -121,6 +138,47 @@ def test_settings_form_is_generated_from_field_specs():
         s.to_config()
     assert set(s.param.bit_width.objects) == {2, 3, 4, 5, 6, 8}
     assert s.param.min_accuracy.bounds == (0.0, 1.0) and s.param.min_accuracy.allow_None
+
+
+@pytest.mark.parametrize("text,why", [("abc", "“abc” is not a number"), ("-5", "must be at least 0.001"),
+                                      ("0", "must be at least 0.001"), ("nan", "not a finite number")])
+def test_a_size_budget_it_cannot_use_is_refused_in_the_forms_words(text, why):
+    """Typed text the config cannot use leaves the field as it was and blocks the config, saying why
+    with the form's name for the field; a good value clears it; empty means no budget."""
+    s = QuantSettings("local")
+    assert s.set_text("target_model_size_mb", "17") is None and s.target_model_size_mb == 17.0 and s.valid
+    message = s.set_text("target_model_size_mb", text)
+    assert message.startswith("Size budget (MiB): ") and why in message and "target_model_size_mb" not in message
+    assert not s.valid and s.target_model_size_mb == 17.0
+    with pytest.raises(ConfigurationError, match="Size budget"):
+        s.to_config()
+    assert s.set_text("target_model_size_mb", "") is None and s.valid and s.target_model_size_mb is None
+    assert s.set_text("num_time_groups", "2.5") == "Noise levels: “2.5” is not a whole number"
+    assert s.set_text("num_time_groups", "") == "Noise levels: needs a value"
+    s.profile = "edge"  # a profile sets every field again: what was mistyped goes with it
+    assert s.valid
+
+
+def test_a_budget_is_met_only_within_the_documented_tolerance():
+    from arrow_quant_v2.budget import MET_TOLERANCE
+    from arrow_quant_v2.ui.format import budget_verdict
+
+    assert MET_TOLERANCE == 0.01 and "at most **1 %** over" in (ROOT / "docs" / "configuration.md").read_text()
+    assert budget_verdict(16.5, 17.0) == (True, "✓ met")
+    met, words = budget_verdict(17.01, 17.0)
+    assert met and "over by 0.06 %" in words and "1 % tolerance" in words
+    assert budget_verdict(17.6, 17.0) == (False, "✗ over by 3.5 %")
+
+
+def test_jobs_are_labelled_by_what_makes_them_different():
+    s = QuantSettings("local")
+    s.set_text("target_model_size_mb", "17")
+    assert s.label == "local · 17 MiB"
+    s.min_accuracy = 0.95
+    assert s.label == "local · min cos 0.95 · 17 MiB"
+    s.target_model_size_mb = None
+    s.bit_width, s.min_accuracy = 2, None
+    assert s.label == "int2"
 
 
 def test_a_new_config_field_gets_a_widget_parameter():
@@ -243,7 +301,26 @@ def test_block_module_parse():
     assert parse_block_module("transformer.h.2.attn.c_attn.weight") == (2, "qkv")
     assert parse_block_module("blocks.7.adaLN_modulation.1.weight") == (7, "adaLN")
     assert parse_block_module("model.embed_tokens.weight") == (None, None)
-    assert parse_block_module("network.input_blocks.1.0.in_layers.2.weight") == (None, None)
+    # U-Nets: ADM/LDM rows in, mid, out; diffusers rows down N.M (resnet M and attention M together)
+    assert parse_block_module("network.input_blocks.1.0.in_layers.2.weight") == ("in 1", "in_layers")
+    assert parse_block_module("network.input_blocks.11.1.qkv.weight") == ("in 11", "qkv")
+    assert parse_block_module("network.middle_block.1.proj_out.weight") == ("mid 1", "proj_out")
+    assert parse_block_module("network.output_blocks.3.0.emb_layers.1.weight") == ("out 3", "emb_layers")
+    assert parse_block_module("network.input_blocks.0.0.weight") == ("in 0", "conv")
+    assert parse_block_module("down_blocks.1.resnets.0.conv1.weight") == ("down 1.0", "conv1")
+    assert parse_block_module("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight") == ("down 1.0", "x.k")
+    assert parse_block_module("mid_block.resnets.1.time_emb_proj.weight") == ("mid 1", "time_emb_proj")
+    assert parse_block_module("up_blocks.2.upsamplers.0.conv.weight") == ("up 2", "resample")
+    assert parse_block_module("blocks.3.attn.qkv.weight") == (3, "qkv")  # DiT
+
+
+def test_a_name_outside_every_block_says_why():
+    for name in ("network.time_embed.0.weight", "model.embed_tokens.weight", "network.out.2.weight"):
+        where = place(name)
+        assert where.block is None and "no numbered block" in where.why
+    assert place("network.input_blocks.4.x.weight").why.startswith("input_blocks.4: expected a numbered layer")
+    q = QualityReport(report={"per_layer": _per_layer(UNET_NAMES)})
+    assert q.outside_blocks()["why not in a block"].str.contains("no numbered block").all()
 
 
 @pytest.mark.parametrize("names,blocks,modules", [
@@ -252,7 +329,7 @@ def test_block_module_parse():
 ])
 def test_transformer_heatmap_is_block_by_module(names, blocks, modules):
     frame = layer_frame(_per_layer(names))
-    assert is_transformer(frame)
+    assert fits_block_grid(frame)
     cells, layout = heatmap_frame(frame)
     assert layout == "block"
     assert len(cells) == blocks * len(modules)
@@ -266,12 +343,34 @@ def test_transformer_heatmap_is_block_by_module(names, blocks, modules):
     assert not q.fallbacks().empty and q.fallbacks()["why"].str.contains("fallback").all()
 
 
+def test_unet_heatmap_is_block_by_module_in_model_order():
+    names = [f"network.{stage}.{i}.{m}.weight" for stage in ("input_blocks", "output_blocks") for i in (2, 10)
+             for m in ("0.in_layers.2", "0.out_layers.3", "0.emb_layers.1", "1.qkv", "1.proj_out")]
+    names += ["network.middle_block.0.in_layers.2.weight", "network.middle_block.1.qkv.weight",
+              "network.time_embed.0.weight"]
+    cells, layout = heatmap_frame(layer_frame(_per_layer(names)))
+    assert layout == "block"
+    assert set(cells["name"]) == set(names) - {"network.time_embed.0.weight"}  # every tensor in a block has a cell
+    assert block_rows(cells) == ["in 2", "in 10", "mid 0", "mid 1", "out 2", "out 10"]  # encoder, middle, decoder
+    assert set(cells["x"]) == {"in_layers", "out_layers", "emb_layers", "qkv", "proj_out"}
+
+
 def test_other_models_are_layer_by_metric():
-    frame = layer_frame(_per_layer(UNET_NAMES))
-    assert not is_transformer(frame)
+    names = ["net.conv_in.weight", "net.time_mlp.0.weight", "net.final.weight"]
+    frame = layer_frame(_per_layer(names))
+    assert not fits_block_grid(frame)
     cells, layout = heatmap_frame(frame)
-    assert layout == "metric" and len(cells) == 3 * len(UNET_NAMES)
-    assert set(cells["x"]) == {"cosine", "rel. error", "SQNR"} and set(cells["y"]) == set(UNET_NAMES)
+    assert layout == "metric" and len(cells) == 3 * len(names)
+    assert set(cells["x"]) == {"cosine", "rel. error", "SQNR"} and set(cells["y"]) == set(names)
+
+
+def test_long_models_are_paged():
+    names = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(95)]
+    cells, _ = heatmap_frame(layer_frame(_per_layer(names)), "metric")
+    first, pages = page_of(cells, 0, 40)
+    last, _ = page_of(cells, 9, 40)  # past the end: the last page
+    assert pages == 3 and len(block_rows(first)) == 40 and len(block_rows(last)) == 15
+    assert set(block_rows(first)) | set(block_rows(page_of(cells, 1, 40)[0])) | set(block_rows(last)) == set(names)
 
 
 def test_colour_scale_separates_nines():

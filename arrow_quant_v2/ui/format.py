@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 
 def human_count(n: Optional[float]) -> str:
@@ -46,3 +46,18 @@ def cos(c: Optional[float], digits: int = 5) -> str:
 
 def esc(text) -> str:
     return html.escape(str(text), quote=True)
+
+
+def budget_verdict(measured_mb: Optional[float], target_mb: float) -> Tuple[Optional[bool], str]:
+    """``(met, words)`` for a size against its budget: met only within the tolerance the docs state
+    (``budget.MET_TOLERANCE``), and then saying by how much it is over; otherwise "over by x %"."""
+    from ..budget import MET_TOLERANCE
+
+    if measured_mb is None or not target_mb:
+        return None, ""
+    over = 100.0 * (measured_mb - target_mb) / target_mb
+    if over <= 0:
+        return True, "✓ met"
+    if over <= 100 * MET_TOLERANCE:
+        return True, f"✓ met (over by {over:.2f} %, within the {100 * MET_TOLERANCE:g} % tolerance)"
+    return False, f"✗ over by {over:.1f} %"

@@ -29,12 +29,17 @@ from ..store import MANIFEST
 from .compute import ComputePlace
 from .library import ModelEntry, ModelLibrary
 from .roots import default_output_root, is_within, unique_path
+from .settings import user_words
 
 log = logging.getLogger(__name__)
 
 #: Job states. ``queued``: waiting for a slot; ``preparing``: building a sample model.
 STATUSES = ("queued", "preparing", "running", "validating", "done", "failed", "cancelled")
 ACTIVE = ("queued", "preparing", "running", "validating")
+#: The ETA is the current stage's rate over the last ETA_WINDOW_S seconds, shown only once that
+#: window spans ETA_MIN_SPAN_S with progress in it.
+ETA_WINDOW_S = 5.0
+ETA_MIN_SPAN_S = 1.0
 
 _ids = itertools.count(1)
 
@@ -51,6 +56,7 @@ class Job(param.Parameterized):
     status = param.Selector(default="queued", objects=list(STATUSES))
     stage = param.String(default="")
     fraction = param.Number(default=0.0, bounds=(0.0, 1.0))
+    stage_fraction = param.Number(default=0.0, bounds=(0.0, 1.0), doc="How far the current stage is.")
     message = param.String(default="")
     tensor = param.String(default="")
     tensors_done = param.Integer(default=0)
@@ -89,17 +95,17 @@ class Job(param.Parameterized):
 
     @property
     def eta(self) -> Optional[float]:
-        """Seconds left, from the progress rate over the last few seconds (None if unknown)."""
-        if self.status not in ("running", "validating") or self.started is None or self.fraction <= 0:
+        """Seconds left in the current stage, from its progress over the last few seconds; None
+        until the stage has moved for :data:`ETA_MIN_SPAN_S` (no ETA beats a wrong one)."""
+        if self.status not in ("running", "validating"):
             return None
         now = time.monotonic()
-        window = [(t, f) for t, f in self._rate if now - t <= 5.0]
-        if len(window) >= 2 and window[-1][1] > window[0][1]:
-            (t0, f0), (t1, f1) = window[0], window[-1]
-            rate = (f1 - f0) / max(t1 - t0, 1e-6)
-        else:
-            rate = self.fraction / max(now - self.started, 1e-6)
-        return max(0.0, (1.0 - self.fraction) / rate) if rate > 0 else None
+        window = [(t, f) for t, f in self._rate if now - t <= ETA_WINDOW_S]
+        if len(window) < 2 or window[-1][0] - window[0][0] < ETA_MIN_SPAN_S or window[-1][1] <= window[0][1]:
+            return None
+        (t0, f0), (t1, f1) = window[0], window[-1]
+        rate = (f1 - f0) / (t1 - t0)
+        return max(0.0, (1.0 - self.stage_fraction) / rate)
 
     @property
     def title(self) -> str:
@@ -132,10 +138,13 @@ class Job(param.Parameterized):
         """Copy a progress event into the parameters (called on the event loop)."""
         now = time.monotonic()
         frac = max(self.fraction, min(float(event.fraction), 1.0))
-        self._rate.append((now, frac))
+        stage_frac = min(max(float(event.stage_progress), 0.0), 1.0)
+        if event.stage != self.stage:  # a new stage runs at its own pace: its rate starts afresh
+            self._rate.clear()
+        self._rate.append((now, stage_frac))
         if len(self._rate) > 64:
             del self._rate[:32]
-        updates = dict(stage=event.stage, fraction=frac, message=event.message, tensor=event.tensor or self.tensor,
+        updates = dict(stage=event.stage, fraction=frac, stage_fraction=stage_frac, message=event.message, tensor=event.tensor or self.tensor,
                        tensors_done=event.tensors_done, tensors_total=event.tensors_total,
                        bytes_done=event.bytes_done, bytes_total=event.bytes_total, events=self.events + 1)
         if self.status in ("queued", "preparing"):
@@ -277,8 +286,8 @@ class JobManager(param.Parameterized):
                 str(path), job.output_path, config, on_event=job.on_event, progress_interval=self.progress_interval)
             job.param.update(result=dict(result))
             if self.validate:
-                job.param.update(status="validating", stage="validate", fraction=0.0, message="validating",
-                                 tensor="", tensors_done=0)
+                job.param.update(status="validating", stage="validate", fraction=0.0, stage_fraction=0.0,
+                                 message="validating", tensor="", tensors_done=0)
                 job._rate.clear()
                 report = await q.validate_quality_async(str(path), job.output_path, on_event=job.on_event,
                                                         progress_interval=self.progress_interval)
@@ -292,7 +301,7 @@ class JobManager(param.Parameterized):
             raise
         except Exception as e:  # noqa: BLE001 - shown on the job's row
             log.info("job #%s failed: %s", job.job_id, e)
-            job.param.update(status="failed", finished=time.monotonic(), error=f"{type(e).__name__}: {e}",
+            job.param.update(status="failed", finished=time.monotonic(), error=f"{type(e).__name__}: {user_words(str(e))}",
                              message="failed", tensor="")
         finally:
             with self._lock:

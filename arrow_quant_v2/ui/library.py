@@ -21,11 +21,11 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import param
 
 from .. import hub, samples
-from ..errors import ArrowQuantError
+from ..errors import ArrowQuantError, ModelNotFoundError
 from ..plan import detect_modality
 from ..source import INDEX_NAME, open_model
 from ..store import MANIFEST
-from .roots import PathNotAllowed, confine, env_model_roots, roots_list, samples_root
+from .roots import MODEL_ROOTS_ENV, PathNotAllowed, confine, env_model_roots, roots_list, samples_root
 
 #: At most this many folders are examined per root, at any depth (a root pointing at / stays cheap).
 SCAN_LIMIT = 20000
@@ -116,6 +116,15 @@ def looks_like_model(path: Path) -> bool:
         return False
 
 
+#: Where models come from, and how a person adds a folder of them (the Models tab shows it).
+WHERE_MODELS_COME_FROM = (
+    "Models come from the sample models (built offline on first use) and from every folder with safetensors "
+    "weights under the model roots, listed when the app starts or on Rescan. A folder inside a root can also "
+    "be added by its path below.")
+HOW_TO_ADD_A_ROOT = (f"To add a root, restart the app with ${MODEL_ROOTS_ENV} listing it (folders separated by "
+                     f"'{os.pathsep}'), e.g. {MODEL_ROOTS_ENV}=/data/models arrow-quant serve")
+
+
 class ModelLibrary(param.Parameterized):
     """Sample models, the Hugging Face cache's models and the model folders under ``roots``.
 
@@ -128,6 +137,7 @@ class ModelLibrary(param.Parameterized):
     include_hub = param.Boolean(default=True, doc="List (and allow) the models in the local Hugging Face cache.")
     models = param.List(default=[], item_type=ModelEntry, doc="The models, samples first.")
     message = param.String(default="", doc="The last refusal or error, for the view.")
+    notice = param.String(default="", doc="The last thing added (or found listed already), for the view.")
 
     def __init__(self, roots: Optional[Iterable] = None, *, include_samples: bool = True, scan: bool = True, **params):
         roots = env_model_roots() if roots is None else [Path(os.path.expanduser(os.fspath(r))) for r in roots]
@@ -263,8 +273,10 @@ class ModelLibrary(param.Parameterized):
 
     def add_path(self, path) -> ModelEntry:
         """Add a model folder or file a person typed, or a Hugging Face repo id in the local cache
-        (``org/name[@revision]``, never downloaded); a path is refused (``message`` set,
-        :class:`PathNotAllowed` raised) if it lies outside the roots."""
+        (``org/name[@revision]``, never downloaded). A path is refused (``message`` set, the error
+        raised) when it lies outside the roots (:class:`PathNotAllowed`, saying how to add a root), is a
+        root itself or holds no weights (:class:`ModelNotFoundError`); one already listed is returned
+        with a ``notice``."""
         spec = os.fspath(path)
         if self.include_hub and hub.parse_repo_id(spec) and not any((r / spec).exists() for r in self.roots):
             try:
@@ -275,17 +287,31 @@ class ModelLibrary(param.Parameterized):
             try:
                 resolved = self.resolve(path)
             except PathNotAllowed as e:
-                self.message = str(e)
+                self.param.update(message=f"{e}. {HOW_TO_ADD_A_ROOT}", notice="")
                 raise
+            if any(resolved == Path(r).resolve() for r in self.allowed_roots):
+                raise self._refuse(f"{path}: this is a model root, not a model: the model folders inside it are "
+                                   "listed already (press Rescan after adding one)")
+            listed = next((e for e in self.models if e.path and Path(e.path).resolve() == resolved), None)
+            if listed is not None:
+                self.param.update(message="", notice=f"{listed.name} is already listed ({resolved})")
+                return listed
+            if not (looks_like_model(resolved) or (resolved.is_file() and resolved.suffix == ".safetensors")):
+                raise self._refuse(f"{path}: no model weights here: a model folder holds *.safetensors files (or "
+                                   f"{INDEX_NAME}, or a diffusers model_index.json with its components)")
             entry = describe_model(resolved)
         if entry.error:
-            self.message = entry.error
+            self.param.update(message=entry.error, notice="")
         else:
-            self.message = ""
+            self.param.update(message="", notice=f"added {entry.name}")
             if all(e.path != entry.path for e in self._extra):
                 self._extra.append(entry)
             self.refresh()
         return entry
+
+    def _refuse(self, why: str) -> ModelNotFoundError:
+        self.param.update(message=why, notice="")
+        return ModelNotFoundError(why)
 
     def get(self, name_or_path: str) -> ModelEntry:
         """The listed model with this name or path (resolved first: :class:`PathNotAllowed` outside the roots).

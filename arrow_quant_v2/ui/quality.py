@@ -1,10 +1,13 @@
 """Per-layer quality as tables: the data behind the heatmaps (no Panel, no HoloViews).
 
-* :func:`parse_block_module` reads ``(block index, module)`` from a tensor name of a
-  transformer (Dream/Qwen2/LLaMA ``model.layers.3.mlp.down_proj.weight``, BERT
-  ``encoder.layer.3.attention.self.query.weight``, GPT-2 ``h.3.attn.c_attn.weight``, DiT
-  ``blocks.3.attn.qkv.weight``...), with modules renamed to a common short vocabulary
-  (q, k, v, qkv, o, gate, up, down, ...).
+* :func:`place` reads ``(block, module)`` from a tensor name of a transformer
+  (Dream/Qwen2/LLaMA ``model.layers.3.mlp.down_proj.weight``, BERT
+  ``encoder.layer.3.attention.self.query.weight``, GPT-2 ``h.3.attn.c_attn.weight``), a DiT
+  (``blocks.3.attn.qkv.weight``, ``blocks.3.adaLN_modulation.1.weight``) or a U-Net (ADM/LDM
+  ``input_blocks.4.1.qkv.weight`` → row ``in 4``, ``middle_block.0.in_layers.2`` → ``mid 0``,
+  ``output_blocks.2.0.emb_layers.1`` → ``out 2``; diffusers ``down_blocks.1.resnets.0.conv1``
+  → ``down 1.0``), with modules renamed to a common short vocabulary (q, k, v, qkv, o, gate,
+  up, down, in_layers, ...); a name that fits none says why.
 * :func:`layer_frame` turns a validation report's ``per_layer`` into one row per tensor with
   the colour value: **nines** = ``-log10(1 - cosine)``, so 0.9 → 1, 0.99 → 2, 0.999 → 3.
 * :func:`heatmap_frame` lays it out block × module (transformers) or layer × metric (others).
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -22,14 +25,32 @@ import param
 
 #: Highest nines shown (a cosine of exactly 1 is clipped here rather than infinite).
 MAX_NINES = 7.0
-#: The colour range every heatmap uses, so two models' maps read alike: cosine 0.9 .. 0.99999.
-NINES_RANGE = (1.0, 5.0)
 
 _BLOCK_RE = re.compile(
     r"(?:^|\.)(?:layers|layer|blocks|block|h|transformer_blocks|single_transformer_blocks|encoder_layers|decoder_layers)"
     r"\.(\d+)\.(.+)$"
 )
+#: U-Nets (ADM/LDM ``input_blocks.N.M.…``; diffusers ``down_blocks.N.resnets.M.…``): stage, then
+#: the block's place in it. Rows go down the encoder, through the middle, up the decoder.
+_UNET_RE = re.compile(r"(?:^|\.)(input_blocks|output_blocks|middle_block|down_blocks|up_blocks|mid_block)"
+                      r"(?:\.(\d+))?\.(.+)$")
+_UNET_STAGE = {"input_blocks": ("in", 0), "down_blocks": ("down", 0), "middle_block": ("mid", 1),
+               "mid_block": ("mid", 1), "output_blocks": ("out", 2), "up_blocks": ("up", 2)}
+#: diffusers: ``resnets.M`` and ``attentions.M`` run in pairs, so they share row ``N.M``.
+_DIFFUSERS_PART_RE = re.compile(r"^(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$")
 _SUFFIX_RE = re.compile(r"\.(weight|bias|scale|qweight)$")
+#: Why a name got no cell in the block × module grid.
+NO_BLOCK = ("no numbered block in the name (layers.N, blocks.N, h.N, input_blocks.N, down_blocks.N …): "
+            "embeddings, heads, time/label embedding and in/out convs sit outside the blocks")
+
+
+class Placement(NamedTuple):
+    """Where a tensor sits in the block × module grid, or why it sits nowhere."""
+
+    block: Optional[Union[int, str]]  # a transformer's block index, or a U-Net row such as "in 4" / "mid" / "up 1.2"
+    order: Optional[Tuple[int, ...]]  # sorts the rows: encoder, middle, decoder
+    module: Optional[str]
+    why: str = ""  # empty when placed
 
 #: Module path (or its tail) -> short canonical name. Longest/most specific first.
 _MODULE_ALIASES: List[Tuple[str, str]] = [
@@ -55,31 +76,74 @@ MODULE_ORDER = ("q", "k", "v", "qkv", "o", "x.q", "x.k", "x.v", "x.o", "gate", "
 METRICS: Tuple[Tuple[str, str], ...] = (("cosine", "cosine"), ("rel. error", "rel_error"), ("SQNR", "sqnr_db"))
 
 
-def parse_block_module(name: str) -> Tuple[Optional[int], Optional[str]]:
-    """``(block, module)`` of a transformer tensor name, or ``(None, None)`` outside blocks.
+def parse_block_module(name: str) -> Tuple[Optional[Union[int, str]], Optional[str]]:
+    """``(block, module)`` of a tensor name, or ``(None, None)`` outside blocks (see :func:`place`).
 
     >>> parse_block_module("model.layers.3.mlp.down_proj.weight")
     (3, 'down')
     >>> parse_block_module("encoder.layer.5.attention.self.query.weight")
     (5, 'q')
+    >>> parse_block_module("network.input_blocks.4.1.qkv.weight")
+    ('in 4', 'qkv')
     >>> parse_block_module("model.embed_tokens.weight")
     (None, None)
     """
+    p = place(name)
+    return p.block, p.module
+
+
+def place(name: str) -> Placement:
+    """The tensor's block and module in a transformer, DiT or U-Net, or why it fits none."""
+    m = _UNET_RE.search(name)
+    if m:
+        return _place_unet(m.group(1), m.group(2), _SUFFIX_RE.sub("", m.group(3)))
     m = _BLOCK_RE.search(name)
     if not m:
-        return None, None
-    block, rest = int(m.group(1)), _SUFFIX_RE.sub("", m.group(2))
+        return Placement(None, None, None, NO_BLOCK)
+    block = int(m.group(1))
+    return Placement(block, (0, block), _module_name(_SUFFIX_RE.sub("", m.group(2))))
+
+
+def _module_name(rest: str) -> str:
+    """A block's module path in the common short vocabulary (q, k, v, o, gate, up, down, ...)."""
     for path, short in _MODULE_ALIASES:
         if rest == path or rest.endswith("." + path):
-            return block, short
+            return short
     leaf = rest.rsplit(".", 1)[-1]
     if leaf in _LEAF_ALIASES:
-        return block, _LEAF_ALIASES[leaf]
+        return _LEAF_ALIASES[leaf]
     for prefix in ("self_attn.", "attention.", "attn.", "mlp.", "feed_forward.", "ffn."):
         if rest.startswith(prefix) and rest[len(prefix):]:
-            return block, rest[len(prefix):]
-    return block, rest
+            return rest[len(prefix):]
+    return rest
 
+
+def _place_unet(stage: str, index: Optional[str], rest: str) -> Placement:
+    short, rank = _UNET_STAGE[stage]
+    n = int(index) if index is not None else 0
+    part = _DIFFUSERS_PART_RE.match(rest)
+    if part:  # diffusers: down_blocks.N.resnets.M.conv1 -> row "down N.M", module conv1
+        kind, m, inner = part.group(1), int(part.group(2)), part.group(3)
+        if kind in ("downsamplers", "upsamplers"):
+            return Placement(f"{short} {n}" if index else short, (rank, n, 99), "resample")
+        row = f"{short} {n}.{m}" if index is not None else f"{short} {m}"
+        return Placement(row, (rank, n, m), _unet_module(inner))
+    if stage == "middle_block":  # ADM middle_block.M.<module>: resnet, attention, resnet, a row each
+        return Placement(f"{short} {n}", (rank, n, 0), _unet_module(rest))
+    sub = re.match(r"^\d+(?:\.(.+))?$", rest)  # ADM input_blocks.N.M.<module>: M orders resnet/attention
+    if not sub:
+        return Placement(None, None, None, f"{stage}.{n}: expected a numbered layer after the block, got {rest!r}")
+    return Placement(f"{short} {n}", (rank, n, 0), _unet_module(sub.group(1)) if sub.group(1) else "conv")
+
+
+def _unet_module(path: str) -> str:
+    """``in_layers.2`` -> ``in_layers``; ``transformer_blocks.0.attn1.to_q`` -> ``q``; ``op`` -> ``resample``."""
+    path = re.sub(r"^transformer_blocks\.\d+\.", "", path)
+    short = _module_name(path)
+    if short != path:
+        return short
+    head = re.sub(r"\.\d+$", "", path)  # in_layers.2 -> in_layers
+    return "resample" if head in ("op", "conv") else head  # ADM's Downsample.op / Upsample.conv
 
 def nines(cosine) -> np.ndarray:
     """``-log10(1 - cosine)``, clipped to [0, MAX_NINES]: 0.9 → 1, 0.99 → 2, 0.999 → 3."""
@@ -106,10 +170,11 @@ def layer_frame(per_layer: Dict[str, dict]) -> pd.DataFrame:
     """One row per quantized tensor: name, block, module, cosine, nines, rel_error, bits, reason, ..."""
     rows = []
     for order, (name, p) in enumerate(per_layer.items()):
-        block, module = parse_block_module(name)
+        where = place(name)
         cos = p.get("cosine", float("nan"))
         rows.append({
-            "name": name, "order": order, "block": block, "module": module,
+            "name": name, "order": order, "block": where.block, "block_order": where.order, "module": where.module,
+            "placed_why": where.why,
             "cosine": cos, "nines": float(nines(cos)) if cos == cos else float("nan"),
             "rel_error": p.get("rel_error", float("nan")), "sqnr_db": p.get("sqnr_db", float("nan")),
             "bits": int(p.get("bits", 0) or 0), "encoding": p.get("encoding", ""),
@@ -118,13 +183,17 @@ def layer_frame(per_layer: Dict[str, dict]) -> pd.DataFrame:
             "threshold": p.get("threshold", float("nan")), "passed": bool(p.get("passed", True)),
             "fallback": "fallback" in (p.get("reason") or ""),
         })
-    cols = ["name", "order", "block", "module", "cosine", "nines", "rel_error", "sqnr_db", "bits", "encoding",
+    cols = ["name", "order", "block", "block_order", "module", "placed_why", "cosine", "nines", "rel_error", "sqnr_db", "bits", "encoding",
             "shape", "numel", "bits_per_weight", "reason", "threshold", "passed", "fallback"]
-    return pd.DataFrame(rows, columns=cols)
+    frame = pd.DataFrame(rows, columns=cols)
+    # block indices stay ints (a column with None would make them floats: "3.0"); U-Net rows are labels
+    frame["block"] = pd.Series([r["block"] for r in rows], dtype=object)
+    return frame
 
 
-def is_transformer(frame: pd.DataFrame) -> bool:
-    """Block × module reads well: most quantized tensors sit in ≥ 2 numbered blocks of a few module kinds."""
+def fits_block_grid(frame: pd.DataFrame) -> bool:
+    """Block × module reads well: most quantized tensors sit in ≥ 2 blocks of a few module kinds
+    (transformers, DiTs, U-Nets)."""
     if frame.empty:
         return False
     inside = frame.dropna(subset=["block"])
@@ -147,17 +216,18 @@ def heatmap_frame(frame: pd.DataFrame, layout: Optional[str] = None) -> Tuple[pd
     cosine ``-log10(1-cos)``, rel. error ``-log10(err²/2)``, SQNR ``dB/10 + log10 2``).
     Chosen automatically when None.
     """
-    layout = layout or ("block" if is_transformer(frame) else "metric")
+    layout = layout or ("block" if fits_block_grid(frame) else "metric")
     if layout == "block":
         cells = frame.dropna(subset=["block"]).copy()
         cells["x"] = cells["module"]
-        cells["y"] = cells["block"].astype(int)
+        cells["y"] = cells["block"]
         cells["metric"] = "cosine"
         cells["value"] = cells["nines"]
         rank = {m: i for i, m in enumerate(module_order(cells["x"]))}
         cells["x_rank"] = cells["x"].map(rank)
         # a block with two tensors of the same module kind (e.g. MoE experts): keep the worst
-        cells = cells.sort_values("cosine").drop_duplicates(["x", "y"]).sort_values(["y", "x_rank"])
+        cells = cells.sort_values("cosine").drop_duplicates(["x", "y"])
+        cells = cells.iloc[sorted(range(len(cells)), key=lambda i: (cells["block_order"].iloc[i], cells["x_rank"].iloc[i]))]
         return cells.drop(columns="x_rank").reset_index(drop=True), layout
     parts = []
     frame = frame.iloc[sorted(range(len(frame)), key=lambda i: natural_key(frame["name"].iloc[i]))]
@@ -189,27 +259,45 @@ def outside_blocks(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["block"].isna()]
 
 
+def block_rows(cells: pd.DataFrame) -> List:
+    """The heatmap's row labels in model order (blocks: encoder, middle, decoder; tensors: by name)."""
+    return list(dict.fromkeys(cells["y"]))
+
+
+def page_of(cells: pd.DataFrame, page: int, rows_per_page: int) -> Tuple[pd.DataFrame, int]:
+    """``(cells of page ``page`` (0-based), number of pages)``: a long model is read a page of rows at a time."""
+    rows = block_rows(cells)
+    pages = max(1, math.ceil(len(rows) / rows_per_page))
+    page = min(max(page, 0), pages - 1)
+    keep = set(rows[page * rows_per_page:(page + 1) * rows_per_page])
+    return cells[cells["y"].isin(keep)], pages
+
+
 def diff_frame(a: pd.DataFrame, b: pd.DataFrame, layout: Optional[str] = None) -> Tuple[pd.DataFrame, str]:
     """Cells of B minus A in nines, for tensors quantized in both (same model, two configs)."""
     m = a.merge(b, on="name", suffixes=("_a", "_b"))
     base = pd.DataFrame({
-        "name": m["name"], "order": m["order_a"], "block": m["block_a"], "module": m["module_a"],
+        "name": m["name"], "order": m["order_a"], "block": m["block_a"], "block_order": m["block_order_a"],
+        "module": m["module_a"],
         "cosine_a": m["cosine_a"], "cosine_b": m["cosine_b"], "bits_a": m["bits_a"], "bits_b": m["bits_b"],
         "reason_a": m["reason_a"], "reason_b": m["reason_b"], "shape": m["shape_a"],
         "delta": m["nines_b"] - m["nines_a"], "cosine": m["cosine_b"], "nines": m["nines_b"] - m["nines_a"],
         "rel_error": m["rel_error_b"], "sqnr_db": m["sqnr_db_b"],
     })
-    layout = layout or ("block" if is_transformer(a) else "metric")
+    layout = layout or ("block" if fits_block_grid(a) else "metric")
     if layout == "block":
         cells = base.dropna(subset=["block"]).copy()
         cells["x"] = cells["module"]
-        cells["y"] = cells["block"].astype(int)
+        cells["y"] = cells["block"]
     else:
         cells = base.copy()
         cells["x"] = "Δ cosine"
         cells["y"] = cells["name"]
     cells["value"] = cells["delta"]
-    return cells.sort_values("order").reset_index(drop=True), layout
+    cells = cells.sort_values("order")
+    if layout == "block":  # rows in model order: encoder, middle, decoder
+        cells = cells.iloc[sorted(range(len(cells)), key=lambda i: cells["block_order"].iloc[i])]
+    return cells.reset_index(drop=True), layout
 
 
 def fallbacks(frame: pd.DataFrame, result: Optional[dict] = None) -> pd.DataFrame:
@@ -319,8 +407,8 @@ class QualityReport(param.Parameterized):
 
     def outside_blocks(self) -> pd.DataFrame:
         """The quantized tensors that belong to no transformer block (embeddings, heads, ...)."""
-        cols = ["name", "cosine", "rel_error", "bits", "shape", "reason"]
-        return outside_blocks(self.frame)[cols].reset_index(drop=True)
+        cols = ["name", "cosine", "rel_error", "bits", "shape", "placed_why"]
+        return outside_blocks(self.frame)[cols].rename(columns={"placed_why": "why not in a block"}).reset_index(drop=True)
 
     @property
     def end_to_end(self) -> dict:

@@ -29,8 +29,24 @@ BUDGET_FIELD = "target_model_size_mb"
 RUNTIME_FIELD = "target_runtime"
 
 
+#: What a person calls the fields whose config names are not words (messages and the form use these).
+FIELD_LABELS = {
+    "target_model_size_mb": "Size budget (MiB)", "min_accuracy": "Minimum cosine", "lossless_below": "Keep tensors "
+    "smaller than (elements) lossless", "num_threads": "Threads (0 = all cores)", "num_time_groups": "Noise levels",
+    "max_shard_mb": "Largest shard (MiB)", "bit_width": "Bit width", "group_size": "Group size",
+    "sensitive_bits": "Bits for sensitive layers",
+}
+
+
 def _label(name: str) -> str:
-    return name.replace("_", " ").capitalize()
+    return FIELD_LABELS.get(name) or name.replace("_", " ").capitalize()
+
+
+def user_words(message: str) -> str:
+    """A config error in the form's words: ``target_model_size_mb=1`` → ``Size budget (MiB) = 1``."""
+    for name, label in FIELD_LABELS.items():
+        message = message.replace(f"{name}=", f"{label} = ").replace(name, label)
+    return message
 
 
 #: What a None choice (e.g. "detect the modality") is called in the form.
@@ -94,13 +110,40 @@ def _build_class() -> Type[param.Parameterized]:
 
 
 class QuantSettings(_build_class()):
-    """A profile plus every config field as a parameter (generated from ``field_specs()``)."""
+    """A profile plus every config field as a parameter (generated from ``field_specs()``).
+
+    Numbers typed in the form go through :meth:`set_text`: a value the config cannot use
+    leaves the field unchanged and puts a message in :attr:`errors` (in the form's words),
+    so the form can say why inline and keep Start disabled until it is empty.
+    """
+
+    errors = param.Dict(default={}, doc="Field name -> why the text typed for it cannot be used.")
 
     def __init__(self, profile: str = "local", **params):
         super().__init__(**params)
         self._loading = False
         self._loaded = False
         self.load_profile(profile)
+
+    @property
+    def valid(self) -> bool:
+        """True when every typed value could be used."""
+        return not self.errors
+
+    def set_text(self, name: str, text: str) -> Optional[str]:
+        """Set a numeric field from what was typed; returns why it cannot be used (None when set)."""
+        p = self.param[name]
+        why = _number_problem(p, text)
+        errors = dict(self.errors)
+        if why is None:
+            errors.pop(name, None)
+            raw = (text or "").strip()
+            value = None if raw == "" else int(float(raw)) if isinstance(p, param.Integer) else float(raw)
+            self.param.update({name: value, "errors": errors})
+        else:
+            errors[name] = f"{p.label}: {why}"
+            self.errors = errors
+        return None if why is None else errors[name]
 
     @classmethod
     def field_names(cls) -> List[str]:
@@ -118,7 +161,7 @@ class QuantSettings(_build_class()):
         return [n for n in cls.field_names() if n not in MAIN_FIELDS and n not in (BUDGET_FIELD, RUNTIME_FIELD)]
 
     def load_profile(self, profile: str) -> None:
-        """Set every field to the profile's value."""
+        """Set every field to the profile's value (what was mistyped is dropped with it)."""
         config = DiffusionQuantConfig.from_profile(profile)
         values = {n: _to_form(getattr(config, n)) for n in self.field_names()}
         values = {n: v if v != AUTO or AUTO in getattr(self.param[n], "objects", ()) else None for n, v in values.items()}
@@ -126,7 +169,7 @@ class QuantSettings(_build_class()):
             values.pop(RUNTIME_FIELD, None)
         self._loading = True
         try:
-            self.param.update(profile=profile, **values)
+            self.param.update(profile=profile, errors={}, **values)
         finally:
             self._loading = False
         self._loaded = True
@@ -151,21 +194,67 @@ class QuantSettings(_build_class()):
         return out
 
     def to_config(self) -> DiffusionQuantConfig:
-        """The config (raises :class:`~arrow_quant_v2.ConfigurationError` naming a bad field)."""
+        """The config (raises :class:`~arrow_quant_v2.ConfigurationError` naming a bad field in the
+        form's words, including a value typed that could not be used)."""
+        if self.errors:
+            raise ConfigurationError("; ".join(self.errors.values()))
         values = self.values()
         values = {n: tuple(v) if n == "sensitive_layers" else v for n, v in values.items()}
-        return DiffusionQuantConfig(deployment_profile=self.profile, **values)
+        try:
+            return DiffusionQuantConfig(deployment_profile=self.profile, **values)
+        except ConfigurationError as e:
+            raise ConfigurationError(user_words(str(e))) from e
 
     @property
     def label(self) -> str:
-        """Short name for outputs and job rows: the profile, or e.g. ``int4-g32`` when tuned."""
+        """Short name for outputs and job rows, saying what makes this job different: the profile,
+        ``int4-g32`` when only widths were tuned, ``local · 17 MiB`` with a size budget, ``-gguf`` for llama.cpp."""
         changed = {n: v for n, v in self.changed_from_profile().items() if n != RUNTIME_FIELD}
         runtime = "-gguf" if getattr(self, RUNTIME_FIELD, None) == "gguf" else ""
+        budget = changed.pop(BUDGET_FIELD, None)
         if not changed:
-            return self.profile + runtime
-        group = {None: "", AUTO: "", 0: "-grow"}.get(self.group_size, f"-g{self.group_size}")
-        tuned = f"int{self.bit_width}{group}" if set(changed) <= {"bit_width", "group_size"} else f"{self.profile}-custom"
-        return tuned + runtime
+            base = self.profile
+        elif set(changed) <= {"bit_width", "group_size"}:
+            group = {None: "", AUTO: "", 0: "-grow"}.get(self.group_size, f"-g{self.group_size}")
+            base = f"int{self.bit_width}{group}"
+        else:
+            base = f"{self.profile} · " + ", ".join(f"{_short(n)} {_fmt_value(v)}" for n, v in sorted(changed.items())[:2]) \
+                + (" …" if len(changed) > 2 else "")
+        base += runtime
+        return base if budget is None else f"{base} · {budget:g} MiB"
+
+
+def _short(name: str) -> str:
+    return {"min_accuracy": "min cos", "enable_time_aware": "time-aware", "protect_embeddings": "protect emb",
+            "num_time_groups": "levels", "lossless_below": "lossless <", "sensitive_bits": "sensitive int"}.get(
+        name, name.replace("_", " "))
+
+
+def _fmt_value(v) -> str:
+    return "on" if v is True else "off" if v is False else "auto" if v is None else f"{v:g}" \
+        if isinstance(v, float) else str(v)
+
+
+def _number_problem(p: param.Parameter, text: str) -> Optional[str]:
+    """Why ``text`` cannot be the value of numeric parameter ``p`` (bounds from the config's field
+    specs), or None if it can."""
+    raw = (text or "").strip()
+    if raw == "":
+        return None if p.allow_None else "needs a value"
+    try:
+        value = float(raw)
+    except ValueError:
+        return f"“{raw}” is not a number"
+    if not math.isfinite(value):
+        return f"“{raw}” is not a finite number"
+    if isinstance(p, param.Integer) and not value.is_integer():
+        return f"“{raw}” is not a whole number"
+    lo, hi = p.bounds or (None, None)
+    if lo is not None and value < lo:
+        return f"must be at least {lo:g}" + (" (a size above zero)" if lo > 0 and lo < 1 else "") + f"; got {raw}"
+    if hi is not None and value > hi:
+        return f"must be at most {hi:g}; got {raw}"
+    return None
 
 
 # ----------------------------------------------------------------------------- size budget
@@ -184,6 +273,16 @@ def range_key(model_path, config: DiffusionQuantConfig) -> tuple:
 def cached_size_range(model_path, config: DiffusionQuantConfig) -> Optional[dict]:
     """The range :func:`size_range_async` found for this model and config, or None."""
     return _RANGES.get(range_key(model_path, config))
+
+
+def size_range_now(model_path, config: DiffusionQuantConfig) -> dict:
+    """:func:`arrow_quant_v2.budget.size_range`, blocking, cached like :func:`size_range_async`."""
+    key = range_key(model_path, config)
+    if key not in _RANGES:
+        from ..budget import size_range
+
+        _RANGES[key] = size_range(model_path, config)
+    return _RANGES[key]
 
 
 async def size_range_async(model_path, config: DiffusionQuantConfig) -> dict:
@@ -214,8 +313,9 @@ class ReachableSizes(param.Parameterized):
         self._task: Optional[asyncio.Task] = None
 
     def request(self, source: Optional[Tuple[Any, DiffusionQuantConfig]], why: str = "",
-                run: Optional[Callable] = None) -> None:
-        """Show the range for ``source`` = ``(model path, config)``, or ``why`` there is none."""
+                run: Optional[Callable] = None, wait: bool = False) -> None:
+        """Show the range for ``source`` = ``(model path, config)``, or ``why`` there is none;
+        ``wait`` computes it now, blocking (a notebook cell, whose output is saved as it returns)."""
         self._seq += 1
         if source is None:
             self.param.update(value=None, reason=why, computing=False)
@@ -224,10 +324,17 @@ class ReachableSizes(param.Parameterized):
         if cached is not None:
             self.param.update(value=cached, reason="", computing=False)
             return
+        if wait:
+            try:
+                self.param.update(value=size_range_now(*source), reason="", computing=False)
+            except Exception as err:  # noqa: BLE001 - e.g. an unsupported model: say so, the job says more
+                self.param.update(value=None, reason=f"reachable sizes unknown: {err}", computing=False)
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop here (e.g. built outside a session): nothing to compute on
-            self.param.update(value=None, reason="reachable sizes: shown in the app", computing=False)
+            self.param.update(value=None, computing=False, reason="reachable sizes not computed here (no event loop): "
+                              "arrow_quant_v2.budget.size_range(model, config) gives them")
             return
         self.param.update(value=None, reason="computing the reachable sizes…", computing=True)
         work = partial(self._compute, self._seq, *source)
@@ -265,5 +372,5 @@ def check_target(target: Optional[float], r: Optional[dict], model: str = "the m
         return
     if not r["min_mb"] <= target <= r["max_mb"] * 1.01:
         raise ConfigurationError(
-            f"target_model_size_mb={target!r} cannot be reached for {model}: "
-            f"allowed: {r['min_mb']:.3f} to {r['max_mb']:.3f} MiB")
+            f"Size budget {target:g} MiB cannot be reached for {model}: "
+            f"reachable sizes are {r['min_mb']:.3f} to {r['max_mb']:.3f} MiB")
