@@ -1,10 +1,13 @@
-"""How fast the app comes up and draws a big heatmap.
+"""How fast the app comes up, how often progress reaches the page, and how fast it draws a big heatmap.
 
-    python benchmarks/bench_app.py [--skip-serve] [--tensors 600]
+    python benchmarks/bench_app.py [--skip-serve] [--skip-progress] [--tensors 600] [--out benchmarks/results/app.json]
 
-Prints:
+Prints, and writes as JSON (commit, machine, versions, load average, raw numbers, repeats):
 * the time from starting ``panel serve app`` to an interactive page in Chromium
   (the "Start quantizing" button visible), and to the server's first HTTP answer;
+* how many times a second each of two side-by-side jobs' progress bars changes in the
+  browser (sampled every 10 ms, ``--repeats`` windows of 1.5 s, median and all values):
+  a speed, so it is measured here and not asserted by the browser tests;
 * the time to build and render the per-layer heatmap of a synthetic 600-tensor validation
   report, for a transformer (block × module) and for a non-transformer (layer × metric):
   table layout (pandas), HoloViews element, Bokeh model (Python side), and in the browser
@@ -59,6 +62,9 @@ def synthetic_report(n: int, transformer: bool = True, seed: int = 0) -> dict:
     return {"per_layer": per_layer}
 
 
+RESULTS: dict = {}
+
+
 def bench_heatmap(n: int, transformer: bool, browser) -> None:
     import holoviews as hv
     import panel as pn
@@ -96,6 +102,9 @@ def bench_heatmap(n: int, transformer: bool, browser) -> None:
         t5 = time.perf_counter()
         page.close()
     print(f"  browser: load + draw   {1000 * (t5 - t4):8.1f} ms  (standalone page, inline resources)")
+    RESULTS.setdefault("heatmap", []).append(
+        {"tensors": n, "layout": layout, "cells": len(cells), "tables_ms": 1000 * (t1 - t0),
+         "holoviews_ms": 1000 * (t2 - t1), "bokeh_ms": 1000 * (t3 - t2), "browser_ms": 1000 * (t5 - t4)})
 
 
 def free_port() -> int:
@@ -136,10 +145,71 @@ def bench_serve(browser) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+    RESULTS["serve"] = {"first_http_s": t1 - t0, "interactive_s": t2 - t0, "second_page_s": t4 - t3}
     print("panel serve app:")
     print(f"  start -> first HTTP answer      {t1 - t0:6.2f} s")
     print(f"  start -> interactive page       {t2 - t0:6.2f} s  (first session: imports, Start button visible)")
     print(f"  second page load -> interactive {t4 - t3:6.2f} s")
+
+
+#: Two jobs of this model run for long enough to sample their progress (about 40M parameters).
+PROGRESS_MODEL = dict(hidden=768, intermediate=2048, layers=8, heads=8, kv_heads=2, vocab=8000, seed=1)
+
+
+def bench_progress(browser, repeats: int) -> None:
+    """Two jobs side by side in one page: how often each progress bar changes, per 1.5-s window."""
+    from arrow_quant_v2.samples import generate_dream
+
+    tmp = Path(tempfile.mkdtemp(prefix="aq-bench-progress-"))
+    generate_dream(tmp / "models" / "bench-lm", **PROGRESS_MODEL)
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), ARROW_QUANT_OUTPUT_ROOT=str(tmp / "out"),
+               ARROW_QUANT_MODEL_ROOTS=str(tmp / "models"), ARROW_QUANT_PREPARE_SAMPLES="0")
+    proc = subprocess.Popen([sys.executable, "-m", "panel", "serve", "app", "--port", str(port), "--address", "127.0.0.1"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rates = []
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        for _ in range(600):
+            try:
+                page.goto(f"http://127.0.0.1:{port}/app")
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                time.sleep(0.2)
+        page.get_by_role("button", name="Start quantizing").wait_for(timeout=120_000)
+        select = page.locator(".aq-model select")
+        label = next(t for t in select.evaluate("e => Array.from(e.options).map(o => o.text)") if t.startswith("bench-lm"))
+        select.select_option(label=label)
+        for profile, job in (("edge", 1), ("local", 2)):
+            page.get_by_role("button", name=profile, exact=True).click()
+            page.get_by_role("button", name="Start quantizing").click()
+            page.locator(f".aq-progress-{job} progress").wait_for(timeout=60_000)
+        page.wait_for_function("() => [1, 2].every(j => (document.querySelector(`.aq-progress-${j} progress`) || {}).value > 20)",
+                               timeout=300_000)
+        handles = [page.locator(f".aq-progress-{j} progress").element_handle() for j in (1, 2)]
+        for _ in range(repeats):
+            counts = page.evaluate(
+                """([els, ms]) => Promise.all(els.map(e => new Promise(done => {
+                     let n = 0, last = e.value; const t0 = performance.now();
+                     const id = setInterval(() => {
+                       if (e.value !== last) { n++; last = e.value; }
+                       if (performance.now() - t0 > ms) { clearInterval(id); done(n); }
+                     }, 10);
+                   })))""", [handles, 1500])
+            rates.append([n / 1.5 for n in counts])
+        page.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    per_job = [sorted(r[i] for r in rates) for i in (0, 1)]
+    medians = [v[len(v) // 2] for v in per_job]
+    RESULTS["progress_updates_per_s"] = {"windows_s": 1.5, "repeats": repeats, "raw": rates, "median": medians,
+                                         "model_params": "bench-lm " + json_safe(PROGRESS_MODEL)}
+    print(f"progress updates reaching the page (median of {repeats} windows): {medians[0]:.1f}/s and {medians[1]:.1f}/s")
+
+
+def json_safe(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items())
 
 
 def main() -> None:
@@ -147,6 +217,9 @@ def main() -> None:
     ap.add_argument("--tensors", type=int, default=600)
     ap.add_argument("--skip-serve", action="store_true")
     ap.add_argument("--no-browser", action="store_true")
+    ap.add_argument("--skip-progress", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5, help="1.5-s windows of progress updates to sample")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "app.json"))
     args = ap.parse_args()
     browser = pw = None
     if not args.no_browser and Path(CHROMIUM).exists():
@@ -157,12 +230,31 @@ def main() -> None:
     try:
         if not args.skip_serve and browser is not None:
             bench_serve(browser)
+        if not args.skip_progress and browser is not None:
+            bench_progress(browser, args.repeats)
         bench_heatmap(args.tensors, True, browser)
         bench_heatmap(args.tensors, False, browser)
     finally:
         if browser is not None:
             browser.close()
             pw.stop()
+    write_results(args.out)
+
+
+def write_results(out: str) -> None:
+    import json
+    import platform
+    from importlib.metadata import version
+
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    report = {"benchmark": "bench_app", "commit": commit, "machine": platform.machine(), "cpus": os.cpu_count(),
+              "python": platform.python_version(), "panel": version("panel"), "bokeh": version("bokeh"),
+              "holoviews": version("holoviews"), "loadavg": os.getloadavg(),
+              "statistic": "one run each for start-up and heatmap times; progress updates: median of the windows",
+              **RESULTS}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

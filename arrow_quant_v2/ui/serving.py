@@ -34,11 +34,22 @@ ALLOW_REMOTE_ENV = "ARROW_QUANT_ALLOW_REMOTE"
 PREPARE_SAMPLES_ENV = "ARROW_QUANT_PREPARE_SAMPLES"
 TITLE = "ArrowQuant V2"
 
+#: Below NARROW_PX the launcher leaves the side and becomes a scrollable strip above the tabs (the
+#: header's toggle still folds it away), so the tabs get the whole window width.
+NARROW_PX = 1100
 PAGE_CSS = """
 body { background: #f5f7fa; }
 #header { background: #1e293b !important; }
 .aq-sub { color: #cbd5e1; font-size: 13px; margin-left: 12px; }
-"""
+#main { min-width: 0; }
+@media (max-width: %dpx) {
+  #content { flex-direction: column; flex-wrap: nowrap; }
+  #sidebar { max-width: none !important; width: 100%% !important; height: auto !important; max-height: 42vh;
+             border-right: none; border-bottom: 1px solid #cbd5e1; }
+  #main { height: auto !important; flex: 1 1 auto; }
+  .aq-sub { display: none; }
+}
+""" % NARROW_PX
 
 _prepare_lock = threading.Lock()
 _prepare_started = False

@@ -30,6 +30,8 @@ MEDIUM = dict(hidden=1024, intermediate=2816, layers=12, heads=8, kv_heads=2, vo
 BAD_LOG = re.compile(r"Traceback|\bERROR\b|Exception in callback|error handling message")
 #: A browser tab closed while the server was writing to it: tornado logs the closed socket, nothing failed.
 CLOSED_SOCKET = re.compile(r"^tornado\.websocket\.WebSocketClosedError|^tornado\.iostream\.StreamClosedError")
+#: The last frame of Bokeh's traceback when a message arrives for a tab that has just closed.
+SESSION_GONE = 'bokeh/server/connection.py", line 65, in session'
 #: Seconds a page may take to show what the server changed (generous: the suite must pass on a
 #: loaded 2-core machine; a condition met sooner returns at once).
 PAGE_WAIT = 60
@@ -67,10 +69,47 @@ def select_model(page, prefix: str) -> str:
     return label
 
 
-def start(page, profile: str) -> None:
+def choose_profile(page, profile: str) -> None:
+    """Click a profile and wait until the server has loaded it (the planned output name says it)."""
     page.get_by_role("button", name=profile, exact=True).click()
-    time.sleep(0.3)
+    wait_until(lambda: re.search(f"-{profile}(-\\d+)?$", page.locator("code").first.inner_text().strip()), PAGE_WAIT,
+               what=f"the {profile} profile in the form")
+
+
+def start(page, profile: str) -> None:
+    choose_profile(page, profile)
     page.get_by_role("button", name=re.compile("Start quantizing")).click()
+
+
+def heatmap_data(page) -> dict:
+    """What the page's Bokeh heatmaps hold: the tensor names of their cells, the colour values and each
+    colour mapper's range (read from BokehJS's document, so it checks what is drawn, not the server)."""
+    return page.evaluate("""() => {
+        const out = {names: [], values: [], mappers: []};
+        for (const doc of Bokeh.documents) {
+          for (const m of doc.all_models) {
+            const kind = m.constructor.__name__ || m.constructor.name;
+            if (kind === 'ColumnDataSource' && m.data.name && m.data.value && m.data.cosine) {
+              // a grid cell with no tensor (HoloViews fills the grid) has no name and a NaN value
+              const names = Array.from(m.data.name), values = Array.from(m.data.value);
+              names.forEach((n, i) => {
+                if (typeof n === 'string' && n && typeof values[i] === 'number' && isFinite(values[i])) {
+                  out.names.push(n); out.values.push(values[i]);
+                }
+              });
+            }
+            if (kind === 'LinearColorMapper') out.mappers.push([m.low, m.high]);
+          }
+        }
+        return out;
+    }""")
+
+
+def no_sideways_scroll(page) -> bool:
+    """The main area fits the window: nothing is cut off or needs a horizontal scroll bar."""
+    return page.evaluate("() => { const m = document.querySelector('#main'); "
+                         "return m.scrollWidth <= m.clientWidth + 2 && document.documentElement.scrollWidth "
+                         "<= window.innerWidth + 2; }")
 
 
 def tab(page, name: str):
@@ -106,10 +145,14 @@ class Server:
         return self.log.read_text(errors="replace")
 
     def problems(self):
-        """Lines that mean something went wrong, but not the traceback of a tab closed mid-write."""
+        """Lines that mean something went wrong, but not the traceback of a tab closed mid-write
+        (tornado's closed socket, or Bokeh finding the closed tab's session gone)."""
         lines, out = self.log_text().splitlines(), []
         for i, line in enumerate(lines):
             if not BAD_LOG.search(line):
+                continue
+            if any(SESSION_GONE in later for later in lines[i:i + 14]) and not any(
+                    BAD_LOG.search(x) and not x.startswith(("Traceback", "During")) for x in lines[i + 1:i + 14]):
                 continue
             if line.startswith("Traceback"):
                 end = next((lines[j] for j in range(i + 1, len(lines)) if lines[j] and not lines[j][0].isspace()
@@ -145,7 +188,9 @@ def start_server(tmp: Path, model_root: Path, extra_env=None) -> Server:
         if proc.poll() is not None:
             raise RuntimeError(f"panel serve exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2):
+            # a static file: answered without building a page (a page request that times out and is
+            # asked again would leave the server building pages for nobody)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/js/bokeh.min.js", timeout=10):
                 break
         except OSError:
             time.sleep(0.2)
@@ -218,9 +263,12 @@ def open_page(browser, server):
 
     def _open(width=1440, height=1000):
         ctx = browser.new_context(viewport={"width": width, "height": height})
+        # a page served while two jobs load both cores can take a while: wait for it, not a fixed 30 s
+        ctx.set_default_navigation_timeout(SERVER_START_S * 1000)
+        ctx.set_default_timeout(PAGE_WAIT * 1000)
         w = Watched(ctx.new_page())
         w.page.goto(server.url)
-        w.page.wait_for_selector("text=Start quantizing", timeout=60_000)
+        w.page.wait_for_selector("text=Start quantizing", timeout=SERVER_START_S * 1000)
         pages.append((ctx, w))
         return w
 

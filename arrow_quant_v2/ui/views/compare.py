@@ -111,11 +111,16 @@ class CompareView(Viewer):
 
     def __panel__(self):
         return pn.Column(
-            pn.Row(pn.widgets.Select.from_param(self.param.a, width=320, css_classes=["aq-compare-a"]),
-                   pn.widgets.Select.from_param(self.param.b, width=320, css_classes=["aq-compare-b"])),
+            pn.FlexBox(pn.widgets.Select.from_param(self.param.a, min_width=220, max_width=320, sizing_mode="stretch_width",
+                                                    css_classes=["aq-compare-a"]),
+                       pn.widgets.Select.from_param(self.param.b, min_width=220, max_width=320, sizing_mode="stretch_width",
+                                                    css_classes=["aq-compare-b"]),
+                       flex_wrap="wrap", sizing_mode="stretch_width"),
             self._msg,
-            pn.Row(pn.Column(self._table, width=560), self._scatter, sizing_mode="stretch_width"),
-            self._diff,
+            # the table and the chart side by side, the chart under the table in a narrow window
+            pn.FlexBox(pn.Column(self._table, min_width=300, max_width=560, sizing_mode="stretch_width"), self._scatter,
+                       flex_wrap="wrap", sizing_mode="stretch_width"),
+            pn.Column(self._diff, scroll=True, sizing_mode="stretch_width", max_height=900, css_classes=["aq-diff-view"]),
             sizing_mode="stretch_width",
         )
 

@@ -10,6 +10,7 @@ from panel.viewable import Viewer
 from ..jobs import Job, JobManager, shared_manager
 from .compare import CompareView
 from .exports import GGUFCheckForm
+from .html import in_served_page
 from .jobs import JobBoard
 from .launcher import Launcher
 from .library import LibraryView
@@ -30,9 +31,12 @@ class Dashboard(Viewer):
         self.library_view = LibraryView(library=self.manager.library)
         self.launcher = Launcher(manager=self.manager)
         self.board = JobBoard(manager=self.manager, on_open=self.open_quality)
-        self.quality = QualityView(manager=self.manager, live=False)
+        # a served page draws a tab when it is shown; a notebook draws every tab now, so the saved
+        # notebook and any static export show them filled (nothing will switch tabs for them later)
+        self._lazy_tabs = in_served_page()
+        self.quality = QualityView(manager=self.manager, live=not self._lazy_tabs)
         self.gguf_check = GGUFCheckForm(manager=self.manager, on_started=lambda job: setattr(self.tabs, "active", 0))
-        self.compare = CompareView(manager=self.manager, live=False)
+        self.compare = CompareView(manager=self.manager, live=not self._lazy_tabs)
         self.tabs = pn.Tabs(
             ("Jobs", self.board), ("Quality", pn.Column(self.gguf_check, self.quality, sizing_mode="stretch_width")),
             ("Compare", self.compare), ("Models", self.library_view),
@@ -42,8 +46,9 @@ class Dashboard(Viewer):
         self.tabs.param.watch(self._on_tab, "active")
 
     def _on_tab(self, *_):
-        self.quality.live = self.tabs.active == 1
-        self.compare.live = self.tabs.active == 2
+        if self._lazy_tabs:
+            self.quality.live = self.tabs.active == 1
+            self.compare.live = self.tabs.active == 2
 
     def _on_jobs_changed(self, *_):
         self.quality.refresh_options()

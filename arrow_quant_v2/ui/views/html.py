@@ -1,7 +1,7 @@
 """What every view shares: the stylesheet, small HTML builders, session helpers (no state here)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import pandas as pd
 import panel as pn
@@ -37,6 +37,7 @@ CSS = """
 table.aq-table { border-collapse: collapse; font-size: 12px; width: 100%; }
 table.aq-table th { text-align: left; color: #475569; font-weight: 600; border-bottom: 1px solid #cbd5e1; padding: 3px 6px; }
 table.aq-table td { border-bottom: 1px solid #f1f5f9; padding: 3px 6px; white-space: nowrap; }
+table.aq-table td.aq-wrap { white-space: normal; overflow-wrap: anywhere; min-width: 12em; }
 table.aq-table th { white-space: nowrap; }
 .aq-scroll { overflow-x: auto; max-width: 100%; }
 .aq-section { font-weight: 600; font-size: 13px; color: #1a202c; margin: 10px 0 4px 0; }
@@ -48,11 +49,15 @@ def html(text: str = "", **kw) -> pn.pane.HTML:
     return pn.pane.HTML(text, stylesheets=[CSS], **kw)
 
 
-def table(df: pd.DataFrame, empty: str = "none") -> str:
+def table(df: pd.DataFrame, empty: str = "none", wrap: Sequence[str] = ()) -> str:
+    """An HTML table that scrolls sideways in a narrow window; the ``wrap`` columns (long paths,
+    reasons) break their lines instead of widening it."""
     if df is None or df.empty:
         return f"<span class='aq-muted'>{fmt.esc(empty)}</span>"
     head = "".join(f"<th>{fmt.esc(c)}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{fmt.esc(v)}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False))
+    cls = ["aq-wrap" if c in wrap else "" for c in df.columns]
+    body = "".join("<tr>" + "".join(f"<td class='{k}'>{fmt.esc(v)}</td>" for k, v in zip(cls, row)) + "</tr>"
+                   for row in df.itertuples(index=False))
     return f"<div class='aq-scroll'><table class='aq-table'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
@@ -61,16 +66,22 @@ def badge(status: str) -> str:
 
 
 def budget_text(budget: Optional[dict]) -> str:
-    """A result's size budget in one line: ``budget 2.41 / 2.50 MiB ✓ met`` (empty without one)."""
+    """A result's size budget in one line: ``budget 2.41 / 2.50 MiB ✓ met``, ``… ✗ over by 3.2 %``
+    (empty without one)."""
     if not budget or budget.get("target_mb") is None:
         return ""
     measured, target = budget.get("measured_mb"), budget["target_mb"]
-    met = budget.get("met")
-    mark = "" if met is None else (" <span style='color:#2f855a'>✓ met</span>" if met
-                                   else " <span style='color:#c53030'>✗ over</span>")
+    met, words = fmt.budget_verdict(measured, target)
+    mark = "" if met is None else f" <span style='color:{'#2f855a' if met else '#c53030'}'>{fmt.esc(words)}</span>"
     got = f"{measured:.2f}" if measured is not None else "?"
     note = f" <span class='aq-muted'>({fmt.esc(budget['note'])})</span>" if budget.get("note") else ""
     return f"<span class='aq-kv aq-budget-result'>budget <b>{got} / {target:.2f} MiB</b>{mark}</span>{note}"
+
+
+def in_served_page() -> bool:
+    """This code runs for a page ``panel serve`` serves (not a notebook, not a static export)."""
+    doc = pn.state.curdoc
+    return doc is not None and getattr(doc, "session_context", None) is not None
 
 
 def in_session() -> bool:

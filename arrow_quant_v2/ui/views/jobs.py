@@ -10,6 +10,7 @@ import panel as pn
 import param
 from panel.viewable import Viewer
 
+from ...progress import STAGE_LABELS
 from .. import format as fmt
 from ..jobs import Job, JobManager
 from .exports import ExportPanel, can_export
@@ -58,7 +59,7 @@ class JobRow(Viewer):
         self._sync_ship()
         active = j.active
         eta = j.eta
-        key = (j.status, j.stage, round(j.fraction, 4), j.tensor, j.message, j.error, bool(j.result), bool(j.report),
+        key = (j.status, j.stage, round(j.fraction, 4), round(j.stage_fraction, 3), j.tensor, j.message, j.error, bool(j.result), bool(j.report),
                int((j.elapsed or 0) * 2) if active else None, None if eta is None else int(eta))
         if key == self._last:
             return
@@ -70,14 +71,17 @@ class JobRow(Viewer):
         self._bar.value = int(round(j.fraction * 1000))
         self._bar.bar_color = BAR_COLORS.get(j.status, "primary")
         self._bar.visible = not j.from_disk
-        pct = f"{j.fraction * 100:.0f}%"
         if active:
-            counts = f" [{j.tensors_done}/{j.tensors_total}]" if j.tensors_total else ""
-            tensor = f" · <span class='aq-tensor'>{fmt.esc(j.tensor)}</span>{counts}" if j.tensor else f" · {fmt.esc(j.message)}"
+            stage = STAGE_LABELS.get(j.stage, j.stage or j.status)
+            pct = f"{j.stage_fraction * 100:.0f}%"
+            counts = f" [{j.tensors_done}/{j.tensors_total}]" if j.tensors_total and j.stage != "end-to-end" else ""
+            now = (f" · <span class='aq-tensor'>{fmt.esc(j.tensor)}</span>{counts}"
+                   if j.tensor and j.stage != "end-to-end" else f" · {fmt.esc(j.message)}")
+            # no ETA until the stage has a rate: a guess from the first event would be wrong by hours
+            eta_text = f"<span class='aq-kv'>ETA <b>{fmt.duration(eta)}</b></span>" if eta is not None else ""
             self._line.object = (
-                f"<span class='aq-kv'><b>{fmt.esc(j.stage or j.status)}</b> {pct}</span>"
-                f"<span class='aq-kv'>elapsed <b>{fmt.duration(j.elapsed)}</b></span>"
-                f"<span class='aq-kv'>ETA <b>{fmt.duration(eta)}</b></span>{tensor}"
+                f"<span class='aq-kv aq-stage'><b>{fmt.esc(stage)}</b> {pct}</span>"
+                f"<span class='aq-kv'>elapsed <b>{fmt.duration(j.elapsed)}</b></span>{eta_text}{now}"
             )
         elif j.status == "done" and j.from_disk:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(j.created))
@@ -133,9 +137,14 @@ class JobBoard(Viewer):
         super().__init__(**params)
         self._on_open = on_open
         self._rows: Dict[int, JobRow] = {}
-        self._column = pn.Column(sizing_mode="stretch_width", margin=0)
-        self._empty = html("<div class='aq-muted' style='padding:12px'>No jobs yet: pick a model and a profile, "
-                            "then <b>Start</b>. Start more while they run.</div>")
+        self._empty = html("<div class='aq-empty' style='padding:16px'><div class='aq-title'>No jobs yet</div>"
+                           "<div class='aq-muted' style='font-size:13px;margin-top:4px'>Pick a model in <b>New job</b>, "
+                           "choose a profile (edge = int2, local = int4, cloud = int8) or a size budget, then press "
+                           "<b>▶ Start quantizing</b>. Jobs run side by side: start more while they run. A finished "
+                           "job's per-layer quality opens from its <b>Quality ▸</b> button.</div></div>",
+                           sizing_mode="stretch_width")
+        # before the first job the board says what to do, rather than showing nothing
+        self._column = pn.Column(self._empty, sizing_mode="stretch_width", margin=0)
         self._statuses: tuple = ()
         self._cb = None
         self.sync()

@@ -1,7 +1,7 @@
 """The launcher: pick a model and a profile (or tune the config), see the reachable sizes, start a job."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import panel as pn
 import param
@@ -13,14 +13,14 @@ from ..jobs import Job, JobManager
 from ..settings import (AUTO, BUDGET_FIELD, RUNTIME_FIELD, QuantSettings, ReachableSizes, cached_size_range,
                         check_target, describe_range)
 from .compute import ComputeChoice
-from .html import html, watch_shared
+from .html import html, in_served_page, watch_shared
 
 
 def config_form(obj: param.Parameterized, names: List[str]) -> pn.Column:
     """A form for generated config parameters, one widget per parameter, made from it.
 
-    Numbers get numeric inputs (they may be None, and their bounds can be huge: a slider
-    would be useless), short choice lists get labelled button groups, None reads "auto".
+    Numbers get text boxes checked as typed (:func:`number_input`; their bounds can be huge:
+    a slider would be useless), short choice lists get labelled button groups, None reads "auto".
     Each widget carries the field's doc as its tooltip and the field name as a CSS class.
     """
     rows = []
@@ -28,16 +28,10 @@ def config_form(obj: param.Parameterized, names: List[str]) -> pn.Column:
         p = obj.param[n]
         css = [f"aq-field-{n}"]
         desc = p.doc or None
-        lo, hi = getattr(p, "bounds", None) or (None, None)
         if isinstance(p, param.Boolean):
             w = pn.widgets.Checkbox.from_param(p, css_classes=css)
-        elif isinstance(p, param.Integer):
-            w = pn.widgets.IntInput.from_param(p, start=lo, end=hi, description=desc, css_classes=css,
-                                               placeholder="auto" if p.allow_None else "")
-        elif isinstance(p, param.Number):
-            w = pn.widgets.FloatInput.from_param(p, start=lo, end=hi, step=0.001 if hi is not None and hi <= 1 else 1.0,
-                                                 description=desc, css_classes=css,
-                                                 placeholder="auto" if p.allow_None else "")
+        elif isinstance(p, param.Number):  # Integer too: typed text, checked by the settings, refused inline
+            w = number_input(obj, n)
         elif isinstance(p, param.Selector) and len(p.objects) <= 5 and None not in p.objects:
             w = pn.Column(
                 html(f"<div class='aq-muted' title='{fmt.esc(desc or '')}'>{fmt.esc(p.label)}</div>", margin=(4, 5, 0, 5)),
@@ -51,6 +45,45 @@ def config_form(obj: param.Parameterized, names: List[str]) -> pn.Column:
             w.sizing_mode = "stretch_width"
         rows.append(w)
     return pn.Column(*rows, sizing_mode="stretch_width", margin=0)
+
+
+def _as_text(value) -> str:
+    return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def number_input(settings: QuantSettings, name: str, *, label: Optional[str] = None, placeholder: Optional[str] = None,
+                 css: Sequence[str] = ()) -> pn.Column:
+    """A text box for a numeric setting, checked on every keystroke by :meth:`QuantSettings.set_text`,
+    with the reason it cannot be used right under it (and the value unchanged until it can)."""
+    p = settings.param[name]
+    box = pn.widgets.TextInput(name=label or p.label, value=_as_text(getattr(settings, name)),
+                               placeholder=placeholder if placeholder is not None else "auto" if p.allow_None else "",
+                               description=p.doc or None, css_classes=[f"aq-field-{name}", *css],
+                               sizing_mode="stretch_width")
+    why = html("", css_classes=["aq-field-error"], margin=(0, 5), visible=False)
+
+    def typed(event):
+        settings.set_text(name, event.new)
+
+    def shown(*_):
+        problem = settings.errors.get(name)
+        why.object = f"<div class='aq-error'>{fmt.esc(problem)}</div>" if problem else ""
+        why.visible = bool(problem)
+        value = getattr(settings, name)
+        typed_now = box.value_input if box.value_input is not None else box.value
+        if not problem and _parsed(typed_now) != value:
+            box.value = _as_text(value)  # set elsewhere (a profile): show it, but never rewrite "1." while typed
+
+    box.param.watch(typed, "value_input")
+    settings.param.watch(shown, [name, "errors"])
+    return pn.Column(box, why, margin=0, sizing_mode="stretch_width")
+
+
+def _parsed(text):
+    try:
+        return float(text) if (text or "").strip() else None
+    except ValueError:
+        return object()  # never equal to a value
 
 
 class Launcher(Viewer):
@@ -73,6 +106,10 @@ class Launcher(Viewer):
         self._range = html(sizing_mode="stretch_width", margin=(0, 5), css_classes=["aq-budget-range"])
         self.sizes = ReachableSizes()
         self.sizes.param.watch(self._show_range, ["value", "reason"])
+        self._blocked = html(sizing_mode="stretch_width", css_classes=["aq-start-blocked"], margin=(0, 5))
+        self.param.watch(self._update_start, "model")
+        self.settings.param.watch(self._update_start, ["errors", BUDGET_FIELD])
+        self.sizes.param.watch(self._update_start, "value")
         watch_shared(self.manager.library, self._update_models, "models")
         self._update_models()
         self.param.watch(self._update_info, "model")
@@ -81,6 +118,24 @@ class Launcher(Viewer):
         self.settings.param.watch(self._update_range, [n for n in self.settings.param if n != "name"])
         self._update_info()
         self._update_range()
+        self._update_start()
+
+    def form_problem(self) -> Optional[str]:
+        """Why Start cannot run now (a mistyped field, an unreachable budget, no model), or None."""
+        if self.model is None:
+            return "Pick a model first."
+        if self.settings.errors:
+            return "Fix first: " + "; ".join(self.settings.errors.values())
+        try:
+            check_target(self.settings.target_model_size_mb, self.sizes.value, self.model)
+        except ArrowQuantError:
+            return "Start waits for a size budget within the reachable sizes (above)."
+        return None
+
+    def _update_start(self, *_):
+        problem = self.form_problem()
+        self._start.disabled = problem is not None
+        self._blocked.object = f"<div class='aq-error'>{fmt.esc(problem)}</div>" if problem else ""
 
     def _update_models(self, *_):
         entries = [e for e in self.manager.library.models if not e.error]
@@ -149,10 +204,10 @@ class Launcher(Viewer):
             self._show_range()
             return
         src, why = self._range_source()
-        doc = pn.state.curdoc
-        in_served_page = doc is not None and getattr(doc, "session_context", None) is not None
-        # in a served page Panel runs the work with this session's document, so the result is pushed
-        self.sizes.request(src, why, run=pn.state.execute if in_served_page else None)
+        if in_served_page():  # Panel runs the work with this session's document, so the result is pushed
+            self.sizes.request(src, why, run=pn.state.execute)
+        else:  # a notebook: computed before the cell returns, so a saved or exported page shows it
+            self.sizes.request(src, why, wait=True)
 
     def _on_start(self, _=None) -> Optional[Job]:
         self._alert.visible = False
@@ -199,15 +254,13 @@ class Launcher(Viewer):
             pn.widgets.RadioButtonGroup.from_param(s.param.profile, button_type="primary", button_style="outline",
                                                    sizing_mode="stretch_width", name=""),
             *self._runtime_choice(),
-            pn.widgets.FloatInput.from_param(s.param[BUDGET_FIELD], name="Size budget (MiB, optional)", start=0.001,
-                                             step=1.0, placeholder="none: the profile's widths",
-                                             description=s.param[BUDGET_FIELD].doc, sizing_mode="stretch_width",
-                                             css_classes=["aq-budget"]),
+            number_input(s, BUDGET_FIELD, label="Size budget (MiB, optional)", placeholder="none: the profile's widths",
+                         css=["aq-budget"]),
             self._range,
             pn.Card(main, title="Tune the config", collapsed=True, sizing_mode="stretch_width", margin=(5, 5)),
             advanced,
             ComputeChoice(place=self.manager.compute),
-            self._start, self._alert, self._note,
+            self._start, self._blocked, self._alert, self._note,
             sizing_mode="stretch_width",
         )
 

@@ -8,7 +8,7 @@ from panel.viewable import Viewer
 
 from ...errors import ArrowQuantError
 from .. import format as fmt
-from ..library import ModelLibrary
+from ..library import HOW_TO_ADD_A_ROOT, WHERE_MODELS_COME_FROM, ModelLibrary
 from ..roots import PathNotAllowed
 from .html import html, table, watch_shared
 
@@ -23,11 +23,12 @@ class LibraryView(Viewer):
         super().__init__(**params)
         self._table = html(sizing_mode="stretch_width")
         self._alert = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width")
+        self._notice = pn.pane.Alert("", alert_type="success", visible=False, sizing_mode="stretch_width")
         self._add = pn.widgets.Button(name="Add", button_type="primary", width=80, align="end")
         self._refresh = pn.widgets.Button(name="Rescan", width=90, align="end")
         self._add.on_click(self._on_add)
         self._refresh.on_click(self._on_rescan)
-        watch_shared(self.library, self._render, ["models", "message"])
+        watch_shared(self.library, self._render, ["models", "message", "notice"])
         self._render()
 
     def _render(self, *_):
@@ -39,11 +40,17 @@ class LibraryView(Viewer):
                 "size on disk": fmt.human_bytes(e.size_bytes), "shards": e.shards if e.shards is not None else "—",
                 "modality": e.modality or "—", "path / note": e.error or e.path,
             })
-        roots = ", ".join(str(r) for r in self.library.allowed_roots)
-        self._table.object = table(pd.DataFrame(rows), "no models") + \
-            f"<div class='aq-muted' style='margin-top:6px'>Model roots: {fmt.esc(roots)}</div>"
+        roots = "".join(f"<li><code>{fmt.esc(r)}</code></li>" for r in self.library.roots) or \
+            "<li class='aq-muted'>none configured</li>"
+        self._table.object = (
+            f"<div class='aq-muted aq-where' style='margin-bottom:6px'>{fmt.esc(WHERE_MODELS_COME_FROM)}</div>"
+            + table(pd.DataFrame(rows), "no models", wrap=("path / note",))
+            + f"<div class='aq-section'>Model roots</div><ul style='margin:0 0 4px 0'>{roots}</ul>"
+            f"<div class='aq-muted'>{fmt.esc(HOW_TO_ADD_A_ROOT)}.</div>")
         self._alert.object = self.library.message
         self._alert.visible = bool(self.library.message)
+        self._notice.object = self.library.notice
+        self._notice.visible = bool(self.library.notice) and not self.library.message
 
     async def _on_rescan(self, _):
         await self.library.refresh_async()  # a large model root or hub cache is scanned off the event loop
@@ -60,6 +67,6 @@ class LibraryView(Viewer):
             pn.Row(pn.widgets.TextInput.from_param(self.param.path, placeholder="/models/my-model",
                                                   sizing_mode="stretch_width"), self._add, self._refresh,
                    sizing_mode="stretch_width"),
-            self._alert, sizing_mode="stretch_width",
+            self._alert, self._notice, sizing_mode="stretch_width",
         )
 
