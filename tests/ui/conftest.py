@@ -89,12 +89,14 @@ def heatmap_data(page) -> dict:
         for (const doc of Bokeh.documents) {
           for (const m of doc.all_models) {
             const kind = m.constructor.__name__ || m.constructor.name;
-            if (kind === 'ColumnDataSource' && m.data.name && m.data.value && m.data.cosine) {
+            const data = kind === 'ColumnDataSource' ? (m.data instanceof Map ? Object.fromEntries(m.data) : m.data) : null;
+            if (data && data.name && data.value && data.cosine) {
               // a grid cell with no tensor (HoloViews fills the grid) has no name and a NaN value
-              const names = Array.from(m.data.name), values = Array.from(m.data.value);
+              const names = Array.from(data.name), values = Array.from(data.value);
               names.forEach((n, i) => {
-                if (typeof n === 'string' && n && typeof values[i] === 'number' && isFinite(values[i])) {
-                  out.names.push(n); out.values.push(values[i]);
+                const v = values[i] === null || values[i] === '' ? NaN : Number(values[i]);  // may come as text
+                if (typeof n === 'string' && n && isFinite(v)) {
+                  out.names.push(n); out.values.push(v);
                 }
               });
             }
