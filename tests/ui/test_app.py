@@ -28,8 +28,9 @@ def drawn(page) -> None:
 
 def hover_cell_tooltip(page, fig_index=0) -> str:
     """Move over a few points of a figure until a tooltip with text shows; its text."""
-    fig = page.locator(".bk-Figure").nth(fig_index)
+    fig = page.locator(".bk-Figure:visible").nth(fig_index)  # hidden tabs hold figures too
     expect(fig).to_be_visible(timeout=PAGE_WAIT * 1000)
+    fig.scroll_into_view_if_needed()
     drawn(page)
     box = fig.bounding_box()
     tip = page.locator(".bk-tooltip-content")
@@ -142,7 +143,7 @@ def test_two_jobs_side_by_side_cancel_one_then_quality_and_compare(server, open_
                                and "tiny-dream" in t))
     wait_until(lambda: "tiny-dream" in b.evaluate("e => e.options[e.selectedIndex]?.text || ''"), PAGE_WAIT,
                what="result B of the same model")
-    wait_until(lambda: page.locator(".bk-Figure").count() >= 2, PAGE_WAIT, what="the difference heatmap")
+    wait_until(lambda: page.locator(".bk-Figure:visible").count() >= 2, PAGE_WAIT, what="the difference heatmap")
     tip = hover_cell_tooltip(page, fig_index=1)
     assert "cosine #3" in tip and "cosine #4" in tip, tip
     page.screenshot(path=str(artifacts / "compare.png"), full_page=True)
