@@ -17,6 +17,7 @@ from .errors import (  # noqa: F401
 from .config import DiffusionQuantConfig  # noqa: F401,E402
 from .api import ArrowQuantV2  # noqa: F401,E402
 from .store import load_quantized, QuantizedModel  # noqa: F401,E402
+from . import ggml_types  # noqa: F401,E402 - registers ggml's block types (q8_0, q4_k, ...) with encodings
 
 __all__ = [
     "ArrowQuantV2", "DiffusionQuantConfig", "load_quantized", "QuantizedModel",
