@@ -72,7 +72,8 @@ def select_model(page, prefix: str) -> str:
 def choose_profile(page, profile: str) -> None:
     """Click a profile and wait until the server has loaded it (the planned output name says it)."""
     page.get_by_role("button", name=profile, exact=True).click()
-    wait_until(lambda: re.search(f"-{profile}(-\\d+)?$", page.locator("code").first.inner_text().strip()), PAGE_WAIT,
+    # the output is named <model>-<label>, and the label starts with the profile (edge, local-gguf, cloud · 17 MiB)
+    wait_until(lambda: re.search(f"-{profile}(-|$)", page.locator("code").first.inner_text().strip()), PAGE_WAIT,
                what=f"the {profile} profile in the form")
 
 
