@@ -167,12 +167,39 @@ def render_profiles(results_dir: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n\n" + provenance(r) + "\n"
 
 
+# --------------------------------------------------------------------------- many tiny tensors
+
+def render_many_tensors(results_dir: Path = RESULTS) -> str:
+    after, before = result("many_tensors", results_dir), result("many_tensors_before", results_dir)
+    rows = [("quantize (int4)", "quantize_s", "{:.1f} s"), ("peak RSS while quantizing", "peak_rss_mb", "{:.0f} MiB"),
+            ("open the store", "open_s", "{:.2f} s"), ("dequantize one tensor", "dequantize_one_ms", "{:.1f} ms"),
+            ("store size", "store_bytes", "{:.1f} MB")]
+
+    def cell(r: dict, key: str, fmt: str) -> str:
+        v = r["median"][key]
+        return fmt.format(v / 1e6 if key == "store_bytes" else v)
+
+    def load(r: dict) -> str:
+        loads = [x for run in r["runs"] for x in (run["loadavg_before"][0], run["loadavg_after"][0])]
+        return f"{min(loads):.1f}–{max(loads):.1f}"
+
+    lines = [f"| {after['tensors']:,} tiny tensors ({after['model_bytes'] / 1e6:.1f} MB float32) | "
+             f"before (commit {before['commit'][:10]}, {before['repeats']} run, load {load(before)}) | "
+             f"now (commit {after['commit'][:10]}, median of {after['repeats']}, load {load(after)}) |",
+             "|---|---|---|"]
+    lines += [f"| {label} | {cell(before, key, fmt)} | **{cell(after, key, fmt)}** |" for label, key, fmt in rows]
+    return ("\n".join(lines) + f"\n\n*Measured by `python benchmarks/bench_many_tensors.py`, each step in a fresh "
+            f"process; {after['statistic']}. Raw numbers: `benchmarks/results/many_tensors.json` and "
+            f"`many_tensors_before.json`.*\n")
+
+
 RENDERERS: Dict[str, Callable[..., str]] = {
     "profiles": render_profiles,
     "encodings": render_encodings,
     "budget": render_budget,
     "memory": render_memory,
     "async": render_async,
+    "many_tensors": render_many_tensors,
 }
 
 
