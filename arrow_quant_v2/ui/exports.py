@@ -25,7 +25,7 @@ import param
 from ..export import SAFETENSORS_DTYPES, export_format
 from ..progress import ProgressEvent
 from ..store import MANIFEST
-from .jobs import Job, JobManager
+from .jobs import Job, JobManager, cancel_task, outcome_of
 from .roots import is_within, safe_name, unique_path
 
 log = logging.getLogger(__name__)
@@ -131,21 +131,14 @@ class Exports(param.Parameterized):
 
     def cancel(self, export: ExportJob) -> bool:
         """Ask a running export to stop; True if it was running."""
-        task = export._task
-        if task is None or task.done():
+        if not cancel_task(export._task):
             return False
-        task.get_loop().call_soon_threadsafe(task.cancel)
         export.message = "cancelling"
         return True
 
     async def wait(self, export: ExportJob) -> ExportJob:
         """Wait for an export to end (whatever its outcome) and return it."""
-        if export._task is not None:
-            try:
-                await asyncio.shield(export._task)
-            except BaseException:  # noqa: BLE001 - the outcome is on the export
-                if not export._task.done():
-                    raise
+        await outcome_of(export._task)
         return export
 
 

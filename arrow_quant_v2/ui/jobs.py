@@ -44,6 +44,37 @@ ETA_MIN_SPAN_S = 1.0
 _ids = itertools.count(1)
 
 
+
+def cancel_task(task: Optional[asyncio.Task]) -> bool:
+    """Cancel ``task`` from any thread; False if there is none or it has ended."""
+    if task is None or task.done():
+        return False
+    loop = task.get_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        task.cancel()
+    else:
+        loop.call_soon_threadsafe(task.cancel)
+    return True
+
+
+async def outcome_of(task: Optional[asyncio.Task]) -> None:
+    """Wait for ``task`` to end whatever its outcome (recorded by the task itself on its job).
+
+    Shielded, so cancelling the waiter does not cancel the work; a cancellation of the waiter
+    itself still propagates.
+    """
+    if task is None:
+        return
+    try:
+        await asyncio.shield(task)
+    except BaseException:  # noqa: BLE001 - the outcome is on the job
+        if not task.done():
+            raise
+
 class Job(param.Parameterized):
     """One quantization (and its validation) of one model with one config."""
 
@@ -310,29 +341,14 @@ class JobManager(param.Parameterized):
     def cancel(self, job: Union[Job, int]) -> bool:
         """Ask a running job to stop; True if it was running. Thread-safe."""
         job = job if isinstance(job, Job) else self.get(job)
-        task = job._task
-        if task is None or task.done():
+        if not cancel_task(job._task):
             return False
-        loop = task.get_loop()
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            task.cancel()
-        else:
-            loop.call_soon_threadsafe(task.cancel)
         job.message = "cancelling"
         return True
 
     async def wait(self, job: Job) -> Job:
         """Wait for a job to end (whatever its outcome) and return it."""
-        if job._task is not None:
-            try:
-                await asyncio.shield(job._task)
-            except BaseException:  # noqa: BLE001 - the outcome is on the job
-                if not job._task.done():
-                    raise
+        await outcome_of(job._task)
         return job
 
     async def run(self, model, config=None, **kw) -> Job:
