@@ -149,21 +149,31 @@ class Server:
 
     def problems(self):
         """Lines that mean something went wrong, but not the traceback of a tab closed mid-write
-        (tornado's closed socket, or Bokeh finding the closed tab's session gone)."""
+        (tornado's closed socket, or Bokeh finding the closed tab's session gone), nor the log
+        line that introduces such a traceback."""
         lines, out = self.log_text().splitlines(), []
         for i, line in enumerate(lines):
             if not BAD_LOG.search(line):
                 continue
-            if any(SESSION_GONE in later for later in lines[i:i + 14]) and not any(
-                    BAD_LOG.search(x) and not x.startswith(("Traceback", "During")) for x in lines[i + 1:i + 14]):
+            tb = i if line.startswith("Traceback") else next(
+                (k for k in range(i + 1, min(i + 3, len(lines))) if lines[k].startswith("Traceback")), None)
+            if tb is not None and closed_tab_traceback(lines, tb):
                 continue
-            if line.startswith("Traceback"):
-                end = next((lines[j] for j in range(i + 1, len(lines)) if lines[j] and not lines[j][0].isspace()
-                            and not lines[j].startswith(("Traceback", "During handling"))), "")
-                if CLOSED_SOCKET.match(end):
-                    continue
             out.append(line)
         return out
+
+
+def closed_tab_traceback(lines, i: int) -> bool:
+    """Whether the traceback starting at ``lines[i]`` (chained ones included) is a closed tab's.
+
+    The whole block is read, whatever its length: how many frames lead to Bokeh's session
+    check depends on the tornado version.
+    """
+    j = next((j for j in range(i + 1, len(lines)) if lines[j] and not lines[j][0].isspace()
+              and not lines[j].startswith(("Traceback", "During handling"))), len(lines))
+    end = lines[j] if j < len(lines) else ""
+    return bool(CLOSED_SOCKET.match(end)) or (
+        end.startswith("AssertionError") and any(SESSION_GONE in x for x in lines[i:j]))
 
 
 def start_server(tmp: Path, model_root: Path, extra_env=None) -> Server:
