@@ -14,7 +14,7 @@ right away. Layers are calibrated a group at a time (the group's inputs at most
 
 A ``.npz`` of graph inputs (arrays named like the graph's inputs, batch first) may replace
 the synthetic inputs. :func:`collect` returns a :class:`Calibration`; the engine hands each
-tensor's H to :mod:`arrow_quant_v2.solver`.
+tensor's H to :mod:`arrow_quant_v2.kernels.solver`.
 """
 from __future__ import annotations
 

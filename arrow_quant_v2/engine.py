@@ -215,8 +215,8 @@ class QuantizeJob:
         return figures(plain) if plain is not None else fig
 
     def _encode_calibrated(self, x: np.ndarray, info: TensorInfo, encoding, r0: int, r1: int):
-        """The encoder's grid, then error-compensated codes on it (see :mod:`arrow_quant_v2.solver`)."""
-        from . import solver
+        """The encoder's grid, then error-compensated codes on it (see :mod:`arrow_quant_v2.kernels.solver`)."""
+        from .kernels import solver
 
         layer = self.calibration.layers[info.name]
         if not encoding.has_grid:

@@ -8,7 +8,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from arrow_quant_v2 import DiffusionQuantConfig, load_quantized
-from arrow_quant_v2 import calibration, e2e, encodings, solver
+from arrow_quant_v2 import calibration, e2e, encodings
+from arrow_quant_v2.kernels import solver
 from arrow_quant_v2.engine import quantize_model
 from arrow_quant_v2.errors import ConfigurationError
 

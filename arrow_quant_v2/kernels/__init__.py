@@ -7,6 +7,8 @@
   parameters exactly as stored and fuse the error statistics of what decoding will produce.
 * :mod:`~arrow_quant_v2.kernels.search`: encoder-only parameter searches (scales, clipping,
   scale codes). They only *propose* parameters, so they may use relaxed floating point.
+* :mod:`~arrow_quant_v2.kernels.solver`: calibration's error-compensated rounding (GPTQ-class):
+  codes on an encoding's fixed grid that lower the layer's output error on its inputs.
 
 Every kernel is serial, ``nogil=True`` and ``cache=True``. Parallelism comes from calling
 them from several Python threads on disjoint chunks of rows (the engine's kernel pool) and
