@@ -8,8 +8,8 @@ there are no other blobs. So a GGUF tensor's data is the concatenation of its
 chunks' ``codes`` blobs, and decoding equals ``gguf.quants.dequantize`` bit for bit.
 
 The byte layouts (each class docstring) are ggml's; the decoders in
-``ggml_kernels`` reproduce gguf-py's reference arithmetic exactly; the encoders are
-our own search (see ``ggml_kernels``), measured against ggml's reference quantizer by
+``kernels.ggml_decode`` reproduce gguf-py's reference arithmetic exactly; the encoders are
+our own search (``kernels.ggml_search``), measured against ggml's reference quantizer by
 ``benchmarks/bench_ggml_types.py``.
 
 Which type a bit width becomes under ``target_runtime="gguf"``, and what a row
@@ -23,7 +23,8 @@ from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import numpy as np
 
-from . import ggml_kernels as G
+from .kernels import ggml_decode as D
+from .kernels import ggml_search as S
 from .kernels import rounding
 from .encodings import Encoding, register
 from .errors import ConfigurationError, ValidationError
@@ -110,11 +111,11 @@ class Q8_0(GGMLEncoding):
     SEARCH: ClassVar[Dict[str, Any]] = {"offsets": (-0.5, 0.0, 0.5)}
 
     def _encode(self, x):
-        d, q = G.encode_sym32(x, -128, 127, _f64(self.SEARCH["offsets"]))
-        return G.pack_q8_0(d, q)
+        d, q = S.encode_sym32(x, -128, 127, _f64(self.SEARCH["offsets"]))
+        return S.pack_q8_0(d, q)
 
     def _decode(self, blob, n):
-        return G.decode_q8_0(blob, n)
+        return D.decode_q8_0(blob, n)
 
 
 @register
@@ -138,11 +139,11 @@ class Q4_0(GGMLEncoding):
     SEARCH: ClassVar[Dict[str, Any]] = {"offsets": tuple(np.linspace(-1, 1, 9).tolist())}
 
     def _encode(self, x):
-        d, q = G.encode_sym32(x, -8, 7, _f64(self.SEARCH["offsets"]))
-        return G.pack_q4_0(d, q)
+        d, q = S.encode_sym32(x, -8, 7, _f64(self.SEARCH["offsets"]))
+        return S.pack_nibbles32(d, q, 8)
 
     def _decode(self, blob, n):
-        return G.decode_q4_0(blob, n)
+        return D.decode_q4_0(blob, n)
 
 
 @register
@@ -164,11 +165,11 @@ class Q5_0(GGMLEncoding):
     SEARCH: ClassVar[Dict[str, Any]] = {"offsets": tuple(np.linspace(-1, 1, 9).tolist())}
 
     def _encode(self, x):
-        d, q = G.encode_sym32(x, -16, 15, _f64(self.SEARCH["offsets"]))
-        return G.pack_q5(d, np.empty(0, np.uint16), q, 16)
+        d, q = S.encode_sym32(x, -16, 15, _f64(self.SEARCH["offsets"]))
+        return S.pack_q5(d, np.empty(0, np.uint16), q, 16)
 
     def _decode(self, blob, n):
-        return G.decode_q5_0(blob, n)
+        return D.decode_q5(blob, n, False)
 
 
 @register
@@ -190,11 +191,11 @@ class Q5_1(GGMLEncoding):
     SEARCH: ClassVar[Dict[str, Any]] = {"deltas": tuple(np.linspace(-3, 1, 9).tolist()), "iters": 1}
 
     def _encode(self, x):
-        d, m, q = G.encode_aff32(x, 31, _f64(self.SEARCH["deltas"]), self.SEARCH["iters"])
-        return G.pack_q5(d, m, q, 0)
+        d, m, q = S.encode_aff32(x, 31, _f64(self.SEARCH["deltas"]), self.SEARCH["iters"])
+        return S.pack_q5(d, m, q, 0)
 
     def _decode(self, blob, n):
-        return G.decode_q5_1(blob, n)
+        return D.decode_q5(blob, n, True)
 
 
 @register
@@ -203,7 +204,7 @@ class IQ4_NL(GGMLEncoding):
     """ggml IQ4_NL: blocks of 32 elements in 18 bytes (4.5 bpw), non-uniform levels.
 
     Block: float16 ``d``; 16 bytes ``qs`` with the nibbles placed as in Q4_0; nibble
-    ``u`` selects level ``G[u]`` of ggml's grid ``G = ggml_kernels.IQ4NL_GRID``
+    ``u`` selects level ``G[u]`` of ggml's grid ``G = kernels.ggml_decode.IQ4NL_GRID``
     (-127 -104 -83 -65 -49 -35 -22 -10 1 13 25 38 53 69 89 113).
     Dequantization: ``y = d * float32(G[u])``.
     Encoder: the extreme mapped to either end of the grid (the sign of ``d`` mirrors
@@ -218,16 +219,16 @@ class IQ4_NL(GGMLEncoding):
     SEARCH: ClassVar[Dict[str, Any]] = {"offsets": (-12.0, -8.0, -4.0, 0.0, 4.0)}
 
     def _encode(self, x):
-        d, q = G.encode_iq4_nl(x, _f64(self.SEARCH["offsets"]))
-        return G.pack_iq4_nl(d, q)
+        d, q = S.encode_iq4_nl(x, _f64(self.SEARCH["offsets"]))
+        return S.pack_nibbles32(d, q, 0)
 
     def _decode(self, blob, n):
-        return G.decode_iq4_nl(blob, n)
+        return D.decode_iq4_nl(blob, n)
 
 
 @dataclass(frozen=True)
 class _KQuantAffine(GGMLEncoding):
-    """Shared encoder of Q4_K / Q5_K / Q2_K (see ``ggml_kernels.encode_kquant_affine``)."""
+    """Shared encoder of Q4_K / Q5_K / Q2_K (see ``kernels.ggml_search.encode_kquant_affine``)."""
 
     block: ClassVar[int] = 256
     SUB: ClassVar[int] = 32
@@ -239,7 +240,7 @@ class _KQuantAffine(GGMLEncoding):
 
     def _search(self, x):
         s = self.SEARCH
-        return G.encode_kquant_affine(x, self.SUB, self.NMAX, self.SMAX, _f64(s["deltas"]), s["iters"], s["rounds"])
+        return S.encode_kquant_affine(x, self.SUB, self.NMAX, self.SMAX, _f64(s["deltas"]), s["iters"], s["rounds"])
 
 
 @register
@@ -265,10 +266,10 @@ class Q4_K(_KQuantAffine):
 
     def _encode(self, x):
         d, dm, sc, m, q = self._search(x)
-        return G.pack_q4_k(d, dm, sc, m, q, False)
+        return S.pack_q4_k(d, dm, sc, m, q, False)
 
     def _decode(self, blob, n):
-        return G.decode_q4_k(blob, n)
+        return D.decode_q4_k(blob, n)
 
 
 @register
@@ -291,10 +292,10 @@ class Q5_K(_KQuantAffine):
 
     def _encode(self, x):
         d, dm, sc, m, q = self._search(x)
-        return G.pack_q4_k(d, dm, sc, m, q, True)
+        return S.pack_q4_k(d, dm, sc, m, q, True)
 
     def _decode(self, blob, n):
-        return G.decode_q4_k(blob, n, True)
+        return D.decode_q4_k(blob, n, True)
 
 
 @register
@@ -320,15 +321,15 @@ class Q2_K(_KQuantAffine):
 
     def _encode(self, x):
         d, dm, sc, m, q = self._search(x)
-        return G.pack_q2_k(d, dm, sc, m, q)
+        return S.pack_q2_k(d, dm, sc, m, q)
 
     def _decode(self, blob, n):
-        return G.decode_q2_k(blob, n)
+        return D.decode_q2_k(blob, n)
 
 
 @dataclass(frozen=True)
 class _KQuantSymmetric(GGMLEncoding):
-    """Shared encoder of Q6_K / Q3_K (see ``ggml_kernels.encode_kquant_symmetric``)."""
+    """Shared encoder of Q6_K / Q3_K (see ``kernels.ggml_search.encode_kquant_symmetric``)."""
 
     block: ClassVar[int] = 256
     SUB: ClassVar[int] = 16
@@ -340,7 +341,7 @@ class _KQuantSymmetric(GGMLEncoding):
 
     def _search(self, x):
         s = self.SEARCH
-        return G.encode_kquant_symmetric(x, self.SUB, self.QMIN, -self.QMIN - 1, self.SMIN, -self.SMIN - 1,
+        return S.encode_kquant_symmetric(x, self.SUB, self.QMIN, -self.QMIN - 1, self.SMIN, -self.SMIN - 1,
                                          _f64(s["offsets"]), s["iters"], s["rounds"])
 
 
@@ -364,10 +365,10 @@ class Q6_K(_KQuantSymmetric):
 
     def _encode(self, x):
         d, sc, q = self._search(x)
-        return G.pack_q6_k(d, sc, q)
+        return S.pack_q6_k(d, sc, q)
 
     def _decode(self, blob, n):
-        return G.decode_q6_k(blob, n)
+        return D.decode_q6_k(blob, n)
 
 
 @register
@@ -394,10 +395,10 @@ class Q3_K(_KQuantSymmetric):
 
     def _encode(self, x):
         d, sc, q = self._search(x)
-        return G.pack_q3_k(d, sc, q)
+        return S.pack_q3_k(d, sc, q)
 
     def _decode(self, blob, n):
-        return G.decode_q3_k(blob, n)
+        return D.decode_q3_k(blob, n)
 
 
 #: The ggml type each bit width becomes under ``target_runtime="gguf"``.

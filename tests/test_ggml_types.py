@@ -9,7 +9,7 @@ gguf = pytest.importorskip("gguf")  # a dev dependency: the reference decoder
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
 
 from arrow_quant_v2 import encodings as E  # noqa: E402
-from arrow_quant_v2 import ggml_kernels as G  # noqa: E402
+from arrow_quant_v2.kernels import ggml_decode as G  # noqa: E402
 from arrow_quant_v2.errors import ConfigurationError, ValidationError  # noqa: E402
 from arrow_quant_v2.ggml_types import GGUF_TYPE_FOR_BITS, ROW_FALLBACK, GGMLEncoding, gguf_type_for  # noqa: E402
 

@@ -9,6 +9,9 @@
   scale codes). They only *propose* parameters, so they may use relaxed floating point.
 * :mod:`~arrow_quant_v2.kernels.solver`: calibration's error-compensated rounding (GPTQ-class):
   codes on an encoding's fixed grid that lower the layer's output error on its inputs.
+* :mod:`~arrow_quant_v2.kernels.ggml_decode` and :mod:`~arrow_quant_v2.kernels.ggml_search`: the
+  same two roles for ggml's block types (``ggml_types``): decoders bit-identical to gguf-py's
+  reference (what a reader runs), and the encoders' searches with the block packers.
 
 Every kernel is serial, ``nogil=True`` and ``cache=True``. Parallelism comes from calling
 them from several Python threads on disjoint chunks of rows (the engine's kernel pool) and
@@ -29,8 +32,8 @@ Layouts (the one place they are written down):
 
 Numba's cache (``cache=True``) is invalidated by a change of the kernel's own file only. So a
 kernel calls compiled helpers of its own module alone; the one thing shared across modules is
-the grids, which are frozen into the kernels that round to them and are format constants that
-never change in place (a new grid is a new encoding).
+the format's constants: the grids, which are frozen into the kernels that round to them and never
+change in place (a new grid is a new encoding), and ggml's half-precision conversion (IEEE binary16).
 """
 
 #: Exact kernels: what they compute is what the store holds.

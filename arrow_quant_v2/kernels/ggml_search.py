@@ -1,16 +1,10 @@
-"""Numba kernels for ggml's block types (Q8_0, Q4_K, ...): exact decoders and searched encoders.
+"""ggml's block types: the encoders' parameter searches and the packers (encoder-only).
 
-The byte layouts are ggml's (``ggml-common.h``); each encoding class in
-``ggml_types`` states its layout in its docstring. Here:
-
-* **Decoders** (``decode_*``) read a chunk's block bytes and return float32 values
-  computed with exactly the operations, in exactly the order, of gguf-py's reference
-  ``gguf.quants.dequantize`` (e.g. Q4_K: ``(d * sc) * q - (dmin * m)``, all float32,
-  no fused multiply-add), so the values are bit-identical to it.
-* **Encoders** (``encode_*``) search the parameters (the format is fixed; the search
-  is ours) and pack the blocks. They only *propose* bytes; what those bytes mean is
-  defined by the decoders, and the encoding computes its error statistics from the
-  decoded values. So the encoders may use relaxed floating point.
+The format is fixed by ggml (decoded by :mod:`.ggml_decode`); the search is ours. The
+encoders (``encode_*``) search the parameters and the packers (``pack_*``, the inverse of
+the decoders' byte reads) write the blocks. The encoders only *propose* bytes; what those
+bytes mean is defined by the decoders, and the encoding computes its error statistics from
+the decoded values. So the encoders may use relaxed floating point; the packers are exact.
 
 Encoder ideas, relative to ggml's reference quantizer (``ggml_quantize_chunk``
 without an importance matrix): we minimise the plain squared error (ggml weights
@@ -29,235 +23,21 @@ import math
 import numpy as np
 from numba import njit
 
-QK_K = 256
-#: Decoders: no fast-math flags at all, so no product is fused into an FMA.
-EXACT = dict(nogil=True, cache=True, fastmath=False)
-#: Encoders: only proposals (see the module docstring).
+from . import INLINE
+from . import JIT as EXACT
+from .ggml_decode import IQ4NL_GRID, QK_K, f16_bits, f16_value
+
+#: Encoders: only proposals (see the module docstring). Re-associated sums (vectorised);
+#: the flags are deterministic for a given build, so the same input gives the same bytes.
 SEARCH = dict(nogil=True, cache=True, fastmath={"reassoc", "nsz", "arcp"})
-INLINE = dict(nogil=True, cache=True, inline="always")
-F16_MAX = 65504.0
 
-#: IQ4_NL's non-uniform grid (ggml's ``kvalues_iq4nl``; part of the format).
-IQ4NL_GRID = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 _IQ4NL_MID = ((IQ4NL_GRID[1:].astype(np.float32) + IQ4NL_GRID[:-1]) / 2).astype(np.float32)
-
-
-# -- float16 ---------------------------------------------------------------------
-
-
-@njit(**INLINE)
-def f16_value(h):
-    """float32 value of the IEEE half-precision bit pattern ``h`` (exact)."""
-    h = int(h)
-    e = (h >> 10) & 0x1F
-    f = h & 0x3FF
-    if e == 0:
-        v = math.ldexp(float(f), -24)
-    elif e == 31:
-        v = math.inf if f == 0 else math.nan
-    else:
-        v = math.ldexp(float(f + 1024), e - 25)
-    return np.float32(-v if h & 0x8000 else v)
-
-
-@njit(**INLINE)
-def f16_bits(v):
-    """Half-precision bits of ``v`` rounded to nearest-even, saturating at +-65504 (never inf)."""
-    a = abs(float(v))
-    sign = 0x8000 if math.copysign(1.0, v) < 0 else 0
-    if not a < F16_MAX:  # also NaN -> largest finite; callers never pass NaN
-        return sign | 0x7BFF
-    if a < 6.103515625e-05:  # 2**-14: subnormal, quantum 2**-24
-        return sign | int(np.rint(math.ldexp(a, 24)))
-    m, e = math.frexp(a)  # a = m * 2**e, m in [0.5, 1)
-    f = int(np.rint(m * 2048.0))  # in [1024, 2048]; 2048 carries into the exponent
-    bits = ((e + 14) << 10) + f - 1024
-    return sign | min(bits, 0x7BFF)
-
-
-@njit(**INLINE)
-def f16_round(v):
-    """``v`` rounded to the nearest float16 value (as float32)."""
-    return f16_value(f16_bits(v))
-
-
-@njit(**INLINE)
-def _u16(b, o):
-    return int(b[o]) | (int(b[o + 1]) << 8)
 
 
 @njit(**INLINE)
 def _put16(b, o, h):
     b[o] = h & 0xFF
     b[o + 1] = (h >> 8) & 0xFF
-
-
-@njit(**INLINE)
-def _i8(v):
-    v = int(v)
-    return v - 256 if v >= 128 else v
-
-
-# -- decoders (bit-identical to gguf.quants.dequantize) ---------------------------
-
-
-@njit(**EXACT)
-def decode_q8_0(b, n):
-    out = np.empty(n, np.float32)
-    for i in range(n // 32):
-        o = 34 * i
-        d = f16_value(_u16(b, o))
-        for l in range(32):
-            out[32 * i + l] = np.float32(_i8(b[o + 2 + l])) * d
-    return out
-
-
-@njit(**EXACT)
-def decode_q4_0(b, n):
-    out = np.empty(n, np.float32)
-    for i in range(n // 32):
-        o = 18 * i
-        d = f16_value(_u16(b, o))
-        for l in range(16):
-            v = int(b[o + 2 + l])
-            out[32 * i + l] = d * np.float32((v & 0xF) - 8)
-            out[32 * i + 16 + l] = d * np.float32((v >> 4) - 8)
-    return out
-
-
-@njit(**EXACT)
-def decode_q5_0(b, n):
-    out = np.empty(n, np.float32)
-    for i in range(n // 32):
-        o = 22 * i
-        d = f16_value(_u16(b, o))
-        qh = int(b[o + 2]) | (int(b[o + 3]) << 8) | (int(b[o + 4]) << 16) | (int(b[o + 5]) << 24)
-        for l in range(16):
-            v = int(b[o + 6 + l])
-            lo = (v & 0xF) | (((qh >> l) & 1) << 4)
-            hi = (v >> 4) | (((qh >> (l + 16)) & 1) << 4)
-            out[32 * i + l] = d * np.float32(lo - 16)
-            out[32 * i + 16 + l] = d * np.float32(hi - 16)
-    return out
-
-
-@njit(**EXACT)
-def decode_q5_1(b, n):
-    out = np.empty(n, np.float32)
-    for i in range(n // 32):
-        o = 24 * i
-        d = f16_value(_u16(b, o))
-        m = f16_value(_u16(b, o + 2))
-        qh = int(b[o + 4]) | (int(b[o + 5]) << 8) | (int(b[o + 6]) << 16) | (int(b[o + 7]) << 24)
-        for l in range(16):
-            v = int(b[o + 8 + l])
-            lo = (v & 0xF) | (((qh >> l) & 1) << 4)
-            hi = (v >> 4) | (((qh >> (l + 16)) & 1) << 4)
-            out[32 * i + l] = d * np.float32(lo) + m
-            out[32 * i + 16 + l] = d * np.float32(hi) + m
-    return out
-
-
-@njit(**EXACT)
-def decode_iq4_nl(b, n):
-    out = np.empty(n, np.float32)
-    for i in range(n // 32):
-        o = 18 * i
-        d = f16_value(_u16(b, o))
-        for l in range(16):
-            v = int(b[o + 2 + l])
-            out[32 * i + l] = d * np.float32(IQ4NL_GRID[v & 0xF])
-            out[32 * i + 16 + l] = d * np.float32(IQ4NL_GRID[v >> 4])
-    return out
-
-
-@njit(**INLINE)
-def _scale_min_k4(b, o, j):
-    """Sub-block ``j``'s 6-bit (scale, min) from the 12 packed bytes at ``b[o:]`` (Q4_K/Q5_K)."""
-    if j < 4:
-        return int(b[o + j]) & 63, int(b[o + j + 4]) & 63
-    sc = (int(b[o + j + 4]) & 0xF) | ((int(b[o + j - 4]) >> 6) << 4)
-    m = (int(b[o + j + 4]) >> 4) | ((int(b[o + j]) >> 6) << 4)
-    return sc, m
-
-
-@njit(**EXACT)
-def decode_q4_k(b, n, five=False):
-    """Q4_K, or Q5_K when ``five`` (176-byte blocks with a ``qh`` plane of fifth bits)."""
-    size = 176 if five else 144
-    qs0 = 48 if five else 16
-    out = np.empty(n, np.float32)
-    for i in range(n // QK_K):
-        o = size * i
-        d = f16_value(_u16(b, o))
-        dmin = f16_value(_u16(b, o + 2))
-        for j in range(8):
-            sc, m = _scale_min_k4(b, o + 4, j)
-            d1 = d * np.float32(sc)
-            m1 = dmin * np.float32(m)
-            shift = 4 * (j & 1)
-            q0 = o + qs0 + 32 * (j >> 1)
-            for l in range(32):
-                q = (int(b[q0 + l]) >> shift) & 0xF
-                if five:
-                    q |= ((int(b[o + 16 + l]) >> j) & 1) << 4
-                out[QK_K * i + 32 * j + l] = d1 * np.float32(q) - m1
-    return out
-
-
-@njit(**EXACT)
-def decode_q6_k(b, n):
-    out = np.empty(n, np.float32)
-    for i in range(n // QK_K):
-        o = 210 * i
-        d = f16_value(_u16(b, o + 208))
-        for e in range(QK_K):
-            h, r = e >> 7, e & 127
-            lo = (int(b[o + 64 * h + (r & 63)]) >> (4 * (r >> 6))) & 0xF
-            hi = (int(b[o + 128 + 32 * h + (r & 31)]) >> (2 * (r >> 5))) & 3
-            dl = d * np.float32(_i8(b[o + 192 + (e >> 4)]))
-            out[QK_K * i + e] = dl * np.float32((lo | (hi << 4)) - 32)
-    return out
-
-
-@njit(**INLINE)
-def _scale_q3_k(b, o, j):
-    """Sub-block ``j``'s signed 6-bit scale from the 12 packed bytes at ``b[o:]`` (Q3_K)."""
-    lo = np.int64(b[o + j] & 0xF) if j < 8 else np.int64(b[o + j - 8] >> 4)
-    hi = np.int64((b[o + 8 + (j & 3)] >> (2 * (j >> 2))) & 3)
-    return (lo | (hi << 4)) - 32
-
-
-@njit(**EXACT)
-def decode_q3_k(b, n):
-    out = np.empty(n, np.float32)
-    for i in range(n // QK_K):
-        o = 110 * i
-        d = f16_value(_u16(b, o + 108))
-        for e in range(QK_K):
-            h, r = e >> 7, e & 127
-            low = (int(b[o + 32 + 32 * h + (r & 31)]) >> (2 * (r >> 5))) & 3
-            high = (int(b[o + (e & 31)]) >> (e >> 5)) & 1
-            dl = d * np.float32(_scale_q3_k(b, o + 96, e >> 4))
-            out[QK_K * i + e] = dl * np.float32(low - (0 if high else 4))
-    return out
-
-
-@njit(**EXACT)
-def decode_q2_k(b, n):
-    out = np.empty(n, np.float32)
-    for i in range(n // QK_K):
-        o = 84 * i
-        d = f16_value(_u16(b, o + 80))
-        dmin = f16_value(_u16(b, o + 82))
-        for e in range(QK_K):
-            h, r = e >> 7, e & 127
-            q = (int(b[o + 16 + 32 * h + (r & 31)]) >> (2 * (r >> 5))) & 3
-            s = int(b[o + (e >> 4)])
-            dl = d * np.float32(s & 0xF)
-            ml = dmin * np.float32(s >> 4)
-            out[QK_K * i + e] = dl * np.float32(q) - ml
-    return out
 
 
 # -- encoder building blocks --------------------------------------------------------
@@ -845,25 +625,16 @@ def pack_q8_0(dbits, q):
 
 
 @njit(**EXACT)
-def pack_q4_0(dbits, q):
-    """Codes ``k`` in [-8, 7] stored as ``k + 8``."""
+def pack_nibbles32(dbits, q, bias):
+    """Blocks of 32 in 18 bytes (Q4_0 with ``bias`` 8: codes in [-8, 7]; IQ4_NL with 0: level
+    indices): fp16 ``d``, then ``k + bias`` of element ``l`` in the low nibble of byte ``l``,
+    of element ``16 + l`` in the high nibble."""
     out = np.empty(18 * dbits.size, np.uint8)
     for i in range(dbits.size):
         o = 18 * i
         _put16(out, o, int(dbits[i]))
         for l in range(16):
-            out[o + 2 + l] = (int(q[32 * i + l]) + 8) | ((int(q[32 * i + 16 + l]) + 8) << 4)
-    return out
-
-
-@njit(**EXACT)
-def pack_iq4_nl(dbits, q):
-    out = np.empty(18 * dbits.size, np.uint8)
-    for i in range(dbits.size):
-        o = 18 * i
-        _put16(out, o, int(dbits[i]))
-        for l in range(16):
-            out[o + 2 + l] = int(q[32 * i + l]) | (int(q[32 * i + 16 + l]) << 4)
+            out[o + 2 + l] = (int(q[32 * i + l]) + bias) | ((int(q[32 * i + 16 + l]) + bias) << 4)
     return out
 
 
