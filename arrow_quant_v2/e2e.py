@@ -5,7 +5,7 @@ and for a diffusion model the output at every noise level. When a model folder c
 executable graph (``model.onnx`` beside the weights, whose initializers are named like the
 safetensors tensors - the ``terrain-unet`` sample keeps one), :func:`end_to_end` runs the
 graph twice with onnxruntime on CPU - once as shipped, once with every quantized tensor
-replaced by its dequantized values from the store - on the same fixed, seeded inputs at
+replaced by its dequantized values from the store (or from a GGUF file) - on the same fixed, seeded inputs at
 ``num_time_groups`` noise levels log-spaced over the model's range, and compares outputs.
 
 Inputs
@@ -207,7 +207,7 @@ def _level_figures(y: np.ndarray, q: np.ndarray, x: np.ndarray) -> dict:
     return dict(fig, sample_cosines=samples, worst_sample_cosine=min(samples))
 
 
-def end_to_end(original_path, store, *, num_time_groups: int = 10, weights: Optional[Dict[str, np.ndarray]] = None,
+def end_to_end(original_path, store=None, *, num_time_groups: int = 10, weights: Optional[Dict[str, np.ndarray]] = None,
                batch: int = DEFAULT_BATCH,
                seed: int = DEFAULT_SEED, threads: int = 1, levels_per_run: int = 5,
                check: Optional[Callable[[], None]] = None,
@@ -215,7 +215,9 @@ def end_to_end(original_path, store, *, num_time_groups: int = 10, weights: Opti
     """Compare the original and the dequantized network's outputs over the noise range.
 
     ``store`` is a :class:`~arrow_quant_v2.store.QuantizedModel` or a store path; ``weights``
-    may hold tensors already dequantized from it (the rest are read from the store). Returns
+    may hold tensors already dequantized from it (the rest are read from the store). Without a
+    store, ``weights`` holds every replaced tensor under its source name (a GGUF file's tensors,
+    dequantized and mapped back by :mod:`arrow_quant_v2.gguf_io`). Returns
     ``{"available", "reason", "levels": [{"sigma", "cosine", "rel_error", "psnr_db",
     "update_cosine"}, ...], "mean_cosine", "worst_cosine", "worst_sigma", "mean_rel_error",
     "worst_rel_error", "mean_psnr_db", "worst_psnr_db", ...}``; ``available`` is False (with
@@ -236,7 +238,8 @@ def end_to_end(original_path, store, *, num_time_groups: int = 10, weights: Opti
                             graph=str(graph))
     from .store import QuantizedModel, load_quantized
 
-    store = store if isinstance(store, QuantizedModel) else load_quantized(store)
+    if store is not None and not isinstance(store, QuantizedModel):
+        store = load_quantized(store)
     config = _model_config(graph)
     levels = noise_levels(config, num_time_groups)
     if levels is None:
@@ -248,10 +251,11 @@ def end_to_end(original_path, store, *, num_time_groups: int = 10, weights: Opti
     except Exception as e:  # noqa: BLE001 - any unreadable graph is "unavailable", not a failed validation
         return end_to_end_unavailable(f"{graph.name} cannot be loaded ({e})", graph=str(graph))
     inits = {t.name: t for t in model.graph.initializer}
-    replaced = [n for n, e in store.tensors.items() if e.quantized and n in inits]
-    quantized = [n for n, e in store.tensors.items() if e.quantized]
+    quantized = [n for n, e in store.tensors.items() if e.quantized] if store is not None else list(weights or {})
+    replaced = [n for n in quantized if n in inits]
     if quantized and not replaced:
-        return end_to_end_unavailable(f"none of the store's quantized tensors is an initializer of {graph.name}", graph=str(graph))
+        what = "the store's quantized tensors" if store is not None else "the quantized tensors"
+        return end_to_end_unavailable(f"none of {what} is an initializer of {graph.name}", graph=str(graph))
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads

@@ -44,6 +44,7 @@ def summarize(per_layer: Dict[str, dict], *, num_tensors: int, source_bytes: int
     return {
         "cosine_similarity": weighted_cosine(per_layer.values()),
         "compression_ratio": source_bytes / weight_bytes if weight_bytes else 0.0,
+        "source_bytes": source_bytes,
         "per_layer_accuracy": {n: p["cosine"] for n, p in per_layer.items()},
         "passed": all(p["passed"] for p in per_layer.values()),
         "min_cosine": min((p["cosine"] for p in per_layer.values()), default=1.0),

@@ -29,7 +29,7 @@ PER_LAYER_SHARE = 0.5
 def validate_store(original_path, quantized_path, *, min_accuracy: Optional[float] = None,
                    progress: Optional[ProgressSink] = None, cancel: Optional[CancelToken] = None,
                    end_to_end: Optional[bool] = None, num_time_groups: Optional[int] = None) -> dict:
-    """Compare every tensor of the store with the source; see README for the result keys.
+    """Compare every tensor of the store (or GGUF file) with the source; see README for the result keys.
 
     ``original_path`` may be a Hugging Face repo id (``org/name[@revision]``) in the local cache.
 
@@ -37,6 +37,8 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
     ``model.onnx``; False = never) also runs the original and the dequantized network at
     ``num_time_groups`` noise levels (None = the value in the store's config) and reports
     per-level output fidelity under ``report["end_to_end"]`` (see :mod:`arrow_quant_v2.e2e`).
+    A GGUF file gets the same check: its tensors, dequantized by gguf-py and mapped back to the
+    source names, replace the graph's weights (10 levels unless its recorded config says otherwise).
     """
     from . import e2e, hub
     from .gguf_io import looks_like_gguf
@@ -45,14 +47,53 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
         original_path = hub.resolve(original_path)  # a Hugging Face repo id: its cached snapshot
     except ArrowQuantError as e:
         raise ValidationError(f"cannot read the original model: {e}") from e
-    if looks_like_gguf(quantized_path):
-        from .gguf_io import validate_gguf
-
-        return validate_gguf(original_path, quantized_path, min_accuracy=min_accuracy, progress=progress, cancel=cancel)
     cancel = cancel or CancelToken()
     graph = e2e.find_graph(original_path) if end_to_end is not False else None
     keep: Optional[Dict[str, np.ndarray]] = {} if graph is not None else None  # dequantized weights for the graph
-    store = load_quantized(quantized_path)
+    # the two stages' relative costs are not known in advance: each reports its own stage_fraction
+    layer_share = PER_LAYER_SHARE if graph is not None else 1.0
+    store = None
+    if looks_like_gguf(quantized_path):
+        from .gguf_io import validate_gguf
+
+        report = validate_gguf(original_path, quantized_path, min_accuracy=min_accuracy, progress=progress,
+                               cancel=cancel, keep=keep, share=layer_share)
+        recorded = report.get("config") or {}
+    else:
+        store = load_quantized(quantized_path)
+        report = _compare_store(original_path, quantized_path, store, min_accuracy, progress, cancel, keep, layer_share)
+        recorded = store.manifest.get("config", {})
+    n_tensors = report["num_quantized"] + report["num_lossless"]
+    total = max(report["source_bytes"], 1)
+    if graph is None:
+        report["end_to_end"] = end_to_end_unavailable(
+            "not requested (end_to_end=False)" if end_to_end is False else
+            f"no executable graph ({' / '.join(e2e.GRAPH_NAMES)}) next to the weights of {Path(original_path).name}")
+    else:
+        groups = int(num_time_groups or recorded.get("num_time_groups") or 10)
+
+        def at(part: float, message: str) -> None:
+            if progress is not None:
+                progress(ProgressEvent(stage="end-to-end", fraction=min(layer_share + (1 - layer_share) * part, 0.99),
+                                       stage_fraction=part, message=f"end-to-end check at {groups} noise levels: {message}",
+                                       tensors_done=n_tensors, tensors_total=n_tensors, bytes_done=total,
+                                       bytes_total=total))
+
+        at(0.0, f"loading {graph.name}")
+        report["end_to_end"] = e2e.end_to_end(
+            original_path, store, num_time_groups=groups, weights=keep, check=cancel.check,
+            on_level=lambda done, passes: at(done / max(passes, 1), f"forward pass {done}/{passes}"))
+    if progress is not None:
+        progress(ProgressEvent(stage="done", fraction=1.0, message="validation done", tensors_done=n_tensors,
+                               tensors_total=n_tensors, bytes_done=total, bytes_total=total))
+    return report
+
+
+def _compare_store(original_path, quantized_path, store, min_accuracy: Optional[float],
+                   progress: Optional[ProgressSink], cancel: CancelToken,
+                   keep: Optional[Dict[str, np.ndarray]], layer_share: float) -> dict:
+    """The per-layer check of a store: every tensor re-read from both sides; ``keep`` (if given)
+    collects the dequantized tensors for the end-to-end check."""
     made_from = store.manifest.get("source", {})  # the components and variant the store was made from
     try:
         source = open_model(original_path, components=made_from.get("components"), variant=made_from.get("variant"))
@@ -71,8 +112,6 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
     per_layer: Dict[str, dict] = {}
     total = max(source.total_bytes, 1)
     done = 0
-    # the two stages' relative costs are not known in advance: each reports its own stage_fraction
-    layer_share = PER_LAYER_SHARE if graph is not None else 1.0
     n_tensors = len(store.tensors)
     if progress is not None:  # at once, so nothing sits at "0 %" while the first tensor is read
         progress(ProgressEvent(stage="validate", fraction=0.0, stage_fraction=0.0, tensors_total=n_tensors,
@@ -111,33 +150,4 @@ def validate_store(original_path, quantized_path, *, min_accuracy: Optional[floa
                                    bytes_done=done, bytes_total=total))
     report = summarize(per_layer, num_tensors=len(store.tensors), source_bytes=source.total_bytes,
                        weight_bytes=store.weight_bytes, modality=store.manifest.get("modality", {}).get("name"))
-    if graph is None:
-        report["end_to_end"] = end_to_end_unavailable(
-            "not requested (end_to_end=False)" if end_to_end is False else
-            f"no executable graph ({' / '.join(e2e.GRAPH_NAMES)}) next to the weights of {Path(original_path).name}")
-    else:
-        groups = num_time_groups or store.manifest.get("config", {}).get("num_time_groups") or 10
-
-        def on_level(done: int, total_passes: int) -> None:
-            if progress is not None:
-                part = done / max(total_passes, 1)
-                progress(ProgressEvent(stage="end-to-end", fraction=min(layer_share + (1 - layer_share) * part, 0.99),
-                                       stage_fraction=part, tensor="",
-                                       message=f"end-to-end check at {groups} noise levels: "
-                                               f"forward pass {done}/{total_passes}",
-                                       tensors_done=n_tensors, tensors_total=n_tensors,
-                                       bytes_done=total, bytes_total=total))
-
-        if progress is not None:
-            progress(ProgressEvent(stage="end-to-end", fraction=layer_share, stage_fraction=0.0,
-                                   message=f"end-to-end check at {groups} noise levels: loading {graph.name}",
-                                   tensors_done=n_tensors, tensors_total=n_tensors, bytes_done=total,
-                                   bytes_total=total))
-
-        report["end_to_end"] = e2e.end_to_end(original_path, store, num_time_groups=int(groups), weights=keep,
-                                              check=cancel.check, on_level=on_level)
-    if progress is not None:
-        progress(ProgressEvent(stage="done", fraction=1.0, message="validation done",
-                               tensors_done=len(store.tensors), tensors_total=len(store.tensors),
-                               bytes_done=total, bytes_total=total))
     return report

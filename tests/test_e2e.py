@@ -21,14 +21,12 @@ SUMMARY_KEYS = {"available", "reason", "levels", "mean_cosine", "worst_cosine", 
                 "mean_rel_error", "worst_rel_error", "worst_sigma"}
 
 
-@pytest.fixture(scope="module")
-def graph_model(tmp_path_factory) -> Path:
+def make_graph_model(root: Path, channels: int = 16) -> Path:
     """A tiny denoiser with a graph: out = (x + conv(x, W)) / (1 + sigma), W a real weight."""
     from onnx import TensorProto, helper, numpy_helper
 
-    root = tmp_path_factory.mktemp("graph-model")
     rng = np.random.default_rng(0)
-    w = (rng.standard_normal((16, 16, 3, 3)) * 0.1).astype(np.float32)
+    w = (rng.standard_normal((channels, channels, 3, 3)) * 0.1).astype(np.float32)
     save_file({"conv.weight": w}, str(root / "model.safetensors"))
     nodes = [
         helper.make_node("Conv", ["noisy", "conv.weight"], ["c"], pads=[1, 1, 1, 1]),
@@ -39,9 +37,9 @@ def graph_model(tmp_path_factory) -> Path:
     ]
     graph = helper.make_graph(
         nodes, "tiny-denoiser",
-        [helper.make_tensor_value_info("noisy", TensorProto.FLOAT, ["batch", 16, 8, 8]),
+        [helper.make_tensor_value_info("noisy", TensorProto.FLOAT, ["batch", channels, 8, 8]),
          helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["batch"])],
-        [helper.make_tensor_value_info("denoised", TensorProto.FLOAT, ["batch", 16, 8, 8])],
+        [helper.make_tensor_value_info("denoised", TensorProto.FLOAT, ["batch", channels, 8, 8])],
         initializer=[numpy_helper.from_array(w, "conv.weight"),
                      numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "shape4"),
                      numpy_helper.from_array(np.array(1.0, np.float32), "one")])
@@ -49,6 +47,11 @@ def graph_model(tmp_path_factory) -> Path:
     onnx.save(model, str(root / "model.onnx"))
     (root / "config.json").write_text(json.dumps({"_class_name": "UNetModel", "sigma_min": 0.002, "sigma_max": 80.0}))
     return root
+
+
+@pytest.fixture(scope="module")
+def graph_model(tmp_path_factory) -> Path:
+    return make_graph_model(tmp_path_factory.mktemp("graph-model"))
 
 
 def test_noise_levels_are_log_spaced_over_the_config_range():
@@ -161,3 +164,47 @@ def test_validation_reports_its_stages_to_the_api_and_the_cli(graph_model, tmp_p
     assert main(["validate", str(graph_model), str(tmp_path / "q")]) == 0
     err = capsys.readouterr().err
     assert "validating: per-layer check" in err and "validating: end-to-end check" in err
+
+
+def test_a_gguf_file_gets_the_end_to_end_check_of_its_store(tmp_path, capsys):
+    """A GGUF file's tensors, dequantized and mapped back to the source names, go into the graph:
+    an exported store gives exactly the output figures of the store itself, and a GGUF written by
+    gguf-py's own quantizer gives those of its dequantized weights put in by hand."""
+    gguf = pytest.importorskip("gguf")
+    from arrow_quant_v2.cli import main
+
+    (tmp_path / "m").mkdir()
+    model = make_graph_model(tmp_path / "m", channels=32)  # rows of 288: ggml blocks of 32
+    quantize_model(model, tmp_path / "q", DiffusionQuantConfig(bit_width=4, num_time_groups=3, lossless_below=0,
+                                                               target_runtime="gguf"))
+    store = load_quantized(tmp_path / "q")
+    assert store.tensors["conv.weight"].quantized
+    store.to_gguf(tmp_path / "q.gguf")
+    events = []
+    from_gguf = validate_store(model, tmp_path / "q.gguf", progress=events.append)["end_to_end"]
+    from_store = validate_store(model, tmp_path / "q")["end_to_end"]
+    assert from_gguf["available"], from_gguf["reason"]
+    assert from_gguf["replaced_tensors"] == 1 and from_gguf["num_levels"] == 3  # the recorded config's levels
+    assert from_gguf["levels"] == from_store["levels"] and from_gguf["worst_cosine"] < 1.0
+    assert list(dict.fromkeys(e.stage for e in events)) == ["validate", "end-to-end", "done"]
+    assert [e.fraction for e in events] == sorted(e.fraction for e in events)
+
+    # a file this project did not write: gguf-py's Q4_0, the source's names, no recorded config
+    from safetensors.numpy import load_file
+
+    from arrow_quant_v2.gguf_io.writer import ORIG_SHAPE_KEY
+
+    w = load_file(str(model / "model.safetensors"))["conv.weight"]
+    q4 = gguf.quants.quantize(w.reshape(32, -1), gguf.GGMLQuantizationType.Q4_0)
+    writer = gguf.GGUFWriter(tmp_path / "foreign.gguf", "unet")
+    writer.add_array(ORIG_SHAPE_KEY.format("conv.weight"), list(w.shape))  # as ComfyUI-GGUF files record it
+    writer.add_tensor("conv.weight", q4, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    by_hand = gguf.quants.dequantize(q4, gguf.GGMLQuantizationType.Q4_0).reshape(w.shape)
+    foreign = validate_store(model, tmp_path / "foreign.gguf")["end_to_end"]
+    assert foreign["num_levels"] == 10 and foreign["levels"] == end_to_end(model, weights={"conv.weight": by_hand})["levels"]
+    assert main(["validate", str(model), str(tmp_path / "foreign.gguf")]) == 0
+    assert "end-to-end worst output cosine" in capsys.readouterr().out

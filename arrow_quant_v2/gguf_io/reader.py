@@ -20,7 +20,7 @@ import numpy as np
 from ..config import DEFAULT_MIN_ACCURACY
 from ..errors import ArrowQuantError, ValidationError
 from ..kernels import rounding
-from ..metrics import COSINE_AGREEMENT, end_to_end_unavailable, figures, summarize
+from ..metrics import COSINE_AGREEMENT, figures, summarize
 from ..progress import CancelToken, ProgressEvent, ProgressSink
 from ..source import open_model
 from . import runtime
@@ -190,8 +190,16 @@ def _match_names(gf: GGUFFile, source, folder: Optional[Path]) -> Tuple[Dict[str
 
 
 def validate_gguf(original_path, gguf_path, *, min_accuracy: Optional[float] = None,
-                  progress: Optional[ProgressSink] = None, cancel: Optional[CancelToken] = None) -> dict:
-    """Compare every tensor of a GGUF file with the source model; the same report as a store's."""
+                  progress: Optional[ProgressSink] = None, cancel: Optional[CancelToken] = None,
+                  keep: Optional[Dict[str, np.ndarray]] = None, share: float = 1.0) -> dict:
+    """Compare every tensor of a GGUF file with the source model; the same per-layer report as a store's,
+    plus ``format``, ``architecture``, ``unmatched_gguf_tensors``, ``warnings`` and ``config`` (the
+    config this project recorded in the file, None for other files).
+
+    ``keep`` (if given) collects, under the source names and shapes, every tensor that differs
+    from the source, dequantized (what an end-to-end check puts into the network). Progress events
+    are those of the ``validate`` stage, whose ``fraction`` of the whole operation ends at ``share``.
+    """
     cancel = cancel or CancelToken()
     try:
         source = open_model(original_path)
@@ -209,6 +217,9 @@ def validate_gguf(original_path, gguf_path, *, min_accuracy: Optional[float] = N
     lossless = 0
     total = max(source.total_bytes, 1)
     done = 0
+    if progress is not None:  # at once, so nothing sits at "0 %" while the first tensor is read
+        progress(ProgressEvent(stage="validate", fraction=0.0, stage_fraction=0.0, tensors_total=len(mapping),
+                               bytes_total=total, message=f"per-layer check: {len(mapping)} tensors against the source"))
     for i, (name, gname) in enumerate(mapping.items()):
         cancel.check()
         info = source.tensors[name]
@@ -239,9 +250,12 @@ def validate_gguf(original_path, gguf_path, *, min_accuracy: Optional[float] = N
                                    shape=list(info.shape), numel=info.numel, bits_per_weight=size * 8 / block,
                                    reason=record.get(gname, {}).get("reason") or f"{t.tensor_type.name} in the GGUF",
                                    gguf_name=gname, threshold=need, passed=fig["cosine"] >= need)
+            if keep is not None:
+                keep[name] = y
         done += info.nbytes
         if progress is not None:
-            progress(ProgressEvent(stage="validate", fraction=min(done / total, 0.99), message=f"checking {name}",
+            progress(ProgressEvent(stage="validate", fraction=min(share * done / total, 0.99),
+                                   stage_fraction=done / total, message=f"per-layer check: {name}",
                                    tensor=name, tensors_done=i + 1, tensors_total=len(mapping),
                                    bytes_done=done, bytes_total=total))
     report = summarize(per_layer, num_tensors=len(mapping), source_bytes=source.total_bytes,
@@ -250,8 +264,14 @@ def validate_gguf(original_path, gguf_path, *, min_accuracy: Optional[float] = N
     report["architecture"] = gf.architecture
     report["unmatched_gguf_tensors"] = sorted(set(gf.tensors) - set(mapping.values()))
     report["warnings"] = list(target.warnings)
-    report["end_to_end"] = end_to_end_unavailable("not run for GGUF files (the per-tensor comparison above is)")
-    if progress is not None:
-        progress(ProgressEvent(stage="done", fraction=1.0, message="validation done", tensors_done=len(mapping),
-                               tensors_total=len(mapping), bytes_done=total, bytes_total=total))
+    report["config"] = _recorded_config(gf)
     return report
+
+
+def _recorded_config(gf: GGUFFile) -> Optional[dict]:
+    """The quantization config this project recorded in the file (``arrowquant.config``), else None."""
+    try:
+        value = json.loads(gf.value("arrowquant.config", "null"))
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
