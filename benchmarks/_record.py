@@ -9,6 +9,7 @@ after the run. The machine is shared: a high load average marks a figure as nois
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -38,9 +39,9 @@ def _cpu() -> str:
 
 
 def _version(module: str) -> str:
-    try:
-        return __import__(module).__version__
-    except Exception:  # noqa: BLE001 - absent or broken: recorded as such
+    try:  # the installed distribution's version: some packages (gguf) have no __version__
+        return importlib.metadata.version(module.replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
         return "absent"
 
 

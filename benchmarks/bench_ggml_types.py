@@ -17,17 +17,14 @@ and a heavy-tailed matrix (Student-t df 4 with a log-normal per-column scale spr
 ggml's library is loaded from ``$LLAMA_CPP_LIB`` (a folder holding ``libggml-base.so``,
 e.g. the ``llama_cpp/lib`` folder of an installed llama-cpp-python) or ``--lib``; without
 it only our figures are measured and the JSON says ggml was absent. Results:
-``benchmarks/results/ggml_types.json`` (machine, commit, versions, load average, raw numbers;
+``benchmarks/results/ggml_types.json`` (``_record.py``: machine, commit, versions, load average, raw numbers;
 speed is the best of ``--repeats`` runs, relF is deterministic).
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +36,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from arrow_quant_v2 import encodings as E  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import Record  # noqa: E402
 
 TYPES = ["q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_nl", "q5_1", "q5_0", "q4_0"]
 #: The issue's goals on the Gaussian matrix (relF), where it set one.
@@ -111,24 +111,16 @@ def ulps(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(ia - ib).max())
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1024x4096 matrices")
     ap.add_argument("--types", nargs="*", default=TYPES)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--lib", default=os.environ.get("LLAMA_CPP_LIB"), help="folder with libggml-base.so")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ggml_types.json"))
+    ap.add_argument("--out", default=None, help="folder for ggml_types.json (default benchmarks/results)")
     args = ap.parse_args(argv)
+    record = Record("ggml_types", argv, script="benchmarks/bench_ggml_types.py")
 
-    import numba
     from gguf import GGMLQuantizationType as T
 
     ggml = None
@@ -171,17 +163,11 @@ def main(argv=None) -> int:
                   f"{row.get('ggml_MBps_per_core', float('nan')):9.1f} "
                   f"{'exact' if row.get('ggml_decodes_ours_max_ulps') == 0 else row.get('ggml_decodes_ours_max_ulps', '-'):>9}",
                   flush=True)
-    meta = {
-        "benchmark": "bench_ggml_types", "commit": commit(), "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "loadavg_end": list(os.getloadavg()), "python": platform.python_version(),
-        "numpy": np.__version__, "numba": numba.__version__, "ggml_library": str(args.lib) if ggml else None,
-        "repeats": args.repeats, "speed_statistic": "best of repeats, CPU time of the quantizing thread",
-        "relF": "||W - W_hat||_F / ||W||_F in float64", "goals_gaussian": GOALS,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(f"\nwrote {out}")
+    record.write({"rows": results, "goals_gaussian": GOALS, "ggml_library": str(args.lib) if ggml else None,
+                  "relF": "||W - W_hat||_F / ||W||_F in float64"},
+                 repeats=args.repeats, out_dir=args.out,
+                 statistic="relF: one deterministic run per type and matrix; speed: best of `repeats` runs, "
+                           "CPU time of the quantizing thread (MB of float32 input per CPU-second)")
     return 0
 
 

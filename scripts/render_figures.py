@@ -192,6 +192,71 @@ def render_many_tensors(results_dir: Path = RESULTS) -> str:
             f"process; {after['statistic']}. Raw numbers: `benchmarks/results/many_tensors.json` and "
             f"`many_tensors_before.json`.*\n")
 
+# --------------------------------------------------------------------------- ggml block types
+
+def render_ggml_types(results_dir: Path = RESULTS) -> str:
+    r = result("ggml_types", results_dir)
+    rows, goals = r["results"]["rows"], r["results"]["goals_gaussian"]
+    by = {(row["matrix"], row["type"]): row for row in rows}
+    types = list(dict.fromkeys(row["type"] for row in rows))
+    has_ggml = all("ggml_relF" in row for row in rows)
+
+    def rel(row: dict) -> str:
+        ours = f"**{row['ours_relF']:.5f}**" if has_ggml and row["ours_relF"] < min(
+            row["ggml_relF"], row["ggml_flat_imatrix_relF"]) else f"{row['ours_relF']:.5f}"
+        return f"{ours} / {row['ggml_relF']:.5f} / {row['ggml_flat_imatrix_relF']:.5f}" if has_ggml else ours
+
+    lines = ["| type | bpw | relF Gaussian: ours / ggml / ggml + flat imatrix | goal | "
+             "relF heavy-tailed: ours / ggml / ggml + flat imatrix | MB per CPU-second: ours / ggml (Gaussian) |",
+             "|---|---|---|---|---|---|"]
+    for t in types:
+        g, h = by[("gaussian", t)], by[("student_t_col_spread", t)]
+        goal = goals.get(g["encoding"])
+        goal_cell = "—" if goal is None else f"{goal} {'✓' if g['ours_relF'] <= goal else '✗'}"
+        speed = f"{g['ours_MBps_per_core']:.0f} / {g['ggml_MBps_per_core']:.0f}" if has_ggml else f"{g['ours_MBps_per_core']:.0f}"
+        lines.append(f"| {t} | {g['bpw']:g} | {rel(g)} | {goal_cell} | {rel(h)} | {speed} |")
+    beaten = has_ggml and all(row["ours_relF"] < min(row["ggml_relF"], row["ggml_flat_imatrix_relF"]) for row in rows)
+    exact = has_ggml and all(row["ggml_decodes_ours_max_ulps"] == 0 for row in rows)
+    g = rows[0]
+    text = "\n".join(lines) + "\n\n"
+    text += (f"Matrices {g['rows']}×{g['cols']} float32: Gaussian σ=0.02, and Student-t (df 4) with a log-normal "
+             "per-column scale spread. Bold: lower than ggml's reference both without and with a flat importance "
+             "matrix" + ("; it is so at every type on both matrices" if beaten else "") + ". "
+             + ("ggml's own dequantizer decodes our bytes to exactly our values at every type. " if exact else "")
+             + "Speed is MB of float32 input per CPU-second of the quantizing thread (what one core gives; the "
+             "other load on the machine is not counted).\n\n" + provenance(r) + "\n")
+    return text
+
+# --------------------------------------------------------------------------- cluster
+
+def render_cluster(results_dir: Path = RESULTS) -> str:
+    r = result("cluster", results_dir)
+
+    def loads(part: dict) -> str:
+        values = [x for side in part.values() if isinstance(side, dict) and "runs" in side
+                  for run in side["runs"] for x in (run["loadavg_before"][0], run["loadavg_after"][0])]
+        return f"{min(values):.1f}–{max(values):.1f}"
+
+    def sentence(part: dict, serial: str, parallel: str, what: str, baseline: str) -> str:
+        a, b = part[serial], part[parallel]
+        met = "met" if part["ratio_median"] <= part["target"] else "not met"
+        return (f"{what}: {b['median_wall_s']:.1f} s against {a['median_wall_s']:.1f} s {baseline} "
+                f"(**{part['ratio_median']:.2f}×**, median of {part['complete_pairs']} pair"
+                f"{'s' if part['complete_pairs'] != 1 else ''}; target ≤ {part['target']}×: {met}), peak RSS "
+                f"{b['peak_rss_mib_per_worker_max']:.0f} MiB per worker (load average {loads(part)}, "
+                f"commit {part['run']['commit'][:10]})")
+
+    fleet, big = r["fleet"], r["big_model"]
+    return ("LocalCluster of one-thread workers on this 2-core machine: "
+            + sentence(fleet, "one_worker_one_after_the_other", "two_workers_fleet",
+                       f"{fleet['models']} models ({fleet['source_mib_per_model']:.0f} MiB BF16 each, "
+                       f"{fleet['config']}) as a fleet on 2 workers", "one after the other on 1 worker")
+            + "; "
+            + sentence(big, "one_worker", "two_workers",
+                       f"a {big['source_mib']:.0f} MiB model ({big['config']}) split over 2 workers", "on 1 worker")
+            + ".\n\n*Measured by `python benchmarks/bench_cluster.py`; "
+            + f"{r['statistic']}. Raw numbers, every run with its load: `benchmarks/results/cluster.json`.*\n")
+
 
 RENDERERS: Dict[str, Callable[..., str]] = {
     "profiles": render_profiles,
@@ -200,6 +265,8 @@ RENDERERS: Dict[str, Callable[..., str]] = {
     "memory": render_memory,
     "async": render_async,
     "many_tensors": render_many_tensors,
+    "ggml_types": render_ggml_types,
+    "cluster": render_cluster,
 }
 
 
