@@ -116,19 +116,41 @@ def test_worker_slots_are_first_come_first_served_per_worker():
 
         first = await slots.acquire(80, never)
         second = await slots.acquire(80, never)
-        assert {first[0], second[0]} == {"a", "b"}  # the byte budget sends the second job to the other worker
+        assert {first.address, second.address} == {"a", "b"}  # the byte budget sends the second job elsewhere
         big = asyncio.ensure_future(slots.acquire(500, never))  # capped at a worker's budget: runs alone
         small = asyncio.ensure_future(slots.acquire(10, never))  # fits now, but waits behind the big one
         await asyncio.sleep(0)
         assert not big.done() and not small.done()
-        slots.release(*first)
-        assert (await big) == (first[0], 100)
+        slots.release(first)
+        assert ((await big).address, big.result().units) == (first.address, 100)
         await asyncio.sleep(0)
-        assert small.done() and small.result()[0] == second[0]
+        assert small.done() and small.result().address == second.address
         slots.update({"a": {"nthreads": 1, "memory_limit": 0}})  # worker b left: nothing new goes there
-        slots.release(*small.result())
-        slots.release(*second)
+        slots.release(small.result())
+        slots.release(second)
         assert "b" not in slots.workers
+
+    asyncio.run(scenario())
+
+
+def test_a_job_rerun_after_its_worker_died_counts_where_it_runs_not_against_the_dead_worker():
+    async def scenario():
+        slots = runner.WorkerSlots(jobs_per_worker=1, bytes_per_worker=100)
+        two = {"a": {"nthreads": 1, "memory_limit": 0}, "b": {"nthreads": 1, "memory_limit": 0}}
+        slots.update(two)
+        job = await slots.acquire(60, None)
+        dead = job.address
+        alive = "b" if dead == "a" else "a"
+        slots.update({alive: two[alive]})  # its worker died ...
+        slots.update(two)  # ... and a new one came back at the same address (a fixed port): it is free
+        assert (slots.workers[dead].jobs_used, slots.workers[dead].bytes_used) == (0, 0)
+        slots.moved(job, alive)  # the scheduler reran the job on the other worker
+        assert (slots.workers[alive].jobs_used, slots.workers[alive].bytes_used) == (1, 60)
+        other = await slots.acquire(60, None)
+        assert other.address == dead  # the new worker takes the next job; the busy one does not
+        slots.release(job)
+        slots.release(other)
+        assert all((w.jobs_used, w.bytes_used) == (0, 0) for w in slots.workers.values())
 
     asyncio.run(scenario())
 
@@ -233,6 +255,14 @@ def test_cluster_argument_is_checked(cluster):
         AsyncArrowQuantV2(cluster=cluster)
 
 
+async def test_an_asynchronous_client_is_refused_with_a_typed_error(client):
+    async with distributed.Client(client.scheduler.address, asynchronous=True, set_as_default=False) as aclient:
+        with pytest.raises(ConfigurationError, match="asynchronous=True"):
+            AsyncArrowQuantV2(cluster=aclient)
+        with pytest.raises(ConfigurationError, match="asynchronous=True"):  # off its loop too
+            await asyncio.to_thread(runner.connect_client, aclient)
+
+
 def test_executor_and_cluster_are_exclusive():
     import concurrent.futures
 
@@ -312,8 +342,13 @@ async def test_cancelling_a_split_model_stops_every_worker_and_removes_partial_o
 
 
 async def test_a_worker_killed_mid_model_is_retried_elsewhere_and_the_store_is_identical(medium, tmp_path,
-                                                                                          small_parts):
-    """SIGKILL one worker while it quantizes a part, once at least one part is written."""
+                                                                                          small_parts, monkeypatch):
+    """SIGKILL one worker while it quantizes a part, once at least one part is written; the
+    rerun counts against the bounds of the worker it runs on, and every bound is given back."""
+    moves = []
+    moved = runner.WorkerSlots.moved
+    monkeypatch.setattr(runner.WorkerSlots, "moved",
+                        lambda self, lease, address: (moves.append((lease.address, address)), moved(self, lease, address)))
     quantize_model(medium, tmp_path / "local", SHARDED)
     marker = tmp_path / "kill-once"
     marker.touch()
@@ -340,13 +375,17 @@ async def test_a_worker_killed_mid_model_is_retried_elsewhere_and_the_store_is_i
         engine.QuantizeJob._write = write_then_maybe_die
 
     with local_cluster() as cluster, distributed.Client(cluster, set_as_default=False) as c:
-        before = set(c.run(lambda: __import__("os").getpid()).values())
+        before = c.run(lambda: __import__("os").getpid())
         c.run(arm, str(marker))
         async with AsyncArrowQuantV2(cluster=c, progress_interval=0) as quantizer:
             result = await quantizer.quantize_diffusion_model_async(medium, tmp_path / "split", SHARDED,
                                                                     on_event=lambda e: None, split_across_workers=True)
-        after = set(c.run(lambda: __import__("os").getpid()).values())
-    assert not marker.exists() and len(before - after) == 1  # one worker died (and was replaced)
+            slots = quantizer.cluster.slots()
+            assert all((w.jobs_used, w.bytes_used) == (0, 0) for w in slots.workers.values())
+        after = c.run(lambda: __import__("os").getpid())
+    dead = set(before) - set(after)
+    assert not marker.exists() and len(dead) == 1  # one worker died (and was replaced)
+    assert dead.isdisjoint(slots.workers) and any(src in dead and dst not in dead for src, dst in moves)
     assert result["cluster"]["part_runs"] == result["cluster"]["parts"] + 1  # only its part ran again
     assert store_fingerprint(tmp_path / "split") == store_fingerprint(tmp_path / "local")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "split"]
@@ -361,6 +400,9 @@ async def test_the_app_runs_new_jobs_on_the_chosen_cluster_and_lists_its_workers
     from arrow_quant_v2.ui.jobs import JobManager
     from arrow_quant_v2.ui.library import ModelLibrary
 
+    def clients_of_the_scheduler() -> set:
+        return set(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.clients)))
+
     manager = JobManager(ModelLibrary([fleet[0].parent], include_samples=False), output_root=tmp_path / "out",
                          progress_interval=0.01, scan_outputs=False)
     place = manager.compute
@@ -368,19 +410,29 @@ async def test_the_app_runs_new_jobs_on_the_chosen_cluster_and_lists_its_workers
     assert await place.apply()
     assert sorted(w["address"] for w in place.workers) == sorted(client.scheduler_info()["workers"])
     assert place.active == f"{DASK} at {client.scheduler.address}" and "2 workers" in place.status
+    apps_client = manager.quantizer.cluster.client().id
+    assert apps_client in clients_of_the_scheduler()
     with distributed.get_task_stream(client=client) as stream:
-        job = await manager.run("m1", INT4)
+        job = manager.submit("m1", INT4)
+        while not job.stage and not job._task.done():  # its first event: it runs on the cluster
+            await asyncio.sleep(0.01)
+
+        monkeypatch.setattr(runner, "CONNECT_TIMEOUT_S", 1)
+        place.address = "tcp://127.0.0.1:9"  # nobody there: the last good choice stays
+        assert not await place.apply()
+        assert place.status.startswith("cannot use tcp://127.0.0.1:9") and place.active.startswith(DASK)
+        place.where = THIS_MACHINE  # while the job may still run: it finishes on the cluster
+        assert await place.apply() and place.workers == [] and manager.quantizer.cluster is None
+        await manager.wait(job)
     assert job.status == "done", job.error
     assert {t["key"].rsplit("-", 1)[0] for t in stream.data} >= {"quantize_model", "validate_store"}
     assert store_fingerprint(Path(job.output_path)) == store_fingerprint(
         Path(quantize_model(fleet[1], tmp_path / "local", INT4)["quantized_path"]))
-
-    monkeypatch.setattr(runner, "CONNECT_TIMEOUT_S", 1)
-    place.address = "tcp://127.0.0.1:9"  # nobody there: the last good choice stays
-    assert not await place.apply()
-    assert place.status.startswith("cannot use tcp://127.0.0.1:9") and place.active.startswith(DASK)
-    place.where = THIS_MACHINE
-    assert await place.apply() and place.workers == [] and manager.quantizer.cluster is None
+    for _ in range(100):  # the cluster's connection is closed once its job ended (off the loop)
+        if apps_client not in clients_of_the_scheduler():
+            break
+        await asyncio.sleep(0.05)
+    assert apps_client not in clients_of_the_scheduler()
     manager.quantizer.close()
 
 

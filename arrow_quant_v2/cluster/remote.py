@@ -35,6 +35,7 @@ def run_job(fn: Callable[..., Any], job_id: str, topic: str, interval: float) ->
     watcher = threading.Thread(target=_watch_cancel, args=(get_client(), job_id, token, finished),
                                name=f"aq-cancel-{job_id[:8]}", daemon=True)
     watcher.start()
+    worker.log_event(topic, {"job": job_id, "started_on": worker.address})  # a rerun elsewhere moves the bounds
     throttle = Throttle(interval)
     numbers = itertools.count()
 

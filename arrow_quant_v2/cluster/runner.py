@@ -42,9 +42,7 @@ def connect_client(cluster):
     scheduler answers."""
     distributed = import_distributed()
     if isinstance(cluster, distributed.Client):
-        if cluster.asynchronous:
-            raise ConfigurationError("cluster= got an asynchronous distributed.Client; allowed: a synchronous "
-                                     "Client (the default) or a scheduler address")
+        check_cluster(cluster)
         if cluster.status in ("closing", "closed"):
             raise ClusterError(f"cluster= got a closed distributed.Client ({cluster.scheduler.address}); open a new one")
         return cluster, False
@@ -60,6 +58,9 @@ def check_cluster(cluster) -> None:
     """Refuse anything but a Client or an address, before any connection is made."""
     distributed = import_distributed()
     if isinstance(cluster, distributed.Client):
+        if cluster.asynchronous or getattr(cluster, "_asynchronous", False):  # the property is False off its loop
+            raise ConfigurationError("cluster= got an asynchronous distributed.Client (asynchronous=True); allowed: "
+                                     "a synchronous Client (the default) or a scheduler address")
         return
     if not isinstance(cluster, str) or ":" not in cluster:
         raise ConfigurationError(f"cluster={cluster!r} is not allowed; allowed: a distributed.Client, a scheduler "
@@ -69,7 +70,7 @@ def check_cluster(cluster) -> None:
 # -- per-worker bounds -------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity: a worker back at the same address is another one
 class _Worker:
     jobs: int  # job slots
     nbytes: int  # byte budget
@@ -79,6 +80,14 @@ class _Worker:
 
     def fits(self, nbytes: int) -> bool:
         return not self.gone and self.jobs_used < self.jobs and self.bytes_used + min(nbytes, self.nbytes) <= self.nbytes
+
+
+@dataclasses.dataclass(eq=False)
+class Lease:
+    """One job's hold on one worker's bounds: a job slot and ``units`` bytes of its budget."""
+    address: str
+    worker: _Worker
+    units: int
 
 
 class WorkerSlots:
@@ -118,15 +127,15 @@ class WorkerSlots:
         fitting = [(w.jobs_used / w.jobs, w.bytes_used / w.nbytes, a) for a, w in self.workers.items() if w.fits(nbytes)]
         return min(fitting)[2] if fitting else None
 
-    def _take(self, address: str, nbytes: int) -> Tuple[str, int]:
+    def _take(self, address: str, nbytes: int) -> "Lease":
         worker = self.workers[address]
-        units = min(nbytes, worker.nbytes)
+        lease = Lease(address, worker, min(nbytes, worker.nbytes))
         worker.jobs_used += 1
-        worker.bytes_used += units
-        return address, units
+        worker.bytes_used += lease.units
+        return lease
 
-    async def acquire(self, nbytes: int, refresh: Callable[[], Awaitable[None]]) -> Tuple[str, int]:
-        """Wait for a worker that can hold a job of ``nbytes``; returns ``(address, units taken)``."""
+    async def acquire(self, nbytes: int, refresh: Callable[[], Awaitable[None]]) -> "Lease":
+        """Wait for a worker that can hold a job of ``nbytes``; returns the job's :class:`Lease`."""
         if not self.would_wait(nbytes):
             return self._take(self._pick(nbytes), nbytes)
         fut = asyncio.get_running_loop().create_future()
@@ -140,7 +149,7 @@ class WorkerSlots:
                     await refresh()  # a worker may have joined (or left)
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
-                self.release(*fut.result())
+                self.release(fut.result())
             else:
                 try:
                     self._waiters.remove(entry)
@@ -149,14 +158,26 @@ class WorkerSlots:
                 self._wake()
             raise
 
-    def release(self, address: str, units: int) -> None:
-        worker = self.workers.get(address)
-        if worker is not None:
-            worker.jobs_used -= 1
-            worker.bytes_used -= units
-            if worker.gone and not worker.jobs_used:
-                del self.workers[address]
+    def release(self, lease: "Lease") -> None:
+        """Give back what ``lease`` holds, on the worker it holds it on (a worker that left and
+        came back at the same address is a new worker: the old lease is not taken from it)."""
+        worker = lease.worker
+        worker.jobs_used -= 1
+        worker.bytes_used -= lease.units
+        if worker.gone and not worker.jobs_used and self.workers.get(lease.address) is worker:
+            del self.workers[lease.address]
         self._wake()
+
+    def moved(self, lease: "Lease", address: str) -> None:
+        """The job of ``lease`` runs on ``address`` now (the scheduler reran it there after its
+        worker died): it counts against that worker's bounds from now on, not the dead one's."""
+        worker = self.workers.get(address)
+        if worker is None or worker is lease.worker:
+            return
+        self.release(lease)
+        lease.address, lease.worker = address, worker
+        worker.jobs_used += 1  # it runs there already: over the bound, if need be, until it ends
+        worker.bytes_used += lease.units
 
     def describe(self) -> str:
         return ", ".join(f"{a}: {w.jobs_used}/{w.jobs} jobs, {w.bytes_used / 2**20:.0f}/{w.nbytes / 2**20:.0f} MiB"
@@ -187,10 +208,13 @@ class ClusterRunner:
         self._client = None
         self._owns_client = False
         self._connect_lock = threading.Lock()
+        self._jobs = 0  # jobs running now (under _connect_lock: loops of several threads may run jobs)
+        self._retired = False
         self.jobs_per_worker = jobs_per_worker
         self.bytes_per_worker = bytes_per_worker
         self.topic = f"arrow-quant-progress-{uuid.uuid4().hex}"
-        self._routes: Dict[str, Callable[[dict], None]] = {}
+        self._routes: Dict[str, Callable[[dict], None]] = {}  # job id -> its progress route
+        self._leases: Dict[str, Tuple[asyncio.AbstractEventLoop, WorkerSlots, Lease]] = {}  # job id -> its bounds
         self._slots: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WorkerSlots]" = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
@@ -234,14 +258,64 @@ class ClusterRunner:
                     self._client.close()
                 self._client = None
 
+    def retire(self) -> None:
+        """Close (as :meth:`close`) once the jobs running now have finished, and again after any
+        later job: the app calls it when the user chooses another place for new jobs."""
+        with self._connect_lock:
+            self._retired = True
+            idle = not self._jobs
+        if idle:
+            self.close()
+
+    def _job_started(self) -> None:
+        with self._connect_lock:
+            self._jobs += 1
+
+    def _job_ended(self) -> None:
+        with self._connect_lock:
+            self._jobs -= 1
+            last = self._retired and not self._jobs
+        if last:  # closing blocks: off the loop, and nobody waits for it
+            asyncio.get_running_loop().run_in_executor(None, self.close)
+
     def _on_event(self, item) -> None:
-        """Called by the client for each event on our topic: ``(timestamp, message)``."""
+        """Called by the client for each event on our topic: ``(timestamp, message)``: a job's
+        progress, or the worker it started on (a rerun moves its bounds there)."""
         _, msg = item
-        route = self._routes.get(msg.get("job")) if isinstance(msg, dict) else None
+        if not isinstance(msg, dict):
+            return
+        if "started_on" in msg:
+            placed = self._leases.get(msg.get("job"))
+            if placed is not None:
+                loop, slots, lease = placed
+                try:
+                    loop.call_soon_threadsafe(self._moved, slots, lease, msg["started_on"])
+                except RuntimeError:  # the caller's loop is closed
+                    pass
+            return
+        route = self._routes.get(msg.get("job"))
         if route is not None:
             route(msg)
 
     # -- bounds --------------------------------------------------------------------------------
+
+    def _moved(self, slots: WorkerSlots, lease: Lease, address: str) -> None:
+        """On the caller's loop: the job of ``lease`` started on ``address``."""
+        if address == lease.address:
+            return
+        if address in slots.workers:
+            slots.moved(lease, address)
+            return
+
+        async def learn_then_move() -> None:  # a worker that joined since the last look
+            try:
+                await self._refresh(slots)
+            except ClusterError:
+                return
+            if lease.worker.jobs_used:  # still running
+                slots.moved(lease, address)
+
+        asyncio.ensure_future(learn_then_move())
 
     def slots(self) -> WorkerSlots:
         loop = asyncio.get_running_loop()
@@ -265,8 +339,8 @@ class ClusterRunner:
         await self._refresh(slots)
         return {a: w for a, w in slots.workers.items() if not w.gone}
 
-    async def place(self, nbytes: int, queued: Callable[[str], None]) -> Tuple[str, int]:
-        """Wait for a worker with a free job slot and ``nbytes`` of budget; ``(address, units)``."""
+    async def place(self, nbytes: int, queued: Callable[[str], None]) -> Lease:
+        """Wait for a worker with a free job slot and ``nbytes`` of budget; the job's lease."""
         slots = self.slots()
         await asyncio.to_thread(self.client)
         await self._refresh(slots)
@@ -282,6 +356,14 @@ class ClusterRunner:
         ``channel`` (the job's progress channel, delivering on the caller's loop), the final one
         included. With ``split`` (``fn`` is then a ``quantize_model`` call; ``None``: models above
         :data:`.split.SPLIT_ABOVE_BYTES`) the model is split across the workers (:mod:`.split`)."""
+        self._job_started()
+        try:
+            return await self._run_job(fn, nbytes=nbytes, channel=channel, queued=queued, split=split)
+        finally:
+            self._job_ended()
+
+    async def _run_job(self, fn: Callable[..., Any], *, nbytes: int, channel, queued: Callable[[str], None],
+                       split: Optional[bool]) -> Any:
         from . import split as splitting
 
         if split or (split is None and nbytes > splitting.SPLIT_ABOVE_BYTES):
@@ -307,16 +389,20 @@ class ClusterRunner:
         """Place a task (per-worker bounds), run ``fn(progress=, cancel=)`` there and return its
         result; its throttled events go to ``on_event`` on the caller's loop. Cancelling the
         awaiting task cancels the work on the worker and waits until it has stopped."""
-        address, units = await self.place(nbytes, queued)
+        slots = self.slots()
+        lease = await self.place(nbytes, queued)
+        job_id = uuid.uuid4().hex
+        self._leases[job_id] = (asyncio.get_running_loop(), slots, lease)
         try:
-            return await self._submit(fn, on_event=on_event, interval=interval, worker=address, name=name)
+            return await self._submit(fn, job_id, on_event=on_event, interval=interval, worker=lease.address,
+                                      name=name)
         finally:
-            self.slots().release(address, units)
+            self._leases.pop(job_id, None)
+            slots.release(lease)
 
-    async def _submit(self, fn, *, on_event, interval: float, worker: Optional[str], name: str) -> Any:
+    async def _submit(self, fn, job_id: str, *, on_event, interval: float, worker: Optional[str], name: str) -> Any:
         loop = asyncio.get_running_loop()
         client = await asyncio.to_thread(self.client)
-        job_id = uuid.uuid4().hex
 
         def route(msg: dict) -> None:  # on the client's thread
             fields = dict(msg["event"], time=time.monotonic())  # the worker's clock means nothing here

@@ -3,7 +3,7 @@
 One :class:`ComputePlace` per :class:`~arrow_quant_v2.ui.jobs.JobManager` (so every browser
 tab sees the same choice). Applying a cluster connects to its scheduler off the event loop,
 lists its workers, and from then on the manager's new jobs run there; jobs already running
-finish where they started.
+finish where they started, and the connection to the cluster chosen before is closed once they have.
 """
 from __future__ import annotations
 
@@ -34,11 +34,20 @@ class ComputePlace(param.Parameterized):
         super().__init__(**params)
         self._install = install
         self._progress_interval = progress_interval
+        self._cluster_quantizer: Optional[Any] = None  # the one made for the cluster in use, if any
+
+    async def _use(self, quantizer: Optional[Any]) -> None:
+        """Install ``quantizer`` for new jobs; the cluster connection made before is closed once
+        its running jobs end (a user switching places must not leave a client open per switch)."""
+        self._install(quantizer)
+        old, self._cluster_quantizer = self._cluster_quantizer, quantizer
+        if old is not None and old is not quantizer:
+            await asyncio.to_thread(old.cluster.retire)
 
     async def apply(self) -> bool:
         """Use the current choice for new jobs; True if it took (a bad address leaves the last one)."""
         if self.where == THIS_MACHINE:
-            self._install(None)
+            await self._use(None)
             self.param.update(workers=[], active=THIS_MACHINE, status="jobs run on this machine")
             return True
         address = self.address.strip()
@@ -48,13 +57,16 @@ class ComputePlace(param.Parameterized):
         from ..aio import AsyncArrowQuantV2
 
         self.param.update(busy=True, status=f"connecting to {address}…")
+        quantizer = None
         try:
             quantizer = AsyncArrowQuantV2(cluster=address, progress_interval=self._progress_interval)
             workers: List[dict] = await asyncio.to_thread(quantizer.cluster.workers)
         except (ArrowQuantError, OSError) as e:
+            if quantizer is not None:  # it may have connected before the worker list failed
+                await asyncio.to_thread(quantizer.close)
             self.param.update(busy=False, status=f"cannot use {address}: {e}")
             return False
-        self._install(quantizer)
+        await self._use(quantizer)
         threads = sum(w.get("nthreads") or 0 for w in workers)
         self.param.update(busy=False, workers=workers, active=f"{DASK} at {address}",
                           status=f"jobs run on the Dask cluster at {address}: {len(workers)} workers, {threads} threads")
