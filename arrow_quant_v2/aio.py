@@ -615,7 +615,7 @@ class AsyncArrowQuantV2:
 
         ``format`` is ``"gguf"`` or ``"safetensors"`` (None: from the suffix, ``.gguf`` -> GGUF);
         ``dtype`` is the float type of a safetensors export. Progress and cancellation work as
-        for a quantization (a GGUF export stops at the next tensor and leaves nothing behind).
+        for a quantization (an export stops at the next tensor and leaves nothing behind).
         Returns the dict of :func:`arrow_quant_v2.export.export_store`. Raises
         :class:`ExportError`, :class:`OutputError`, :class:`ConfigurationError` or
         :class:`ValidationError` (not a store), or ``asyncio.CancelledError``.

@@ -2,7 +2,8 @@
 
 ``export_store`` backs ``arrow-quant export``, ``AsyncArrowQuantV2.export_async`` and the app's
 Export actions: GGUF (:meth:`QuantizedModel.to_gguf`, lossless, for llama.cpp / ComfyUI-GGUF /
-diffusers) or a folder of dequantized safetensors (:meth:`QuantizedModel.to_safetensors`).
+diffusers) or a folder of dequantized safetensors (:meth:`QuantizedModel.to_safetensors`). Both
+stop at the next tensor when cancelled and leave nothing behind.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def export_store(store_path, output, *, format: Optional[str] = None, dtype: Opt
     cancel.check()
     if progress is not None:
         progress(ProgressEvent(stage="export", fraction=0.0, message=f"exporting {Path(output).name} ({dtype})"))
-    out = Path(store.to_safetensors(output, dtype=dtype))
+    out = Path(store.to_safetensors(output, dtype=dtype, progress=progress, cancel=cancel))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     if progress is not None:
         progress(ProgressEvent(stage="done", fraction=1.0, message=f"exported {out.name}"))

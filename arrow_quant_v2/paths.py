@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from typing import List
 
 import platformdirs
 
@@ -34,3 +36,32 @@ def output_root() -> Path:
     if env:
         return Path(env).expanduser()
     return platformdirs.user_data_path(APP_NAME, appauthor=False) / "outputs"
+
+
+def export_temporary(out: Path) -> Path:
+    """A fresh hidden name beside ``out`` for an export being written (a file or a folder):
+    ``.<out>.<pid>.<8 hex>.tmp``, renamed to ``out`` only when complete."""
+    return out.parent / f".{out.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+
+
+def stale_export_temporaries(out: Path) -> List[Path]:
+    """Temporaries of earlier exports to ``out`` (named by :func:`export_temporary`) whose process is gone."""
+    stale = []
+    for tmp in out.parent.glob(f".{out.name}.*.tmp"):
+        try:
+            pid = int(tmp.name[len(out.name) + 2:].split(".")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            stale.append(tmp)
+        except (ValueError, PermissionError, OSError):
+            continue
+    return stale
+
+
+def remove_stale_export_temporaries(out: Path) -> None:
+    """Remove what :func:`stale_export_temporaries` finds (a killed export's file or folder)."""
+    for tmp in stale_export_temporaries(out):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)

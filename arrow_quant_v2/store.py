@@ -731,7 +731,7 @@ class QuantizedModel:
             for e in self.tensors.values()
         ]
 
-    def to_safetensors(self, path, dtype: str = "float16") -> Path:
+    def to_safetensors(self, path, dtype: str = "float16", *, progress=None, cancel=None) -> Path:
         """Export a dequantized safetensors model (same file layout as the source) into folder ``path``.
 
         Quantized tensors are written in ``dtype`` (float16, bfloat16 or float32);
@@ -740,50 +740,92 @@ class QuantizedModel:
         checked to stay inside ``path`` after resolving symlinks; an extra file that is a
         symlink is copied as the file it points to only if that lies inside the store.
 
+        The folder is written as a hidden temporary beside ``path`` and renamed into place when
+        complete: an export that fails, or that ``cancel`` (a
+        :class:`~arrow_quant_v2.progress.CancelToken`, checked before each tensor) stops, leaves
+        nothing; a killed one leaves the temporary, which the next export to ``path`` removes.
+        ``progress`` receives an ``export`` event per tensor.
+
         Returns:
             The new folder's path.
 
         Raises:
             ValueError: an unknown ``dtype``.
-            OutputError: ``path`` already exists.
+            OutputError: ``path`` already exists, or cannot be written.
             StoreFormatError: the store names a file that would land outside ``path``,
                 twice, or outside the store.
+            Cancelled: ``cancel`` was set.
         """
-        from .safetensors_writer import TensorSpec, float32_to_bf16_bits, write_safetensors
+        from .paths import export_temporary, remove_stale_export_temporaries
+        from .safetensors_writer import float32_to_bf16_bits
 
         target = {"float16": ("F16", lambda a: a.astype(np.float16)),
                   "bfloat16": ("BF16", float32_to_bf16_bits),
                   "float32": ("F32", lambda a: a.astype(np.float32))}
         if dtype not in target:
             raise ValueError(f"dtype={dtype!r} is not allowed; allowed: {', '.join(target)}")
-        st_dtype, convert = target[dtype]
         out = Path(path)
         if out.exists() or out.is_symlink():
             raise OutputError(f"{out}: already exists; choose another folder")
-        out.mkdir(parents=True)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_export_temporaries(out)
+            tmp = export_temporary(out)
+            tmp.mkdir()
+        except OSError as e:
+            raise OutputError(f"{out}: cannot create the export folder ({e.strerror or e})") from None
+        try:
+            self._write_safetensors_export(tmp, target[dtype], progress, cancel)
+            if out.exists() or out.is_symlink():
+                raise OutputError(f"{out}: appeared while exporting; nothing was overwritten")
+            os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    def _write_safetensors_export(self, out: Path, dtype_and_convert, progress, cancel) -> None:
+        """Write :meth:`to_safetensors`' files into the (temporary) folder ``out``."""
+        from .progress import ProgressEvent
+        from .safetensors_writer import TensorSpec, write_safetensors
+
+        st_dtype, convert = dtype_and_convert
+        entries = list(self.tensors.values())
+        total = max(sum(e.numel for e in entries), 1)
+        count = {"tensors": 0, "elements": 0}
+
+        def produce(e: TensorEntry) -> np.ndarray:
+            if cancel is not None:
+                cancel.check()
+            data = convert(self.dequantize(e.name)) if e.quantized else self.raw(e.name)
+            count["tensors"] += 1
+            count["elements"] += e.numel
+            if progress is not None:
+                progress(ProgressEvent(stage="export", fraction=min(count["elements"] / total, 0.99), tensor=e.name,
+                                       message=f"exporting {e.name} [{count['tensors']}/{len(entries)}]",
+                                       tensors_done=count["tensors"], tensors_total=len(entries)))
+            return data
+
         by_file: Dict[str, List[TensorEntry]] = {}
-        for e in self.tensors.values():
+        for e in entries:
             by_file.setdefault(e.source_file, []).append(e)
-        for rel, entries in by_file.items():
-            specs = []
-            for e in entries:
-                key = e.name.split("/", 1)[-1] if "/" in rel else e.name
-                if e.quantized:
-                    specs.append(TensorSpec(key, st_dtype, e.shape, lambda e=e: convert(self.dequantize(e.name))))
-                else:
-                    specs.append(TensorSpec(key, e.dtype, e.shape, lambda e=e: self.raw(e.name)))
+        for rel, group in by_file.items():
+            specs = [TensorSpec(e.name.split("/", 1)[-1] if "/" in rel else e.name,
+                                st_dtype if e.quantized else e.dtype, e.shape, lambda e=e: produce(e))
+                     for e in group]
             write_safetensors(self._export_path(out, rel, "source_file"), specs,
                               metadata={"format": "pt", "dequantized_from": "arrowquant"})
         if len(by_file) > 1 and all("/" not in rel for rel in by_file):
-            index = {"metadata": {}, "weight_map": {e.name: e.source_file for e in self.tensors.values()}}
+            index = {"metadata": {}, "weight_map": {e.name: e.source_file for e in entries}}
             self._export_path(out, INDEX_NAME, "extra_files").write_text(json.dumps(index, indent=1))
         for rel in self.manifest.get("extra_files", []):
+            if cancel is not None:
+                cancel.check()
             src = self.path / rel
             if not src.is_file():
                 continue  # listed but not shipped: nothing to copy
             src = storecheck.inside(self.path, rel, self.path, "extra_files[]")
             shutil.copyfile(src, self._export_path(out, rel, "extra_files[]"))
-        return out
 
     def _export_path(self, out: Path, rel: str, field: str) -> Path:
         """Where an export writes ``rel``: a new file inside ``out``, its folders created and the
@@ -796,7 +838,7 @@ class QuantizedModel:
             raise StoreFormatError(self.path, field, f"{rel!r} cannot be created in the export ({e.strerror})") from None
         real_out = out.resolve()
         if real_out != dest.parent.resolve() and real_out not in dest.parent.resolve().parents:
-            raise StoreFormatError(self.path, field, f"{rel!r} would be written outside {out}")
+            raise StoreFormatError(self.path, field, f"{rel!r} would be written outside the export folder")
         if dest.exists() or dest.is_symlink():
             raise StoreFormatError(self.path, field, f"{rel!r} is written twice by this export")
         return dest

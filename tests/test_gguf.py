@@ -165,18 +165,41 @@ def progress(event):
     seen.append(event)
     if len(seen) == 5:
         os.kill(os.getpid(), signal.SIGKILL)
-load_quantized({store!r}).to_gguf({out!r}, progress=progress)
+getattr(load_quantized({store!r}), {method!r})({out!r}, progress=progress)
 """
 
 
-def test_killed_export_leaves_nothing_that_looks_finished(q8_store, tmp_path):
-    out = tmp_path / "killed.gguf"
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), store=str(q8_store.path), out=str(out))
+@pytest.mark.parametrize("method, name", [("to_gguf", "killed.gguf"), ("to_safetensors", "killed")])
+def test_killed_export_leaves_nothing_that_looks_finished(q8_store, tmp_path, method, name):
+    out = tmp_path / name
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), store=str(q8_store.path), out=str(out),
+                                method=method)
     proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert proc.returncode == -9
-    assert not out.exists()
-    q8_store.to_gguf(out)  # the next export removes the dead one's temporary
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.gguf"]
+    assert not out.exists() and len(list(tmp_path.iterdir())) == 1  # the dead export's hidden temporary
+    getattr(q8_store, method)(out)  # the next export removes it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_safetensors_export_cancelled_between_tensors_leaves_nothing(q8_store, tmp_path):
+    """Cancelled after two tensors (its first weight file may be complete by then): it stops
+    before the next tensor, and neither the folder nor a temporary remains; the next export works."""
+    from arrow_quant_v2.export import export_store
+    from arrow_quant_v2.progress import Cancelled, CancelToken
+
+    token, seen = CancelToken(), []
+
+    def cancel_after_two(event):
+        seen.append(event)
+        if event.tensors_done == 2:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        export_store(q8_store.path, tmp_path / "f16", progress=cancel_after_two, cancel=token)
+    assert max(e.tensors_done for e in seen) == 2 < len(q8_store.tensors)
+    assert list(tmp_path.iterdir()) == []
+    result = export_store(q8_store.path, tmp_path / "f16")
+    assert result["tensors"] == len(q8_store.tensors) and sorted(p.name for p in tmp_path.iterdir()) == ["f16"]
 
 
 def test_image_family_keeps_source_names_and_records_conv_shapes(tmp_path):
@@ -338,23 +361,25 @@ async def test_export_async_reports_progress_and_returns_the_file(q8_store, tmp_
     assert folder["format"] == "safetensors" and (tmp_path / "f32" / "config.json").is_file()
 
 
-async def test_cancelled_export_stops_and_leaves_nothing(q8_store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["c.gguf", "c-float16"])
+async def test_cancelled_export_stops_and_leaves_nothing(q8_store, tmp_path, monkeypatch, name):
     import asyncio
     import time
 
-    from arrow_quant_v2 import AsyncArrowQuantV2
+    from arrow_quant_v2 import AsyncArrowQuantV2, QuantizedModel
     from arrow_quant_v2.gguf_io import writer
 
-    tensor_bytes = writer._tensor_bytes
+    tensor_bytes, dequantize = writer._tensor_bytes, QuantizedModel.dequantize
     monkeypatch.setattr(writer, "_tensor_bytes", lambda *a: (time.sleep(0.05), tensor_bytes(*a))[1])  # a slow disk
+    monkeypatch.setattr(QuantizedModel, "dequantize", lambda *a: (time.sleep(0.05), dequantize(*a))[1])
     task = None
 
     def cancel_on_first_tensor(event):
-        if event.stage == "export" and task is not None:
+        if event.stage == "export" and event.tensors_done and task is not None:
             task.cancel()
 
     task = asyncio.ensure_future(AsyncArrowQuantV2().export_async(
-        q8_store.path, tmp_path / "c.gguf", on_event=cancel_on_first_tensor, progress_interval=0))
+        q8_store.path, tmp_path / name, on_event=cancel_on_first_tensor, progress_interval=0))
     with pytest.raises(asyncio.CancelledError):
         await task
     assert list(tmp_path.iterdir()) == []

@@ -26,6 +26,7 @@ import numpy as np
 from .. import encodings
 from .._version import __version__
 from ..errors import ExportError, OutputError
+from ..paths import export_temporary, remove_stale_export_temporaries
 from ..progress import CancelToken, ProgressEvent, ProgressSink
 from . import runtime
 
@@ -117,20 +118,6 @@ def _tensor_bytes(model, entry, qtype, reorder) -> np.ndarray:
     return np.ascontiguousarray(data).view(np.uint8).reshape(-1)
 
 
-def _stale_temps(out: Path) -> List[Path]:
-    """Temporaries of earlier exports to ``out`` whose process is gone."""
-    stale = []
-    for tmp in out.parent.glob(f".{out.name}.*.tmp"):
-        try:
-            pid = int(tmp.name[len(out.name) + 2:].split(".")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            stale.append(tmp)
-        except (ValueError, PermissionError, OSError):
-            continue
-    return stale
-
-
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     if overwrite:
         os.replace(tmp, out)
@@ -193,11 +180,10 @@ def export_gguf(model, path, *, overwrite: bool = False, progress: Optional[Prog
         raise OutputError(f"{out}: is a folder; give a file path ending in .gguf")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in _stale_temps(out):
-            stale.unlink(missing_ok=True)
+        remove_stale_export_temporaries(out)
     except OSError as e:
         raise OutputError(f"{out.parent}: cannot create the output folder ({e})") from None
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    tmp = export_temporary(out)
     entries = list(model.tensors.values())
     total = max(sum(e.nbytes for e in entries), 1)
     writer = gguf.GGUFWriter(tmp, target.arch)
