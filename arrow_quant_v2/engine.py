@@ -231,15 +231,19 @@ class QuantizeJob:
         with self._prepare_lock:
             self._plain_stats[info.name] = self._plain_stats.get(info.name, 0) + stats
         turn = (lambda a: a.T) if layer.transposed else (lambda a: a)
-        scales, offsets = grid.per_element(x.shape[1])
+        # ggml blocks along the inputs: their parameters are fitted as the sweep reaches them
+        fitting = hasattr(encoding, "compensated") and not layer.transposed
         with self._prepare_lock:  # one factorisation per tensor, not per chunk
             prepared = self._prepared.get(info.name)
         if prepared is None:  # factorised outside the lock: chunks of other tensors go on meanwhile
-            prepared = solver.prepare(self.calibration.hessians[info.name])
+            prepared = solver.prepare(self.calibration.hessians[info.name], act_order=not fitting)
             with self._prepare_lock:
                 if len(self._prepared) > self.threads:  # only the tensors in flight (the window) need theirs
                     del self._prepared[next(iter(self._prepared))]
                 self._prepared.setdefault(info.name, prepared)
+        if fitting:
+            return encoding.quantize_compensated(x, prepared, grid, plain, stats)
+        scales, offsets = grid.per_element(x.shape[1])
         found = solver.solve(turn(x), prepared, grid.levels, turn(scales), turn(offsets), turn(plain.reshape(x.shape)))
         if not found.compensated:
             return encoding.pack(grid, plain), stats

@@ -12,6 +12,11 @@ The byte layouts (each class docstring) are ggml's; the decoders in
 our own search (``kernels.ggml_search``), measured against ggml's reference quantizer by
 ``benchmarks/bench_ggml_types.py``.
 
+Calibration (``calibration="graph"``) uses the grid interface of :class:`encodings.Encoding`:
+:meth:`GGMLEncoding.grid` exposes a chunk's block parameters as the float32 (scale, offset) per
+sub-block the decoder computes, and :meth:`GGMLEncoding.compensated` re-runs the encoder on
+each block as the error-compensating sweep reaches it; the bytes stay ggml's.
+
 Which type a bit width becomes under ``target_runtime="gguf"``, and what a row
 length that a type's block does not divide falls back to, are :data:`GGUF_TYPE_FOR_BITS`
 and :data:`ROW_FALLBACK` below (the planner reads them).
@@ -26,7 +31,7 @@ import numpy as np
 from .kernels import ggml_decode as D
 from .kernels import ggml_search as S
 from .kernels import rounding
-from .encodings import Encoding, register
+from .encodings import Encoding, Grid, register
 from .errors import ConfigurationError, ValidationError
 
 
@@ -80,10 +85,115 @@ class GGMLEncoding(Encoding):
         return f"int{self.bits} {self.name}"
 
     def _encode(self, x: np.ndarray) -> np.ndarray:
+        *params, codes = self._search(x)
+        return self._pack(tuple(params), codes)
+
+    def _search(self, x: np.ndarray) -> tuple:
+        """The encoder: the block parameters as the packer takes them, then the codes (int16)."""
+        raise NotImplementedError
+
+    def _pack(self, params: tuple, codes: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def _decode(self, blob: np.ndarray, n: int) -> np.ndarray:
         raise NotImplementedError
+
+    # -- the grid interface (calibration picks the codes; see encodings.Grid) ---------------
+    #: The grid's levels in the order of the packer's codes: code ``levels_min + i`` (or
+    #: index ``i`` for a non-uniform grid) is level ``i``.
+    LEVELS: ClassVar[np.ndarray] = np.zeros(0, np.float32)
+    #: The code the packer takes for level index 0.
+    CODE0: ClassVar[int] = 0
+    #: Elements sharing one (scale, offset): the sub-block.
+    SUB: ClassVar[int] = 32
+
+    def grid(self, x):
+        """The encoder's parameters for ``x``, as the per-sub-block float32 (scale, offset) the
+        decoder multiplies and adds (``level * scale + offset`` is the decoded value bit for bit)."""
+        rows, cols = x.shape
+        self._check(cols)
+        *params, codes = self._search(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))
+        return self.grid_of(tuple(params), rows, cols, codes)
+
+    def grid_of(self, params: tuple, rows: int, cols: int, codes=None) -> "BlockGrid":
+        scales, offsets = self._sub_scales(params)
+        own = None if codes is None else (np.asarray(codes, np.int64) - self.CODE0).astype(np.uint8)
+        return BlockGrid(self.LEVELS, scales.reshape(rows, -1), offsets.reshape(rows, -1), self.SUB, {},
+                         params=params, codes=own)
+
+    def _sub_scales(self, params: tuple) -> Tuple[np.ndarray, np.ndarray]:
+        """float32 (scale, offset) per sub-block, computed as the decoder computes them; here
+        one float16 ``d`` per block and no offset (Q8_0, Q4_0, Q5_0, IQ4_NL)."""
+        d = _f16(params[0])
+        return d, np.zeros_like(d)
+
+    def round_to_grid(self, x, grid):
+        """The encoder's own codes (its search picks them with the parameters: exactly what
+        :meth:`quantize` stores) and their statistics."""
+        codes = grid.codes
+        y = grid.values(codes.reshape(x.shape))
+        return codes, rounding.error_stats(x, y)
+
+    def pack(self, grid, codes):
+        q = np.asarray(codes, np.int16).reshape(-1) + np.int16(self.CODE0)
+        return {"codes": self._pack(grid.params, q)}
+
+    def quantize_codes(self, x, grid, codes):
+        blobs = self.pack(grid, codes)
+        y = self._decode(blobs["codes"], x.size).reshape(x.shape)  # the statistics of what a reader decodes
+        return blobs, rounding.error_stats(x, y)
+
+    def compensated(self, x: np.ndarray, prep) -> Tuple["BlockGrid", np.ndarray]:
+        """Calibrated codes for ``x`` (rows = outputs, blocks along the inputs): the solver sweeps
+        the inputs a block at a time and this encoder fits each block's parameters (d, dmin,
+        sub-scales) to the weights as compensated so far, just before that block's codes are
+        chosen (:func:`kernels.solver.solve_fitting_blocks`; ``prep`` in natural column order).
+        Returns the stitched grid and the codes (level indices, row-major ``(rows, cols)``)."""
+        from .kernels import solver
+
+        rows, cols = x.shape
+        self._check(cols)
+        fitted: list = []
+
+        def fit(block: np.ndarray):
+            *params, _ = self._search(np.ascontiguousarray(block, dtype=np.float32).reshape(-1))
+            fitted.append(params)
+            return self.grid_of(tuple(params), rows, block.shape[1]).per_element(block.shape[1])
+
+        codes = solver.solve_fitting_blocks(x, prep, self.block, self.LEVELS, fit)
+        # each parameter array holds k entries per row of a block: block b's go to row r's b-th place
+        params = tuple(np.concatenate([p[k].reshape(rows, -1) for p in fitted], axis=1).reshape(-1)
+                       for k in range(len(fitted[0])))
+        return self.grid_of(params, rows, cols), codes
+
+    def quantize_compensated(self, x, prep, grid, plain, stats):
+        """Encode ``x`` with :meth:`compensated` codes, or with the encoder's own (``grid``, ``plain``
+        codes and their ``stats``) when those give the lower output error on ``prep``'s H (ties
+        keep them): calibrated rounding is never worse than plain on its own inputs."""
+        from .kernels import solver
+
+        fitted, codes = self.compensated(x, prep)
+        if solver.output_error(fitted.values(codes) - x, prep.h) < \
+                solver.output_error(grid.values(plain.reshape(x.shape)) - x, prep.h):
+            return self.quantize_codes(x, fitted, codes)
+        return self.pack(grid, plain), stats
+
+
+@dataclass(frozen=True)
+class BlockGrid(Grid):
+    """A ggml chunk's grid with the encoder's own parameters (as the packer takes them) and codes."""
+
+    params: tuple = ()
+    codes: Optional[np.ndarray] = None
+
+
+def _f16(bits: np.ndarray) -> np.ndarray:
+    """float32 values of float16 bit patterns (exact, as the decoders' ``f16_value``)."""
+    return np.asarray(bits, np.uint16).view(np.float16).astype(np.float32)
+
+
+def _levels(lo: int, hi: int) -> np.ndarray:
+    return np.arange(lo, hi + 1, dtype=np.float32)
 
 
 def _f64(values) -> np.ndarray:
@@ -110,9 +220,14 @@ class Q8_0(GGMLEncoding):
     #: encoder effort (not format): the extreme element is tried at level -128 + off for each off.
     SEARCH: ClassVar[Dict[str, Any]] = {"offsets": (-0.5, 0.0, 0.5)}
 
-    def _encode(self, x):
-        d, q = S.encode_sym32(x, -128, 127, _f64(self.SEARCH["offsets"]))
-        return S.pack_q8_0(d, q)
+    LEVELS: ClassVar[np.ndarray] = _levels(-128, 127)
+    CODE0: ClassVar[int] = -128
+
+    def _search(self, x):
+        return S.encode_sym32(x, -128, 127, _f64(self.SEARCH["offsets"]))
+
+    def _pack(self, params, q):
+        return S.pack_q8_0(params[0], q)
 
     def _decode(self, blob, n):
         return D.decode_q8_0(blob, n)
@@ -138,9 +253,14 @@ class Q4_0(GGMLEncoding):
     type_size: ClassVar[int] = 18
     SEARCH: ClassVar[Dict[str, Any]] = {"offsets": tuple(np.linspace(-1, 1, 9).tolist())}
 
-    def _encode(self, x):
-        d, q = S.encode_sym32(x, -8, 7, _f64(self.SEARCH["offsets"]))
-        return S.pack_nibbles32(d, q, 8)
+    LEVELS: ClassVar[np.ndarray] = _levels(-8, 7)
+    CODE0: ClassVar[int] = -8
+
+    def _search(self, x):
+        return S.encode_sym32(x, -8, 7, _f64(self.SEARCH["offsets"]))
+
+    def _pack(self, params, q):
+        return S.pack_nibbles32(params[0], q, 8)
 
     def _decode(self, blob, n):
         return D.decode_q4_0(blob, n)
@@ -164,9 +284,14 @@ class Q5_0(GGMLEncoding):
     type_size: ClassVar[int] = 22
     SEARCH: ClassVar[Dict[str, Any]] = {"offsets": tuple(np.linspace(-1, 1, 9).tolist())}
 
-    def _encode(self, x):
-        d, q = S.encode_sym32(x, -16, 15, _f64(self.SEARCH["offsets"]))
-        return S.pack_q5(d, np.empty(0, np.uint16), q, 16)
+    LEVELS: ClassVar[np.ndarray] = _levels(-16, 15)
+    CODE0: ClassVar[int] = -16
+
+    def _search(self, x):
+        return S.encode_sym32(x, -16, 15, _f64(self.SEARCH["offsets"]))
+
+    def _pack(self, params, q):
+        return S.pack_q5(params[0], np.empty(0, np.uint16), q, 16)
 
     def _decode(self, blob, n):
         return D.decode_q5(blob, n, False)
@@ -190,9 +315,16 @@ class Q5_1(GGMLEncoding):
     type_size: ClassVar[int] = 24
     SEARCH: ClassVar[Dict[str, Any]] = {"deltas": tuple(np.linspace(-3, 1, 9).tolist()), "iters": 1}
 
-    def _encode(self, x):
-        d, m, q = S.encode_aff32(x, 31, _f64(self.SEARCH["deltas"]), self.SEARCH["iters"])
-        return S.pack_q5(d, m, q, 0)
+    LEVELS: ClassVar[np.ndarray] = _levels(0, 31)
+
+    def _search(self, x):
+        return S.encode_aff32(x, 31, _f64(self.SEARCH["deltas"]), self.SEARCH["iters"])
+
+    def _pack(self, params, q):
+        return S.pack_q5(params[0], params[1], q, 0)
+
+    def _sub_scales(self, params):
+        return _f16(params[0]), _f16(params[1])
 
     def _decode(self, blob, n):
         return D.decode_q5(blob, n, True)
@@ -218,9 +350,13 @@ class IQ4_NL(GGMLEncoding):
     type_size: ClassVar[int] = 18
     SEARCH: ClassVar[Dict[str, Any]] = {"offsets": (-12.0, -8.0, -4.0, 0.0, 4.0)}
 
-    def _encode(self, x):
-        d, q = S.encode_iq4_nl(x, _f64(self.SEARCH["offsets"]))
-        return S.pack_nibbles32(d, q, 0)
+    LEVELS: ClassVar[np.ndarray] = D.IQ4NL_GRID.astype(np.float32)
+
+    def _search(self, x):
+        return S.encode_iq4_nl(x, _f64(self.SEARCH["offsets"]))
+
+    def _pack(self, params, q):
+        return S.pack_nibbles32(params[0], q, 0)
 
     def _decode(self, blob, n):
         return D.decode_iq4_nl(blob, n)
@@ -241,6 +377,12 @@ class _KQuantAffine(GGMLEncoding):
     def _search(self, x):
         s = self.SEARCH
         return S.encode_kquant_affine(x, self.SUB, self.NMAX, self.SMAX, _f64(s["deltas"]), s["iters"], s["rounds"])
+
+    def _sub_scales(self, params):
+        d, dmin, sc, m = params
+        per = self.block // self.SUB
+        scale = np.repeat(_f16(d), per) * sc.astype(np.float32)   # d * sc, then (level * that) - dmin * m
+        return scale, -(np.repeat(_f16(dmin), per) * m.astype(np.float32))
 
 
 @register
@@ -264,9 +406,10 @@ class Q4_K(_KQuantAffine):
     type_size: ClassVar[int] = 144
     SEARCH: ClassVar[Dict[str, Any]] = {"deltas": tuple(np.linspace(-1.5, 1.5, 13).tolist()), "iters": 1, "rounds": 3}
 
-    def _encode(self, x):
-        d, dm, sc, m, q = self._search(x)
-        return S.pack_q4_k(d, dm, sc, m, q, False)
+    LEVELS: ClassVar[np.ndarray] = _levels(0, 15)
+
+    def _pack(self, params, q):
+        return S.pack_q4_k(*params, q, False)
 
     def _decode(self, blob, n):
         return D.decode_q4_k(blob, n)
@@ -290,9 +433,10 @@ class Q5_K(_KQuantAffine):
     NMAX: ClassVar[int] = 31
     SEARCH: ClassVar[Dict[str, Any]] = {"deltas": tuple(np.linspace(-2, 2, 5).tolist()), "iters": 1, "rounds": 2}
 
-    def _encode(self, x):
-        d, dm, sc, m, q = self._search(x)
-        return S.pack_q4_k(d, dm, sc, m, q, True)
+    LEVELS: ClassVar[np.ndarray] = _levels(0, 31)
+
+    def _pack(self, params, q):
+        return S.pack_q4_k(*params, q, True)
 
     def _decode(self, blob, n):
         return D.decode_q4_k(blob, n, True)
@@ -319,9 +463,10 @@ class Q2_K(_KQuantAffine):
     SMAX: ClassVar[int] = 15
     SEARCH: ClassVar[Dict[str, Any]] = {"deltas": tuple(np.linspace(-0.5, 1.5, 9).tolist()), "iters": 1, "rounds": 2}
 
-    def _encode(self, x):
-        d, dm, sc, m, q = self._search(x)
-        return S.pack_q2_k(d, dm, sc, m, q)
+    LEVELS: ClassVar[np.ndarray] = _levels(0, 3)
+
+    def _pack(self, params, q):
+        return S.pack_q2_k(*params, q)
 
     def _decode(self, blob, n):
         return D.decode_q2_k(blob, n)
@@ -344,6 +489,11 @@ class _KQuantSymmetric(GGMLEncoding):
         return S.encode_kquant_symmetric(x, self.SUB, self.QMIN, -self.QMIN - 1, self.SMIN, -self.SMIN - 1,
                                          _f64(s["offsets"]), s["iters"], s["rounds"])
 
+    def _sub_scales(self, params):
+        d, sc = params
+        scale = np.repeat(_f16(d), self.block // self.SUB) * sc.astype(np.float32)  # d * sc, then level * that
+        return scale, np.zeros_like(scale)
+
 
 @register
 @dataclass(frozen=True)
@@ -363,9 +513,11 @@ class Q6_K(_KQuantSymmetric):
     type_size: ClassVar[int] = 210
     SEARCH: ClassVar[Dict[str, Any]] = {"offsets": tuple(np.linspace(-2, 2, 9).tolist()), "iters": 1, "rounds": 2}
 
-    def _encode(self, x):
-        d, sc, q = self._search(x)
-        return S.pack_q6_k(d, sc, q)
+    LEVELS: ClassVar[np.ndarray] = _levels(-32, 31)
+    CODE0: ClassVar[int] = -32
+
+    def _pack(self, params, q):
+        return S.pack_q6_k(*params, q)
 
     def _decode(self, blob, n):
         return D.decode_q6_k(blob, n)
@@ -393,9 +545,11 @@ class Q3_K(_KQuantSymmetric):
     SMIN: ClassVar[int] = -32
     SEARCH: ClassVar[Dict[str, Any]] = {"offsets": tuple(np.linspace(-1, 1, 9).tolist()), "iters": 1, "rounds": 2}
 
-    def _encode(self, x):
-        d, sc, q = self._search(x)
-        return S.pack_q3_k(d, sc, q)
+    LEVELS: ClassVar[np.ndarray] = _levels(-4, 3)
+    CODE0: ClassVar[int] = -4
+
+    def _pack(self, params, q):
+        return S.pack_q3_k(*params, q)
 
     def _decode(self, blob, n):
         return D.decode_q3_k(blob, n)

@@ -144,14 +144,78 @@ def test_calibrated_store_reads_back_and_is_closer_to_the_network(graph_model, t
 
 
 def test_an_encoding_without_a_grid_is_rounded_plainly_and_says_so(graph_model, tmp_path):
-    from arrow_quant_v2 import ggml_types  # noqa: F401 - registers the ggml block types
+    gguf_helpers = pytest.importorskip("gguf_helpers")  # registers gguf-py's reference quantizers: no grid
 
-    cfg = DiffusionQuantConfig(bit_width=4, encoding="q4_0", lossless_below=0, min_accuracy=0.0, calibration="graph",
-                               bit_rules={"conv1.weight": 0},  # 36 inputs: not whole ggml blocks
+    cfg = DiffusionQuantConfig(bit_width=4, encoding="gguf_ref_q4_0", lossless_below=0, min_accuracy=0.0,
+                               calibration="graph", bit_rules={"conv1.weight": 0},  # 36 inputs: not whole blocks
                                num_time_groups=2)
     r = quantize_model(graph_model, tmp_path / "q", cfg)
     assert any("does not expose its grid" in w for w in r["warnings"])
-    assert not encodings.get_encoding("q4_0", 4, 32).has_grid and encodings.get_encoding("kquant_nl", 2, 8).has_grid
+    assert not encodings.get_encoding("gguf_ref_q4_0", 4, 32).has_grid and gguf_helpers
+
+
+GGML = [("q8_0", 8), ("q6_k", 6), ("q5_k", 5), ("q4_k", 4), ("q3_k", 3), ("q2_k", 2), ("q4_0", 4), ("q5_0", 5),
+        ("q5_1", 5), ("iq4_nl", 4)]
+
+
+@pytest.mark.parametrize("name,bits", GGML)
+def test_ggml_types_get_compensated_codes_that_gguf_decodes(name, bits):
+    """Calibration on ggml's block types: each block's d/dmin/sub-scales fitted by the encoder as the
+    sweep reaches it, codes compensated; the bytes are ggml's, read back by gguf-py exactly."""
+    gguf = pytest.importorskip("gguf")
+    from arrow_quant_v2 import ggml_types  # noqa: F401 - registers the ggml block types
+
+    x, w, h = _layer(2, rows=16, cols=512)
+    enc = encodings.get_encoding(name, bits, 0)
+    grid = enc.grid(w)
+    plain, stats = enc.round_to_grid(w, grid)
+    plain_blobs = enc.pack(grid, plain)
+    assert plain_blobs["codes"].tobytes() == enc.quantize(w)[0]["codes"].tobytes()  # plain = the uncalibrated bytes
+    blobs, solved_stats = enc.quantize_compensated(w, solver.prepare(h, act_order=False), grid, plain, stats)
+    y = enc.dequantize(blobs, *w.shape)
+    qtype = gguf.GGMLQuantizationType[enc.ggml_type]
+    assert np.array_equal(gguf.quants.dequantize(blobs["codes"].reshape(16, -1), qtype).reshape(w.shape), y)
+    out = {k: np.linalg.norm(x @ w.T - x @ v.T) for k, v in (("plain", enc.dequantize(plain_blobs, *w.shape)),
+                                                               ("solved", y))}
+    assert out["solved"] < 0.95 * out["plain"], out
+    assert np.allclose(solved_stats, _stats(w, y), rtol=1e-9)
+
+
+@pytest.mark.parametrize("name,bits", [("q2_k", 2), ("q4_0", 4)])
+def test_calibrated_ggml_codes_are_never_worse_than_the_encoders(name, bits):
+    from arrow_quant_v2 import ggml_types  # noqa: F401
+
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((8, 256)) * 0.05).astype(np.float32)
+    enc = encodings.get_encoding(name, bits, 0)
+    grid = enc.grid(w)
+    plain, stats = enc.round_to_grid(w, grid)
+    for seed in range(3):
+        h = np.eye(256) if seed == 0 else _layer(seed, 8, 256)[2]
+        prep = solver.prepare(h, act_order=False)
+        blobs, _ = enc.quantize_compensated(w, prep, grid, plain, stats)
+        errors = [solver.output_error(enc.dequantize(b, 8, 256) - w, h) for b in (blobs, enc.pack(grid, plain))]
+        assert errors[0] <= errors[1]
+
+
+def test_calibrated_gguf_store_exports_losslessly(graph_model, tmp_path):
+    """Under target_runtime='gguf' calibration writes ggml blocks, so the GGUF file holds the store's values."""
+    gguf = pytest.importorskip("gguf")
+
+    base = dict(bit_width=2, lossless_below=0, min_accuracy=0.0, num_time_groups=4, target_runtime="gguf")
+    plain = quantize_model(graph_model, tmp_path / "plain", DiffusionQuantConfig(**base))
+    cal = quantize_model(graph_model, tmp_path / "cal", DiffusionQuantConfig(calibration="graph", **base))
+    store = load_quantized(tmp_path / "cal")
+    assert store.tensors["conv2.weight"].encoding == "iq4_nl" and not cal["warnings"]  # 288 inputs: Q2_K's fallback
+    assert cal["model_size_mb"] == plain["model_size_mb"]
+    store.to_gguf(tmp_path / "cal.gguf")
+    reader = gguf.GGUFReader(tmp_path / "cal.gguf")
+    t = next(t for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.IQ4_NL)
+    want = store.dequantize("conv2.weight")
+    assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape), want)
+    assert not np.array_equal(want, load_quantized(tmp_path / "plain").dequantize("conv2.weight"))
+    figs = {k: e2e.end_to_end(graph_model, tmp_path / k, num_time_groups=4) for k in ("plain", "cal")}
+    assert 1 - figs["cal"]["mean_cosine"] < 1 - figs["plain"]["mean_cosine"]
 
 
 def test_calibration_without_a_graph_is_a_clear_error(make_model, tmp_path):

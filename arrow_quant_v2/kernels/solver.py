@@ -16,7 +16,9 @@ The grid is fixed before any code is chosen (the encoder's scales, offsets and
 sub-scales, chosen as without calibration, see :class:`arrow_quant_v2.encodings.Grid`),
 so every encoding that exposes its grid gets compensated codes in exactly its own byte
 layout. The solver keeps the plain codes whenever they give the lower output error on
-``H``, so it is never worse on the calibration inputs than rounding.
+``H``, so it is never worse on the calibration inputs than rounding. Block formats whose
+blocks run along the inputs (ggml's) can instead have each block's grid fitted when the sweep
+reaches it (:func:`solve_fitting_blocks`), on the weights as compensated so far.
 """
 from __future__ import annotations
 
@@ -137,3 +139,27 @@ def best_of(w, h, levels, scales, offsets, codes, plain_codes) -> Solution:
     if err < plain:
         return Solution(codes, err, plain, True)
     return Solution(np.asarray(plain_codes, np.uint8), plain, plain, False)
+
+
+def solve_fitting_blocks(w: np.ndarray, prep: Prepared, width: int, levels: np.ndarray, fit) -> np.ndarray:
+    """Error-compensated codes where each block of ``width`` columns gets its grid only when the
+    sweep reaches it: ``fit(block)`` (the block's weights as compensated so far, float64
+    ``(rows, width)``) returns its per-element ``(scales, offsets)``, so the grid follows the
+    weights the codes will stand for (GPTQ's own group handling). ``prep`` in natural column
+    order (``act_order=False``): a block's columns must be contiguous. Returns the codes."""
+    if not np.array_equal(prep.order, np.arange(len(prep.order))):
+        raise ValueError("fitted blocks need the columns in their own order (prepare(act_order=False))")
+    work = np.array(w, dtype=np.float64, order="C")
+    rows, cols = work.shape
+    s = np.empty((rows, cols), np.float32)
+    z = np.empty((rows, cols), np.float32)
+    lv = np.ascontiguousarray(levels, dtype=np.float32)
+    codes = np.empty((rows, cols), np.uint8)
+    for i1 in range(0, cols, width):
+        i2 = min(i1 + width, cols)
+        s[:, i1:i2], z[:, i1:i2] = fit(work[:, i1:i2])
+        err = np.empty((rows, i2 - i1), np.float64)
+        _round_block(work, prep.u, s, z, lv, i1, i2, codes, err)
+        if i2 < cols:
+            work[:, i2:] -= err @ prep.u[i1:i2, i2:]
+    return codes
