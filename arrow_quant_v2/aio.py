@@ -546,7 +546,9 @@ class AsyncArrowQuantV2:
         ``models`` is a list of ``(model_path, output_path, config)`` tuples (config may be
         ``None``); its shape is checked before anything starts (:class:`ConfigurationError`).
         ``progress_callback(model_idx, message, progress)``; ``on_event`` gets events whose
-        ``model_index`` is set. Returns one result dict per model, in order.
+        ``model_index`` is set. Returns one result dict per model, in order. The models
+        are started largest first (equal sizes in the order given), so that with more models
+        than slots the last to finish is a small one, not a large one started last.
 
         If some models fail, the others still finish and :class:`MultiModelError` (a
         :class:`QuantizationError`) is raised naming each failed model; its ``results``
@@ -560,12 +562,12 @@ class AsyncArrowQuantV2:
         if progress_interval is not None:
             _check_interval(progress_interval)
         _listeners(progress_callback, on_event, multi=True)  # fail early on a non-callable
-        tasks = [
-            asyncio.ensure_future(self._quantize(m, o, c, progress_callback, overwrite=overwrite, resume=resume,
-                                                 progress_interval=progress_interval, on_event=on_event,
-                                                 model_index=i))
-            for i, (m, o, c) in enumerate(specs)
-        ]
+        sizes = [source_bytes(m) for m, _, _ in specs]  # a few stat() calls
+        started = {i: asyncio.ensure_future(self._quantize(m, o, c, progress_callback, overwrite=overwrite,
+                                                           resume=resume, progress_interval=progress_interval,
+                                                           on_event=on_event, model_index=i))
+                   for i, (m, o, c) in sorted(enumerate(specs), key=lambda item: -sizes[item[0]])}
+        tasks = [started[i] for i in range(len(specs))]
         results = await asyncio.gather(*tasks, return_exceptions=True)
         failures = [(i, specs[i][0], r) for i, r in enumerate(results) if isinstance(r, BaseException)]
         if failures and not return_exceptions:

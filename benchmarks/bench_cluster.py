@@ -11,14 +11,22 @@
     (``split_across_workers=True``) of a cluster of 2 one-thread workers versus 1. Target <= 0.65.
 
 Every run is a fresh ``AsyncArrowQuantV2(cluster=...)`` on a cluster started before the clock
-starts (worker start-up and the kernels' first load are outside the time: each cluster
-quantizes a small model once first). Wall time is from the first call to the last result.
-Each worker process's RSS is sampled every 50 ms (psutil) and its peak is recorded, next to
-its RSS before the run. Runs of the two sides alternate; the statistic is the median of the
-repeats and the ratio is median(parallel) / median(serial). ``os.getloadavg()`` is recorded
-before and after every run, and the CPU time the rest of the machine used during the run
-(system-wide busy time minus this process and its workers): the machine is shared, so a
-figure measured while others were busy shows it there.
+starts. Both sides get the same warm-up, outside the time: each cluster quantizes a small
+model on every worker twice (the kernels' first load, the imports); the two warm-up times are
+recorded (``warmup_s``: first, second), so the start-up cost a fresh worker pays is shown, not
+hidden. Wall time is from the first call to the last result. Each worker process's RSS is
+sampled every 50 ms (psutil) and its peak is recorded, next to its RSS before the run. Runs of
+the two sides alternate; the statistic is the median of the repeats and the ratio is
+median(parallel) / median(serial). ``os.getloadavg()`` is recorded before and after every run,
+and the CPU time the rest of the machine used during the run (system-wide busy time minus this
+process, the workers and their nannies): the machine is shared, so a figure measured while
+others were busy shows it there.
+
+Where the time goes, per run: ``cpu_s`` splits the CPU seconds by process (this process, which
+holds the client and the LocalCluster's scheduler; each worker, with its busiest thread apart
+from the others; the nannies), and ``timeline`` lists every task (Dask's task stream: the worker,
+and when its compute started and stopped, in seconds from the start of the run), with each
+worker's busy time, its idle time before the first task, between tasks and after its last.
 
 Writes ``benchmarks/results/cluster.json``.
 """
@@ -41,7 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil  # noqa: E402
-from distributed import Client, LocalCluster  # noqa: E402
+from distributed import Client, LocalCluster, get_task_stream  # noqa: E402
 
 import arrow_quant_v2  # noqa: E402
 from arrow_quant_v2 import AsyncArrowQuantV2, DiffusionQuantConfig  # noqa: E402
@@ -59,13 +67,23 @@ def cluster(workers: int) -> LocalCluster:
                         dashboard_address="127.0.0.1:0")
 
 
+def _threads_cpu(process: psutil.Process) -> dict:
+    """CPU seconds of each of ``process``'s threads (thread id -> seconds)."""
+    try:
+        return {t.id: t.user_time + t.system_time for t in process.threads()}
+    except psutil.Error:
+        return {}
+
+
 class Watch:
-    """Peak RSS of each worker process and the CPU the rest of the machine used, over a run."""
+    """Peak RSS of each worker process, the CPU each of our processes used and the CPU the
+    rest of the machine used, over a run."""
 
     def __init__(self, client: Client) -> None:
         self.pids = client.run(os.getpid)  # address -> pid
         self.procs = {a: psutil.Process(p) for a, p in self.pids.items()}
-        self.own = [psutil.Process()] + list(self.procs.values())
+        self.nannies = [p.parent() for p in self.procs.values() if p.parent() is not None]
+        self.own = [psutil.Process()] + list(self.procs.values()) + self.nannies
 
     def _cpu_ours(self) -> float:
         total = 0.0
@@ -76,6 +94,26 @@ class Watch:
             except psutil.Error:
                 pass
         return total
+
+    def _cpu_split(self) -> dict:
+        return {"this_process": _threads_cpu(psutil.Process()), "nannies": [_threads_cpu(p) for p in self.nannies],
+                "workers": {a: _threads_cpu(p) for a, p in self.procs.items()}}
+
+    def _cpu_used(self) -> dict:
+        """CPU seconds per process over the run; a worker's busiest thread apart from the rest."""
+        def used(before: dict, after: dict) -> list:
+            return sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)
+
+        a, b = self.split0, self._cpu_split()
+        workers = {}
+        for address in b["workers"]:
+            threads = used(a["workers"].get(address, {}), b["workers"][address])
+            workers[address] = {"total": round(sum(threads), 2), "busiest_thread": round(threads[0], 2) if threads else 0,
+                                "second_thread": round(threads[1], 2) if len(threads) > 1 else 0,
+                                "other_threads": round(sum(threads[2:]), 2)}
+        return {"this_process": round(sum(used(a["this_process"], b["this_process"])), 2),
+                "nannies": round(sum(sum(used(x, y)) for x, y in zip(a["nannies"], b["nannies"])), 2),
+                "workers": workers}
 
     @staticmethod
     def _cpu_machine() -> float:
@@ -89,8 +127,9 @@ class Watch:
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         self.load_before = os.getloadavg()
-        self.cpu0, self.machine0 = self._cpu_ours(), self._cpu_machine()
+        self.cpu0, self.machine0, self.split0 = self._cpu_ours(), self._cpu_machine(), self._cpu_split()
         self.t0 = time.perf_counter()
+        self.clock0 = time.time()  # the task stream's clock
         return self
 
     def _sample(self) -> None:
@@ -103,6 +142,7 @@ class Watch:
 
     def __exit__(self, *exc) -> None:
         self.wall = time.perf_counter() - self.t0
+        self.cpu_s = self._cpu_used()
         ours = self._cpu_ours() - self.cpu0
         self.others_cpu_s = max(self._cpu_machine() - self.machine0 - ours, 0.0)
         self.ours_cpu_s = ours
@@ -114,16 +154,22 @@ class Watch:
         return {"wall_s": round(self.wall, 3), "cpu_ours_s": round(self.ours_cpu_s, 2),
                 "cpu_others_s": round(self.others_cpu_s, 2),
                 "loadavg_before": [round(x, 2) for x in self.load_before],
-                "loadavg_after": [round(x, 2) for x in self.load_after],
+                "loadavg_after": [round(x, 2) for x in self.load_after], "cpu_s": self.cpu_s,
                 "workers": {a: {"rss_before_mib": round(self.before[a] / 2**20, 1),
                                 "peak_rss_mib": round(self.peak[a] / 2**20, 1)} for a in self.procs}}
 
 
-async def warm(client: Client, model: Path, out: Path) -> None:
-    """Start-up costs outside the clock: each worker loads the kernels once."""
+async def warm(client: Client, model: Path, out: Path) -> list:
+    """Start-up costs outside the clock, the same on both sides: a small model on every worker,
+    twice (the first pays the imports and the kernels' first load); returns the two times."""
+    times = []
     async with AsyncArrowQuantV2(cluster=client) as q:
         workers = len(client.scheduler_info()["workers"])
-        await q.quantize_multiple_models_async([(model, out / f"warm{i}", INT4) for i in range(workers)])
+        for k in range(2):
+            t0 = time.perf_counter()
+            await q.quantize_multiple_models_async([(model, out / f"warm{k}-{i}", INT4) for i in range(workers)])
+            times.append(round(time.perf_counter() - t0, 3))
+    return times
 
 
 async def fleet_serial(client: Client, models, out: Path) -> None:
@@ -143,10 +189,32 @@ async def big_split(client: Client, model: Path, out: Path) -> dict:
     return result["cluster"]
 
 
+def timeline(tasks: list, clock0: float, wall: float) -> dict:
+    """Every task's compute span on its worker (seconds from the start of the run), and per
+    worker: busy, idle before the first task, between tasks, after the last."""
+    spans = []
+    for task in tasks:
+        for s in task.get("startstops", []):
+            if s["action"] == "compute":
+                spans.append({"task": task["key"].rsplit("-", 1)[0], "worker": task["worker"],
+                              "start_s": round(s["start"] - clock0, 3), "stop_s": round(s["stop"] - clock0, 3)})
+    spans.sort(key=lambda s: s["start_s"])
+    workers = {}
+    for w in sorted({s["worker"] for s in spans}):
+        mine = [s for s in spans if s["worker"] == w]
+        busy = sum(s["stop_s"] - s["start_s"] for s in mine)
+        between = sum(max(b["start_s"] - a["stop_s"], 0.0) for a, b in zip(mine, mine[1:]))
+        workers[w] = {"tasks": len(mine), "busy_s": round(busy, 3), "idle_before_first_s": mine[0]["start_s"],
+                      "idle_between_s": round(between, 3), "idle_after_last_s": round(wall - mine[-1]["stop_s"], 3)}
+    return {"tasks": spans, "workers": workers}
+
+
 def run(client: Client, coroutine_function, *args) -> dict:
-    with Watch(client) as watch:
-        extra = asyncio.run(coroutine_function(client, *args))
+    with get_task_stream(client=client) as stream:
+        with Watch(client) as watch:
+            extra = asyncio.run(coroutine_function(client, *args))
     record = watch.record()
+    record["timeline"] = timeline(stream.data, watch.clock0, watch.wall)
     if isinstance(extra, dict):
         record["split"] = extra
     return record
@@ -176,17 +244,16 @@ def compare(name: str, serial_name: str, parallel_name: str, measure, repeats: i
     cut short still leaves what it measured."""
     with cluster(1) as c1, Client(c1, set_as_default=False) as one, \
             cluster(2) as c2, Client(c2, set_as_default=False) as two:
-        measure("warm", one)
-        measure("warm", two)
+        warmup = {serial_name: measure("warm", one), parallel_name: measure("warm", two)}
         serial, parallel = [], []
         for i in range(repeats):  # alternate the sides so that a noisy stretch hits both
             serial.append(measure(serial_name, one))
-            save(summary(serial_name, serial, parallel_name, parallel, target))
+            save(dict(summary(serial_name, serial, parallel_name, parallel, target), warmup_s=warmup))
             parallel.append(measure(parallel_name, two))
-            save(summary(serial_name, serial, parallel_name, parallel, target))
+            save(dict(summary(serial_name, serial, parallel_name, parallel, target), warmup_s=warmup))
             print(f"{name} repeat {i + 1}: {serial_name} {serial[-1]['wall_s']:.1f} s, "
                   f"{parallel_name} {parallel[-1]['wall_s']:.1f} s, load {os.getloadavg()[0]:.1f}", flush=True)
-    return summary(serial_name, serial, parallel_name, parallel, target)
+    return dict(summary(serial_name, serial, parallel_name, parallel, target), warmup_s=warmup)
 
 
 def main(argv=None) -> int:
@@ -194,13 +261,16 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--big-repeats", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cluster.json",
+                    help="the JSON written (a try-out elsewhere leaves the committed figures alone)")
+    ap.add_argument("--tiny", action="store_true", help="tiny fleet models: checks the script, measures nothing useful")
     ap.add_argument("--parts", default="fleet,big", help="which comparisons to run (fleet, big); the others "
                     "keep their last results in the JSON")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-cluster-"))
     work.mkdir(parents=True, exist_ok=True)
-    out_file = ROOT / "benchmarks" / "results" / "cluster.json"
+    out_file = args.out
     previous = json.loads(out_file.read_text()) if out_file.is_file() else {}
     run_info = { "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
                                                          capture_output=True, text=True).stdout.strip(),
@@ -227,7 +297,7 @@ def main(argv=None) -> int:
         for i in range(4):
             m = work / f"fleet{i}"
             if not m.exists():
-                generate_dream(m, seed=i, **FLEET_SHAPE)
+                generate_dream(m, seed=i, **(DREAM_PRESETS["tiny"] if args.tiny else FLEET_SHAPE))
             models.append(m)
         warm_model = work / "warm-model"
         if not warm_model.exists():

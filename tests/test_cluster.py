@@ -25,7 +25,7 @@ from arrow_quant_v2 import (  # noqa: E402
     load_quantized,
 )
 from arrow_quant_v2 import cli  # noqa: E402
-from arrow_quant_v2.aio import QUEUED  # noqa: E402
+from arrow_quant_v2.aio import QUEUED, source_bytes  # noqa: E402
 from arrow_quant_v2.cluster import runner  # noqa: E402
 from arrow_quant_v2.engine import quantize_model  # noqa: E402
 
@@ -101,9 +101,10 @@ async def test_one_job_slot_per_worker_runs_one_job_per_worker_at_a_time(client,
     for worker_spans in spans.values():
         worker_spans.sort()
         assert all(a[1] <= b[0] for a, b in zip(worker_spans, worker_spans[1:])), "two jobs overlapped on a worker"
-    # two slots for four jobs: at least two waited and said so (which ones depends on when each
-    # worker registered and on submission order, so the test does not name them)
-    assert len(set(queued)) >= 2
+    # two slots for four jobs, the largest started first: it never waited, the two smallest did and
+    # said so (if a worker had not registered yet, the third largest waited too)
+    by_size = sorted(range(len(fleet)), key=lambda i: source_bytes(fleet[i]))
+    assert by_size[-1] not in queued and set(by_size[:2]) <= set(queued)
 
 
 def test_worker_slots_are_first_come_first_served_per_worker():

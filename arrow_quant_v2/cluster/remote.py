@@ -9,8 +9,10 @@ from typing import Any, Callable
 
 from ..progress import CancelToken, ProgressEvent, Throttle
 
-#: How often the watcher asks the scheduler whether the job was cancelled (seconds).
-CANCEL_POLL_S = 0.25
+#: How long one look of the watcher waits on the scheduler for the cancel event (seconds). The
+#: scheduler answers as soon as the event is set, so this bounds only how soon a vanished
+#: scheduler is noticed and how often the worker asks.
+CANCEL_POLL_S = 1.0
 
 
 def cancel_event_name(job_id: str) -> str:
@@ -47,8 +49,8 @@ def run_job(fn: Callable[..., Any], job_id: str, topic: str, interval: float) ->
         token.check()
         return fn(progress=sink, cancel=token)
     finally:
-        finished.set()
-        watcher.join()
+        finished.set()  # the watcher stops after its current look; the job does not wait for it (up to
+        # CANCEL_POLL_S on the worker with nothing to do, at the end of every job)
 
 
 def _watch_cancel(client, job_id: str, token: CancelToken, finished: threading.Event) -> None:

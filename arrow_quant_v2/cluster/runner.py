@@ -104,6 +104,7 @@ class WorkerSlots:
         self.bytes_per_worker = bytes_per_worker
         self.workers: Dict[str, _Worker] = {}
         self._waiters: Deque[list] = collections.deque()  # [nbytes, future]
+        self.line = asyncio.Lock()  # jobs join in the order they ask (see ClusterRunner.place)
 
     def update(self, infos: Dict[str, dict]) -> None:
         """Take the scheduler's current worker list (``scheduler_info()["workers"]``)."""
@@ -134,13 +135,18 @@ class WorkerSlots:
         worker.bytes_used += lease.units
         return lease
 
-    async def acquire(self, nbytes: int, refresh: Callable[[], Awaitable[None]]) -> "Lease":
-        """Wait for a worker that can hold a job of ``nbytes``; returns the job's :class:`Lease`."""
-        if not self.would_wait(nbytes):
-            return self._take(self._pick(nbytes), nbytes)
+    def join(self, nbytes: int) -> "asyncio.Future":
+        """Take a worker for a job of ``nbytes`` now, or line up for one; without awaiting, so
+        jobs are served in the order they join. The future's result is the job's :class:`Lease`."""
         fut = asyncio.get_running_loop().create_future()
-        entry = [nbytes, fut]
-        self._waiters.append(entry)
+        if self.would_wait(nbytes):
+            self._waiters.append([nbytes, fut])
+        else:
+            fut.set_result(self._take(self._pick(nbytes), nbytes))
+        return fut
+
+    async def wait(self, fut: "asyncio.Future", refresh: Callable[[], Awaitable[None]]) -> "Lease":
+        """The lease ``fut`` (from :meth:`join`) settles with; a cancelled caller leaves the line."""
         try:
             while True:
                 try:
@@ -151,12 +157,13 @@ class WorkerSlots:
             if fut.done() and not fut.cancelled():
                 self.release(fut.result())
             else:
-                try:
-                    self._waiters.remove(entry)
-                except ValueError:
-                    pass
+                fut.cancel()  # its entry is dropped from the line
                 self._wake()
             raise
+
+    async def acquire(self, nbytes: int, refresh: Callable[[], Awaitable[None]]) -> "Lease":
+        """Wait for a worker that can hold a job of ``nbytes``; returns the job's :class:`Lease`."""
+        return await self.wait(self.join(nbytes), refresh)
 
     def release(self, lease: "Lease") -> None:
         """Give back what ``lease`` holds, on the worker it holds it on (a worker that left and
@@ -342,11 +349,13 @@ class ClusterRunner:
     async def place(self, nbytes: int, queued: Callable[[str], None]) -> Lease:
         """Wait for a worker with a free job slot and ``nbytes`` of budget; the job's lease."""
         slots = self.slots()
-        await asyncio.to_thread(self.client)
-        await self._refresh(slots)
-        if slots.would_wait(nbytes):
-            queued(f"queued: waiting for a Dask worker ({slots.describe()})")
-        return await slots.acquire(nbytes, lambda: self._refresh(slots))
+        async with slots.line:  # first come, first served: the threads awaited below finish in any order
+            await asyncio.to_thread(self.client)
+            await self._refresh(slots)
+            if slots.would_wait(nbytes):
+                queued(f"queued: waiting for a Dask worker ({slots.describe()})")
+            fut = slots.join(nbytes)
+        return await slots.wait(fut, lambda: self._refresh(slots))
 
     # -- one job -------------------------------------------------------------------------------
 
