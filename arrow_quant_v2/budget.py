@@ -46,6 +46,16 @@ Rules that still hold
     (their bytes count); protected tensors (time conditioning, embeddings/heads,
     ``sensitive_layers``) never go below ``sensitive_bits``; ordinary ones start at int2.
 
+With a graph (``calibration="graph"``)
+    The calibration's ``H = X^T X`` of each layer's inputs turns every candidate's error into
+    the layer's output sensitivity, ``tr(dW H dW^T) / tr(W H W^T)`` on the sampled rows
+    (:mod:`arrow_quant_v2.sensitivity`): the relF**2 of the layer's output on the model's own
+    inputs across the noise levels. It replaces relF**2 in the curves, and since independent
+    layer errors add up at the network output whatever a layer's size, every layer counts the
+    same: the objective is the layers' mean output sensitivity. Widths are judged by the layer
+    output's cosine (``policy.measure_for``), as the engine judges them. Layers the graph does
+    not calibrate keep their relF**2, with the same per-layer weight.
+
 The per-layer accuracy fallback
     Each width is judged as the engine will judge it (:mod:`arrow_quant_v2.policy`): its
     candidates in the engine's order (the width's encoding, then the same-width alternate),
@@ -73,7 +83,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pyarrow as pa
 
-from . import encodings, policy
+from . import encodings, policy, sensitivity
 from .config import BIT_WIDTHS, DiffusionQuantConfig
 from .errors import ConfigurationError
 from .layout import chunk_ranges
@@ -110,6 +120,14 @@ class Option:
     #: per blob field: (share of the blob bytes, zstd bytes per byte, zstd fixed bytes per store row)
     fields: Dict[str, Tuple[float, float, float]] = field(default_factory=dict)
     group: int = 0         # the encoding's group size (0 for lossless)
+    #: with a graph: the layer's output sensitivity on the calibration inputs (``sensitivity``), else None
+    sensitivity: Optional[float] = None
+    output_cosine: Optional[float] = None
+
+    @property
+    def error(self) -> float:
+        """What the allocator minimises for this option: the output sensitivity when measured, else relF**2."""
+        return self.rel_error2 if self.sensitivity is None else self.sensitivity
 
     @property
     def label(self) -> str:
@@ -128,8 +146,16 @@ class TensorBudget:
     sampled: float             # fraction of the tensor's rows that were measured
     excluded: List[Tuple[int, float]] = field(default_factory=list)  # (bits, sampled cosine) dropped for min_accuracy
     chosen: int = 0            # index into options
-    slope: float = 0.0         # relF**2 (model mean) per MiB bought by the step into the chosen option
+    slope: float = 0.0         # objective per MiB bought by the step into the chosen option
     next_slope: float = 0.0    # ... what the next step would have bought (0 = none)
+    #: how much this tensor's option.error counts in the objective (set by allocate): its share of
+    #: the budgeted parameters for relF**2, 1 / layers for output sensitivity (``sensitivity.share``)
+    share: float = 0.0
+
+    @property
+    def by_output(self) -> bool:
+        """Whether this tensor's curve is its output sensitivity (a graph calibrated it)."""
+        return any(o.sensitivity is not None for o in self.options)
 
     @property
     def option(self) -> Option:
@@ -155,6 +181,8 @@ class BudgetPlan:
     plans: Dict[str, TensorPlan]
     seconds: float
     quantized_params: int
+    #: True: the objective is the layers' mean output sensitivity (a graph calibrated them), else weight relF**2
+    by_output: bool = False
 
     def summary(self) -> dict:
         """JSON-ready figures (no per-tensor candidates)."""
@@ -167,6 +195,7 @@ class BudgetPlan:
             "min_mb": self.min_bytes / MIB,
             "max_mb": self.max_bytes / MIB,
             "overhead_mb": self.overhead_bytes / MIB,
+            "objective": OUTPUT_UNIT if self.by_output else WEIGHT_UNIT,
             "estimated_weighted_rel_error2": self.objective,
             "price_rel_error2_per_mib": self.price,
             "tensors_per_width": per_bits,
@@ -246,13 +275,18 @@ def _cosine_stderr(x: np.ndarray, y: np.ndarray, fraction: float, blocks: List[i
     dequantized values): the row blocks (``blocks`` rows each) are the sampling units of the
     ratio estimator relF**2 = sum err / sum norm (neighbouring rows can be alike, so rows
     are not independent units), and cos ~ 1 - relF**2 / 2 near 1."""
+    x64 = x.astype(np.float64)
+    return _ratio_stderr(((x64 - y) ** 2).sum(axis=1), (x64 ** 2).sum(axis=1), fraction, blocks)
+
+
+def _ratio_stderr(err_rows: np.ndarray, nrm_rows: np.ndarray, fraction: float, blocks: List[int]) -> float:
+    """:func:`_cosine_stderr` from each sampled row's error and norm (of its weights, or of its output)."""
     m = len(blocks)
     if m < 2:
         return 0.0
-    x64 = x.astype(np.float64)
     edges = np.cumsum([0] + list(blocks))[:-1]
-    err = np.add.reduceat(((x64 - y) ** 2).sum(axis=1), edges)
-    nrm = np.add.reduceat((x64 ** 2).sum(axis=1), edges)
+    err = np.add.reduceat(err_rows, edges)
+    nrm = np.add.reduceat(nrm_rows, edges)
     total = nrm.sum()
     if total <= 0:
         return 0.0
@@ -278,9 +312,30 @@ def _disk(fields: Dict[str, Tuple[float, float, float]], chunk_nbytes: List[int]
     return total
 
 
-def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, config: DiffusionQuantConfig
-                   ) -> TensorBudget:
-    """The candidates of one tensor, measured on its sample."""
+def _judge(x: np.ndarray, y: Optional[np.ndarray], stats: np.ndarray, graph: Optional[Tuple[np.ndarray, bool]],
+           ranges: List[Tuple[int, int]], fraction: float) -> Tuple[float, float, Optional[float]]:
+    """``(cosine the policy judges, its standard error, output sensitivity or None)`` of one candidate on the
+    sample ``x`` (``y`` dequantized, None when ``x`` is the whole tensor and there is no graph)."""
+    blocks = [r1 - r0 for r0, r1 in ranges]
+    if graph is None:
+        return figures(stats)["cosine"], (0.0 if y is None or fraction >= 1 else _cosine_stderr(x, y, fraction, blocks)), None
+    h, transposed = graph
+    if transposed:  # the sampled rows are inputs: their block of H, the weight cosine's error as the estimate's
+        rows = np.concatenate([np.arange(r0, r1) for r0, r1 in ranges])
+        out = sensitivity.view_stats(x, y, h, True, rows)
+        stderr = 0.0 if fraction >= 1 else _cosine_stderr(x, y, fraction, blocks)
+    else:  # rows are outputs: each row's output error adds up, row blocks are the sampling units
+        per_row = sensitivity.row_stats(x, y, h)
+        out = per_row.sum(axis=0)
+        stderr = 0.0 if fraction >= 1 else _ratio_stderr(per_row[:, 3], per_row[:, 1], fraction, blocks)
+    return sensitivity.figures(out)["cosine"], stderr, sensitivity.rel_error2(out)
+
+
+def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, config: DiffusionQuantConfig,
+                   graph: Optional[Tuple[np.ndarray, bool]] = None) -> TensorBudget:
+    """The candidates of one tensor, measured on its sample. ``graph``: the layer's input second
+    moment ``H`` and whether its 2-D view is transposed (inputs along rows), from a calibration;
+    then each candidate is judged by, and the allocator minimises, its output sensitivity."""
     rows, cols = info.matrix_shape
     ranges = sample_ranges(info)
     sampled_rows = sum(r1 - r0 for r0, r1 in ranges)
@@ -291,7 +346,8 @@ def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, conf
     raw_fields = {"codes": (1.0,) + compression_model(raw)}
     itemsize = DTYPES[info.dtype].itemsize
     raw_disk = _disk(raw_fields, [(r1 - r0) * cols * itemsize for r0, r1 in chunks])
-    lossless = Option(LOSSLESS, RAW, raw_bytes, raw_disk, 0.0, 1.0, raw_fields)
+    lossless = Option(LOSSLESS, RAW, raw_bytes, raw_disk, 0.0, 1.0, raw_fields,
+                      sensitivity=0.0 if graph is not None else None, output_cosine=1.0 if graph is not None else None)
     role = base.role or ("lossless" if base.lossless else "ordinary")
     if role == "lossless":
         return TensorBudget(info.name, info.numel, role, base, [lossless], sampled_rows / max(rows, 1))
@@ -321,11 +377,11 @@ def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, conf
             enc = encodings.get_encoding(name, bits, c.group)
             blobs, stats = encodings.quantize(x, enc)
             fig = figures(stats)
-            stderr = 0.0 if exact else _cosine_stderr(
-                x, encodings.dequantize(blobs, enc, *x.shape), sampled_rows / rows, [r1 - r0 for r0, r1 in ranges])
-            if policy.accepts(config, bits, fig["cosine"], stderr):
+            y = None if exact and graph is None else encodings.dequantize(blobs, enc, *x.shape)
+            judged, stderr, sens = _judge(x, y, stats, graph, ranges, sampled_rows / rows)
+            if policy.accepts(config, bits, judged, stderr):
                 break
-            missed.append(fig["cosine"])
+            missed.append(judged)
         else:
             excluded.append((candidates[0].bits, missed[0]))
             continue
@@ -335,7 +391,7 @@ def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, conf
         chunk_nbytes = [enc.nbytes(r1 - r0, cols) for r0, r1 in chunks]
         rel2 = float(stats[3] / stats[1]) if stats[1] > 0 else 0.0
         options.append(Option(bits, name, sum(chunk_nbytes), _disk(fields, chunk_nbytes), rel2, fig["cosine"], fields,
-                              c.group))
+                              c.group, sens, judged if graph is not None else None))
         if role == "rule":
             break  # a rule fixes the width; only the fallback chain may widen it
     if role == "rule" and options:
@@ -345,10 +401,29 @@ def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, conf
     return TensorBudget(info.name, info.numel, role, base, options, sampled_rows / max(rows, 1), excluded)
 
 
-def measure_model(source: ModelSource, config: DiffusionQuantConfig, planner: Optional[Planner] = None
-                  ) -> Dict[str, TensorBudget]:
+def measure_model(source: ModelSource, config: DiffusionQuantConfig, planner: Optional[Planner] = None,
+                  calibration=None) -> Dict[str, TensorBudget]:
+    """Every tensor's candidates; with a :class:`~arrow_quant_v2.calibration.Calibration`, the layers it
+    holds an ``H`` for are measured by their output sensitivity."""
     planner = planner or Planner(config)
-    return {name: measure_tensor(source, info, planner.plan(info), config) for name, info in source.tensors.items()}
+    tensors = {}
+    for name, info in source.tensors.items():
+        graph = None
+        if calibration is not None and name in calibration.hessians:
+            graph = (calibration.hessians[name], calibration.layers[name].transposed)
+        tensors[name] = measure_tensor(source, info, planner.plan(info), config, graph)
+    return tensors
+
+
+def _set_shares(tensors: Dict[str, TensorBudget]) -> bool:
+    """Each budgeted tensor's weight in the objective: with output sensitivities (a graph), every layer
+    the same (``sensitivity.share``); else its share of the budgeted parameters. Returns which."""
+    budgeted = [t for t in tensors.values() if t.role != "lossless"]
+    by_output = any(t.by_output for t in budgeted)
+    n_total = max(sum(t.numel for t in budgeted), 1)
+    for t in budgeted:
+        t.share = sensitivity.share(len(budgeted)) if by_output else t.numel / n_total
+    return by_output
 
 
 # -- the Parquet overhead ---------------------------------------------------------------------
@@ -428,9 +503,9 @@ def store_overhead(source: ModelSource, tensors: Dict[str, TensorBudget], plans:
 # -- allocating -------------------------------------------------------------------------------
 
 
-def _hull(t: TensorBudget, n_total: int) -> List[int]:
+def _hull(t: TensorBudget) -> List[int]:
     """Indices of the options on the lower convex hull of (disk bytes, weighted error)."""
-    pts = [(o.disk_bytes, t.numel * o.rel_error2 / n_total, i) for i, o in enumerate(t.options)]
+    pts = [(o.disk_bytes, t.share * o.error, i) for i, o in enumerate(t.options)]
     hull: List[Tuple[float, float, int]] = []
     for p in pts:
         if hull and p[1] >= hull[-1][1]:
@@ -445,16 +520,16 @@ def _hull(t: TensorBudget, n_total: int) -> List[int]:
     return [i for _, _, i in hull]
 
 
-def _slope(t: TensorBudget, a: int, b: int, n_total: int) -> float:
+def _slope(t: TensorBudget, a: int, b: int) -> float:
     oa, ob = t.options[a], t.options[b]
-    dy = t.numel * (oa.rel_error2 - ob.rel_error2) / n_total
+    dy = t.share * (oa.error - ob.error)
     dx = (ob.disk_bytes - oa.disk_bytes) / MIB
     return dy / dx if dx > 0 else math.inf
 
 
-def _greedy(tensors: Dict[str, TensorBudget], budget: float, n_total: int) -> Tuple[float, List[str]]:
+def _greedy(tensors: Dict[str, TensorBudget], budget: float) -> Tuple[float, List[str]]:
     """Climb the hulls by error saved per byte within ``budget`` blob bytes; returns the price and step order."""
-    hulls = {n: _hull(t, n_total) for n, t in tensors.items()}
+    hulls = {n: _hull(t) for n, t in tensors.items()}
     heap = []
     spent = 0.0
     for n, t in tensors.items():
@@ -463,7 +538,7 @@ def _greedy(tensors: Dict[str, TensorBudget], budget: float, n_total: int) -> Tu
         t.next_slope = 0.0
         spent += t.option.disk_bytes
         if len(hulls[n]) > 1:
-            s = _slope(t, hulls[n][0], hulls[n][1], n_total)
+            s = _slope(t, hulls[n][0], hulls[n][1])
             t.next_slope = s
             heapq.heappush(heap, (-s, n, 1))
     price, rejected = 0.0, None
@@ -481,36 +556,42 @@ def _greedy(tensors: Dict[str, TensorBudget], budget: float, n_total: int) -> Tu
         steps.append(n)
         t.next_slope = 0.0
         if k + 1 < len(h):
-            s = _slope(t, h[k], h[k + 1], n_total)
+            s = _slope(t, h[k], h[k + 1])
             t.next_slope = s
             heapq.heappush(heap, (-s, n, k + 1))
     return (rejected if rejected is not None else price), steps
 
 
+#: How a reason names what a budget step buys: the layers' mean output sensitivity (a graph) or relF².
+OUTPUT_UNIT, WEIGHT_UNIT = "output sensitivity", "relF²"
+
+
 def _reason(t: TensorBudget, plan_label: str, price: float) -> str:
     if t.role == "lossless":
         return t.base.reason
+    measure = policy.OUTPUT_COSINE if t.by_output else policy.WEIGHT_COSINE
+    misses = ", ".join(policy.sampled_miss(b, c, measure) for b, c in t.excluded)
     if t.role == "rule":
         if t.option.bits == t.base.bits:
             return t.base.reason
-        return f"{plan_label}: {t.base.reason.split(': ', 1)[-1]}, widened: " + ", ".join(
-            policy.sampled_miss(b, c) for b, c in t.excluded)
+        return f"{plan_label}: {t.base.reason.split(': ', 1)[-1]}, widened: " + misses
     floor = t.base.reason.split(": ", 1)[1] if t.role == "protected" and ": " in t.base.reason else ""
     why = f"{floor}, " if floor else ""
+    unit = OUTPUT_UNIT if t.by_output else WEIGHT_UNIT
     if t.slope > 0:
-        why += f"budget (saves {t.slope:.3g} relF² per MiB)"
+        why += f"budget (saves {t.slope:.3g} {unit} per MiB)"
     elif t.next_slope > 0:
-        why += f"budget ({t.options[_next(t)].label} would save {t.next_slope:.3g} relF² per MiB; price {price:.3g})"
+        why += f"budget ({t.options[_next(t)].label} would save {t.next_slope:.3g} {unit} per MiB; price {price:.3g})"
     else:
         why += "budget"
     if t.excluded:
-        why += "; " + ", ".join(policy.sampled_miss(b, c) for b, c in t.excluded)
+        why += "; " + misses
     return f"{plan_label}: {why}"
 
 
 def _next(t: TensorBudget) -> int:
     for i, o in enumerate(t.options):
-        if o.disk_bytes > t.option.disk_bytes and o.rel_error2 < t.option.rel_error2:
+        if o.disk_bytes > t.option.disk_bytes and o.error < t.option.error:
             return i
     return t.chosen
 
@@ -532,9 +613,13 @@ def _plans(tensors: Dict[str, TensorBudget], config: DiffusionQuantConfig, price
     return plans
 
 
-def _objective(tensors: Dict[str, TensorBudget]) -> Tuple[float, int]:
+def _objective(tensors: Dict[str, TensorBudget], by_output: bool) -> Tuple[float, int]:
+    """The estimated objective (mean layer output sensitivity, or parameter-weighted relF**2 of the
+    quantized tensors) and the quantized parameters."""
     q = [t for t in tensors.values() if t.role != "lossless" and t.option.bits != LOSSLESS]
     n = sum(t.numel for t in q)
+    if by_output:
+        return sum(t.share * t.option.error for t in tensors.values() if t.role != "lossless"), n
     return (sum(t.numel * t.option.rel_error2 for t in q) / n if n else 0.0), n
 
 
@@ -564,16 +649,18 @@ def _restore(tensors: Dict[str, TensorBudget], snap: Dict[str, Tuple[int, float,
 
 
 def allocate(source: ModelSource, config: DiffusionQuantConfig, planner: Optional[Planner] = None,
-             tensors: Optional[Dict[str, TensorBudget]] = None) -> BudgetPlan:
+             tensors: Optional[Dict[str, TensorBudget]] = None, calibration=None) -> BudgetPlan:
     """Plan every tensor of ``source`` so the store's weight files fit ``config.target_model_size_mb``.
+    With a ``calibration`` (:class:`~arrow_quant_v2.calibration.Calibration`) the layers it calibrated
+    are measured and allocated by their output sensitivity (see the module docstring).
 
     Raises :class:`ConfigurationError` naming the smallest and largest reachable sizes when
     the target is outside them.
     """
     started = time.perf_counter()
     target = float(config.target_model_size_mb) * MIB
-    tensors = tensors if tensors is not None else measure_model(source, config, planner)
-    n_total = max(sum(t.numel for t in tensors.values() if t.role != "lossless"), 1)
+    tensors = tensors if tensors is not None else measure_model(source, config, planner, calibration)
+    by_output = _set_shares(tensors)
     overhead, smallest, largest = _extremes(source, tensors, config)
     if not smallest <= target <= largest * 1.01:
         excluded = sum(1 for t in tensors.values() if t.excluded)
@@ -588,7 +675,7 @@ def allocate(source: ModelSource, config: DiffusionQuantConfig, planner: Optiona
     # against the last measured overhead, re-measure, and keep the fullest plan that fits.
     best = None
     for _ in range(OVERHEAD_ROUNDS):
-        price, steps = _greedy(tensors, target - overhead, n_total)
+        price, steps = _greedy(tensors, target - overhead)
         plans = _plans(tensors, config, price)
         measured = store_overhead(source, tensors, plans, config)
         estimated = measured + sum(t.option.disk_bytes for t in tensors.values())
@@ -602,20 +689,20 @@ def allocate(source: ModelSource, config: DiffusionQuantConfig, planner: Optiona
         while steps and estimated > target:
             n = steps.pop()
             t = tensors[n]
-            h = _hull(t, n_total)
+            h = _hull(t)
             k = h.index(t.chosen)
             estimated -= t.option.disk_bytes - t.options[h[k - 1]].disk_bytes
             t.chosen = h[k - 1]
-            t.slope = _slope(t, h[k - 2], h[k - 1], n_total) if k >= 2 else 0.0
+            t.slope = _slope(t, h[k - 2], h[k - 1]) if k >= 2 else 0.0
         plans = _plans(tensors, config, price)
         overhead = store_overhead(source, tensors, plans, config)
         estimated = overhead + sum(t.option.disk_bytes for t in tensors.values())
     else:
         estimated, overhead, price, plans, snap = best
         _restore(tensors, snap)
-    objective, nq = _objective(tensors)
+    objective, nq = _objective(tensors, by_output)
     return BudgetPlan(target, estimated, smallest, largest, overhead, objective, price, tensors, plans,
-                      time.perf_counter() - started, nq)
+                      time.perf_counter() - started, nq, by_output)
 
 
 # -- for the app ------------------------------------------------------------------------------

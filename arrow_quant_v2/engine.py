@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import encodings, hub, policy
+from . import encodings, hub, policy, sensitivity
 from ._version import __version__
 from .budget import BudgetPlan, allocate
 from .config import DiffusionQuantConfig
@@ -169,6 +169,7 @@ class QuantizeJob:
         self._prepared: Dict[str, object] = {}  # tensor -> solver.Prepared, shared by its chunks
         self._prepare_lock = threading.Lock()
         self._plain_stats: Dict[str, np.ndarray] = {}  # calibrated tensor -> plain rounding's statistics so far
+        self._output_stats: Dict[str, np.ndarray] = {}  # calibrated tensor -> output statistics (written, plain) so far
         self.report, self.cancel = report, cancel
         self.names = list(source.tensors) if names is None else list(names)  # a part of the model (cluster)
         self.threads = resolve_threads(config)
@@ -204,15 +205,31 @@ class QuantizeJob:
             raise _NonFinite()
         encoding = encodings.get_encoding(plan.encoding, plan.bits, plan.group_size)
         if self.calibration is not None and info.name in self.calibration.hessians:
-            return self._encode_calibrated(x, info, encoding, r0, r1)
+            blobs, stats = self._encode_calibrated(x, info, encoding, r0, r1)
+            self._measure_output(x, info, encoding, blobs, r0)
+            return blobs, stats
         return encodings.quantize(x, encoding)
 
-    def _judged(self, name: str, fig: Dict[str, float]) -> Dict[str, float]:
-        """The figures the fallback decision reads: for a calibrated tensor those of plain rounding on
-        the same grid, so calibration changes codes, never widths (the same bits per weight as without)."""
+    def _measure_output(self, x: np.ndarray, info: TensorInfo, encoding, blobs, r0: int) -> None:
+        """Add this chunk's output statistics (:mod:`arrow_quant_v2.sensitivity`) on the calibration's H:
+        of the codes written, and of plain rounding (what the fallback judges, as the budget does)."""
+        written = encodings.dequantize(blobs, encoding, *x.shape)
+        plain = encodings.dequantize(encodings.quantize(x, encoding)[0], encoding, *x.shape)
+        found = sensitivity.view_stats(x, [written, plain], self.calibration.hessians[info.name],
+                                       self.calibration.layers[info.name].transposed, np.arange(r0, r0 + x.shape[0]))
+        with self._prepare_lock:
+            self._output_stats[info.name] = self._output_stats.get(info.name, 0) + np.stack(found)
+
+    def _judged(self, name: str, fig: Dict[str, float]) -> Tuple[float, str, Optional[np.ndarray]]:
+        """``(cosine, what it measures, output statistics)`` the fallback decision reads. For a calibrated
+        tensor, plain rounding on the same grid (so calibration changes codes, never widths, as the budget
+        measured them), and its output cosine on the calibration inputs (``policy.measure_for``)."""
         with self._prepare_lock:
             plain = self._plain_stats.pop(name, None)
-        return figures(plain) if plain is not None else fig
+            output = self._output_stats.pop(name, None)
+        if output is not None:
+            return sensitivity.figures(output[1])["cosine"], policy.OUTPUT_COSINE, output
+        return (figures(plain) if plain is not None else fig)["cosine"], policy.WEIGHT_COSINE, None
 
     def _encode_calibrated(self, x: np.ndarray, info: TensorInfo, encoding, r0: int, r1: int):
         """The encoder's grid, then error-compensated codes on it (see :mod:`arrow_quant_v2.kernels.solver`)."""
@@ -351,12 +368,12 @@ class QuantizeJob:
                 self._write(info, plan, parts, {"cosine": math.nan, "rel_error": 0.0, "sqnr_db": math.inf}, plan.reason)
                 return
             fig = figures(stats)
-            judged = self._judged(info.name, fig)
-            if policy.accepts(self.config, plan.bits, judged["cosine"]):
-                self._write(info, plan, parts, fig, reason)
+            judged, measure, output = self._judged(info.name, fig)
+            if policy.accepts(self.config, plan.bits, judged):
+                self._write(info, plan, parts, fig, reason, output)
                 return
             tried = Choice(plan.encoding, plan.bits, plan.group_size)
-            nxt, reason, wider = policy.fallback(self.config, tried, judged["cosine"], info.matrix_shape[1])
+            nxt, reason, wider = policy.fallback(self.config, tried, judged, info.matrix_shape[1], measure)
             if wider:
                 if self.config.fail_fast:
                     raise QuantizationError(
@@ -399,7 +416,8 @@ class QuantizeJob:
             concurrent.futures.wait([fut for _, fut in pending])  # no thread outlives the job
             raise
 
-    def _write(self, info: TensorInfo, plan: TensorPlan, parts: ChunkSpool, fig: Dict[str, float], reason: str) -> None:
+    def _write(self, info: TensorInfo, plan: TensorPlan, parts: ChunkSpool, fig: Dict[str, float], reason: str,
+               output: Optional[np.ndarray] = None) -> None:
         rel = self._source_files.get(info.file)
         if rel is None:
             rel = str(info.file.relative_to(self.source.root)) if self.source.path.is_dir() else info.file.name
@@ -411,6 +429,12 @@ class QuantizeJob:
         )
         summary = dict(fig, bits=plan.bits, encoding=encoding, nbytes=parts.nbytes,
                        numel=info.numel, reason=reason, source_bytes=info.nbytes)
+        if output is not None:  # the manifest's "sensitivity" (sensitivity_entry)
+            summary["output"] = {"rel_error2": sensitivity.rel_error2(output[0]),
+                                 "cosine": sensitivity.figures(output[0])["cosine"],
+                                 "plain_cosine": sensitivity.figures(output[1])["cosine"]}
+        elif plan.lossless and self.calibration is not None and info.name in self.calibration.hessians:
+            summary["output"] = {"rel_error2": 0.0, "cosine": 1.0, "plain_cosine": 1.0}
         try:
             self.writer.write_tensor(records, fig, reason, summary, nbytes=parts.nbytes)
         finally:
@@ -500,17 +524,19 @@ def summarize(final: Dict[str, dict]) -> dict:
     }
 
 
-def plan_tensors(source: ModelSource, config: DiffusionQuantConfig) -> Tuple[Dict[str, TensorPlan], Optional[BudgetPlan]]:
+def plan_tensors(source: ModelSource, config: DiffusionQuantConfig, calibration=None
+                 ) -> Tuple[Dict[str, TensorPlan], Optional[BudgetPlan]]:
     """Every tensor's plan, and the budget allocation when ``target_model_size_mb`` is set.
 
     The per-tensor rules (:meth:`~arrow_quant_v2.plan.Planner.plan`) decide alone, unless there is a
     size budget: then :func:`~arrow_quant_v2.budget.allocate` chooses the widths, keeping the rules'
-    lossless and ``bit_rules`` decisions and treating their protected widths as floors.
+    lossless and ``bit_rules`` decisions and treating their protected widths as floors; with a
+    ``calibration`` it allocates by the layers' output sensitivity.
     """
     planner = Planner(config)
     if config.target_model_size_mb is None:
         return planner.plan_model(source), None
-    budget = allocate(source, config, planner)
+    budget = allocate(source, config, planner, calibration=calibration)
     return dict(budget.plans), budget
 
 
@@ -527,13 +553,18 @@ class Preparation:
     budget: Optional[BudgetPlan]  # the allocation under target_model_size_mb, else None
     state_before: list
     writer: StoreWriter
+    calibration: object = None    # calibration.Calibration under calibration="graph" (made before planning), else None
 
 
 def prepare(model_path, output_path, config: Optional[DiffusionQuantConfig], *, overwrite: bool,
             resume: bool, revision: Optional[str] = None, download: bool = False,
-            components: Optional[List[str]] = None, variant: Optional[str] = None) -> Preparation:
+            components: Optional[List[str]] = None, variant: Optional[str] = None,
+            calibrate: Optional[Callable[..., object]] = None) -> Preparation:
     """Open and check the source (a path or a hub id, see :func:`arrow_quant_v2.hub.resolve`) and
-    the output, plan every tensor, and claim the partial folder."""
+    the output, plan every tensor, and claim the partial folder.
+
+    ``calibrate(source, config, rule_plans)``: under ``calibration="graph"``, makes the calibration
+    before planning, since a size budget allocates by the layers' output sensitivity."""
     config = config if config is not None else DiffusionQuantConfig()
     if not isinstance(config, DiffusionQuantConfig):
         raise ConfigurationError(f"config={config!r} is not allowed; allowed: a DiffusionQuantConfig or None")
@@ -550,11 +581,15 @@ def prepare(model_path, output_path, config: Optional[DiffusionQuantConfig], *, 
         pass  # an unusable output path is reported by check_paths
     check_paths(source, output, overwrite)
     modality, modality_reason = detect_modality(source, config.modality)
-    plans, budget = plan_tensors(source, config)
+    calibrated = None
+    if config.calibration == "graph" and calibrate is not None:
+        calibrated = calibrate(source, config, Planner(config).plan_model(source))
+    plans, budget = plan_tensors(source, config, calibrated)
     state_before = _file_state(source)
     writer = StoreWriter(output, overwrite=overwrite, max_shard_bytes=config.max_shard_mb << 20,
                          run_key=run_key(source, config), resume=resume)
-    return Preparation(source, output, config, modality, modality_reason, plans, budget, state_before, writer)
+    return Preparation(source, output, config, modality, modality_reason, plans, budget, state_before, writer,
+                       calibrated)
 
 
 def publish(prep: Preparation, final: Dict[str, dict], fallbacks: List[dict], warnings: List[str]) -> dict:
@@ -598,8 +633,29 @@ def publish(prep: Preparation, final: Dict[str, dict], fallbacks: List[dict], wa
         "extra_files": [str(p) for p in extra],
         "totals": {k: v for k, v in result.items() if k not in ("quantized_path", "quantization_time_s")},
     }
+    if prep.calibration is not None:
+        manifest["sensitivity"] = sensitivity_entry(final, prep.calibration, prep.budget)
     writer.finish(manifest)
     return result
+
+
+def sensitivity_entry(final: Dict[str, dict], calibrated, budget: Optional[BudgetPlan]) -> dict:
+    """The manifest's ``sensitivity`` (docs/format.md): per calibrated tensor, its output sensitivity
+    as written, and the per-width curve the budget allocated by."""
+    tensors = {}
+    for name, t in final.items():
+        if "output" not in t:
+            continue
+        row = {"bits": t["bits"], "output_rel_error2": t["output"]["rel_error2"],
+               "output_cosine": t["output"]["cosine"], "plain_output_cosine": t["output"]["plain_cosine"]}
+        tb = budget.tensors.get(name) if budget is not None else None
+        if tb is not None and tb.by_output:
+            row["curve"] = {o.label: o.sensitivity for o in tb.options if o.sensitivity is not None}
+        tensors[name] = row
+    return {"measure": "tr(dW H dW^T) / tr(W H W^T): the relative error power each layer adds to its output "
+                       "on the calibration inputs (H = X^T X of its inputs across the noise levels)",
+            "levels": list(calibrated.levels), "samples_per_level": calibrated.samples, "inputs": calibrated.source,
+            "tensors": tensors}
 
 
 def calibrate(model_path, source: ModelSource, config: DiffusionQuantConfig, plans: Dict[str, TensorPlan],
@@ -645,11 +701,10 @@ def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfi
     cancel = cancel or CancelToken()
     report = fraction_reporter(progress)
     prep = prepare(model_path, output_path, config, overwrite=overwrite, resume=resume, revision=revision,
-                   download=download, components=components, variant=variant)
+                   download=download, components=components, variant=variant,
+                   calibrate=lambda source, cfg, plans: calibrate(source.path, source, cfg, plans, report, cancel))
     try:
-        calibrated = None
-        if prep.config.calibration == "graph":
-            calibrated = calibrate(prep.source.path, prep.source, prep.config, prep.plans, report, cancel)
+        calibrated = prep.calibration
         job = QuantizeJob(prep.source, prep.writer, prep.config, prep.plans, report, cancel, calibration=calibrated)
         job.run()
         cancel.check()

@@ -7,7 +7,8 @@ is good enough, and how the reason a person reads is worded.
   the same way; lossless last (:func:`fallback`).
 * The acceptance test (:func:`accepts`): a candidate is kept when its cosine reaches
   ``min_accuracy`` for its width; a cosine measured on a row sample must clear it by
-  :data:`SAMPLE_MARGIN` standard errors.
+  :data:`SAMPLE_MARGIN` standard errors. Which cosine (:func:`measure_for`): the weights', or
+  with a graph (``calibration="graph"``) the layer output's on the calibration inputs.
 * The reason texts: labels, misses, fallbacks.
 
 The planner takes a width's first candidate, the budget walks each width's candidates on a row
@@ -136,19 +137,33 @@ def accepts(config: DiffusionQuantConfig, bits: int, cosine: float, stderr: floa
     return cosine >= required(config, bits) + SAMPLE_MARGIN * stderr
 
 
-def miss(encoding: str, cosine: float, need: float) -> str:
-    return f"{encoding} cos {cosine:.4f} < {need}"
+#: What the acceptance test reads: the weights' cosine, or with a graph (``calibration="graph"``) the
+#: layer output's cosine on the calibration inputs (:mod:`arrow_quant_v2.sensitivity`).
+WEIGHT_COSINE = "cos"
+OUTPUT_COSINE = "output cos"
 
 
-def sampled_miss(bits: int, cosine: float) -> str:
-    return f"int{bits} misses min_accuracy (sampled cos {cosine:.4f})"
+def measure_for(config: DiffusionQuantConfig) -> str:
+    """The figure a tensor's width is judged by under ``config`` (one of the two above)."""
+    return OUTPUT_COSINE if config.calibration == "graph" else WEIGHT_COSINE
 
 
-def fallback(config: DiffusionQuantConfig, tried: Choice, cosine: float, cols: int) -> Tuple[Choice, str, bool]:
-    """What follows ``tried`` after it missed with ``cosine``: ``(candidate, reason, wider)``.
+def miss(encoding: str, cosine: float, need: float, measure: str = WEIGHT_COSINE) -> str:
+    return f"{encoding} {measure} {cosine:.4f} < {need}"
+
+
+def sampled_miss(bits: int, cosine: float, measure: str = WEIGHT_COSINE) -> str:
+    return f"int{bits} misses min_accuracy (sampled {measure} {cosine:.4f})"
+
+
+def fallback(config: DiffusionQuantConfig, tried: Choice, cosine: float, cols: int,
+             measure: str = WEIGHT_COSINE) -> Tuple[Choice, str, bool]:
+    """What follows ``tried`` after it missed with ``cosine`` (of ``measure``): ``(candidate, reason, wider)``.
     ``wider`` says the width grows (``fail_fast`` refuses that; the result lists it as a
     fallback); a candidate with ``encoding`` None is lossless."""
-    why = miss(tried.encoding, cosine, required(config, tried.bits))
+    why = miss(tried.encoding, cosine, required(config, tried.bits), measure)
+    if measure == OUTPUT_COSINE:
+        why += " (output sensitivity on the calibration inputs)"
     other = _alternate(config, tried)
     if other is not None:
         return other, f"{plan_label(other.bits, other.encoding, other.group)}: {why}", False

@@ -137,7 +137,7 @@ def check_manifest(store: Path, manifest: dict) -> dict:
         raise StoreFormatError(store, "format", f"{_short(manifest.get('format'))} "
                                f"v{_short(manifest.get('format_version'))} is not {FORMAT_NAME} v{FORMAT_VERSION}")
     for key, kind in (("source", dict), ("config", dict), ("modality", dict), ("totals", dict),
-                      ("created", str), ("library_version", str)):
+                      ("sensitivity", dict), ("created", str), ("library_version", str)):
         if key in manifest and not isinstance(manifest[key], kind):
             raise StoreFormatError(store, key, f"must be a JSON {_KIND[kind]}, not {_short(manifest[key])}")
     source = manifest.get("source", {})

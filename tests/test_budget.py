@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from arrow_quant_v2 import ConfigurationError, DiffusionQuantConfig, load_quantized
 from arrow_quant_v2.config import DEFAULT_MIN_ACCURACY
-from arrow_quant_v2.budget import MIB, Option, TensorBudget, _greedy, measure_model, plan_budget, size_range
+from arrow_quant_v2.budget import MIB, Option, TensorBudget, _greedy, _set_shares, measure_model, plan_budget, size_range
 from arrow_quant_v2.engine import quantize_model
 from arrow_quant_v2.plan import TensorPlan
 from arrow_quant_v2.source import open_model
@@ -154,11 +154,11 @@ def test_greedy_is_optimal_at_its_own_cost():
             e4 = e2 * rng.uniform(0.03, 0.2)
             e8 = e4 * rng.uniform(0.002, 0.05)
             tensors[f"t{i}"] = _curve(f"t{i}", n, (e2, e4, e8), (n * 2.5 / 8, n * 4.5 / 8, n * 8.5 / 8))
-        total_n = sum(t.numel for t in tensors.values())
         lo = sum(t.options[0].disk_bytes for t in tensors.values())
         hi = sum(t.options[-1].disk_bytes for t in tensors.values())
         budget = lo + rng.uniform(0.05, 0.95) * (hi - lo)
-        _greedy(tensors, budget, total_n)
+        _set_shares(tensors)  # weight error: each tensor counts by its share of the parameters
+        _greedy(tensors, budget)
         spent = sum(t.option.disk_bytes for t in tensors.values())
         got = sum(t.numel * t.option.rel_error2 for t in tensors.values())
         assert spent <= budget

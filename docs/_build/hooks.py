@@ -10,6 +10,8 @@ time, so the docs cannot drift from it:
   (measuring takes a while, so that one is a committed file; the build fails if it is missing)
 * ``calibration-measured``  ``benchmarks/results/bench_calibration*.json``, written by
   ``benchmarks/bench_calibration.py`` (committed; the build fails if the main one is missing)
+* ``sensitivity-measured``  ``benchmarks/results/bench_sensitivity.json``, written by
+  ``benchmarks/bench_sensitivity.py`` (committed; the build fails if it is missing)
 * ``min-accuracy``, ``plan-modules``, ``default-encodings``: from ``config`` / ``plan`` / ``encodings``
 * ``store-schema``    the Parquet columns, from ``store.SCHEMA`` and the comments beside it
 * ``encodings``       each encoding's byte layout: its class docstring in ``encodings.py``
@@ -147,6 +149,37 @@ def gen_calibration_measured() -> str:
                      f"numpy {data['numpy']}, onnxruntime {data['onnxruntime']}; {data['statistic']}.")
     held_out = "Held-out inputs: " + json.loads(files[0].read_text(encoding="utf-8"))["held_out"] + "."
     return "\n".join(lines) + "\n\n" + held_out + " " + " ".join(notes) + "\n"
+
+
+def gen_sensitivity_measured() -> str:
+    """The H estimate against the direct measurement, and the budget allocations, from the benchmark's JSON."""
+    import json
+
+    f = ROOT / "benchmarks" / "results" / "bench_sensitivity.json"
+    if not f.is_file():
+        raise PluginError(f"{f.relative_to(ROOT)} is missing: run benchmarks/bench_sensitivity.py")
+    data = json.loads(f.read_text(encoding="utf-8"))
+    a, cal = data["agreement"], data["calibration"]
+    lines = [f"Each of {a['layers_measured']} layers of the terrain U-Net quantized alone at {a['width']}; "
+             f"Spearman rank correlation with the network's directly measured 1 − output cosine (mean over "
+             f"{a['direct_levels']} noise levels, held-out inputs):", "",
+             "| estimate | rank correlation |", "|---|---|"]
+    lines += [f"| {k} | {v:+.3f} |" for k, v in a["spearman_vs_direct_mean_error"].items()]
+    b = data.get("budget")
+    if b:
+        lines += ["", f"Size budget {b['target_mb']:.3f} MiB, halfway between all-int2 ({b['all_int2_mb']:.3f} MiB) and "
+                  f"all-int4 ({b['all_int4_mb']:.3f} MiB); output cosine on the held-out inputs (10 noise levels, batch 3):",
+                  "", "| allocation | codes | MiB | bits/weight | output cosine mean | worst level (σ) | worst sample | load avg |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in b["rows"]:
+            e = r["e2e"]
+            lines.append(f"| {r['allocation']} | {r['codes']} | {r['model_size_mb']:.3f} | {r['bits_per_weight']:.3f} | "
+                         f"{e['mean_cosine']:.5f} | {e['worst_cosine']:.5f} ({e['worst_sigma']:.3g}) | "
+                         f"{e['worst_sample_cosine']:.5f} | {r['loadavg_before'][0]:.1f} |")
+    lines += ["", f"`{f.relative_to(ROOT)}`: commit {data['commit'][:10]}, {data['date']}, {data['cores']} cores; calibration "
+              f"{cal['samples_per_level']} sample(s) per level at {len(cal['levels'])} levels, {cal['seconds']:.0f} s "
+              f"(load average {cal['loadavg_before'][0]:.1f}); direct measurement {a['direct_seconds']:.0f} s. {data['held_out']}."]
+    return "\n".join(lines) + "\n"
 
 
 def gen_min_accuracy() -> str:
@@ -312,6 +345,7 @@ GENERATORS = {
     "profile-settings": gen_profile_settings,
     "profiles-measured": gen_profiles_measured,
     "calibration-measured": gen_calibration_measured,
+    "sensitivity-measured": gen_sensitivity_measured,
     "min-accuracy": gen_min_accuracy,
     "plan-modules": gen_plan_modules,
     "default-encodings": gen_default_encodings,

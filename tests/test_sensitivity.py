@@ -1,0 +1,131 @@
+"""Output sensitivity from the calibration's H: it finds the layer the network feels, the budget gives
+that layer bits, the fallback judges by it, and the store keeps it for the app."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from arrow_quant_v2 import DiffusionQuantConfig, budget, calibration, encodings, load_quantized, policy, sensitivity
+from arrow_quant_v2.engine import quantize_model
+from arrow_quant_v2.source import open_model
+
+pytest.importorskip("onnxruntime")
+SENSITIVE = "mid.weight"
+
+
+@pytest.fixture(scope="module")
+def cancelling_model(tmp_path_factory):
+    """in -> conv -> relu -> (+ offset) -> mid conv -> relu -> out conv. ``mid`` reads inputs with a large
+    offset pattern its weights are orthogonal to, so its output is a small difference of large terms: its
+    weight error is ordinary, but rounding breaks the cancellation and the network output moves a lot.
+    Quantizing it is what the network feels most."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    root = tmp_path_factory.mktemp("cancelling")
+    rng = np.random.default_rng(0)
+    w = {"first.weight": (rng.standard_normal((16, 4, 3, 3)) * 0.05).astype(np.float32),
+         SENSITIVE: (rng.standard_normal((16, 16, 3, 3)) * 0.2).astype(np.float32),
+         "last.weight": (rng.standard_normal((4, 16, 3, 3)) * 0.2).astype(np.float32)}
+    # the offset is a checkerboard (a pattern every tap of a 3x3 kernel sees with sign (-1)^(kh+kw)); mid's
+    # weights are orthogonal to it, so they cancel it exactly (a flat offset would be kept by the groups' offsets)
+    pattern = np.broadcast_to(np.array([[1, -1, 1], [-1, 1, -1], [1, -1, 1]], np.float32), (16, 3, 3)).ravel()
+    m = w[SENSITIVE].reshape(16, -1)
+    basis = np.stack([pattern, np.ones_like(pattern)], axis=1)  # and to a flat input (the relu's mean)
+    m -= (m @ basis) @ np.linalg.pinv(basis)
+    checker = (20.0 * (-1.0) ** np.add.outer(np.arange(8), np.arange(8))).astype(np.float32)
+    save_file(w, str(root / "model.safetensors"))
+    nodes = [
+        helper.make_node("Reshape", ["sigma", "shape4"], ["sig4"]),
+        helper.make_node("Add", ["sig4", "one"], ["den"]),
+        helper.make_node("Div", ["noisy", "den"], ["scaled"]),  # inputs of one scale at every noise level
+        helper.make_node("Conv", ["scaled", "first.weight"], ["h1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("Add", ["r1", "offset"], ["a1"]),
+        helper.make_node("Conv", ["a1", SENSITIVE], ["h2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "last.weight"], ["denoised"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "cancelling",
+        [helper.make_tensor_value_info("noisy", TensorProto.FLOAT, ["batch", 4, 8, 8]),
+         helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["batch"])],
+        [helper.make_tensor_value_info("denoised", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in w.items()] + [
+            numpy_helper.from_array(checker[None, None], "offset"),
+            numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "shape4"),
+            numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(root / "model.onnx"))
+    (root / "config.json").write_text(json.dumps({"_class_name": "UNetModel", "sigma_min": 0.002, "sigma_max": 80.0}))
+    return root, w
+
+
+@pytest.fixture(scope="module")
+def calibrated(cancelling_model):
+    root, w = cancelling_model
+    return calibration.collect(root, list(w), samples=2, num_levels=3)
+
+
+def _int2(x: np.ndarray) -> np.ndarray:
+    x2 = x.reshape(x.shape[0], -1)
+    enc = encodings.get_encoding("kquant_nl", 2, 8)
+    return encodings.dequantize(encodings.quantize(x2, enc)[0], enc, *x2.shape).reshape(x.shape)
+
+
+def test_output_sensitivity_finds_the_layer_the_network_feels(cancelling_model, calibrated):
+    root, w = cancelling_model
+    q = {n: _int2(v) for n, v in w.items()}
+    estimate = {n: sensitivity.rel_error2(sensitivity.output_stats(v.reshape(len(v), -1), q[n].reshape(len(v), -1),
+                                                                   calibrated.hessians[n])) for n, v in w.items()}
+    weight = {n: float(np.sum((q[n] - v) ** 2) / np.sum(v ** 2)) for n, v in w.items()}
+    direct = sensitivity.measure_directly(root, {n: {n: q[n]} for n in w}, num_levels=3)
+    assert max(estimate, key=estimate.get) == SENSITIVE == max(direct, key=lambda n: direct[n]["mean_error"])
+    others = [n for n in w if n != SENSITIVE]
+    # the weights alone cannot tell: every layer's relF**2 is alike, its output's is not
+    assert weight[SENSITIVE] < 1.5 * min(weight[n] for n in others)
+    assert estimate[SENSITIVE] > 2 * max(estimate[n] for n in others), estimate
+    # the estimate is the layer output's relF**2: exact against the layer run on its calibration inputs
+    x = np.random.default_rng(1).standard_normal((500, 36))
+    h = x.T @ x
+    a, b = w["first.weight"].reshape(16, -1), q["first.weight"].reshape(16, -1)
+    ratio = np.sum((x @ (b - a).T) ** 2) / np.sum((x @ a.T) ** 2)
+    assert sensitivity.rel_error2(sensitivity.output_stats(a, b, h)) == pytest.approx(ratio, rel=1e-6)  # float32 weights
+
+
+def test_a_budget_by_output_sensitivity_gives_the_sensitive_layer_more_bits(cancelling_model, calibrated):
+    root, _ = cancelling_model
+    base = DiffusionQuantConfig(lossless_below=0, min_accuracy=0.0)
+    uniform = budget.size_range(root, base)["uniform_mb"]
+    cfg = base.replace(target_model_size_mb=(uniform["int2"] + uniform["int4"]) / 2)
+    by_weight = budget.allocate(open_model(root), cfg)
+    by_output = budget.allocate(open_model(root), cfg, calibration=calibrated)
+    assert by_output.by_output and not by_weight.by_output
+    def widest_other(plan):
+        return max(p.bits for n, p in plan.plans.items() if n != SENSITIVE)
+
+    # by weight error the sensitive layer does not stand out; by output sensitivity it gets the most bits
+    assert by_weight.plans[SENSITIVE].bits <= widest_other(by_weight)
+    assert by_output.plans[SENSITIVE].bits > widest_other(by_output)
+    assert by_output.estimated_bytes <= cfg.target_model_size_mb * budget.MIB * (1 + budget.MET_TOLERANCE)
+    assert "output sensitivity" in by_output.plans[SENSITIVE].reason
+
+
+def test_the_fallback_judges_the_output_and_the_store_keeps_the_sensitivity(cancelling_model, tmp_path):
+    root, w = cancelling_model
+    cfg = DiffusionQuantConfig(bit_width=2, lossless_below=0, min_accuracy=0.9, num_time_groups=3)
+    plain = quantize_model(root, tmp_path / "plain", cfg)
+    cal = quantize_model(root, tmp_path / "cal", cfg.replace(calibration="graph"))
+    widened = {f["tensor"] for f in cal["fallbacks"]}
+    assert SENSITIVE in widened and SENSITIVE not in {f["tensor"] for f in plain["fallbacks"]}
+    store = load_quantized(tmp_path / "cal")
+    assert "output cos" in store.tensors[SENSITIVE].reason and "output sensitivity" in store.tensors[SENSITIVE].reason
+    entry = store.manifest["sensitivity"]
+    assert set(entry["tensors"]) == set(w) and len(entry["levels"]) == 3
+    for name, row in entry["tensors"].items():
+        assert set(row) >= {"bits", "output_rel_error2", "output_cosine", "plain_output_cosine"}
+        assert row["bits"] == store.tensors[name].bits
+        assert row["plain_output_cosine"] >= policy.required(cfg, row["bits"]) or row["bits"] == 0
+    assert "sensitivity" not in load_quantized(tmp_path / "plain").manifest
