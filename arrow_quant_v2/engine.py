@@ -222,8 +222,8 @@ class QuantizeJob:
 
     def _judged(self, name: str, fig: Dict[str, float]) -> Tuple[float, str, Optional[np.ndarray]]:
         """``(cosine, what it measures, output statistics)`` the fallback decision reads. For a calibrated
-        tensor, plain rounding on the same grid (so calibration changes codes, never widths, as the budget
-        measured them), and its output cosine on the calibration inputs (``policy.measure_for``)."""
+        tensor: plain rounding on the same grid, as the budget measured it, by the layer output's cosine on
+        the calibration inputs (``policy.measure_for``); compensation then only improves on it."""
         with self._prepare_lock:
             plain = self._plain_stats.pop(name, None)
             output = self._output_stats.pop(name, None)
