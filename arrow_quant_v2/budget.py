@@ -14,7 +14,8 @@ How it is measured (cheaply)
     Each budgeted tensor is read on a deterministic sample of rows (:data:`SAMPLE_BLOCKS`
     evenly spaced blocks totalling about :data:`SAMPLE_ELEMENTS` elements; small tensors
     whole) and quantized at every candidate width (2, 3, 4, 5, 6, 8, each with the encoding
-    and group ``policy.at_width`` gives it, the engine's chain judged by ``policy.accepts``: under ``target_runtime="gguf"`` the ggml types);
+    and group ``policy.at_width`` gives it, the engine's chain judged by ``policy.accepts``: under ``target_runtime="gguf"`` the ggml types,
+    and the finer steps ``policy.steps`` adds, IQ4_XS between int3 and int4);
     ``relF**2`` and the cosine are read from the encoding's statistics. Blob bytes are exact: ``encoding.nbytes`` over the store rows the engine
     will write (``layout.chunk_ranges``). The store is zstd-compressed Parquet, so the
     sample blobs are compressed with the same codec and the measured ratio scales the exact
@@ -366,8 +367,7 @@ def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, conf
     if not np.isfinite(x).all():  # the engine keeps such tensors lossless
         return TensorBudget(info.name, info.numel, "lossless", base, [lossless], sampled_rows / max(rows, 1))
     seen = set()
-    for width in widths:
-        candidates = policy.at_width(config, width, cols)  # the engine's chain at this width, judged on the sample
+    for candidates in policy.steps(config, widths, cols):  # the engine's chain at each step, judged on the sample
         if not candidates or (candidates[0].encoding, candidates[0].bits) in seen:  # widths can share a ggml type
             continue
         seen.add((candidates[0].encoding, candidates[0].bits))

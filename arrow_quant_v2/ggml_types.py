@@ -17,9 +17,9 @@ Calibration (``calibration="graph"``) uses the grid interface of :class:`encodin
 sub-block the decoder computes, and :meth:`GGMLEncoding.compensated` re-runs the encoder on
 each block as the error-compensating sweep reaches it; the bytes stay ggml's.
 
-Which type a bit width becomes under ``target_runtime="gguf"``, and what a row
-length that a type's block does not divide falls back to, are :data:`GGUF_TYPE_FOR_BITS`
-and :data:`ROW_FALLBACK` below (the planner reads them).
+Which type a bit width becomes under ``target_runtime="gguf"``, what a row length that a
+type's block does not divide falls back to, and the finer steps a size budget may take are
+:data:`GGUF_TYPE_FOR_BITS`, :data:`ROW_FALLBACK` and :data:`FINER_STEPS` below (the policy reads them).
 """
 from __future__ import annotations
 
@@ -555,8 +555,56 @@ class Q3_K(_KQuantSymmetric):
         return D.decode_q3_k(blob, n)
 
 
+@register
+@dataclass(frozen=True)
+class IQ4_XS(GGMLEncoding):
+    """ggml IQ4_XS: super-blocks of 256 elements in 136 bytes (4.25 bpw), 8 sub-blocks of 32
+    on IQ4_NL's non-uniform grid.
+
+    Super-block: float16 ``d``; ``scales_h`` (uint16, little-endian): bits ``2j`` and ``2j + 1``
+    are the top 2 bits of sub-block ``j``'s 6-bit scale ``v``; ``scales_l`` (4 bytes): the low 4
+    bits of ``v`` for sub-block ``j`` in nibble ``j % 2`` (low first) of byte ``j // 2``; ``qs``
+    (128 bytes): sub-block ``j``'s 32 level indices in ``qs[16j:16j + 16]``, placed as in IQ4_NL
+    (element ``l`` the low nibble, ``16 + l`` the high). The signed scale is ``ls = v - 32``.
+    Dequantization: ``y = (d * float32(ls)) * float32(G[u])``, ``G`` IQ4_NL's grid.
+    Encoder: each sub-block's own scale searched as IQ4_NL's, then the super-block scale and the
+    integer sub-scales fitted together (``kernels.ggml_search.encode_iq4_xs``). More error than
+    Q4_K at 0.25 fewer bits per weight: a choice (``encoding="iq4_xs"``), not int4's default.
+    """
+
+    name: ClassVar[str] = "iq4_xs"
+    ggml_type: ClassVar[str] = "IQ4_XS"
+    supported_bits: ClassVar[Tuple[int, ...]] = (4,)
+    block: ClassVar[int] = 256
+    type_size: ClassVar[int] = 136
+    #: encoder effort (not format): sub-block offsets as IQ4_NL's; super-block scale starts at the
+    #: largest sub-scale over ``-32 + doffset``; least-squares re-fit rounds of the super-block scale.
+    SEARCH: ClassVar[Dict[str, Any]] = {"offsets": (-12.0, -8.0, -4.0, 0.0, 4.0), "doffsets": (0.0,), "rounds": 2}
+
+    LEVELS: ClassVar[np.ndarray] = D.IQ4NL_GRID.astype(np.float32)
+
+    def _search(self, x):
+        s = self.SEARCH
+        return S.encode_iq4_xs(x, _f64(s["offsets"]), _f64(s["doffsets"]), s["rounds"])
+
+    def _pack(self, params, q):
+        return S.pack_iq4_xs(*params, q)
+
+    def _sub_scales(self, params):
+        d, ls = params
+        scale = np.repeat(_f16(d), self.block // self.SUB) * ls.astype(np.float32)  # d * ls, then level * that
+        return scale, np.zeros_like(scale)
+
+    def _decode(self, blob, n):
+        return D.decode_iq4_xs(blob, n)
+
+
 #: The ggml type each bit width becomes under ``target_runtime="gguf"``.
 GGUF_TYPE_FOR_BITS: Dict[int, str] = {2: "q2_k", 3: "q3_k", 4: "q4_k", 5: "q5_k", 6: "q6_k", 8: "q8_0"}
+
+#: Under ``target_runtime="gguf"``, the finer steps a size budget may also take at a width:
+#: fewer bits than the width's own type, more error (IQ4_XS, 4.25 bpw, between Q3_K and Q4_K).
+FINER_STEPS: Dict[int, Tuple[str, ...]] = {4: ("iq4_xs",)}
 
 #: llama.cpp's fallback for a row length that a k-quant's 256-element super-block does not
 #: divide (``llama-quant.cpp``, ``convert_incompatible_tensor``); a row that the fallback's

@@ -4,7 +4,8 @@ is good enough, and how the reason a person reads is worded.
 * The candidate chain: at a width, :func:`choose`'s encoding and group (under
   ``target_runtime="gguf"`` the width's ggml type, or llama.cpp's fallback type for the row), then
   :func:`alternate_encoding` at its own group; then the next wider width (:data:`FALLBACK_ORDER`),
-  the same way; lossless last (:func:`fallback`).
+  the same way; lossless last (:func:`fallback`). A size budget also weighs finer ggml types
+  between the widths (:func:`steps`).
 * The acceptance test (:func:`accepts`): a candidate is kept when its cosine reaches
   ``min_accuracy`` for its width; a cosine measured on a row sample must clear it by
   :data:`SAMPLE_MARGIN` standard errors. Which cosine (:func:`measure_for`): the weights', or
@@ -117,6 +118,23 @@ def at_width(config: DiffusionQuantConfig, bits: int, cols: int) -> List[Choice]
         return []
     other = _alternate(config, first)
     return [first] + ([other] if other else [])
+
+
+def steps(config: DiffusionQuantConfig, widths, cols: int) -> List[List[Choice]]:
+    """What a size budget measures for rows of ``cols`` elements, one list of candidates (in the
+    engine's order, the first accepted one kept) per step: each of ``widths`` (:func:`at_width`),
+    and under ``target_runtime="gguf"`` after a width its finer ggml types that fit the row
+    (``ggml_types.FINER_STEPS``: IQ4_XS at 4.25 bpw beside Q4_K's 4.5)."""
+    out = []
+    for bits in widths:
+        out.append(at_width(config, bits, cols))
+        if config.target_runtime == "gguf":
+            from .ggml_types import FINER_STEPS
+
+            own = out[-1][0].encoding if out[-1] else None
+            out += [[Choice(name, bits, encodings.fixed_group(name))] for name in FINER_STEPS.get(bits, ())
+                    if name != own and cols % encodings.fixed_group(name) == 0]
+    return out
 
 
 def _alternate(config: DiffusionQuantConfig, tried: Choice) -> Optional[Choice]:

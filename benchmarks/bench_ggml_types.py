@@ -40,7 +40,7 @@ from arrow_quant_v2 import encodings as E  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import Record  # noqa: E402
 
-TYPES = ["q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_nl", "q5_1", "q5_0", "q4_0"]
+TYPES = ["q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_xs", "iq4_nl", "q5_1", "q5_0", "q4_0"]
 #: The issue's goals on the Gaussian matrix (relF), where it set one.
 GOALS = {"q4_k": 0.0695, "q3_k": 0.141, "q2_k": 0.260, "q5_k": 0.0350, "q6_k": 0.0172, "q8_0": 0.0053}
 

@@ -126,6 +126,21 @@ def _rtn_iq4_nl(x):
     return (d * grid[idx]).reshape(x.shape)
 
 
+def _rtn_iq4_xs(x):
+    """Plain two-level rounding on IQ4_XS: each sub-block's extreme on the grid's end, the
+    super-block scale the largest of those over -32, nearest sub-scales, nearest levels."""
+    b = x.reshape(-1, 8, 32).astype(np.float64)
+    grid = G.IQ4NL_GRID.astype(np.float64)
+    s = np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], -1)[..., 0] / grid[0]
+    big = np.take_along_axis(s, np.abs(s).argmax(-1)[:, None], -1)
+    d = _f16(big / -32).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ls = np.where(d != 0, np.clip(np.rint(s / d), -32, 31), 0)
+        scale = (d * ls).astype(np.float32).astype(np.float64)[..., None]
+        t = np.where(scale != 0, b / scale, 0)
+    return (scale * grid[np.abs(t[..., None] - grid).argmin(-1)]).reshape(x.shape)
+
+
 def _plain_rounding(name, x):
     """Dequantized plain round-to-nearest on ``name``'s grid (gguf-py's reference quantizer
     where it has one: Q8_0, Q4_0, Q5_0, Q5_1)."""
@@ -135,6 +150,8 @@ def _plain_rounding(name, x):
         return gguf.quants.dequantize(gguf.quants.quantize(x, qt), qt)
     if name == "iq4_nl":
         return _rtn_iq4_nl(x)
+    if name == "iq4_xs":
+        return _rtn_iq4_xs(x)
     if name in ("q4_k", "q5_k", "q2_k"):
         return _rtn_affine(x, cls.SUB, cls.NMAX, cls.SMAX)
     return _rtn_symmetric(x, cls.SUB, cls.QMIN, cls.SMIN, -cls.SMIN - 1)
@@ -311,3 +328,39 @@ def test_cli_target_runtime_gguf(tmp_path):
     with pytest.raises(SystemExit) as info:  # argparse: not one of the choices
         main(["quantize", str(model), str(tmp_path / "r"), "--target-runtime", "onnx", "-q"])
     assert info.value.code == ExitCode.USAGE
+
+
+def test_iq4_xs_is_a_choice_under_gguf_and_a_finer_budget_step(tmp_path):
+    """IQ4_XS (4.25 bpw) is never int4's default, but ``encoding="iq4_xs"`` stores it (rows that
+    256 does not divide get llama.cpp's fallback), and a size budget weighs it between Q3_K and Q4_K."""
+    from arrow_quant_v2 import DiffusionQuantConfig, load_quantized, policy
+    from arrow_quant_v2.budget import measure_model
+    from arrow_quant_v2.engine import quantize_model
+    from arrow_quant_v2.source import open_model
+
+    model = _gguf_model(tmp_path / "m")
+    config = DiffusionQuantConfig(bit_width=4, target_runtime="gguf", encoding="iq4_xs", lossless_below=0,
+                                  min_accuracy=0.0, protect_embeddings=False)
+    quantize_model(model, tmp_path / "q", config)
+    qm = load_quantized(tmp_path / "q")
+    attn = qm.tensors["blocks.0.attn.weight"]
+    assert (attn.encoding, attn.bits, attn.bits_per_weight) == ("iq4_xs", 4, 4.25)
+    assert qm.tensors["blocks.0.mlp.weight"].encoding == "q5_0"  # rows of 96
+    _check_gguf_store(tmp_path / "q", qm)
+    import json
+
+    reader = gguf.GGUFReader(qm.to_gguf(tmp_path / "m.gguf")["path"])  # and it ships as such
+    record = json.loads(reader.get_field("arrowquant.tensors").contents())
+    t = next(t for t in reader.tensors if record[t.name]["source"] == "blocks.0.attn.weight")
+    assert t.tensor_type == GGMLQuantizationType.IQ4_XS
+    np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type), qm.dequantize("blocks.0.attn.weight"))
+
+    gguf_config = DiffusionQuantConfig(target_runtime="gguf", min_accuracy=0.0, protect_embeddings=False,
+                                       lossless_below=0)
+    names = [[c.encoding for c in step] for step in policy.steps(gguf_config, (3, 4, 5), 512)]
+    assert names == [["q3_k"], ["q4_k"], ["iq4_xs"], ["q5_k"]]
+    assert ["iq4_xs"] not in [[c.encoding for c in s] for s in policy.steps(gguf_config, (4,), 96)]
+    assert ["iq4_xs"] not in [[c.encoding for c in s] for s in policy.steps(DiffusionQuantConfig(), (4,), 512)]
+    options = {o.encoding: o for o in measure_model(open_model(model), gguf_config)["blocks.0.attn.weight"].options}
+    q3, xs, q4 = options["q3_k"], options["iq4_xs"], options["q4_k"]
+    assert q3.blob_bytes < xs.blob_bytes < q4.blob_bytes and q3.rel_error2 > xs.rel_error2 > q4.rel_error2

@@ -225,3 +225,24 @@ def decode_q2_k(b, n):
     return out
 
 
+
+
+@njit(**JIT)
+def decode_iq4_xs(b, n):
+    """IQ4_XS: super-blocks of 256 in 136 bytes (see ``ggml_types.IQ4_XS``);
+    ``y = (d * float32(ls_j)) * float32(G[u])``, as gguf-py computes it."""
+    out = np.empty(n, np.float32)
+    for i in range(n // QK_K):
+        o = 136 * i
+        d = f16_value(_u16(b, o))
+        high = _u16(b, o + 2)
+        for j in range(8):
+            ls = ((int(b[o + 4 + (j >> 1)]) >> (4 * (j & 1))) & 0xF) | (((high >> (2 * j)) & 3) << 4)
+            dl = d * np.float32(ls - 32)
+            qs = o + 8 + 16 * j
+            base = QK_K * i + 32 * j
+            for l in range(16):
+                v = int(b[qs + l])
+                out[base + l] = dl * _IQ4NL_LEVELS[v & 0xF]
+                out[base + 16 + l] = dl * _IQ4NL_LEVELS[v >> 4]
+    return out

@@ -744,3 +744,189 @@ def pack_q2_k(dbits, mbits, sc, m, q):
         _put16(out, o + 80, int(dbits[i]))
         _put16(out, o + 82, int(mbits[i]))
     return out
+
+
+# -- IQ4_XS: IQ4_NL's grid under two-level scales -----------------------------------
+
+_IQ4NL_F32 = IQ4NL_GRID.astype(np.float32)
+_IQ4NL_STEP = np.diff(_IQ4NL_F32).astype(np.float32)
+
+
+@njit(**INLINE)
+def _grid_codes(x, a, n, s, q):
+    """Nearest IQ4_NL level of ``x[a:a+n]`` under the float32 scale ``s`` into ``q[a:]`` (a tie
+    goes to the lower level); returns (squared error, sum x*g, sum g*g). The index is the count
+    of grid midpoints below ``x / s`` and the level is summed alongside it (no table look-up),
+    so the loop vectorises."""
+    inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
+    err = np.float32(0.0)
+    sxg = np.float32(0.0)
+    sgg = np.float32(0.0)
+    for i in range(a, a + n):
+        t = x[i] * inv
+        k = np.int16(0)
+        g = _IQ4NL_F32[0]
+        for j in range(15):
+            above = t > _IQ4NL_MID[j]
+            k += above
+            g = g + _IQ4NL_STEP[j] if above else g
+        q[i] = k
+        r = x[i] - s * g
+        err += r * r
+        sxg += x[i] * g
+        sgg += g * g
+    return float(err), float(sxg), float(sgg)
+
+
+@njit(**INLINE)
+def _grid_scale(x, a, offs, tmp):
+    """A sub-block of 32's own best scale on the IQ4_NL grid (before the super-block's
+    quantization of scales): the extreme element mapped to either end of the grid (-127, or
+    +113 mirrored) moved by each offset, each least-squares re-fitted; the lowest error wins."""
+    m = np.float32(0.0)
+    for l in range(a, a + 32):
+        if abs(x[l]) > abs(m):
+            m = x[l]
+    if m == 0:
+        return 0.0
+    best_s = m / -127.0
+    best_e = math.inf
+    for k in range(2 * offs.size):
+        off = offs[k % offs.size]
+        s = m / (-127.0 + off) if k < offs.size else m / (113.0 - off)
+        for refit in range(2):
+            e, sxg, sgg = _grid_codes(x, a, 32, np.float32(s), tmp)
+            if e < best_e:
+                best_s, best_e = s, e
+            if sgg <= 0:
+                break
+            s = sxg / sgg
+    return best_s
+
+
+@njit(**INLINE)
+def _pick_sub_scale(x, a, d, f, q):
+    """A sub-block's integer scale ``ls`` in [-32, 31] under the super-block scale ``d``: of the
+    integers around ``f`` (its own best scale / d), the one whose re-rounded codes give the
+    lowest exact error; its codes into ``q[a:]``. Returns (ls, error, sum x*g, sum g*g)."""
+    lo = int(min(max(math.floor(f) - 1, -32), 31))
+    hi = int(min(max(math.floor(f) + 2, -32), 31))
+    best_c = lo
+    best_e = math.inf
+    for c in range(lo, hi + 1):
+        e, _, _ = _grid_codes(x, a, 32, np.float32(d * np.float32(c)), q)
+        if e < best_e:
+            best_c, best_e = c, e
+    e, sxg, sgg = _grid_codes(x, a, 32, np.float32(d * np.float32(best_c)), q)
+    return best_c, e, sxg, sgg
+
+
+@njit(**INLINE)
+def _plain_iq4_xs(x, a0, d, s_plain, ls, q):
+    """Plain rounding of one IQ4_XS super-block under ``d``: nearest sub-scales, nearest levels;
+    returns the squared error."""
+    e = 0.0
+    for j in range(8):
+        ls[j] = int(min(max(np.rint(s_plain[j] / d), -32), 31))
+        ej, _, _ = _grid_codes(x, a0 + 32 * j, 32, np.float32(d * np.float32(ls[j])), q)
+        e += ej
+    return e
+
+
+@njit(**SEARCH)
+def encode_iq4_xs(x, offs, doffs, rounds):
+    """IQ4_XS over super-blocks of 256: fp16 ``d``, per sub-block of 32 an integer scale ``ls``
+    in [-32, 31] and IQ4_NL level indices; ``y = (d * ls) * G[u]``.
+
+    States, the lowest exact error kept: plain rounding (each sub-block's extreme on the grid's
+    end, ``d`` the largest of those over -32, nearest integers, nearest levels); then each
+    sub-block's own best scale searched (:func:`_grid_scale`), the super-block scale started at
+    the largest of them over ``-32 + off`` for each of ``doffs``, every sub-block taking the best
+    integer near its own scale / d with its levels re-rounded (:func:`_pick_sub_scale`), and ``d``
+    re-fitted by least squares given those integers and levels, ``rounds`` times.
+    Returns (d bits, ls (int16, per sub-block), level indices (int16))."""
+    nsup = x.size // QK_K
+    dbits = np.zeros(nsup, np.uint16)
+    ls_out = np.zeros(nsup * 8, np.int16)
+    q = np.zeros(x.size, np.int16)
+    cur = np.zeros(x.size, np.int16)
+    tmp = np.zeros(x.size, np.int16)
+    s_sub = np.empty(8)
+    s_plain = np.empty(8)
+    ls = np.zeros(8, np.int64)
+    sums = np.zeros((8, 2))
+    for i in range(nsup):
+        a0 = QK_K * i
+        big = 0.0
+        big_plain = 0.0
+        for j in range(8):
+            a = a0 + 32 * j
+            m = np.float32(0.0)
+            for l in range(a, a + 32):
+                if abs(x[l]) > abs(m):
+                    m = x[l]
+            s_plain[j] = m / -127.0
+            if abs(s_plain[j]) > abs(big_plain):
+                big_plain = s_plain[j]
+            s_sub[j] = _grid_scale(x, a, offs, tmp)
+            if abs(s_sub[j]) > abs(big):
+                big = s_sub[j]
+        if big_plain == 0:
+            continue  # all zero: d = 0 decodes every element to 0
+        best_e = math.inf
+        hd = f16_bits(big_plain / -32.0)
+        d = f16_value(hd)
+        if d != 0:
+            best_e = _plain_iq4_xs(x, a0, d, s_plain, ls, cur)
+            dbits[i] = hd
+            ls_out[8 * i:8 * i + 8] = ls
+            q[a0:a0 + QK_K] = cur[a0:a0 + QK_K]
+        for t in range(doffs.size):
+            d_fit = big / (-32.0 + doffs[t])
+            for r in range(rounds + 1):
+                hd = f16_bits(d_fit)
+                d = f16_value(hd)
+                if d == 0:
+                    break
+                e = 0.0
+                for j in range(8):
+                    c, ej, sxg, sgg = _pick_sub_scale(x, a0 + 32 * j, d, s_sub[j] / d, cur)
+                    ls[j] = c
+                    sums[j, 0], sums[j, 1] = sxg, sgg
+                    e += ej
+                if e < best_e:
+                    best_e = e
+                    dbits[i] = hd
+                    ls_out[8 * i:8 * i + 8] = ls
+                    q[a0:a0 + QK_K] = cur[a0:a0 + QK_K]
+                num = 0.0
+                den = 0.0
+                for j in range(8):
+                    num += ls[j] * sums[j, 0]
+                    den += ls[j] * ls[j] * sums[j, 1]
+                if den <= 0:
+                    break
+                d_fit = num / den
+    return dbits, ls_out, q
+
+
+@njit(**EXACT)
+def pack_iq4_xs(dbits, ls, q):
+    """IQ4_XS blocks of 136 bytes: fp16 ``d``; ``scales_h`` (uint16: the top 2 bits of sub-block
+    ``j``'s ``ls + 32`` at bits 2j); ``scales_l`` (4 bytes: the low 4 bits, sub-block ``j`` in
+    nibble ``j % 2`` of byte ``j // 2``); 128 bytes of level indices, 16 per sub-block, placed
+    as in IQ4_NL (element ``l`` low nibble, ``16 + l`` high)."""
+    out = np.zeros(136 * dbits.size, np.uint8)
+    for i in range(dbits.size):
+        o = 136 * i
+        _put16(out, o, int(dbits[i]))
+        high = 0
+        for j in range(8):
+            v = int(ls[8 * i + j]) + 32
+            high |= (v >> 4) << (2 * j)
+            out[o + 4 + (j >> 1)] |= (v & 0xF) << (4 * (j & 1))
+            for l in range(16):
+                e = QK_K * i + 32 * j + l
+                out[o + 8 + 16 * j + l] = int(q[e]) | (int(q[e + 16]) << 4)
+        _put16(out, o + 2, high)
+    return out
