@@ -155,7 +155,7 @@ def test_an_encoding_without_a_grid_is_rounded_plainly_and_says_so(graph_model, 
 
 
 GGML = [("q8_0", 8), ("q6_k", 6), ("q5_k", 5), ("q4_k", 4), ("q3_k", 3), ("q2_k", 2), ("q4_0", 4), ("q5_0", 5),
-        ("q5_1", 5), ("iq4_nl", 4)]
+        ("q5_1", 5), ("iq4_nl", 4), ("iq4_xs", 4)]
 
 
 @pytest.mark.parametrize("name,bits", GGML)
