@@ -340,7 +340,7 @@ class IQ4_NL(GGMLEncoding):
     (-127 -104 -83 -65 -49 -35 -22 -10 1 13 25 38 53 69 89 113).
     Dequantization: ``y = d * float32(G[u])``.
     Encoder: the extreme mapped to either end of the grid (the sign of ``d`` mirrors
-    it) moved by a few offsets, least-squares re-fitted, float16, re-coded.
+    it) moved by a few offsets, float16, re-coded; the best few least-squares re-fitted.
     """
 
     name: ClassVar[str] = "iq4_nl"
@@ -348,12 +348,14 @@ class IQ4_NL(GGMLEncoding):
     supported_bits: ClassVar[Tuple[int, ...]] = (4,)
     block: ClassVar[int] = 32
     type_size: ClassVar[int] = 18
-    SEARCH: ClassVar[Dict[str, Any]] = {"offsets": (-12.0, -8.0, -4.0, 0.0, 4.0)}
+    #: encoder effort (not format): the extreme tried at each end moved by each offset; the
+    #: ``refits`` best of those re-fitted by least squares.
+    SEARCH: ClassVar[Dict[str, Any]] = {"offsets": (-12.0, -8.0, -4.0, 0.0, 4.0), "refits": 3}
 
     LEVELS: ClassVar[np.ndarray] = D.IQ4NL_GRID.astype(np.float32)
 
     def _search(self, x):
-        return S.encode_iq4_nl(x, _f64(self.SEARCH["offsets"]))
+        return S.encode_iq4_nl(x, _f64(self.SEARCH["offsets"]), self.SEARCH["refits"])
 
     def _pack(self, params, q):
         return S.pack_nibbles32(params[0], q, 0)

@@ -14,15 +14,14 @@ defeat numba's per-file cache.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from . import INLINE, JIT
 
 QK_K = 256
-F16_MAX = 65504.0
 
 #: IQ4_NL's non-uniform grid (ggml's ``kvalues_iq4nl``; part of the format).
 IQ4NL_GRID = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
@@ -34,34 +33,52 @@ _IQ4NL_LEVELS = IQ4NL_GRID.astype(np.float32)
 # -- float16 ---------------------------------------------------------------------
 
 
+@intrinsic
+def _f32_bits(typingctx, v):
+    """The IEEE bits of a float32 as uint32 (a register move, no memory)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, b):
+    """The float32 whose IEEE bits are the uint32 ``b``."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
 @njit(**INLINE)
 def f16_value(h):
-    """float32 value of the IEEE half-precision bit pattern ``h`` (exact)."""
+    """float32 value of the IEEE half-precision bit pattern ``h`` (exact): the same sign,
+    exponent re-biased from 15 to 127, mantissa widened; subnormals as ``f * 2**-24``."""
     h = int(h)
     e = (h >> 10) & 0x1F
     f = h & 0x3FF
+    sign = np.uint32((h & 0x8000) << 16)
     if e == 0:
-        v = math.ldexp(float(f), -24)
-    elif e == 31:
-        v = math.inf if f == 0 else math.nan
-    else:
-        v = math.ldexp(float(f + 1024), e - 25)
-    return np.float32(-v if h & 0x8000 else v)
+        return _bits_f32(_f32_bits(np.float32(f) * np.float32(2.0 ** -24)) | sign)
+    if e == 31:
+        return _bits_f32(sign | np.uint32(0x7F800000 | (f << 13)))
+    return _bits_f32(sign | np.uint32(((e + 112) << 23) | (f << 13)))
 
 
 @njit(**INLINE)
 def f16_bits(v):
-    """Half-precision bits of ``v`` rounded to nearest-even, saturating at +-65504 (never inf)."""
-    a = abs(float(v))
-    sign = 0x8000 if math.copysign(1.0, v) < 0 else 0
-    if not a < F16_MAX:  # also NaN -> largest finite; callers never pass NaN
+    """Half-precision bits of ``float32(v)`` rounded to nearest-even, saturating at +-65504
+    (never inf; callers never pass NaN). Integer arithmetic on the float32 bits: adding
+    ``0xFFF`` plus the lowest kept bit rounds the 13 dropped mantissa bits to nearest-even
+    (a carry moves into the exponent), then the exponent is re-biased from 127 to 15."""
+    b = _f32_bits(np.float32(v))
+    sign = int(b >> np.uint32(16)) & 0x8000
+    a = int(b & np.uint32(0x7FFFFFFF))
+    if a >= 0x477FF000:  # >= 65520, which rounds past 65504
         return sign | 0x7BFF
-    if a < 6.103515625e-05:  # 2**-14: subnormal, quantum 2**-24
-        return sign | int(np.rint(math.ldexp(a, 24)))
-    m, e = math.frexp(a)  # a = m * 2**e, m in [0.5, 1)
-    f = int(np.rint(m * 2048.0))  # in [1024, 2048]; 2048 carries into the exponent
-    bits = ((e + 14) << 10) + f - 1024
-    return sign | min(bits, 0x7BFF)
+    if a < 0x38800000:  # below 2**-14: subnormal, quantum 2**-24 (the product is exact)
+        return sign | int(np.rint(_bits_f32(np.uint32(a)) * np.float32(2.0 ** 24)))
+    a += 0xFFF + ((a >> 13) & 1)
+    return sign | ((a >> 13) - (112 << 10))
 
 
 @njit(**INLINE)
@@ -176,12 +193,13 @@ def decode_q6_k(b, n):
     for i in range(n // QK_K):
         o = 210 * i
         d = f16_value(_u16(b, o + 208))
-        for e in range(QK_K):
-            h, r = e >> 7, e & 127
-            lo = (int(b[o + 64 * h + (r & 63)]) >> (4 * (r >> 6))) & 0xF
-            hi = (int(b[o + 128 + 32 * h + (r & 31)]) >> (2 * (r >> 5))) & 3
-            dl = d * np.float32(_i8(b[o + 192 + (e >> 4)]))
-            out[QK_K * i + e] = dl * np.float32((lo | (hi << 4)) - 32)
+        for j in range(16):  # sub-blocks of 16: one scale each
+            dl = d * np.float32(_i8(b[o + 192 + j]))
+            for e in range(16 * j, 16 * j + 16):
+                h, r = e >> 7, e & 127
+                lo = (int(b[o + 64 * h + (r & 63)]) >> (4 * (r >> 6))) & 0xF
+                hi = (int(b[o + 128 + 32 * h + (r & 31)]) >> (2 * (r >> 5))) & 3
+                out[QK_K * i + e] = dl * np.float32((lo | (hi << 4)) - 32)
     return out
 
 
@@ -199,12 +217,13 @@ def decode_q3_k(b, n):
     for i in range(n // QK_K):
         o = 110 * i
         d = f16_value(_u16(b, o + 108))
-        for e in range(QK_K):
-            h, r = e >> 7, e & 127
-            low = (int(b[o + 32 + 32 * h + (r & 31)]) >> (2 * (r >> 5))) & 3
-            high = (int(b[o + (e & 31)]) >> (e >> 5)) & 1
-            dl = d * np.float32(_scale_q3_k(b, o + 96, e >> 4))
-            out[QK_K * i + e] = dl * np.float32(low - (0 if high else 4))
+        for j in range(16):  # sub-blocks of 16: one scale each
+            dl = d * np.float32(_scale_q3_k(b, o + 96, j))
+            for e in range(16 * j, 16 * j + 16):
+                h, r = e >> 7, e & 127
+                low = (int(b[o + 32 + 32 * h + (r & 31)]) >> (2 * (r >> 5))) & 3
+                high = (int(b[o + (e & 31)]) >> (e >> 5)) & 1
+                out[QK_K * i + e] = dl * np.float32(low - (0 if high else 4))
     return out
 
 
@@ -215,13 +234,14 @@ def decode_q2_k(b, n):
         o = 84 * i
         d = f16_value(_u16(b, o + 80))
         dmin = f16_value(_u16(b, o + 82))
-        for e in range(QK_K):
-            h, r = e >> 7, e & 127
-            q = (int(b[o + 16 + 32 * h + (r & 31)]) >> (2 * (r >> 5))) & 3
-            s = int(b[o + (e >> 4)])
+        for j in range(16):  # sub-blocks of 16: one scale and min each
+            s = int(b[o + j])
             dl = d * np.float32(s & 0xF)
             ml = dmin * np.float32(s >> 4)
-            out[QK_K * i + e] = dl * np.float32(q) - ml
+            for e in range(16 * j, 16 * j + 16):
+                h, r = e >> 7, e & 127
+                q = (int(b[o + 16 + 32 * h + (r & 31)]) >> (2 * (r >> 5))) & 3
+                out[QK_K * i + e] = dl * np.float32(q) - ml
     return out
 
 

@@ -15,6 +15,15 @@ sub-scales (ggml's reference keeps ``max / 63``), the sub-scales re-chosen betwe
 their two nearest integers, and the codes re-rounded, a few times. Each block keeps
 the best state seen, and plain round-to-nearest (min-max ranges) is always one of
 the states, so the encoder is never worse than it on any block.
+
+Where the time goes (``benchmarks/bench_ggml_types.py`` measures it): every candidate is one
+pass over its (sub-)block, so the passes are kept lean. A candidate is evaluated without
+storing codes (``_err_*``: error and the sums the least-squares re-fit needs, float32, one
+vectorised loop); a block's codes are written once, for the state that won (``_assign_*``,
+rounding exactly as the evaluation did); the range searches round all their candidates in
+one pass over the elements (candidates in the inner loop); no array slices in the loops
+(each costs a view and a generic reduction); half-precision rounding is integer arithmetic
+on the float32 bits (``ggml_decode.f16_bits``), not ``frexp``/``ldexp``.
 """
 from __future__ import annotations
 
@@ -31,7 +40,12 @@ from .ggml_decode import IQ4NL_GRID, QK_K, f16_bits, f16_value
 #: the flags are deterministic for a given build, so the same input gives the same bytes.
 SEARCH = dict(nogil=True, cache=True, fastmath={"reassoc", "nsz", "arcp"})
 
-_IQ4NL_MID = ((IQ4NL_GRID[1:].astype(np.float32) + IQ4NL_GRID[:-1]) / 2).astype(np.float32)
+_IQ4NL_LEVELS = IQ4NL_GRID.astype(np.float32)
+_IQ4NL_MID = ((_IQ4NL_LEVELS[1:] + _IQ4NL_LEVELS[:-1]) / 2).astype(np.float32)
+#: The index of the level nearest to the bucket ``[-128 + b / 2, -128 + (b + 1) / 2)`` (the
+#: number of midpoints at or below its lower edge), and that level's value.
+_IQ4NL_BUCKET_INDEX = np.searchsorted(_IQ4NL_MID, -128.0 + 0.5 * np.arange(512), side="right").astype(np.int16)
+_IQ4NL_BUCKET_LEVEL = _IQ4NL_LEVELS[_IQ4NL_BUCKET_INDEX]
 
 
 @njit(**INLINE)
@@ -45,42 +59,20 @@ def _put16(b, o, h):
 
 @njit(**INLINE)
 def _assign_sym(x, a, n, s, qmin, qmax, q):
-    """Nearest codes of ``x[a:a+n]`` on ``s * k`` (k in [qmin, qmax]) into ``q[a:]``;
-    returns (squared error, sum x*k, sum k*k)."""
+    """Nearest codes of ``x[a:a+n]`` on ``s * k`` (k in [qmin, qmax]) into ``q[a:]``: the
+    chosen state's codes, rounded exactly as ``_err_sym`` evaluated them."""
     inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
-    err = np.float32(0.0)
-    sxq = np.float32(0.0)
-    sqq = np.float32(0.0)
     for i in range(a, a + n):
-        v = x[i]
-        k = np.float32(np.int32(min(max(v * inv, np.float32(qmin)), np.float32(qmax)) + np.float32(0.5 - qmin)) + qmin)
-        q[i] = np.int16(k)
-        r = v - s * k
-        err += r * r
-        sxq += v * k
-        sqq += k * k
-    return float(err), float(sxq), float(sqq)
+        q[i] = np.int16(min(max(np.floor(x[i] * inv + np.float32(0.5)), np.float32(qmin)), np.float32(qmax)))
 
 
 @njit(**INLINE)
 def _assign_aff(x, a, n, s, o, nmax, q):
-    """Nearest codes of ``x[a:a+n]`` on ``s * k + o`` (k in [0, nmax]) into ``q[a:]``;
-    returns (squared error, sum k, sum k*k, sum x*k)."""
+    """Nearest codes of ``x[a:a+n]`` on ``s * k + o`` (k in [0, nmax]) into ``q[a:]``: the
+    chosen state's codes, rounded exactly as ``_err_aff`` evaluated them."""
     inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
-    err = np.float32(0.0)
-    sq = np.float32(0.0)
-    sqq = np.float32(0.0)
-    sxq = np.float32(0.0)
     for i in range(a, a + n):
-        v = x[i]
-        k = np.float32(np.int32(min(max((v - o) * inv, np.float32(0.0)), np.float32(nmax)) + np.float32(0.5)))
-        q[i] = np.int16(k)
-        r = v - (s * k + o)
-        err += r * r
-        sq += k
-        sqq += k * k
-        sxq += v * k
-    return float(err), float(sq), float(sqq), float(sxq)
+        q[i] = np.int16(min(max(np.floor((x[i] - o) * inv + np.float32(0.5)), np.float32(0.0)), np.float32(nmax)))
 
 
 @njit(**INLINE)
@@ -92,7 +84,7 @@ def _sums_aff(x, a, n, s, o, nmax):
     sqq = np.float32(0.0)
     sxq = np.float32(0.0)
     for i in range(a, a + n):
-        k = np.float32(np.int32(min(max((x[i] - o) * inv, np.float32(0.0)), np.float32(nmax)) + np.float32(0.5)))
+        k = min(max(np.floor((x[i] - o) * inv + np.float32(0.5)), np.float32(0.0)), np.float32(nmax))
         sq += k
         sqq += k * k
         sxq += x[i] * k
@@ -106,7 +98,7 @@ def _sums_sym(x, a, n, s, qmin, qmax):
     sxq = np.float32(0.0)
     sqq = np.float32(0.0)
     for i in range(a, a + n):
-        k = np.float32(np.int32(min(max(x[i] * inv, np.float32(qmin)), np.float32(qmax)) + np.float32(0.5 - qmin)) + qmin)
+        k = min(max(np.floor(x[i] * inv + np.float32(0.5)), np.float32(qmin)), np.float32(qmax))
         sxq += x[i] * k
         sqq += k * k
     return float(sxq), float(sqq)
@@ -232,39 +224,65 @@ def _search_sym(x, a, n, qmin, qmax, offs, iters, work):
 # -- single-level blocks of 32: Q8_0, Q4_0, Q5_0 (symmetric), Q5_1 (affine), IQ4_NL --
 
 
+@njit(**INLINE)
+def _err_sym(x, a, n, s, qmin, qmax):
+    """(squared error, sum x*k, sum k*k) of the nearest codes of ``x[a:a+n]`` on ``s * k``
+    (k in [qmin, qmax]), without storing them: a candidate's whole evaluation."""
+    inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
+    lo = np.float32(qmin)
+    hi = np.float32(qmax)
+    err = np.float32(0.0)
+    sxq = np.float32(0.0)
+    sqq = np.float32(0.0)
+    for i in range(a, a + n):
+        v = x[i]
+        k = min(max(np.floor(v * inv + np.float32(0.5)), lo), hi)
+        r = v - s * k
+        err += r * r
+        sxq += v * k
+        sqq += k * k
+    return float(err), float(sxq), float(sqq)
+
+
+@njit(**INLINE)
+def _extreme(x, a, n):
+    """The element of ``x[a:a+n]`` with the largest magnitude (the positive one on a tie)."""
+    mn = x[a]
+    mx = x[a]
+    for i in range(a, a + n):
+        mn = min(mn, x[i])
+        mx = max(mx, x[i])
+    return mx if mx >= -mn else mn
+
+
 @njit(**SEARCH)
 def encode_sym32(x, qmin, qmax, offs):
     """Per block of 32: fp16 scale ``d`` and codes ``k`` in [qmin, qmax] for ``y = d * k``.
 
-    Candidates: ggml's (``max|x| / qmax`` or ``max / qmin``: plain rounding) and the
-    extreme mapped to ``qmin + off``; each rounded, least-squares re-fitted, rounded to
-    fp16 and re-coded; the lowest exact squared error wins. Returns (d bits, codes)."""
+    Candidates: ggml's (``max|x| / qmax``: plain rounding) and the extreme mapped to
+    ``qmin + off``; each fp16-rounded and evaluated (codes, error) without storing codes,
+    then least-squares re-fitted, fp16-rounded and evaluated again; the lowest squared error
+    wins and only its codes are written. Returns (d bits, codes)."""
     nb = x.size // 32
     dbits = np.empty(nb, np.uint16)
     q = np.empty(x.size, np.int16)
-    tmp = np.empty(x.size, np.int16)
     for i in range(nb):
         a = 32 * i
-        m = np.float32(0.0)
-        for l in range(a, a + 32):
-            if abs(x[l]) > abs(m):
-                m = x[l]
+        m = _extreme(x, a, 32)
         best_e = math.inf
         best_h = 0
         for k in range(offs.size + 1):
             s = m / (qmin + offs[k]) if k < offs.size else abs(m) / qmax
             for refit in range(2):
                 h = f16_bits(s)
-                e, sxq, sqq = _assign_sym(x, a, 32, f16_value(h), qmin, qmax, tmp)
+                e, sxq, sqq = _err_sym(x, a, 32, f16_value(h), qmin, qmax)
                 if e < best_e:
                     best_e, best_h = e, h
-                    q[a:a + 32] = tmp[a:a + 32]
                 if sqq <= 0:
                     break
                 s = sxq / sqq
         dbits[i] = best_h
-        if best_e == math.inf:
-            _assign_sym(x, a, 32, np.float32(0.0), qmin, qmax, q)
+        _assign_sym(x, a, 32, f16_value(best_h), qmin, qmax, q)
     return dbits, q
 
 
@@ -278,12 +296,14 @@ def encode_aff32(x, nmax, deltas, iters):
     dbits = np.empty(nb, np.uint16)
     mbits = np.empty(nb, np.uint16)
     q = np.empty(x.size, np.int16)
-    tmp = np.empty(x.size, np.int16)
     work = np.empty((5, 2 * deltas.size), np.float32)
     for i in range(nb):
         a = 32 * i
-        mn = x[a:a + 32].min()
-        mx = x[a:a + 32].max()
+        mn = x[a]
+        mx = x[a]
+        for l in range(a, a + 32):
+            mn = min(mn, x[l])
+            mx = max(mx, x[l])
         best_e = math.inf
         for k in range(2):
             if k == 0:
@@ -291,67 +311,79 @@ def encode_aff32(x, nmax, deltas, iters):
             else:
                 s, o = _search_aff(x, a, 32, nmax, deltas, iters, work, False)
             hs, ho = f16_bits(s), f16_bits(o)
-            e, sq, sqq, sxq = _assign_aff(x, a, 32, f16_value(hs), f16_value(ho), nmax, tmp)
+            e, _, _, _ = _err_aff(x, a, 32, f16_value(hs), f16_value(ho), nmax)
             if e < best_e:
                 best_e = e
                 dbits[i], mbits[i] = hs, ho
-                q[a:a + 32] = tmp[a:a + 32]
+        _assign_aff(x, a, 32, f16_value(dbits[i]), f16_value(mbits[i]), nmax, q)
     return dbits, mbits, q
 
 
 @njit(**INLINE)
-def _assign_grid(x, a, n, s, q):
-    """Nearest IQ4_NL level of ``x[a:a+n] / s`` into ``q[a:]``; (error, sum x*g, sum g*g)."""
+def _grid_bucket(t):
+    """``t``'s bucket of width 1/2 on [-128, 128) (clamped). The midpoints between IQ4_NL's
+    levels are multiples of 1/2, so no bucket straddles one: a bucket has one nearest level
+    (a ``t`` exactly on a midpoint takes the upper level, as near as the lower)."""
+    return np.int32((min(max(t, np.float32(-128.0)), np.float32(127.75)) + np.float32(128.0)) * np.float32(2.0))
+
+
+@njit(**INLINE)
+def _err_grid(x, a, n, s):
+    """(squared error, sum x*g, sum g*g) of the nearest IQ4_NL levels ``g`` of ``x[a:a+n] / s``."""
     inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
-    err = 0.0
-    sxg = 0.0
-    sgg = 0.0
+    err = np.float32(0.0)
+    sxg = np.float32(0.0)
+    sgg = np.float32(0.0)
     for i in range(a, a + n):
-        t = x[i] * inv
-        k = 0
-        for j in range(15):
-            k += t > _IQ4NL_MID[j]
-        g = np.float32(IQ4NL_GRID[k])
-        q[i] = k
-        r = x[i] - s * g
+        v = x[i]
+        g = _IQ4NL_BUCKET_LEVEL[_grid_bucket(v * inv)]
+        r = v - s * g
         err += r * r
-        sxg += x[i] * g
+        sxg += v * g
         sgg += g * g
-    return err, sxg, sgg
+    return float(err), float(sxg), float(sgg)
 
 
 @njit(**SEARCH)
-def encode_iq4_nl(x, offs):
+def encode_iq4_nl(x, offs, refits):
     """Per block of 32: fp16 scale and IQ4_NL level indices. The extreme element is mapped
-    to the grid's end (-127, or +113 mirrored) moved by each offset, least-squares re-fitted,
-    fp16-rounded; lowest exact error wins. Returns (d bits, indices)."""
+    to the grid's end (-127, or +113 mirrored) moved by each offset, fp16-rounded and
+    evaluated without storing codes; the ``refits`` best of these are least-squares
+    re-fitted, fp16-rounded and evaluated again; the lowest squared error wins and only its
+    codes are written. Returns (d bits, indices)."""
     nb = x.size // 32
+    nc = 2 * offs.size
     dbits = np.empty(nb, np.uint16)
     q = np.empty(x.size, np.int16)
-    tmp = np.empty(x.size, np.int16)
+    err = np.empty(nc)
+    fit = np.empty(nc)
     for i in range(nb):
         a = 32 * i
-        m = np.float32(0.0)
-        for l in range(a, a + 32):
-            if abs(x[l]) > abs(m):
-                m = x[l]
+        m = _extreme(x, a, 32)
         best_e = math.inf
-        dbits[i] = 0
-        for k in range(2 * offs.size):
+        best_h = 0
+        for k in range(nc):
             end = -127.0 if k < offs.size else 113.0
-            s = m / (end + (offs[k % offs.size] if end < 0 else -offs[k % offs.size]))
-            for refit in range(2):
-                h = f16_bits(s)
-                e, sxg, sgg = _assign_grid(x, a, 32, f16_value(h), tmp)
-                if e < best_e:
-                    best_e = e
-                    dbits[i] = h
-                    q[a:a + 32] = tmp[a:a + 32]
-                if sgg <= 0:
-                    break
-                s = sxg / sgg
-        if best_e == math.inf:
-            _assign_grid(x, a, 32, np.float32(0.0), q)
+            h = f16_bits(m / (end + (offs[k % offs.size] if end < 0 else -offs[k % offs.size])))
+            e, sxg, sgg = _err_grid(x, a, 32, f16_value(h))
+            err[k] = e
+            fit[k] = sxg / sgg if sgg > 0 else 0.0
+            if e < best_e:
+                best_e, best_h = e, h
+        for r in range(min(refits, nc)):
+            k = np.argmin(err)
+            if err[k] == math.inf or fit[k] == 0:
+                break
+            err[k] = math.inf
+            h = f16_bits(fit[k])
+            e, _, _ = _err_grid(x, a, 32, f16_value(h))
+            if e < best_e:
+                best_e, best_h = e, h
+        dbits[i] = best_h
+        d = f16_value(best_h)
+        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        for l in range(a, a + 32):
+            q[l] = _IQ4NL_BUCKET_INDEX[_grid_bucket(x[l] * inv)]
     return dbits, q
 
 
@@ -359,46 +391,65 @@ def encode_iq4_nl(x, offs):
 
 
 @njit(**INLINE)
-def _aff_state(x, a, nsub, sub, nmax, smax, d, dm, sc, mn, q, sums):
-    """Codes of one super-block for integer sub-scales/mins under (d, dm); per sub-block
+def _err_aff(x, a, n, s, o, nmax):
+    """(squared error, sum k, sum k*k, sum x*k) of the nearest codes of ``x[a:a+n]`` on
+    ``s * k + o`` (k in [0, nmax]), without storing them: a candidate's whole evaluation."""
+    inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
+    top = np.float32(nmax)
+    err = np.float32(0.0)
+    sq = np.float32(0.0)
+    sqq = np.float32(0.0)
+    sxq = np.float32(0.0)
+    for i in range(a, a + n):
+        v = x[i]
+        k = min(max(np.floor((v - o) * inv + np.float32(0.5)), np.float32(0.0)), top)
+        r = v - (s * k + o)
+        err += r * r
+        sq += k
+        sqq += k * k
+        sxq += v * k
+    return float(err), float(sq), float(sqq), float(sxq)
+
+
+@njit(**INLINE)
+def _aff_state(x, a, nsub, sub, nmax, d, dm, sc, mn, sums):
+    """Evaluate one super-block for integer sub-scales/mins under (d, dm): per sub-block
     (sum k, sum k*k, sum x*k) into ``sums``; returns the total squared error."""
     err = 0.0
     for j in range(nsub):
         s = np.float32(d * np.float32(sc[j]))
         o = -np.float32(dm * np.float32(mn[j]))
-        e, sq, sqq, sxq = _assign_aff(x, a + sub * j, sub, s, o, nmax, q)
+        e, sq, sqq, sxq = _err_aff(x, a + sub * j, sub, s, o, nmax)
         err += e
         sums[j, 0], sums[j, 1], sums[j, 2] = sq, sqq, sxq
     return err
 
 
 @njit(**INLINE)
-def _pick_codes_aff(x, a, sub, nmax, smax, d, dm, s, o, q, work):
+def _pick_codes_aff(x, a, sub, nmax, smax, d, dm, s, o):
     """A sub-block's integer (scale, min) codes under (d, dm): the best, after re-rounding
-    the codes, of the floor/ceil neighbours of its continuous (s, o) (all four rounded in
-    one pass; ``work``: float32 scratch of at least 4 x 4); returns (sc, m, error, sq, sqq, sxq)."""
-    fs = s / d if d > 0 else 0.0
-    fm = -o / dm if dm > 0 else 0.0
-    sc_c, err, off, inv = work[0, :4], work[1, :4], work[2, :4], work[3, :4]
+    the codes, of the floor/ceil neighbours of its continuous (s, o) (each evaluated in one
+    pass, duplicates skipped); returns (sc, m, error, sq, sqq, sxq)."""
+    fs = math.floor(s / d) if d > 0 else 0.0
+    fm = math.floor(-o / dm) if dm > 0 else 0.0
+    c0 = int(min(max(fs, 0), smax))
+    m0 = int(min(max(fm, 0), smax))
+    best = (0, 0, math.inf, 0.0, 0.0, 0.0)
     for k in range(4):
-        c = int(min(max(math.floor(fs) + (k >> 1), 0), smax))
-        m = int(min(max(math.floor(fm) + (k & 1), 0), smax))
-        sc_c[k] = np.float32(d * np.float32(c))
-        off[k] = -np.float32(dm * np.float32(m))
-        inv[k] = np.float32(1.0) / sc_c[k] if sc_c[k] > 0 else np.float32(0.0)
-        err[k] = 0.0
-    top = np.float32(nmax)
-    for i in range(a, a + sub):
-        v = x[i]
-        for k in range(4):
-            t = np.float32(np.int32(min(max((v - off[k]) * inv[k], np.float32(0.0)), top) + np.float32(0.5)))
-            r = v - (sc_c[k] * t + off[k])
-            err[k] += r * r
-    k = int(np.argmin(err))
-    c = int(min(max(math.floor(fs) + (k >> 1), 0), smax))
-    m = int(min(max(math.floor(fm) + (k & 1), 0), smax))
-    e, sq, sqq, sxq = _assign_aff(x, a, sub, sc_c[k], off[k], nmax, q)
-    return c, m, e, sq, sqq, sxq
+        c = int(min(max(fs + (k >> 1), 0), smax))
+        m = int(min(max(fm + (k & 1), 0), smax))
+        if ((k >> 1) and c == c0) or ((k & 1) and m == m0):
+            continue
+        e, sq, sqq, sxq = _err_aff(x, a, sub, np.float32(d * np.float32(c)), -np.float32(dm * np.float32(m)), nmax)
+        if e < best[2]:
+            best = (c, m, e, sq, sqq, sxq)
+    return best
+
+
+@njit(**INLINE)
+def _keep(src, dst, base, n):
+    for j in range(n):
+        dst[base + j] = src[j]
 
 
 @njit(**SEARCH)
@@ -406,6 +457,8 @@ def encode_kquant_affine(x, sub, nmax, smax, deltas, iters, rounds):
     """Two-level affine k-quant (Q4_K, Q5_K, Q2_K) over super-blocks of 256 elements.
 
     ``y = (d * sc_j) * k - (dmin * m_j)``, k in [0, nmax], sc/m in [0, smax], d/dmin fp16.
+    States are evaluated without storing codes (sums only); each super-block keeps its best
+    state's scales, and its codes are written once at the end.
     Returns (d bits, dmin bits, sc (uint8, per sub-block), m (uint8), codes (int16))."""
     nsup = x.size // QK_K
     nsub = QK_K // sub
@@ -414,9 +467,6 @@ def encode_kquant_affine(x, sub, nmax, smax, deltas, iters, rounds):
     sc_out = np.zeros(nsup * nsub, np.uint8)
     m_out = np.zeros(nsup * nsub, np.uint8)
     q = np.zeros(x.size, np.int16)
-    cur = np.zeros(x.size, np.int16)
-    tmp = np.zeros(x.size, np.int16)
-    work = np.empty((5, max(2 * deltas.size, 4)), np.float32)
     s_sub = np.empty(nsub)
     o_sub = np.empty(nsub)
     sc = np.zeros(nsub, np.int64)
@@ -424,40 +474,44 @@ def encode_kquant_affine(x, sub, nmax, smax, deltas, iters, rounds):
     sums = np.zeros((nsub, 3))
     sx = np.empty(nsub)
     sxx = np.empty(nsub)
+    work = np.empty((5, 2 * deltas.size), np.float32)
     for i in range(nsup):
         a0 = QK_K * i
+        base = nsub * i
         for j in range(nsub):
             a = a0 + sub * j
             t = 0.0
             tt = 0.0
+            lo = np.float32(0.0)
+            hi = x[a]
             for l in range(a, a + sub):
-                t += x[l]
-                tt += x[l] * x[l]
+                v = x[l]
+                t += v
+                tt += v * v
+                lo = min(lo, v)
+                hi = max(hi, v)
             sx[j], sxx[j] = t, tt
+            # state 0 (plain rounding): min-max ranges, nearest sub-codes
+            s_sub[j] = (float(hi) - lo) / nmax
+            o_sub[j] = lo
         best_e = math.inf
-        # state 0: plain rounding (min-max ranges, nearest sub-codes); state 1: searched ranges
+        # state 0: plain rounding; state 1: searched ranges
         for start in range(2):
-            for j in range(nsub):
-                a = a0 + sub * j
-                if start == 0:
-                    lo = min(0.0, float(x[a:a + sub].min()))
-                    s_sub[j] = (float(x[a:a + sub].max()) - lo) / nmax
-                    o_sub[j] = lo
-                else:
-                    s_sub[j], o_sub[j] = _search_aff(x, a, sub, nmax, deltas, iters, work)
+            if start == 1:
+                for j in range(nsub):
+                    s_sub[j], o_sub[j] = _search_aff(x, a0 + sub * j, sub, nmax, deltas, iters, work)
             hd = f16_bits(s_sub.max() / smax)
             hm = f16_bits(-o_sub.min() / smax)
             d, dm = f16_value(hd), f16_value(hm)
             for j in range(nsub):
                 sc[j] = int(min(max(np.rint(s_sub[j] / d), 0), smax)) if d > 0 else 0
                 mn[j] = int(min(max(np.rint(-o_sub[j] / dm), 0), smax)) if dm > 0 else 0
-            e = _aff_state(x, a0, nsub, sub, nmax, smax, d, dm, sc, mn, cur, sums)
+            e = _aff_state(x, a0, nsub, sub, nmax, d, dm, sc, mn, sums)
             if e < best_e:
                 best_e = e
                 dbits[i], mbits[i] = hd, hm
-                sc_out[nsub * i:nsub * (i + 1)] = sc
-                m_out[nsub * i:nsub * (i + 1)] = mn
-                q[a0:a0 + QK_K] = cur[a0:a0 + QK_K]
+                _keep(sc, sc_out, base, nsub)
+                _keep(mn, m_out, base, nsub)
             if start == 0:
                 continue
             for r in range(rounds):
@@ -492,26 +546,30 @@ def encode_kquant_affine(x, sub, nmax, smax, deltas, iters, rounds):
                 for j in range(nsub):
                     a = a0 + sub * j
                     s_fit, o_fit, _ = _fit_aff(sub, sx[j], sxx[j], sums[j, 0], sums[j, 1], sums[j, 2])
-                    c, m, ej, sq, sqq, sxq = _pick_codes_aff(x, a, sub, nmax, smax, d, dm, s_fit, o_fit, cur, work)
+                    c, m, ej, sq, sqq, sxq = _pick_codes_aff(x, a, sub, nmax, smax, d, dm, s_fit, o_fit)
                     sc[j], mn[j] = c, m
                     sums[j, 0], sums[j, 1], sums[j, 2] = sq, sqq, sxq
                     e += ej
                 if e < best_e:
                     best_e = e
                     dbits[i], mbits[i] = hd, hm
-                    sc_out[nsub * i:nsub * (i + 1)] = sc
-                    m_out[nsub * i:nsub * (i + 1)] = mn
-                    q[a0:a0 + QK_K] = cur[a0:a0 + QK_K]
+                    _keep(sc, sc_out, base, nsub)
+                    _keep(mn, m_out, base, nsub)
                 else:
                     break
+        d, dm = f16_value(dbits[i]), f16_value(mbits[i])
+        for j in range(nsub):
+            s = np.float32(d * np.float32(sc_out[base + j]))
+            o = -np.float32(dm * np.float32(m_out[base + j]))
+            _assign_aff(x, a0 + sub * j, sub, s, o, nmax, q)
     return dbits, mbits, sc_out, m_out, q
 
 
 @njit(**INLINE)
-def _pick_code_sym(x, a, sub, qmin, qmax, smin, smax, d, s, sxx, sums, q):
+def _pick_code_sym(x, a, sub, qmin, qmax, smin, smax, d, s, sxx, sums):
     """A sub-block's integer scale under ``d``: the better floor/ceil neighbour of ``s / d``,
-    judged on its current codes (``sums``: sum x*k, sum k*k), then the codes re-rounded once;
-    returns (sc, error, sxq, sqq)."""
+    judged on its current codes (``sums``: sum x*k, sum k*k), then evaluated once with its
+    codes re-rounded; returns (sc, error, sxq, sqq)."""
     f = s / d
     best_c, best_e = 0, math.inf
     for cs in (math.floor(f), math.floor(f) + 1):
@@ -520,7 +578,7 @@ def _pick_code_sym(x, a, sub, qmin, qmax, smin, smax, d, s, sxx, sums, q):
         e = sxx - 2 * ss * sums[0] + ss * ss * sums[1]
         if e < best_e:
             best_c, best_e = c, e
-    e, sxq, sqq = _assign_sym(x, a, sub, np.float32(d * np.float32(best_c)), qmin, qmax, q)
+    e, sxq, sqq = _err_sym(x, a, sub, np.float32(d * np.float32(best_c)), qmin, qmax)
     return best_c, e, sxq, sqq
 
 
@@ -528,21 +586,22 @@ def _pick_code_sym(x, a, sub, qmin, qmax, smin, smax, d, s, sxx, sums, q):
 def encode_kquant_symmetric(x, sub, qmin, qmax, smin, smax, offs, iters, rounds):
     """Two-level symmetric k-quant (Q6_K, Q3_K) over super-blocks of 256 elements.
 
-    ``y = (d * sc_j) * k``, k in [qmin, qmax], signed sc in [smin, smax], d fp16.
-    Returns (d bits, sc (int16 per sub-block), codes (int16))."""
+    ``y = (d * sc_j) * k``, k in [qmin, qmax], signed sc in [smin, smax], d fp16. States are
+    evaluated without storing codes; each super-block keeps its best state's scales, and its
+    codes are written once at the end. Returns (d bits, sc (int16 per sub-block), codes (int16))."""
     nsup = x.size // QK_K
     nsub = QK_K // sub
     dbits = np.zeros(nsup, np.uint16)
     sc_out = np.zeros(nsup * nsub, np.int16)
     q = np.zeros(x.size, np.int16)
-    cur = np.zeros(x.size, np.int16)
-    work = np.empty((3, 2 * offs.size), np.float32)
     s_sub = np.empty(nsub)
     sc = np.zeros(nsub, np.int64)
     sums = np.zeros((nsub, 2))
     sxx = np.empty(nsub)
+    work = np.empty((3, 2 * offs.size), np.float32)
     for i in range(nsup):
         a0 = QK_K * i
+        base = nsub * i
         for j in range(nsub):
             t = np.float32(0.0)
             for l in range(a0 + sub * j, a0 + sub * (j + 1)):
@@ -553,11 +612,7 @@ def encode_kquant_symmetric(x, sub, qmin, qmax, smin, smax, offs, iters, rounds)
             for j in range(nsub):
                 a = a0 + sub * j
                 if start == 0:
-                    m = np.float32(0.0)
-                    for l in range(a, a + sub):
-                        if abs(x[l]) > abs(m):
-                            m = x[l]
-                    s_sub[j] = m / float(qmin)
+                    s_sub[j] = _extreme(x, a, sub) / float(qmin)
                 else:
                     s_sub[j] = _search_sym(x, a, sub, qmin, qmax, offs, iters, work)
             big = 0.0
@@ -568,16 +623,14 @@ def encode_kquant_symmetric(x, sub, qmin, qmax, smin, smax, offs, iters, rounds)
             d = f16_value(hd)
             e = 0.0
             for j in range(nsub):
-                a = a0 + sub * j
                 sc[j] = int(min(max(np.rint(s_sub[j] / d), smin), smax)) if d != 0 else 0
-                ej, sxq, sqq = _assign_sym(x, a, sub, np.float32(d * np.float32(sc[j])), qmin, qmax, cur)
+                ej, sxq, sqq = _err_sym(x, a0 + sub * j, sub, np.float32(d * np.float32(sc[j])), qmin, qmax)
                 e += ej
                 sums[j, 0], sums[j, 1] = sxq, sqq
             if e < best_e:
                 best_e = e
                 dbits[i] = hd
-                sc_out[nsub * i:nsub * (i + 1)] = sc
-                q[a0:a0 + QK_K] = cur[a0:a0 + QK_K]
+                _keep(sc, sc_out, base, nsub)
             if start == 0 or d == 0:
                 continue
             for r in range(rounds):
@@ -594,19 +647,20 @@ def encode_kquant_symmetric(x, sub, qmin, qmax, smin, smax, offs, iters, rounds)
                     break
                 e = 0.0
                 for j in range(nsub):
-                    a = a0 + sub * j
                     s_fit = sums[j, 0] / sums[j, 1] if sums[j, 1] > 0 else 0.0
-                    c, ej, sxq, sqq = _pick_code_sym(x, a, sub, qmin, qmax, smin, smax, d, s_fit, sxx[j], sums[j], cur)
+                    c, ej, sxq, sqq = _pick_code_sym(x, a0 + sub * j, sub, qmin, qmax, smin, smax, d, s_fit, sxx[j], sums[j])
                     sc[j] = c
                     sums[j, 0], sums[j, 1] = sxq, sqq
                     e += ej
                 if e < best_e:
                     best_e = e
                     dbits[i] = hd
-                    sc_out[nsub * i:nsub * (i + 1)] = sc
-                    q[a0:a0 + QK_K] = cur[a0:a0 + QK_K]
+                    _keep(sc, sc_out, base, nsub)
                 else:
                     break
+        d = f16_value(dbits[i])
+        for j in range(nsub):
+            _assign_sym(x, a0 + sub * j, sub, np.float32(d * np.float32(sc_out[base + j])), qmin, qmax, q)
     return dbits, sc_out, q
 
 
@@ -748,8 +802,7 @@ def pack_q2_k(dbits, mbits, sc, m, q):
 
 # -- IQ4_XS: IQ4_NL's grid under two-level scales -----------------------------------
 
-_IQ4NL_F32 = IQ4NL_GRID.astype(np.float32)
-_IQ4NL_STEP = np.diff(_IQ4NL_F32).astype(np.float32)
+_IQ4NL_STEP = np.diff(_IQ4NL_LEVELS).astype(np.float32)
 
 
 @njit(**INLINE)
@@ -765,7 +818,7 @@ def _grid_codes(x, a, n, s, q):
     for i in range(a, a + n):
         t = x[i] * inv
         k = np.int16(0)
-        g = _IQ4NL_F32[0]
+        g = _IQ4NL_LEVELS[0]
         for j in range(15):
             above = t > _IQ4NL_MID[j]
             k += above
