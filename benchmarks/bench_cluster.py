@@ -23,8 +23,9 @@ process, the workers and their nannies): the machine is shared, so a figure meas
 others were busy shows it there.
 
 Where the time goes, per run: ``cpu_s`` splits the CPU seconds by process (this process, which
-holds the client and the LocalCluster's scheduler; each worker, with its busiest thread apart
-from the others; the nannies), and ``timeline`` lists every task (Dask's task stream: the worker,
+holds the client and the LocalCluster's scheduler; each worker, by thread: the kernel thread,
+the job's own thread that reads, writes and hashes, the event loop, the cancel watchers,
+the rest; the nannies), and ``timeline`` lists every task (Dask's task stream: the worker,
 and when its compute started and stopped, in seconds from the start of the run), with each
 worker's busy time, its idle time before the first task, between tasks and after its last.
 
@@ -75,6 +76,22 @@ def _threads_cpu(process: psutil.Process) -> dict:
         return {}
 
 
+#: What each of a worker's threads is, by a part of its name.
+THREAD_KINDS = (("aq-kernel", "kernel"), ("Dask-Default-Threads", "job"), ("MainThread", "event_loop"),
+                ("aq-cancel", "cancel_watchers"))
+
+
+def thread_names() -> dict:
+    """Run on a worker: its live threads, native id -> name."""
+    return {t.native_id: t.name for t in threading.enumerate()}
+
+
+def thread_kind(name: str) -> str:
+    if name is None:
+        return "exited"  # ended before the run's end (cancel watchers, mostly)
+    return next((kind for part, kind in THREAD_KINDS if part in name), "other")
+
+
 class Watch:
     """Peak RSS of each worker process, the CPU each of our processes used and the CPU the
     rest of the machine used, over a run."""
@@ -84,6 +101,7 @@ class Watch:
         self.procs = {a: psutil.Process(p) for a, p in self.pids.items()}
         self.nannies = [p.parent() for p in self.procs.values() if p.parent() is not None]
         self.own = [psutil.Process()] + list(self.procs.values()) + self.nannies
+        self.client = client
 
     def _cpu_ours(self) -> float:
         total = 0.0
@@ -105,12 +123,18 @@ class Watch:
             return sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)
 
         a, b = self.split0, self._cpu_split()
+        names = {addr: {**self.names0.get(addr, {}), **n} for addr, n in self.client.run(thread_names).items()}
         workers = {}
         for address in b["workers"]:
-            threads = used(a["workers"].get(address, {}), b["workers"][address])
+            before, after = a["workers"].get(address, {}), b["workers"][address]
+            threads = used(before, after)
+            kinds: dict = {}
+            for tid in after:
+                kind = thread_kind(names.get(address, {}).get(tid))
+                kinds[kind] = round(kinds.get(kind, 0.0) + after[tid] - before.get(tid, 0.0), 2)
             workers[address] = {"total": round(sum(threads), 2), "busiest_thread": round(threads[0], 2) if threads else 0,
                                 "second_thread": round(threads[1], 2) if len(threads) > 1 else 0,
-                                "other_threads": round(sum(threads[2:]), 2)}
+                                "other_threads": round(sum(threads[2:]), 2), "by_thread_kind": kinds}
         return {"this_process": round(sum(used(a["this_process"], b["this_process"])), 2),
                 "nannies": round(sum(sum(used(x, y)) for x, y in zip(a["nannies"], b["nannies"])), 2),
                 "workers": workers}
@@ -127,6 +151,7 @@ class Watch:
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         self.load_before = os.getloadavg()
+        self.names0 = self.client.run(thread_names)
         self.cpu0, self.machine0, self.split0 = self._cpu_ours(), self._cpu_machine(), self._cpu_split()
         self.t0 = time.perf_counter()
         self.clock0 = time.time()  # the task stream's clock

@@ -254,8 +254,37 @@ def render_cluster(results_dir: Path = RESULTS) -> str:
             + "; "
             + sentence(big, "one_worker", "two_workers",
                        f"a {big['source_mib']:.0f} MiB model ({big['config']}) split over 2 workers", "on 1 worker")
-            + ".\n\n*Measured by `python benchmarks/bench_cluster.py`; "
+            + "." + _cluster_breakdown(fleet, "one_worker_one_after_the_other", "two_workers_fleet")
+            + "\n\n*Measured by `python benchmarks/bench_cluster.py`; "
             + f"{r['statistic']}. Raw numbers, every run with its load: `benchmarks/results/cluster.json`.*\n")
+
+
+def _cluster_breakdown(part: dict, serial: str, parallel: str) -> str:
+    """Where the fleet's time goes, from the runs' CPU split and task timelines (when recorded)."""
+    runs = {side: part[side]["runs"] for side in (serial, parallel)}
+    if not all("cpu_s" in run and "timeline" in run for side in runs.values() for run in side):
+        return ""
+
+    def cores(side: str) -> float:
+        cpu = sum(run["cpu_s"]["this_process"] + run["cpu_s"]["nannies"] + sum(
+            w["total"] for w in run["cpu_s"]["workers"].values()) for run in runs[side])
+        return cpu / sum(run["wall_s"] for run in runs[side])
+
+    def kind_share(side: str, kind: str) -> float:
+        threads = [w.get("by_thread_kind", {}) for run in runs[side] for w in run["cpu_s"]["workers"].values()]
+        return sum(t.get(kind, 0.0) for t in threads) / max(sum(t.get("kernel", 0.0) for t in threads), 1e-9)
+
+    idle = max(w["idle_before_first_s"] + w["idle_between_s"] + w["idle_after_last_s"]
+               for run in runs[parallel] for w in run["timeline"]["workers"].values())
+    warm = part.get("warmup_s", {}).get(parallel)
+    return (f" Where the fleet's time goes: one worker alone keeps {cores(serial):.2f} cores busy (its job's own "
+            f"thread, which reads, writes and hashes, uses {kind_share(serial, 'job'):.0%} of the kernel thread's CPU "
+            f"beside it, and the client, scheduler and nanny run on the other core), while the fleet keeps "
+            f"{cores(parallel):.2f} of the 2 cores busy, so the ratio cannot fall below about "
+            f"{cores(serial) / 2:.2f} here; no worker of the fleet idles more than {idle:.1f} s in a run"
+            + (f"; a fresh worker's first job pays the imports and the kernels' first load, outside both sides' "
+               f"times ({warm[0]:.1f} s for the warm-up's first small model per worker against {warm[1]:.1f} s for "
+               f"the second)" if warm else "") + ".")
 
 
 RENDERERS: Dict[str, Callable[..., str]] = {
