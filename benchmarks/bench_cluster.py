@@ -23,9 +23,9 @@ process, the workers and their nannies): the machine is shared, so a figure meas
 others were busy shows it there.
 
 Where the time goes, per run: ``cpu_s`` splits the CPU seconds by process (this process, which
-holds the client and the LocalCluster's scheduler; each worker, by thread: the kernel thread,
+holds the client and the LocalCluster's scheduler and nannies; each worker, by thread: the kernel thread,
 the job's own thread that reads, writes and hashes, the event loop, the cancel watchers,
-the rest; the nannies), and ``timeline`` lists every task (Dask's task stream: the worker,
+the rest; nanny processes, if the cluster has its own), and ``timeline`` lists every task (Dask's task stream: the worker,
 and when its compute started and stopped, in seconds from the start of the run), with each
 worker's busy time, its idle time before the first task, between tasks and after its last.
 
@@ -99,7 +99,9 @@ class Watch:
     def __init__(self, client: Client) -> None:
         self.pids = client.run(os.getpid)  # address -> pid
         self.procs = {a: psutil.Process(p) for a, p in self.pids.items()}
-        self.nannies = [p.parent() for p in self.procs.values() if p.parent() is not None]
+        # a LocalCluster's nannies live in this process; only nanny processes of their own count apart
+        parents = {p.ppid() for p in self.procs.values()} - {os.getpid()}
+        self.nannies = [psutil.Process(pid) for pid in sorted(parents)]
         self.own = [psutil.Process()] + list(self.procs.values()) + self.nannies
         self.client = client
 

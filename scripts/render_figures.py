@@ -265,10 +265,12 @@ def _cluster_breakdown(part: dict, serial: str, parallel: str) -> str:
     if not all("cpu_s" in run and "timeline" in run for side in runs.values() for run in side):
         return ""
 
+    def cpu(side: str) -> float:
+        return sum(run["cpu_s"]["this_process"] + run["cpu_s"]["nannies"] + sum(
+            w["total"] for w in run["cpu_s"]["workers"].values()) for run in runs[side]) / len(runs[side])
+
     def cores(side: str) -> float:
-        cpu = sum(run["cpu_s"]["this_process"] + run["cpu_s"]["nannies"] + sum(
-            w["total"] for w in run["cpu_s"]["workers"].values()) for run in runs[side])
-        return cpu / sum(run["wall_s"] for run in runs[side])
+        return cpu(side) * len(runs[side]) / sum(run["wall_s"] for run in runs[side])
 
     def kind_share(side: str, kind: str) -> float:
         threads = [w.get("by_thread_kind", {}) for run in runs[side] for w in run["cpu_s"]["workers"].values()]
@@ -276,12 +278,16 @@ def _cluster_breakdown(part: dict, serial: str, parallel: str) -> str:
 
     idle = max(w["idle_before_first_s"] + w["idle_between_s"] + w["idle_after_last_s"]
                for run in runs[parallel] for w in run["timeline"]["workers"].values())
+    client = sum(run["cpu_s"]["this_process"] for run in runs[serial]) / sum(run["wall_s"] for run in runs[serial])
     warm = part.get("warmup_s", {}).get(parallel)
-    return (f" Where the fleet's time goes: one worker alone keeps {cores(serial):.2f} cores busy (its job's own "
-            f"thread, which reads, writes and hashes, uses {kind_share(serial, 'job'):.0%} of the kernel thread's CPU "
-            f"beside it, and the client, scheduler and nanny run on the other core), while the fleet keeps "
-            f"{cores(parallel):.2f} of the 2 cores busy, so the ratio cannot fall below about "
-            f"{cores(serial) / 2:.2f} here; no worker of the fleet idles more than {idle:.1f} s in a run"
+    return (f" Where the fleet's time goes: both sides do about the same CPU work ({cpu(serial):.1f} and "
+            f"{cpu(parallel):.1f} CPU-seconds a run), so the ratio is about the cores each kept busy: "
+            f"{cores(serial):.2f} for one worker alone, {cores(parallel):.2f} for the fleet of 2 on 2 cores. One "
+            f"worker alone uses more than its one thread: beside its kernel thread, the job's own thread (reading, "
+            f"writing, hashing) uses {kind_share(serial, 'job'):.0%} as much CPU, the worker's event loop (Dask's "
+            f"heartbeats, monitors and profiler) {kind_share(serial, 'event_loop'):.0%}, and the client, scheduler "
+            f"and nannies {client:.2f} cores, all on the core the fleet's second worker needs. No worker of the "
+            f"fleet idles more than {idle:.1f} s in a run"
             + (f"; a fresh worker's first job pays the imports and the kernels' first load, outside both sides' "
                f"times ({warm[0]:.1f} s for the warm-up's first small model per worker against {warm[1]:.1f} s for "
                f"the second)" if warm else "") + ".")
