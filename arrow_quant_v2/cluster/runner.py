@@ -88,6 +88,7 @@ class Lease:
     address: str
     worker: _Worker
     units: int
+    held: bool = True  # False once given back (a late report of where the job started changes nothing)
 
 
 class WorkerSlots:
@@ -168,6 +169,9 @@ class WorkerSlots:
     def release(self, lease: "Lease") -> None:
         """Give back what ``lease`` holds, on the worker it holds it on (a worker that left and
         came back at the same address is a new worker: the old lease is not taken from it)."""
+        if not lease.held:
+            return
+        lease.held = False
         worker = lease.worker
         worker.jobs_used -= 1
         worker.bytes_used -= lease.units
@@ -179,10 +183,10 @@ class WorkerSlots:
         """The job of ``lease`` runs on ``address`` now (the scheduler reran it there after its
         worker died): it counts against that worker's bounds from now on, not the dead one's."""
         worker = self.workers.get(address)
-        if worker is None or worker is lease.worker:
+        if worker is None or worker is lease.worker or not lease.held:
             return
         self.release(lease)
-        lease.address, lease.worker = address, worker
+        lease.address, lease.worker, lease.held = address, worker, True
         worker.jobs_used += 1  # it runs there already: over the bound, if need be, until it ends
         worker.bytes_used += lease.units
 
@@ -319,8 +323,7 @@ class ClusterRunner:
                 await self._refresh(slots)
             except ClusterError:
                 return
-            if lease.worker.jobs_used:  # still running
-                slots.moved(lease, address)
+            slots.moved(lease, address)  # nothing if the job has ended meanwhile
 
         asyncio.ensure_future(learn_then_move())
 
