@@ -166,7 +166,7 @@ class QuantizeJob:
                  names: Optional[Sequence[str]] = None, calibration=None) -> None:
         self.source, self.writer, self.config, self.plans = source, writer, config, plans
         self.calibration = calibration  # calibration.Calibration: per-tensor input second moments, or None
-        self._prepared: Dict[str, object] = {}  # tensor -> solver.Prepared, shared by its chunks
+        self._prepared: Dict[tuple, object] = {}  # (id of an H, fitted blocks) -> solver.Prepared, shared by chunks
         self._prepare_lock = threading.Lock()
         self._plain_stats: Dict[str, np.ndarray] = {}  # calibrated tensor -> plain rounding's statistics so far
         self._output_stats: Dict[str, np.ndarray] = {}  # calibrated tensor -> output statistics (written, plain) so far
@@ -250,14 +250,16 @@ class QuantizeJob:
         turn = (lambda a: a.T) if layer.transposed else (lambda a: a)
         # ggml blocks along the inputs: their parameters are fitted as the sweep reaches them
         fitting = hasattr(encoding, "compensated") and not layer.transposed
-        with self._prepare_lock:  # one factorisation per tensor, not per chunk
-            prepared = self._prepared.get(info.name)
+        h = self.calibration.hessians[info.name]
+        key = (id(h), fitting)  # one factorisation per H (layers reading the same input share it), not per chunk
+        with self._prepare_lock:
+            prepared = self._prepared.get(key)
         if prepared is None:  # factorised outside the lock: chunks of other tensors go on meanwhile
-            prepared = solver.prepare(self.calibration.hessians[info.name], act_order=not fitting)
+            prepared = solver.prepare(h, act_order=not fitting)
             with self._prepare_lock:
                 if len(self._prepared) > self.threads:  # only the tensors in flight (the window) need theirs
                     del self._prepared[next(iter(self._prepared))]
-                self._prepared.setdefault(info.name, prepared)
+                self._prepared.setdefault(key, prepared)
         if fitting:
             return encoding.quantize_compensated(x, prepared, grid, plain, stats)
         scales, offsets = grid.per_element(x.shape[1])

@@ -1,15 +1,19 @@
 """Graph calibration on the terrain U-Net: output fidelity on held-out inputs, with and without.
 
-For the edge (int2) and local (int4) profiles, and under a size budget halfway between
+For the edge (int2) and local (int4) profiles, the same under ``target_runtime="gguf"`` (ggml's
+block types: ``edge-gguf``, ``local-gguf``), and under a size budget halfway between
 all-int2 and all-int4, the real terrain U-Net is quantized with ``calibration=None`` and with
 ``calibration="graph"`` (same config otherwise), each quantization in its own process so its
 peak memory (VmHWM) is its own. Every store is then checked end to end on the validation
 inputs (:mod:`arrow_quant_v2.e2e`: 10 noise levels log-spaced over sigma 0.002..80, 3 samples per
 level at difficulty 0.1/0.5/0.9, the validation random stream), which calibration never sees
 (it draws from another stream, with random difficulties). Writes
-``benchmarks/results/bench_calibration.json``.
+``benchmarks/results/bench_calibration.json``. Each row records the quantization's wall time,
+the calibration stage's own seconds (graph passes and H), the process's peak RSS (VmHWM)
+and the load average before and after: calibration's cost target (terrain U-Net in at most
+3 minutes on 2 cores, at most 2 GB) is read from these.
 
-    python benchmarks/bench_calibration.py [--samples 2] [--runs edge local budget]
+    python benchmarks/bench_calibration.py [--samples 2] [--runs edge local edge-gguf local-gguf budget]
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from arrow_quant_v2 import DiffusionQuantConfig, __version__  # noqa: E402
+from arrow_quant_v2 import DiffusionQuantConfig, __version__, load_quantized  # noqa: E402
 from arrow_quant_v2.e2e import end_to_end  # noqa: E402
 from arrow_quant_v2.samples import sample_path  # noqa: E402
 
@@ -72,6 +76,8 @@ def measure(model: Path, out: Path, label: str, config: DiffusionQuantConfig) ->
         "bits_per_weight": r["bits_per_weight"], "model_size_mb": r["model_size_mb"],
         "fallbacks": r["fallbacks"], "weight_cosine": r["cosine_similarity"],
         "quantize_wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"], "calibration": r.get("calibration"),
+        "calibration_s": (r.get("calibration") or {}).get("seconds"), "loadavg_after_quantize": list(os.getloadavg()),
+        "encodings": sorted({t.encoding for t in load_quantized(out).tensors.values() if t.quantized}),
         "e2e": {k: e[k] for k in ("mean_cosine", "worst_cosine", "worst_sigma", "worst_sample_cosine", "reason",
                                   "batch", "seed", "conditioning")},
         "levels": [{k: lv[k] for k in ("sigma", "cosine", "worst_sample_cosine", "sample_cosines")} for lv in e["levels"]],
@@ -86,22 +92,27 @@ def measure(model: Path, out: Path, label: str, config: DiffusionQuantConfig) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=DiffusionQuantConfig.calibration_samples)
-    ap.add_argument("--runs", nargs="+", default=["edge", "local", "budget"], choices=["edge", "local", "budget"])
+    ap.add_argument("--runs", nargs="+", default=["edge", "local", "edge-gguf", "local-gguf", "budget"],
+                    choices=["edge", "local", "edge-gguf", "local-gguf", "budget"])
+    ap.add_argument("--keep", action="store_true", help="add to the existing JSON's rows (replacing same labels)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     model = sample_path("terrain-unet")
-    rows: list = []
+    rows: list = json.loads(args.out.read_text())["rows"] if args.keep and args.out.exists() else []
 
     def keep(row: dict) -> None:  # written after every run, so a long benchmark leaves what it measured
-        rows.append(row)
+        rows[:] = [r for r in rows if r["label"] != row["label"]] + [row]
         save(args.out, rows)
 
     with tempfile.TemporaryDirectory(prefix="aq-bench-cal-") as tmp:
         work = Path(tmp)
-        for profile in [r for r in args.runs if r != "budget"]:
+        for run in [r for r in args.runs if r != "budget"]:
+            profile, _, runtime = run.partition("-")
+            target = {"target_runtime": runtime} if runtime else {}
             for cal in (None, "graph"):
-                cfg = DiffusionQuantConfig.from_profile(profile, calibration=cal, calibration_samples=args.samples)
-                keep(measure(model, work / f"{profile}-{cal}", f"{profile} calibration={cal}", cfg))
+                cfg = DiffusionQuantConfig.from_profile(profile, calibration=cal, calibration_samples=args.samples,
+                                                        **target)
+                keep(measure(model, work / f"{run}-{cal}", f"{run} calibration={cal}", cfg))
         if "budget" in args.runs:
             sizes = [quantize(model, work / f"u{b}", DiffusionQuantConfig(bit_width=b, min_accuracy=0.0))["model_size_mb"]
                      for b in (2, 4)]
