@@ -68,6 +68,26 @@ def test_the_solver_never_returns_a_higher_output_error_than_rounding():
             assert np.array_equal(found.codes, plain.reshape(w.shape))
 
 
+def test_the_solver_chooses_gptqs_codes_without_inverting_h():
+    """The nearest-plane sweep on H's reversed Cholesky factor picks the codes of GPTQ's own update
+    (error pushed through the upper Cholesky factor of the damped H^-1), here written out plainly."""
+    x, w, h = _layer(5, rows=12, cols=150)
+    enc = encodings.get_encoding("kquant_nl", 2, 8)
+    grid = enc.grid(w)
+    plain, _ = enc.round_to_grid(w, grid)
+    s, o = grid.per_element(150)
+    found = solver.solve(w, solver.prepare(h, act_order=False), grid.levels, s, o, plain.reshape(w.shape))
+    damped = h + solver.DAMP * np.mean(np.diagonal(h)) * np.eye(150)
+    u = np.linalg.cholesky(np.linalg.inv(damped)).T
+    work, ref = w.astype(np.float64), np.empty(w.shape, np.uint8)
+    values = grid.levels[None, :] * s[:, :, None] + o[:, :, None]  # (rows, cols, levels), float32 as stored
+    for i in range(150):
+        ref[:, i] = np.abs(values[:, i, :] - work[:, i:i + 1]).argmin(axis=1)
+        e = (work[:, i] - values[np.arange(12), i, ref[:, i]]) / u[i, i]
+        work[:, i + 1:] -= np.outer(e, u[i, i + 1:])
+    assert found.compensated and np.array_equal(found.codes, ref)
+
+
 def test_im2col_patches_reproduce_the_convolution():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 9, 11)).astype(np.float32)

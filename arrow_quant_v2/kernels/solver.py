@@ -4,12 +4,14 @@ Plain rounding picks each weight's nearest grid value independently; what the ne
 feels is the layer's output error ``||X W^T - X What^T||^2 = tr(dW H dW^T)`` with
 ``H = X^T X`` the second moment of the layer's inputs (:mod:`arrow_quant_v2.calibration`
 collects it from the model's own graph). Following GPTQ (Frantar et al., 2022), the
-input columns are rounded one at a time and each one's rounding error is pushed onto the
-columns not yet rounded, in proportion to how the inputs correlate: with ``U`` the upper
-Cholesky factor of the damped inverse ``H^-1``, the error ``e = (w_i - q_i) / U_ii`` is
-subtracted as ``e * U[i, i+1:]``. Columns go in blocks of :data:`BLOCK`: inside a block
-the update is immediate (numba), the rest of the matrix gets one
-matrix product per block (lazy batch update). ``act_order`` rounds the columns with the
+input columns are rounded one at a time, each to the level nearest its best value given the
+columns rounded before it (the others free to follow). With the damped ``H = M^T M``, ``M``
+lower triangular, that value is ``w_i + sum_{j<i} M_ij d_j / M_ii`` with ``d_j = w_j - q_j``
+the earlier columns' rounding errors (Babai's nearest plane; the same codes as GPTQ's update
+through the Cholesky factor of ``H^-1``, without inverting ``H``: one Cholesky factorisation
+of the reversed ``H`` gives ``M``). Columns go in blocks of :data:`BLOCK`: inside a block
+each error is pushed onto the block's later columns at once (numba), the rest of the matrix
+gets one matrix product per block (lazy batch update). ``act_order`` rounds the columns with the
 largest input energy first.
 
 The grid is fixed before any code is chosen (the encoder's scales, offsets and
@@ -34,17 +36,19 @@ DAMP = 0.01
 
 
 @njit(cache=True, nogil=True, fastmath=False)  # serial, like every kernel (see kernels' docstring)
-def _round_block(w, u, s, z, levels, i1, i2, codes, err):
-    """Round columns ``i1..i2`` of ``w`` (rows, cols) in place with compensation inside the block.
+def _round_block(w, work, n, s, z, levels, i1, i2, codes, err):
+    """Round columns ``i1..i2`` with compensation inside the block.
 
-    ``s``/``z`` are the per-element scale and offset; ``codes`` receives the level index,
-    ``err`` (rows, i2 - i1) the scaled errors for the lazy update of the columns after ``i2``.
+    ``w`` the weights (rows, cols); ``work`` their compensated values so far (updated in
+    place for the block's later columns); ``n`` the strictly lower ``M_ji / M_jj``;
+    ``s``/``z`` the per-element scale and offset; ``codes`` receives the level index,
+    ``err`` (rows, i2 - i1) the rounding errors ``w - q`` for the lazy update after ``i2``.
     """
     rows = w.shape[0]
     nl = levels.shape[0]
     for r in range(rows):
         for i in range(i1, i2):
-            x = w[r, i]
+            x = work[r, i]
             sc = s[r, i]
             of = z[r, i]
             best = 0
@@ -56,21 +60,26 @@ def _round_block(w, u, s, z, levels, i1, i2, codes, err):
                     best_d = d
                     best = k
             codes[r, i] = best
-            e = (x - np.float64(np.float32(levels[best] * sc + of))) / u[i, i]
+            e = w[r, i] - np.float64(np.float32(levels[best] * sc + of))
             err[r, i - i1] = e
             for j in range(i + 1, i2):
-                w[r, j] -= e * u[i, j]
+                work[r, j] += n[j, i] * e
 
 
-def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
-    """Upper ``U`` with ``U^T U = (H + damp * mean(diag H) * I)^-1``; unused inputs get a unit diagonal."""
+def lower_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """``N = M / diag(M)`` (row ``j`` divided by ``M_jj``), strictly lower, with
+    ``M^T M = H + damp * mean(diag H) * I`` and ``M`` lower triangular; unused inputs get a unit diagonal.
+
+    ``M = J chol(J H J)^T J`` (``J`` the reversal): one Cholesky factorisation, no inverse."""
     h = np.array(h, dtype=np.float64)
     diag = np.diagonal(h).copy()
     dead = diag <= 0
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += damp * float(np.mean(diag[~dead])) if (~dead).any() else damp
-    h_inv = np.linalg.inv(h)
-    return np.linalg.cholesky((h_inv + h_inv.T) / 2).T.copy()
+    m = np.linalg.cholesky(h[::-1, ::-1]).T[::-1, ::-1]
+    n = m / np.diagonal(m)[:, None]
+    np.fill_diagonal(n, 0.0)
+    return np.ascontiguousarray(n)
 
 
 @dataclass(frozen=True)
@@ -79,13 +88,13 @@ class Prepared:
 
     h: np.ndarray       # H, float64
     order: np.ndarray   # the column order (largest input energy first with act_order)
-    u: np.ndarray       # inverse_cholesky of H in that order
+    n: np.ndarray       # lower_factor of H in that order
 
 
 def prepare(h: np.ndarray, *, act_order: bool = True, damp: float = DAMP) -> Prepared:
     h = np.asarray(h, np.float64)
     order = np.argsort(-np.diagonal(h), kind="stable") if act_order else np.arange(len(h))
-    return Prepared(h, order, inverse_cholesky(h[np.ix_(order, order)], damp))
+    return Prepared(h, order, lower_factor(h[np.ix_(order, order)], damp))
 
 
 def output_error(dw: np.ndarray, h: np.ndarray) -> float:
@@ -114,8 +123,9 @@ def solve(w: np.ndarray, h, levels: np.ndarray, scales: np.ndarray, offsets: np.
     w = np.asarray(w, np.float64)
     rows, cols = w.shape
     prep = h if isinstance(h, Prepared) else prepare(h, act_order=act_order, damp=damp)
-    h, order, u = prep.h, prep.order, prep.u
-    work = np.ascontiguousarray(w[:, order])
+    h, order, n = prep.h, prep.order, prep.n
+    w_ord = np.ascontiguousarray(w[:, order])
+    work = w_ord.copy()
     s = np.ascontiguousarray(scales[:, order], dtype=np.float32)
     z = np.ascontiguousarray(offsets[:, order], dtype=np.float32)
     lv = np.ascontiguousarray(levels, dtype=np.float32)
@@ -123,9 +133,9 @@ def solve(w: np.ndarray, h, levels: np.ndarray, scales: np.ndarray, offsets: np.
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         err = np.empty((rows, i2 - i1), np.float64)
-        _round_block(work, u, s, z, lv, i1, i2, codes, err)
+        _round_block(w_ord, work, n, s, z, lv, i1, i2, codes, err)
         if i2 < cols:
-            work[:, i2:] -= err @ u[i1:i2, i2:]
+            work[:, i2:] += err @ n[i2:, i1:i2].T
     out = np.empty_like(codes)
     out[:, order] = codes
     return best_of(w, h, levels, scales, offsets, out, plain_codes)
@@ -149,7 +159,8 @@ def solve_fitting_blocks(w: np.ndarray, prep: Prepared, width: int, levels: np.n
     order (``act_order=False``): a block's columns must be contiguous. Returns the codes."""
     if not np.array_equal(prep.order, np.arange(len(prep.order))):
         raise ValueError("fitted blocks need the columns in their own order (prepare(act_order=False))")
-    work = np.array(w, dtype=np.float64, order="C")
+    w = np.array(w, dtype=np.float64, order="C")
+    work = w.copy()
     rows, cols = work.shape
     s = np.empty((rows, cols), np.float32)
     z = np.empty((rows, cols), np.float32)
@@ -159,7 +170,7 @@ def solve_fitting_blocks(w: np.ndarray, prep: Prepared, width: int, levels: np.n
         i2 = min(i1 + width, cols)
         s[:, i1:i2], z[:, i1:i2] = fit(work[:, i1:i2])
         err = np.empty((rows, i2 - i1), np.float64)
-        _round_block(work, prep.u, s, z, lv, i1, i2, codes, err)
+        _round_block(w, work, prep.n, s, z, lv, i1, i2, codes, err)
         if i2 < cols:
-            work[:, i2:] -= err @ prep.u[i1:i2, i2:]
+            work[:, i2:] += err @ prep.n[i2:, i1:i2].T
     return codes
