@@ -178,7 +178,7 @@ def gen_sensitivity_measured() -> str:
                          f"{e['worst_sample_cosine']:.5f} | {r['loadavg_before'][0]:.1f} |")
     lines += ["", f"`{f.relative_to(ROOT)}`: commit {data['commit'][:10]}, {data['date']}, {data['cores']} cores; calibration "
               f"{cal['samples_per_level']} sample(s) per level at {len(cal['levels'])} levels, {cal['seconds']:.0f} s "
-              f"(load average {cal['loadavg_before'][0]:.1f}); direct measurement {a['direct_seconds']:.0f} s. {data['held_out']}."]
+              f"(load average {cal['loadavg_before'][0]:.1f}); direct measurement {a['direct_seconds']:.0f} s. Held out: {data['held_out']}."]
     return "\n".join(lines) + "\n"
 
 
