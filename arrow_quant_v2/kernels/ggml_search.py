@@ -143,24 +143,33 @@ def _search_aff(x, a, n, nmax, deltas, iters, work, neg=True):
         sxx += v * v
     if mx <= mn:
         return 0.0, float(mn)
-    nc = 2 * deltas.size
+    nd = deltas.size
+    nc = 2 * nd
     inv, off, sq, sqq, sxq = work[0, :nc], work[1, :nc], work[2, :nc], work[3, :nc], work[4, :nc]
-    for k in range(nc):
-        s = (float(mx) - mn) / (nmax + deltas[k % deltas.size])
-        o = float(mn) if k < deltas.size else float(mx) - nmax * s
-        off[k] = min(o, 0.0) if neg else o
-        inv[k] = 1.0 / s
-        sq[k] = 0.0
-        sqq[k] = 0.0
-        sxq[k] = 0.0
+    for k in range(nd):
+        # one division pair per spread, shared by its two anchors
+        s = (float(mx) - mn) / (nmax + deltas[k])
+        o = float(mx) - nmax * s
+        off[k] = min(float(mn), 0.0) if neg else float(mn)
+        off[nd + k] = min(o, 0.0) if neg else o
+        inv[k] = inv[nd + k] = 1.0 / s
+    sq[:] = 0.0
+    sqq[:] = 0.0
+    sxq[:] = 0.0
     top = np.float32(nmax)
-    for i in range(a, a + n):
+    zero = np.float32(0.0)
+    half = np.float32(0.5)
+    # two elements per pass over the candidates: half the accumulator loads and stores
+    # (``n`` is even: sub-blocks of 16 or 32)
+    for i in range(a, a + n, 2):
         v = x[i]
+        w = x[i + 1]
         for k in range(nc):
-            q = np.float32(np.int32(min(max((v - off[k]) * inv[k], np.float32(0.0)), top) + np.float32(0.5)))
-            sq[k] += q
-            sqq[k] += q * q
-            sxq[k] += v * q
+            q = np.float32(np.int32(min(max((v - off[k]) * inv[k], zero), top) + half))
+            p = np.float32(np.int32(min(max((w - off[k]) * inv[k], zero), top) + half))
+            sq[k] += q + p
+            sqq[k] += q * q + p * p
+            sxq[k] += v * q + w * p
     best_s = (float(mx) - mn) / nmax
     best_o = float(mn)
     best_e = math.inf
@@ -200,12 +209,15 @@ def _search_sym(x, a, n, qmin, qmax, offs, iters, work):
     lo = np.float32(qmin)
     hi = np.float32(qmax)
     shift = np.float32(0.5 - qmin)
-    for i in range(a, a + n):
+    # two elements per pass over the candidates, as in ``_search_aff`` (``n`` is even)
+    for i in range(a, a + n, 2):
         v = x[i]
+        w = x[i + 1]
         for k in range(nc):
             q = np.float32(np.int32(min(max(v * inv[k], lo), hi) + shift)) + lo
-            sxq[k] += v * q
-            sqq[k] += q * q
+            p = np.float32(np.int32(min(max(w * inv[k], lo), hi) + shift)) + lo
+            sxq[k] += v * q + w * p
+            sqq[k] += q * q + p * p
     best_s = m / float(qmin)
     best_e = math.inf
     for k in range(nc + iters):
