@@ -667,12 +667,12 @@ def calibrate(model_path, source: ModelSource, config: DiffusionQuantConfig, pla
 
     total = max(source.total_bytes, 1)
 
-    def on_pass(done: int, passes: int) -> None:
+    def on_pass(done: int, passes: int) -> None:  # the stage's own fraction: an ETA for it, a moving bar in the app
         report("calibrate", f"calibration: forward pass {done}/{passes} through the graph", tensors_done=0,
-               tensors_total=len(source.tensors), bytes_done=0, bytes_total=total)
+               tensors_total=len(source.tensors), bytes_done=0, bytes_total=total, stage_fraction=done / max(passes, 1))
 
     report("calibrate", "calibration: running the original graph across the noise levels", tensors_done=0,
-           tensors_total=len(source.tensors), bytes_done=0, bytes_total=total)
+           tensors_total=len(source.tensors), bytes_done=0, bytes_total=total, stage_fraction=0.0)
     names = [n for n, p in plans.items() if not p.lossless]
     return calibration.collect(model_path, names, num_levels=config.num_time_groups,
                                samples=config.calibration_samples,

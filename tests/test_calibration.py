@@ -155,8 +155,13 @@ def test_calibration_inputs_never_coincide_with_validation_inputs():
 def test_calibrated_store_reads_back_and_is_closer_to_the_network(graph_model, tmp_path):
     base = dict(bit_width=2, lossless_below=0, min_accuracy=0.0, num_time_groups=4)
     plain = quantize_model(graph_model, tmp_path / "plain", DiffusionQuantConfig(**base))
-    cal = quantize_model(graph_model, tmp_path / "cal", DiffusionQuantConfig(calibration="graph", **base))
+    events = []
+    cal = quantize_model(graph_model, tmp_path / "cal", DiffusionQuantConfig(calibration="graph", **base),
+                         progress=events.append)
     assert cal["calibration"]["layers"] == 2 and cal["model_size_mb"] == plain["model_size_mb"]
+    # calibration is a stage of its own with its own fraction (the app's job row and the CLI show it)
+    own = [e.stage_fraction for e in events if e.stage == "calibrate"]
+    assert own[0] == 0.0 and own[-1] == 1.0 and own == sorted(own), own
     store = load_quantized(tmp_path / "cal")
     assert store.manifest["config"]["calibration"] == "graph"
     figs = {k: e2e.end_to_end(graph_model, tmp_path / k, num_time_groups=4) for k in ("plain", "cal")}

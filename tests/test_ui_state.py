@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,10 @@ def test_jobs_are_labelled_by_what_makes_them_different():
     s.target_model_size_mb = None
     s.bit_width, s.min_accuracy = 2, None
     assert s.label == "int2"
+    s.calibration = "graph"  # a toggle beside the profile: kept when the profile changes, and named
+    s.profile = "edge"
+    assert s.calibrated and s.label == "edge · calibrated" and s.to_config().calibration == "graph"
+    assert "calibration" not in QuantSettings.advanced_fields()
 
 
 def test_a_new_config_field_gets_a_widget_parameter():
@@ -187,6 +192,59 @@ def test_a_new_config_field_gets_a_widget_parameter():
     assert p.bounds == (1, 9) and p.default == 3 and p.doc == "a knob"
     p = parameter_for("mode", {"default": "a", "doc": "", "choices": ("a", "b"), "bounds": None, "kind": None, "type": "str"})
     assert p.objects == ["a", "b"]
+
+
+def test_calibration_is_a_toggle_that_refuses_a_model_without_a_graph(cache, roots, tmp_path):
+    from arrow_quant_v2.ui.views import Launcher
+
+    models, _ = roots
+    launcher = Launcher(manager=_manager(tmp_path, models, scan_outputs=False))
+    launcher.model = next(e.name for e in launcher.manager.library.models if e.name.endswith("small-lm"))
+    assert launcher.form_problem() is None and launcher._calibration_note.object == ""
+    launcher._calibrate.value = True
+    assert launcher.settings.calibration == "graph" and launcher._start.disabled
+    assert "needs the model's graph" in launcher._calibration_note.object.replace('&#x27;', "'") and "Calibration" in launcher.form_problem()
+    (models / "small-lm" / "model.onnx").write_bytes(b"")  # the graph is there: the toggle says what it will do
+    launcher.settings.num_time_groups = 4
+    assert launcher.form_problem() is None
+    assert "graph at 4 noise levels" in launcher._calibration_note.object
+    launcher.settings.profile = "edge"  # a profile sets widths, not the calibration
+    assert launcher._calibrate.value and launcher.settings.label == "edge · calibrated"
+
+
+def test_reachable_sizes_in_a_notebook_cell_are_waited_for_a_bounded_time(monkeypatch):
+    """Past the bound the cell says they were not computed and how to compute them; they show when they come."""
+    import threading
+
+    from arrow_quant_v2.ui import settings as st
+
+    release = threading.Event()
+    monkeypatch.setattr(st, "size_range_now", lambda path, config: release.wait(600) and {"min_mb": 1.0, "max_mb": 2.0})
+    sizes = st.ReachableSizes()
+    sizes.request(("some-model", DiffusionQuantConfig()), wait=0.05)
+    assert sizes.value is None and not sizes.computing
+    assert "not computed" in sizes.reason and "size_range(model, config) gives them" in sizes.reason
+    release.set()
+    deadline = time.monotonic() + 60
+    while sizes.value is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sizes.value == {"min_mb": 1.0, "max_mb": 2.0} and sizes.reason == ""
+
+
+def test_compare_says_what_calibration_did_to_the_network_output():
+    from arrow_quant_v2.ui import Job
+    from arrow_quant_v2.ui.quality import output_error_change
+
+    def job(calibration, mean, worst):
+        e2e = {"available": True, "mean_cosine": mean, "worst_cosine": worst}
+        return Job(config={"calibration": calibration}, report={"end_to_end": e2e}).summary()
+
+    plain, calibrated = job(None, 0.95, 0.80), job("graph", 0.995, 0.98)
+    assert calibrated["calibrated"] and not plain["calibrated"]
+    assert (calibrated["output_cosine"], calibrated["output_worst"]) == (0.995, 0.98)
+    assert output_error_change(plain, calibrated) == "output error (1 − cosine) of B: mean 0.1×, worst 0.1× A's"
+    no_graph = Job(report={"end_to_end": {"available": False, "reason": "no graph"}}).summary()
+    assert no_graph["output_cosine"] is None and output_error_change(plain, no_graph) is None
 
 
 # ----------------------------------------------------------------------------- jobs

@@ -143,9 +143,14 @@ class Job(param.Parameterized):
         return f"#{self.job_id} {self.model_name} · {self.label}"
 
     def summary(self) -> Dict[str, Any]:
-        """Size, compression and cosines of a finished job (validation figures win when present)."""
+        """Size, compression and cosines of a finished job (validation figures win when present); the network's
+        output cosine mean / worst over the noise levels when validation ran the graph; whether it was calibrated."""
         r, v = self.result or {}, self.report or {}
+        e2e = v.get("end_to_end") or {}
         return {
+            "calibrated": (self.config or {}).get("calibration") == "graph",
+            "output_cosine": e2e.get("mean_cosine") if e2e.get("available") else None,
+            "output_worst": e2e.get("worst_cosine") if e2e.get("available") else None,
             "size_mb": r.get("model_size_mb", v.get("model_size_mb")),
             "compression_ratio": v.get("compression_ratio", r.get("compression_ratio")),
             "cosine": v.get("cosine_similarity", r.get("cosine_similarity")),

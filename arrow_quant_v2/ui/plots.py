@@ -290,7 +290,13 @@ def diff_heatmap(cells: pd.DataFrame, layout: str, title: str = "", labels: Sequ
     return (hm * marks).opts(title=title)
 
 
-def size_quality_plot(points: pd.DataFrame, highlight: Sequence[str] = (), title: str = "") -> hv.Overlay:
+#: The size-vs-quality chart's width: fixed, because a chart in a tab hidden when the page loads (a
+#: notebook's dashboard, its static export) would otherwise be sized to the hidden tab's zero width.
+SIZE_QUALITY_WIDTH = 460
+
+
+def size_quality_plot(points: pd.DataFrame, highlight: Sequence[str] = (), title: str = "",
+                      width: int = SIZE_QUALITY_WIDTH) -> hv.Overlay:
     """Results of one model: size (MiB) against mean cosine (as nines, labelled in cosine)."""
     _ensure_extension()
     data = _plain(points)
@@ -319,7 +325,7 @@ def size_quality_plot(points: pd.DataFrame, highlight: Sequence[str] = (), title
     sizes = data["size_mb"] if len(data) else pd.Series([0.0, 1.0])
     span = max(float(sizes.max() - sizes.min()), float(sizes.max()) * 0.1, 1e-3)
     return (mean_pts * min_pts * ring * text).opts(
-        title=title, xlabel="size (MiB)", ylabel="cosine", height=340, responsive=True, min_width=320,
+        title=title, xlabel="size (MiB)", ylabel="cosine", height=340, width=width,
         yticks=yticks, ylim=(lo - 0.45, hi + 0.75),
         xlim=(float(sizes.min()) - 0.25 * span, float(sizes.max()) + 0.25 * span),  # room for the labels
         legend_position="top", legend_cols=2, toolbar="above", show_grid=True)

@@ -273,6 +273,19 @@ def page_of(cells: pd.DataFrame, page: int, rows_per_page: int) -> Tuple[pd.Data
     return cells[cells["y"].isin(keep)], pages
 
 
+def output_error_change(a: dict, b: dict) -> Optional[str]:
+    """How B's network output error (1 − output cosine, mean and worst over the noise levels) compares with
+    A's, from two :meth:`Job.summary` dicts: ``"output error of B: mean 0.05×, worst 0.04× A's"``; None when
+    either lacks end-to-end figures."""
+    ratios = []
+    for key, word in (("output_cosine", "mean"), ("output_worst", "worst")):
+        ea, eb = (None if s.get(key) is None else 1.0 - s[key] for s in (a, b))
+        if ea is None or eb is None:
+            return None
+        ratios.append(f"{word} {eb / ea:.3g}×" if ea > 0 else f"{word} {eb:.3g} (A: 0)")
+    return "output error (1 − cosine) of B: " + ", ".join(ratios) + " A's"
+
+
 def diff_frame(a: pd.DataFrame, b: pd.DataFrame, layout: Optional[str] = None) -> Tuple[pd.DataFrame, str]:
     """Cells of B minus A in nines, for tensors quantized in both (same model, two configs)."""
     m = a.merge(b, on="name", suffixes=("_a", "_b"))

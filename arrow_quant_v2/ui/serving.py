@@ -37,6 +37,8 @@ TITLE = "ArrowQuant V2"
 #: Below NARROW_PX the launcher leaves the side and becomes a scrollable strip above the tabs (the
 #: header's toggle still folds it away), so the tabs get the whole window width.
 NARROW_PX = 1100
+#: The rules on the sidebar read ``body #sidebar``: the template's own ``#sidebar { max-width:
+#: var(--sidebar-width) !important }`` comes later in the page and would win a tie.
 PAGE_CSS = """
 body { background: #f5f7fa; }
 #header { background: #1e293b !important; }
@@ -44,8 +46,8 @@ body { background: #f5f7fa; }
 #main { min-width: 0; }
 @media (max-width: %dpx) {
   #content { flex-direction: column; flex-wrap: nowrap; }
-  #sidebar { max-width: none !important; width: 100%% !important; height: auto !important; max-height: 42vh;
-             border-right: none; border-bottom: 1px solid #cbd5e1; }
+  body #sidebar { max-width: none !important; width: 100%% !important; height: auto !important; max-height: 42vh;
+                  border-right: none; border-bottom: 1px solid #cbd5e1; }
   #main { height: auto !important; flex: 1 1 auto; }
   .aq-sub { display: none; }
 }

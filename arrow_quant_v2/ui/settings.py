@@ -8,6 +8,7 @@ the app's form with no change here or in the view. Choosing a profile loads its 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import math
 from functools import partial
@@ -27,6 +28,10 @@ MAIN_FIELDS = ("bit_width", "group_size", "min_accuracy", "enable_time_aware", "
 BUDGET_FIELD = "target_model_size_mb"
 #: Where the model will run: chosen next to the profile, and kept when the profile changes.
 RUNTIME_FIELD = "target_runtime"
+#: Graph calibration: a toggle next to the profile, kept when the profile changes.
+CALIBRATION_FIELD = "calibration"
+#: Fields a profile does not set: they say where and how, not how many bits.
+KEPT_ACROSS_PROFILES = (RUNTIME_FIELD, CALIBRATION_FIELD)
 
 
 #: What a person calls the fields whose config names are not words (messages and the form use these).
@@ -126,6 +131,11 @@ class QuantSettings(_build_class()):
         self.load_profile(profile)
 
     @property
+    def calibrated(self) -> bool:
+        """Graph calibration is on."""
+        return getattr(self, CALIBRATION_FIELD, None) == "graph"
+
+    @property
     def valid(self) -> bool:
         """True when every typed value could be used."""
         return not self.errors
@@ -158,15 +168,17 @@ class QuantSettings(_build_class()):
     @classmethod
     def advanced_fields(cls) -> List[str]:
         """The fields under "More settings"."""
-        return [n for n in cls.field_names() if n not in MAIN_FIELDS and n not in (BUDGET_FIELD, RUNTIME_FIELD)]
+        return [n for n in cls.field_names()
+                if n not in MAIN_FIELDS and n not in (BUDGET_FIELD, RUNTIME_FIELD, CALIBRATION_FIELD)]
 
     def load_profile(self, profile: str) -> None:
         """Set every field to the profile's value (what was mistyped is dropped with it)."""
         config = DiffusionQuantConfig.from_profile(profile)
         values = {n: _to_form(getattr(config, n)) for n in self.field_names()}
         values = {n: v if v != AUTO or AUTO in getattr(self.param[n], "objects", ()) else None for n, v in values.items()}
-        if self._loaded:  # a profile says how many bits, not where the model runs
-            values.pop(RUNTIME_FIELD, None)
+        if self._loaded:  # a profile says how many bits, not where the model runs nor whether it is calibrated
+            for name in KEPT_ACROSS_PROFILES:
+                values.pop(name, None)
         self._loading = True
         try:
             self.param.update(profile=profile, errors={}, **values)
@@ -208,9 +220,12 @@ class QuantSettings(_build_class()):
     @property
     def label(self) -> str:
         """Short name for outputs and job rows, saying what makes this job different: the profile,
-        ``int4-g32`` when only widths were tuned, ``local · 17 MiB`` with a size budget, ``-gguf`` for llama.cpp."""
-        changed = {n: v for n, v in self.changed_from_profile().items() if n != RUNTIME_FIELD}
+        ``int4-g32`` when only widths were tuned, ``local · 17 MiB`` with a size budget, ``-gguf`` for llama.cpp,
+        ``· calibrated`` with graph calibration."""
+        changed = {n: v for n, v in self.changed_from_profile().items() if n not in KEPT_ACROSS_PROFILES}
         runtime = "-gguf" if getattr(self, RUNTIME_FIELD, None) == "gguf" else ""
+        if self.calibrated:
+            runtime += " · calibrated"
         budget = changed.pop(BUDGET_FIELD, None)
         if not changed:
             base = self.profile
@@ -222,6 +237,16 @@ class QuantSettings(_build_class()):
                 + (" …" if len(changed) > 2 else "")
         base += runtime
         return base if budget is None else f"{base} · {budget:g} MiB"
+
+
+def calibration_problem(model_path) -> Optional[str]:
+    """Why graph calibration cannot run for the model at ``model_path`` (it has no graph), or None."""
+    from ..e2e import GRAPH_NAMES, find_graph
+
+    if find_graph(model_path) is not None:
+        return None
+    return (f"Calibration needs the model's graph ({' or '.join(GRAPH_NAMES)} next to its weights) and this model "
+            "has none: turn calibration off, or add the graph to the model's folder.")
 
 
 def _short(name: str) -> str:
@@ -313,9 +338,13 @@ class ReachableSizes(param.Parameterized):
         self._task: Optional[asyncio.Task] = None
 
     def request(self, source: Optional[Tuple[Any, DiffusionQuantConfig]], why: str = "",
-                run: Optional[Callable] = None, wait: bool = False) -> None:
-        """Show the range for ``source`` = ``(model path, config)``, or ``why`` there is none;
-        ``wait`` computes it now, blocking (a notebook cell, whose output is saved as it returns)."""
+                run: Optional[Callable] = None, wait: float = 0.0) -> None:
+        """Show the range for ``source`` = ``(model path, config)``, or ``why`` there is none.
+
+        ``wait`` > 0 computes it now, blocking for at most that many seconds (a notebook cell, whose
+        output is saved as it returns); past that the reason says it was not computed and how to
+        compute it, and the range still shows when it arrives (in a live kernel).
+        """
         self._seq += 1
         if source is None:
             self.param.update(value=None, reason=why, computing=False)
@@ -324,11 +353,8 @@ class ReachableSizes(param.Parameterized):
         if cached is not None:
             self.param.update(value=cached, reason="", computing=False)
             return
-        if wait:
-            try:
-                self.param.update(value=size_range_now(*source), reason="", computing=False)
-            except Exception as err:  # noqa: BLE001 - e.g. an unsupported model: say so, the job says more
-                self.param.update(value=None, reason=f"reachable sizes unknown: {err}", computing=False)
+        if wait > 0:
+            self._wait_for(self._seq, source, wait)
             return
         try:
             loop = asyncio.get_running_loop()
@@ -343,15 +369,51 @@ class ReachableSizes(param.Parameterized):
         else:
             self._task = loop.create_task(work())
 
+    def _wait_for(self, seq: int, source, wait: float) -> None:
+        """Compute in a worker thread, waiting at most ``wait`` seconds; a late answer is applied on the
+        running loop (if any) when it comes."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        work = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aq-size-range")
+        future = work.submit(size_range_now, *source)
+        work.shutdown(wait=False)
+        try:
+            self._apply(seq, future.result(timeout=wait))
+        except concurrent.futures.TimeoutError:
+            self.param.update(value=None, computing=False, reason=(
+                f"reachable sizes not computed: reading a sample of every tensor took over {wait:.0f} s. "
+                "They show here when done (in a live kernel); arrow_quant_v2.budget.size_range(model, config) "
+                "gives them."))
+
+            def late(f, seq=seq):
+                if loop is not None and loop.is_running():
+                    loop.call_soon_threadsafe(self._apply, seq, f)
+                else:
+                    self._apply(seq, f)
+            future.add_done_callback(late)
+        except Exception as err:  # noqa: BLE001 - e.g. an unsupported model: say so, the job says more
+            self._apply(seq, err)
+
+    def _apply(self, seq: int, answer) -> None:
+        """Show ``answer`` (a range, an exception, or a finished future of either) unless a newer request
+        came meanwhile (the model or settings changed)."""
+        if isinstance(answer, concurrent.futures.Future):
+            answer = answer.exception() or answer.result()
+        if seq != self._seq:
+            return
+        if isinstance(answer, BaseException):
+            self.param.update(value=None, reason=f"reachable sizes unknown: {answer}", computing=False)
+        else:
+            self.param.update(value=answer, reason="", computing=False)
+
     async def _compute(self, seq: int, path, config) -> None:
         try:
-            r = await size_range_async(path, config)
+            answer = await size_range_async(path, config)
         except Exception as err:  # noqa: BLE001 - e.g. an unsupported model: say so, the job says more
-            if seq == self._seq:
-                self.param.update(value=None, reason=f"reachable sizes unknown: {err}", computing=False)
-            return
-        if seq == self._seq:  # the model or settings have not changed since
-            self.param.update(value=r, reason="", computing=False)
+            answer = err
+        self._apply(seq, answer)
 
 
 def describe_range(r: dict) -> str:

@@ -115,6 +115,36 @@ def no_sideways_scroll(page) -> bool:
                          "<= window.innerWidth + 2; }")
 
 
+def cut_off_controls(page) -> list:
+    """The controls (buttons, inputs, selects) a person cannot fully see sideways: each displayed one must lie
+    within the window's width and within every ancestor that clips what overflows it (shadow roots crossed).
+    Returns ``"<control text>: <why>"`` for each that does not (vertical scrolling is allowed)."""
+    return page.evaluate("""() => {
+        const W = document.documentElement.clientWidth, out = [];
+        const up = e => e.parentElement || (e.getRootNode() instanceof ShadowRoot ? e.getRootNode().host : null);
+        const name = e => (e.innerText || e.value || e.getAttribute('aria-label') || e.tagName).trim().slice(0, 40);
+        function visit(root) {
+          for (const el of root.querySelectorAll('*')) {
+            if (el.shadowRoot) visit(el.shadowRoot);
+            if (!el.matches('button, input, select, textarea') || !el.checkVisibility()) continue;
+            const r = el.getBoundingClientRect();
+            if (r.width === 0 || r.height === 0) continue;
+            if (r.left < -1 || r.right > W + 1) { out.push(`${name(el)}: ${r.left.toFixed(0)}..${r.right.toFixed(0)} px, window ${W}`); continue; }
+            for (let a = up(el); a && a !== document.documentElement; a = up(a)) {
+              if (!(a instanceof Element) || getComputedStyle(a).overflowX === 'visible') continue;
+              const c = a.getBoundingClientRect();
+              if (r.left < c.left - 1 || r.right > c.right + 1) {
+                out.push(`${name(el)}: ${r.left.toFixed(0)}..${r.right.toFixed(0)} px, outside ${a.id ? '#' + a.id : a.className || a.tagName} (${c.left.toFixed(0)}..${c.right.toFixed(0)})`);
+                break;
+              }
+            }
+          }
+        }
+        visit(document);
+        return out;
+    }""")
+
+
 def tab(page, name: str):
     return page.locator(".bk-tab").filter(has_text=re.compile(f"^{name}$")).first
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from .conftest import (PAGE_WAIT, SERVER_START_S, heatmap_data, no_sideways_scroll, progress, select_model, start, status, tab,
-                       wait_until)
+from .conftest import (PAGE_WAIT, SERVER_START_S, cut_off_controls, heatmap_data, no_sideways_scroll, progress, select_model,
+                       start, status, tab, wait_until)
 
 pytestmark = pytest.mark.ui
 
@@ -156,18 +156,24 @@ def test_two_jobs_side_by_side_cancel_one_then_quality_and_compare(server, open_
     page.screenshot(path=str(artifacts / "narrow-compare.png"), full_page=False)
 
 
-@pytest.mark.parametrize("width,height", [(800, 700), (1400, 900)])
+@pytest.mark.parametrize("width,height", [(800, 600), (900, 700), (1400, 900)])
 def test_any_window_from_800_px(open_page, artifacts, width, height):
-    """Every tab fits the window: no sideways scrolling, the form's Start button and the tabs' controls
-    inside the window."""
+    """Every tab fits the window and every control in it, the launcher's (its tuning cards open) included, lies
+    inside the window and inside whatever clips it: nothing to scroll sideways, nothing cut off."""
     page = open_page(width, height).page
+    for card in ("Tune the config", "Advanced"):  # their controls too
+        page.get_by_text(card, exact=True).click()
+    expect(page.locator(".aq-field-min_accuracy input")).to_be_visible()
     for name in ("Jobs", "Quality", "Compare", "Models"):
         tab(page, name).click()
         wait_until(lambda: no_sideways_scroll(page), PAGE_WAIT, what=f"the {name} tab to fit {width} px")
+        drawn(page)
+        assert not cut_off_controls(page), f"{name} tab at {width}x{height}: {cut_off_controls(page)}"
     expect(page.get_by_text("Model roots", exact=True)).to_be_visible()
-    start_button = page.get_by_role("button", name=re.compile("Start quantizing"))
-    box = start_button.bounding_box()
-    assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, box
+    for control in (page.get_by_role("button", name=re.compile("Start quantizing")), page.locator(".aq-runtime button").last):
+        control.scroll_into_view_if_needed()
+        box = control.bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, box
     page.screenshot(path=str(artifacts / f"window-{width}.png"), full_page=False)
 
 

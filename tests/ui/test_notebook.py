@@ -7,6 +7,7 @@ Run with the browser tests:  python -m pytest -m ui tests/ui
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from playwright.sync_api import expect
@@ -20,6 +21,17 @@ NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 WAITING = ("computing the reachable sizes", "No finished job yet", "Finish two jobs", "reachable sizes: shown in the app")
 #: BokehJS with Panel is about 3 MB; the notebook must load it once.
 BOKEHJS_BYTES = 1_000_000
+#: What the launcher's reachable sizes may end as: the range, or (past the cell's bound, on a loaded
+#: machine) that they were not computed and how to compute them. Never a waiting text.
+RANGE_SHOWN = re.compile(r"Reachable: ≈|reachable sizes not computed: .*size_range\(model, config\) gives them")
+#: Narrower than this, a chart is not readable (a chart in a tab hidden at load was sized to 0 px).
+READABLE_PX = 300
+
+
+def drawn_widths(page) -> list:
+    """The widths of the Bokeh figures that are displayed now (not in a hidden tab), whatever their size."""
+    return page.locator(".bk-Figure").evaluate_all(
+        "els => els.filter(e => e.checkVisibility()).map(e => Math.round(e.getBoundingClientRect().width))")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +81,7 @@ def test_every_view_is_filled_in_the_static_export(exported, browser, artifacts)
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(html.as_uri())
-    expect(page.get_by_text("Reachable: ≈").first).to_be_visible(timeout=PAGE_WAIT * 1000)
+    expect(page.get_by_text(RANGE_SHOWN).first).to_be_visible(timeout=PAGE_WAIT * 1000)
     expect(page.get_by_text("Worst layers").first).to_be_visible()
     expect(page.locator(".bk-Figure").first).to_be_visible()
     # the dashboard's tabs hold what the live kernel showed: showing one shows its plots
@@ -80,7 +92,11 @@ def test_every_view_is_filled_in_the_static_export(exported, browser, artifacts)
         tab(page, name).scroll_into_view_if_needed()
         tab(page, name).click()
         wait_until(lambda: shown.count() >= on_jobs + more, PAGE_WAIT, what=f"the {name} tab's plots")
+        widths = drawn_widths(page)
+        assert min(widths) >= READABLE_PX, f"a chart of the {name} tab is drawn {min(widths)} px wide: {widths}"
         page.locator("[class*=Tabs]").last.screenshot(path=str(artifacts / shot))
+    shown.last.scroll_into_view_if_needed()  # the Compare tab's Δ heatmap, the last chart of the page
+    shown.last.screenshot(path=str(artifacts / "notebook-compare-delta.png"))
     page.screenshot(path=str(artifacts / "notebook-export.png"), full_page=True)
     for words in WAITING:
         assert page.get_by_text(words).count() == 0, words

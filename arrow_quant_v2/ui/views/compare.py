@@ -9,7 +9,7 @@ from panel.viewable import Viewer
 from ...errors import ArrowQuantError
 from .. import format as fmt
 from ..jobs import Job, JobManager
-from ..quality import diff_frame, layer_frame
+from ..quality import diff_frame, layer_frame, output_error_change
 from .html import html, table
 
 
@@ -24,7 +24,7 @@ class CompareView(Viewer):
     def __init__(self, **params):
         super().__init__(**params)
         self._dirty = True
-        self._scatter = pn.pane.HoloViews(None, sizing_mode="stretch_width", min_width=360, max_width=720)
+        self._scatter = pn.pane.HoloViews(None, sizing_mode="fixed", linked_axes=False)  # the plot's own fixed width
         self._diff = pn.pane.HoloViews(None, linked_axes=False)
         self._table = html(sizing_mode="stretch_width")
         self._msg = html()
@@ -82,17 +82,24 @@ class CompareView(Viewer):
         jb = self.manager.get(self.b) if self.b is not None else None
         chosen = [f"#{j.job_id} {j.label}" for j in (ja, jb) if j is not None]
         self._scatter.object = size_quality_plot(pd.DataFrame(pts), chosen, title=f"{ja.model_name}: size vs quality")
+        pair = [(tag, j, j.summary()) for tag, j in (("A", ja), ("B", jb)) if j is not None]
+        # the network's own output (models with a graph) and the calibration: what calibrating bought
+        graph = any(s["output_cosine"] is not None or s["calibrated"] for _, _, s in pair)
         rows = []
-        for tag, j in (("A", ja), ("B", jb)):
-            if j is None:
-                continue
-            s = j.summary()
-            rows.append({"": tag, "result": f"#{j.job_id} {j.label}",
-                         "size": fmt.human_bytes(s["size_mb"] * 2**20) if s["size_mb"] is not None else "—",
-                         "compression": f"{s['compression_ratio']:.2f}×" if s["compression_ratio"] else "—",
-                         "mean cos": fmt.cos(s["cosine"]), "min cos": fmt.cos(s["min_cosine"]),
-                         "bpw": f"{s['bits_per_weight']:.2f}" if s["bits_per_weight"] else "—"})
-        self._table.object = table(pd.DataFrame(rows))
+        for tag, j, s in pair:
+            row = {"": tag, "result": f"#{j.job_id} {j.label}",
+                   "size": fmt.human_bytes(s["size_mb"] * 2**20) if s["size_mb"] is not None else "—",
+                   "compression": f"{s['compression_ratio']:.2f}×" if s["compression_ratio"] else "—",
+                   "mean cos": fmt.cos(s["cosine"]), "min cos": fmt.cos(s["min_cosine"]),
+                   "bpw": f"{s['bits_per_weight']:.2f}" if s["bits_per_weight"] else "—"}
+            if graph:
+                row["calibration"] = "graph" if s["calibrated"] else "none"
+                row["output cos mean / worst"] = (f"{fmt.cos(s['output_cosine'], 5)} / {fmt.cos(s['output_worst'], 5)}"
+                                                  if s["output_cosine"] is not None else "not measured")
+            rows.append(row)
+        change = output_error_change(pair[0][2], pair[1][2]) if len(pair) == 2 else None
+        self._table.object = table(pd.DataFrame(rows)) + (
+            f"<div class='aq-muted aq-output-change'>{fmt.esc(change)}</div>" if change else "")
         if jb is None:
             self._msg.object = "<div class='aq-muted'>Only one result of this model so far: start it with another " \
                                "profile to compare.</div>"

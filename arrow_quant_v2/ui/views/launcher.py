@@ -1,6 +1,7 @@
 """The launcher: pick a model and a profile (or tune the config), see the reachable sizes, start a job."""
 from __future__ import annotations
 
+import time
 from typing import List, Optional, Sequence
 
 import panel as pn
@@ -10,8 +11,8 @@ from panel.viewable import Viewer
 from ...errors import ArrowQuantError
 from .. import format as fmt
 from ..jobs import Job, JobManager
-from ..settings import (AUTO, BUDGET_FIELD, RUNTIME_FIELD, QuantSettings, ReachableSizes, cached_size_range,
-                        check_target, describe_range)
+from ..settings import (AUTO, BUDGET_FIELD, CALIBRATION_FIELD, RUNTIME_FIELD, QuantSettings, ReachableSizes,
+                        cached_size_range, calibration_problem, check_target, describe_range)
 from .compute import ComputeChoice
 from .html import html, in_served_page, watch_shared
 
@@ -86,6 +87,11 @@ def _parsed(text):
         return object()  # never equal to a value
 
 
+#: Seconds a notebook cell waits for the reachable sizes (0.3 s to 11 s for the samples, by the machine's load)
+#: before it shows them as not computed, with how to compute them.
+RANGE_WAIT_S = 30.0
+
+
 class Launcher(Viewer):
     """Pick a model and a profile (or tune the config) and start a job."""
 
@@ -105,10 +111,18 @@ class Launcher(Viewer):
         self._note = html(sizing_mode="stretch_width")
         self._range = html(sizing_mode="stretch_width", margin=(0, 5), css_classes=["aq-budget-range"])
         self.sizes = ReachableSizes()
+        self._shown_once = False  # the first range (a notebook cell's) is waited for, later ones are not
         self.sizes.param.watch(self._show_range, ["value", "reason"])
         self._blocked = html(sizing_mode="stretch_width", css_classes=["aq-start-blocked"], margin=(0, 5))
+        self._calibrate = pn.widgets.Checkbox(name="Calibrate through the model's graph", value=self.settings.calibrated,
+                                              css_classes=["aq-calibrate"], sizing_mode="stretch_width")
+        self._calibrate.param.watch(lambda e: setattr(self.settings, CALIBRATION_FIELD, "graph" if e.new else AUTO), "value")
+        self._calibration_note = html(sizing_mode="stretch_width", css_classes=["aq-calibration-note"], margin=(0, 5))
+        self.param.watch(self._update_calibration, "model")
+        self.settings.param.watch(self._update_calibration, [CALIBRATION_FIELD, "num_time_groups"])
+        self._update_calibration()
         self.param.watch(self._update_start, "model")
-        self.settings.param.watch(self._update_start, ["errors", BUDGET_FIELD])
+        self.settings.param.watch(self._update_start, ["errors", BUDGET_FIELD, CALIBRATION_FIELD])
         self.sizes.param.watch(self._update_start, "value")
         watch_shared(self.manager.library, self._update_models, "models")
         self._update_models()
@@ -126,11 +140,42 @@ class Launcher(Viewer):
             return "Pick a model first."
         if self.settings.errors:
             return "Fix first: " + "; ".join(self.settings.errors.values())
+        if self._calibration_problem():
+            return "Calibration cannot run for this model (see above)."
         try:
             check_target(self.settings.target_model_size_mb, self.sizes.value, self.model)
         except ArrowQuantError:
             return "Start waits for a size budget within the reachable sizes (above)."
         return None
+
+    def _calibration_problem(self) -> Optional[str]:
+        """Why the calibration asked for cannot run on the chosen model (no graph), or None."""
+        e = self._entry_or_none()
+        if not self.settings.calibrated or e is None or not e.available:
+            return None
+        return calibration_problem(e.path)
+
+    def _update_calibration(self, *_):
+        """The toggle follows the settings (a profile keeps it); under it, what calibration will do or why it cannot."""
+        self._calibrate.value = self.settings.calibrated
+        e, problem = self._entry_or_none(), self._calibration_problem()
+        if problem:
+            text = f"<div class='aq-error'>{fmt.esc(problem)}</div>"
+        elif not self.settings.calibrated:
+            text = ""
+        elif e is not None and not e.available:
+            text = (f"<div class='aq-muted'>Whether {fmt.esc(e.name)} has a graph shows once the sample is built; "
+                    "without one the job stops and says so.</div>")
+        else:
+            text = (f"<div class='aq-muted'>First runs the graph at {self.settings.num_time_groups} noise levels "
+                    "(its own stage in Jobs), then rounds with error compensation: same bits per weight.</div>")
+        self._calibration_note.object = text
+
+    def _entry_or_none(self):
+        try:
+            return self._entry()
+        except (KeyError, ArrowQuantError):
+            return None
 
     def _update_start(self, *_):
         problem = self.form_problem()
@@ -206,8 +251,22 @@ class Launcher(Viewer):
         src, why = self._range_source()
         if in_served_page():  # Panel runs the work with this session's document, so the result is pushed
             self.sizes.request(src, why, run=pn.state.execute)
-        else:  # a notebook: computed before the cell returns, so a saved or exported page shows it
-            self.sizes.request(src, why, wait=True)
+        elif not self._shown_once:  # a notebook cell: computed before it returns, so a saved or exported page
+            self._shown_once = True  # shows it; bounded, and the cell says what it waits for
+            self._range_in_cell(src, why)
+        else:  # a change in a live notebook: computed on the kernel's loop, the widgets stay responsive
+            self.sizes.request(src, why)
+
+    def _range_in_cell(self, src, why) -> None:
+        if src is None or cached_size_range(*src) is not None:
+            self.sizes.request(src, why)
+            return
+        print(f"Launcher: reachable sizes of {self.model}: reading a sample of every tensor "
+              f"(at most {RANGE_WAIT_S:.0f} s)…", end=" ", flush=True)
+        started = time.perf_counter()
+        self.sizes.request(src, why, wait=RANGE_WAIT_S)
+        print(f"{'done' if self.sizes.value is not None else 'stopped waiting'} after "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
 
     def _on_start(self, _=None) -> Optional[Job]:
         self._alert.visible = False
@@ -235,11 +294,13 @@ class Launcher(Viewer):
         s = self.settings
         if RUNTIME_FIELD not in s.param:
             return []
+        # one above the other: side by side, the two labels are wider than the 340-px sidebar
         return [html("<div class='aq-muted' style='margin-top:4px'>Target runtime</div>"),
                 pn.widgets.RadioButtonGroup.from_param(
                     s.param[RUNTIME_FIELD], name="", button_type="primary", button_style="outline",
                     options={"ArrowQuant (most accurate)": AUTO, "GGUF (llama.cpp, ComfyUI)": "gguf"},
-                    sizing_mode="stretch_width", css_classes=["aq-runtime"], description=s.param[RUNTIME_FIELD].doc)]
+                    orientation="vertical", sizing_mode="stretch_width", css_classes=["aq-runtime"],
+                    description=s.param[RUNTIME_FIELD].doc)]
 
     def __panel__(self):
         s = self.settings
@@ -254,6 +315,7 @@ class Launcher(Viewer):
             pn.widgets.RadioButtonGroup.from_param(s.param.profile, button_type="primary", button_style="outline",
                                                    sizing_mode="stretch_width", name=""),
             *self._runtime_choice(),
+            self._calibrate, self._calibration_note,
             number_input(s, BUDGET_FIELD, label="Size budget (MiB, optional)", placeholder="none: the profile's widths",
                          css=["aq-budget"]),
             self._range,
