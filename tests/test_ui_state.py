@@ -444,6 +444,26 @@ def test_difference_of_two_results():
     assert r["value"] == pytest.approx(nines(r["cosine_b"]) - nines(r["cosine_a"]))
 
 
+def test_a_calibrated_stores_output_sensitivity_is_drawn_like_its_weights():
+    """The manifest's per-layer output sensitivity gets the weight heatmap's layout, a cell per calibrated
+    tensor coloured by its output cosine, with no pass threshold (nothing marked failed)."""
+    import holoviews as hv
+
+    from arrow_quant_v2.ui.plots import quality_heatmap
+
+    per_layer = _per_layer(DREAM_NAMES)
+    calibrated = [n for n in DREAM_NAMES if "layers" in n]
+    entry = {"tensors": {n: {"bits": 4, "output_cosine": 1 - 10 ** -(2 + i / 10), "plain_output_cosine": 0.99,
+                             "output_rel_error2": 1e-3} for i, n in enumerate(calibrated)}}
+    q = QualityReport(report={"per_layer": per_layer}, sensitivity=entry)
+    cells, layout = q.sensitivity_cells()
+    assert layout == q.cells()[1] == "block" and sorted(cells["name"]) == sorted(calibrated)
+    assert cells["value"].tolist() == pytest.approx([nines(entry["tensors"][n]["output_cosine"]) for n in cells["name"]])
+    labels = [e for e in quality_heatmap(cells, layout) if isinstance(e, hv.Labels)][0]
+    assert not any(t.startswith("✗") for t in labels.data["text"])
+    assert QualityReport(report={"per_layer": per_layer}).sensitivity_cells() is None
+
+
 def test_state_modules_do_not_import_panel():
     code = ("import sys, arrow_quant_v2.ui as ui; ui.ModelLibrary; ui.JobManager; ui.QualityReport; "
             "bad = [m for m in ('panel', 'holoviews', 'bokeh') if m in sys.modules]; assert not bad, bad")

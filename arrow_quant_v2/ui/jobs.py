@@ -168,6 +168,16 @@ class Job(param.Parameterized):
             self.report = report_from_store(self.output_path)
         return self.report
 
+    def output_sensitivity(self) -> Optional[Dict[str, Any]]:
+        """A calibrated store's per-layer output sensitivity (its manifest's ``sensitivity``, read once), or None."""
+        if self.status != "done" or (self.config or {}).get("calibration") != "graph":
+            return None
+        if not hasattr(self, "_sensitivity"):
+            from .quality import store_sensitivity
+
+            self._sensitivity = store_sensitivity(self.output_path) if Path(self.output_path).is_dir() else None
+        return self._sensitivity
+
     # -- fed by the manager -------------------------------------------------------------
 
     def on_event(self, event: ProgressEvent) -> None:

@@ -166,7 +166,8 @@ def quality_heatmap(cells: pd.DataFrame, layout: str, title: str = "", width: in
     if layout != "block":
         return _metric_columns(cells, title, width)
     vdims = ["value", "cosine", "rel_error", "sqnr_db", "name", "shape", "bits", "reason", "threshold", "verdict"]
-    data = cells.assign(verdict=np.where(cells["cosine"] >= cells["threshold"], "passes", "below threshold"))
+    verdict = np.where(cells["cosine"] >= cells["threshold"], "passes", "below threshold")
+    data = cells.assign(verdict=np.where(cells["threshold"].isna(), "", verdict))  # no threshold: no verdict
     data = data[["x", "y", *vdims]].copy()
     data["shape"], data["reason"], data["y"] = data["shape"].astype(str), data["reason"].astype(str), data["y"].astype(str)
     data = _plain(data)
@@ -188,7 +189,7 @@ def quality_heatmap(cells: pd.DataFrame, layout: str, title: str = "", width: in
     )
     if len(data) > LABELS_UP_TO:
         return hm
-    text = data.assign(text=[("✗ " if v != "passes" else "") + _cell_text(c)
+    text = data.assign(text=[("✗ " if v == "below threshold" else "") + _cell_text(c)
                              for c, v in zip(data["cosine"], data["verdict"])])
     text = _plain(text[text["text"] != ""])
     text["ink"] = _ink(text["value"], palette, lo, hi)

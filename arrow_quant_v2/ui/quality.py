@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -352,6 +353,32 @@ def fidelity_frame(e2e: Optional[dict]) -> pd.DataFrame:
     return frame.sort_values("sigma").reset_index(drop=True)
 
 
+def store_sensitivity(path) -> Optional[dict]:
+    """The manifest's ``sensitivity`` part (a store quantized with ``calibration="graph"``), or None."""
+    from ..storecheck import read_manifest
+
+    entry = read_manifest(Path(path)).get("sensitivity")
+    return entry if isinstance(entry, dict) else None
+
+
+def sensitivity_per_layer(entry: Optional[dict], per_layer: Dict[str, dict]) -> Dict[str, dict]:
+    """A store's output sensitivity in the shape of a report's ``per_layer``, so the weight heatmap's code
+    draws it: each calibrated layer's output cosine on the calibration inputs as its ``cosine`` (shape and
+    size from the weights' report); no pass threshold. Empty for a store without one."""
+    out = {}
+    for name, s in ((entry or {}).get("tensors") or {}).items():
+        cos, plain = s.get("output_cosine"), s.get("plain_output_cosine")
+        if not isinstance(cos, (int, float)):
+            continue
+        w = per_layer.get(name, {})
+        out[name] = dict(cosine=float(cos), bits=s.get("bits", w.get("bits", 0)), shape=w.get("shape"),
+                         numel=w.get("numel", 0), threshold=float("nan"),
+                         rel_error=math.sqrt(s["output_rel_error2"]) if isinstance(s.get("output_rel_error2"), (int, float))
+                         else float("nan"),
+                         reason=f"output cos with plain rounding {plain:.6f}" if isinstance(plain, (int, float)) else "")
+    return out
+
+
 def report_from_store(path) -> dict:
     """A report in validate_quality's shape from the figures a store recorded while writing
     (no re-reading of the source): used for stores found on disk."""
@@ -396,6 +423,8 @@ class QualityReport(param.Parameterized):
     layout = param.Selector(default=None, objects=[None, "block", "metric"], allow_None=True,
                             doc="Heatmap layout; None chooses block × module for transformers.")
     worst_count = param.Integer(default=10, bounds=(1, 100))
+    sensitivity = param.Dict(default=None, allow_None=True,
+                             doc="The store's output sensitivity (manifest 'sensitivity', calibrated stores).")
 
     @property
     def frame(self) -> pd.DataFrame:
@@ -408,6 +437,11 @@ class QualityReport(param.Parameterized):
     def cells(self) -> Tuple[pd.DataFrame, str]:
         """The heatmap's cells and the layout used (``"block"`` × module or ``"metric"``)."""
         return heatmap_frame(self.frame, self.layout)
+
+    def sensitivity_cells(self) -> Optional[Tuple[pd.DataFrame, str]]:
+        """The output-sensitivity heatmap's cells, in the weight heatmap's layout; None without a sensitivity."""
+        per_layer = sensitivity_per_layer(self.sensitivity, (self.report or {}).get("per_layer") or {})
+        return heatmap_frame(layer_frame(per_layer), self.cells()[1]) if per_layer else None
 
     def worst(self) -> pd.DataFrame:
         """The ``worst_count`` tensors with the lowest cosine."""

@@ -28,6 +28,11 @@ class QualityView(Viewer):
         self._pages = 1
         self._stats = html(sizing_mode="stretch_width")
         self._plot = pn.pane.HoloViews(None, sizing_mode="fixed", linked_axes=False, css_classes=["aq-heatmap"])
+        # a calibrated store's output sensitivity, beside the weight cosines (nothing for other stores)
+        self._sensitivity = pn.pane.HoloViews(None, sizing_mode="fixed", linked_axes=False,
+                                              css_classes=["aq-sensitivity-heatmap"])
+        self._sensitivity_box = pn.Column(self._sensitivity, scroll=True, max_width=900, sizing_mode="stretch_width",
+                                          visible=False)
         self._pager_text = html(css_classes=["aq-pager"], align="center")
         self._prev = pn.widgets.Button(name="‹ rows before", width=120, css_classes=["aq-page-prev"], visible=False)
         self._next = pn.widgets.Button(name="rows after ›", width=120, css_classes=["aq-page-next"], visible=False)
@@ -70,7 +75,8 @@ class QualityView(Viewer):
             return None
         job = self.manager.get(self.job_id)
         layout = {"auto": None, "block × module": "block", "layer × metric": "metric"}[self.layout]
-        return QualityReport(title=job.title, report=job.quality_report(), result=job.result or {}, layout=layout)
+        return QualityReport(title=job.title, report=job.quality_report(), result=job.result or {}, layout=layout,
+                             sensitivity=job.output_sensitivity())
 
     def _render(self, *_):
         if not self.live:
@@ -87,6 +93,7 @@ class QualityView(Viewer):
             self._msg.object = "<div class='aq-muted' style='padding:12px'>No finished job yet. When a job is done, " \
                                "its per-layer heatmap shows here.</div>"
             self._plot.object, self._stats.object = None, ""
+            self._sensitivity.object, self._sensitivity_box.visible = None, False
             self._fidelity.object = None
             for p in (self._worst, self._fallbacks, self._bits, self._outside, self._fidelity_text):
                 p.object = ""
@@ -139,6 +146,11 @@ class QualityView(Viewer):
         how = "block × module" if layout == "block" else "layer × metric"
         title = f"{job.title}: per-layer quality ({how})"
         self._plot.object = quality_heatmap(shown, layout, title=title)
+        sens = q.sensitivity_cells()
+        self._sensitivity_box.visible = sens is not None
+        self._sensitivity.object = None if sens is None else quality_heatmap(
+            page_of(sens[0], self.page, ROWS_PER_PAGE)[0], sens[1],
+            title=f"{job.title}: output sensitivity (layer output cosine on the calibration inputs)")
         paged = self._pages > 1
         what = "blocks" if layout == "block" else "tensors"
         self._pager_text.object = (f"<span class='aq-muted'>{what} {first + 1}–{first + len(block_rows(shown))} "
@@ -178,6 +190,7 @@ class QualityView(Viewer):
             # the fidelity and bit tables go beside the heatmap, or under it when the window is narrow
             pn.FlexBox(pn.Column(self._plot, scroll=True, max_width=900, sizing_mode="stretch_width",
                                  css_classes=["aq-heatmap-view"]),
+                       self._sensitivity_box,
                        pn.Column(self._fidelity_text, self._fidelity, self._bits, width=400),
                        flex_wrap="wrap", align_items="flex-start", sizing_mode="stretch_width"),
             self._outside,
