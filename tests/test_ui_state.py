@@ -212,6 +212,20 @@ def test_calibration_is_a_toggle_that_refuses_a_model_without_a_graph(cache, roo
     assert launcher._calibrate.value and launcher.settings.label == "edge · calibrated"
 
 
+def test_calibration_is_its_own_stage_on_the_job_row(tmp_path):
+    from arrow_quant_v2.progress import ProgressEvent
+    from arrow_quant_v2.ui import Job
+    from arrow_quant_v2.ui.views import JobRow
+
+    job = Job(model_name="terrain", output_path=str(tmp_path / "out"), label="edge · calibrated", status="running")
+    row = JobRow(JobManager(ModelLibrary([], include_samples=False), output_root=tmp_path, scan_outputs=False), job=job)
+    job.on_event(ProgressEvent(stage="calibrate", fraction=0.0, stage_fraction=0.35, tensors_total=181,
+                               message="calibration: forward pass 7/20 through the graph"))
+    row.sync()
+    line = row._line.object
+    assert "<b>calibrating</b> 35%" in line and "forward pass 7/20" in line and "[0/181]" not in line
+
+
 def test_reachable_sizes_in_a_notebook_cell_are_waited_for_a_bounded_time(monkeypatch):
     """Past the bound the cell says they were not computed and how to compute them; they show when they come."""
     import threading
