@@ -24,8 +24,9 @@ BOKEHJS_BYTES = 1_000_000
 #: What the launcher's reachable sizes may end as: the range, or (past the cell's bound, on a loaded
 #: machine) that they were not computed and how to compute them. Never a waiting text.
 RANGE_SHOWN = re.compile(r"Reachable: ≈|reachable sizes not computed: .*size_range\(model, config\) gives them")
-#: Narrower than this, a chart is not readable (a chart in a tab hidden at load was sized to 0 px).
-READABLE_PX = 300
+#: Narrower than this, a chart is not readable (a chart in a tab hidden at load was sized to 0 px; the
+#: narrowest drawn on purpose is a 120-px metric column of the layer × metric heatmap).
+READABLE_PX = 100
 
 
 def drawn_widths(page) -> list:
