@@ -265,8 +265,9 @@ class Launcher(Viewer):
               f"(at most {RANGE_WAIT_S:.0f} s)…", end=" ", flush=True)
         started = time.perf_counter()
         self.sizes.request(src, why, wait=RANGE_WAIT_S)
-        print(f"{'done' if self.sizes.value is not None else 'stopped waiting'} after "
-              f"{time.perf_counter() - started:.1f} s", flush=True)
+        # a notebook saves this as an output of its own: it names what it is about
+        print(f"Launcher: reachable sizes of {self.model}: {'done' if self.sizes.value is not None else 'stopped waiting'}"
+              f" after {time.perf_counter() - started:.1f} s", flush=True)
 
     def _on_start(self, _=None) -> Optional[Job]:
         self._alert.visible = False
