@@ -1,8 +1,10 @@
 """How fast the app comes up, how often progress reaches the page, and how fast it draws a big heatmap.
 
-    python benchmarks/bench_app.py [--skip-serve] [--skip-progress] [--tensors 600] [--out benchmarks/results/app.json]
+    python benchmarks/bench_app.py [--skip-serve] [--skip-progress] [--tensors 600] [--repeats 5]
 
-Prints, and writes as JSON (commit, machine, versions, load average, raw numbers, repeats):
+Prints, and writes ``benchmarks/results/app.json`` through ``benchmarks/_record.py`` (commit, machine,
+versions, load average before and after, raw numbers, repeats); the README's App paragraph is
+rendered from it (``scripts/render_figures.py``):
 * the time from starting ``panel serve app`` to an interactive page in Chromium
   (the "Start quantizing" button visible), and to the server's first HTTP answer;
 * how many times a second each of two side-by-side jobs' progress bars changes in the
@@ -31,6 +33,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _record import Record  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -107,6 +112,16 @@ def bench_heatmap(n: int, transformer: bool, browser) -> None:
          "holoviews_ms": 1000 * (t2 - t1), "bokeh_ms": 1000 * (t3 - t2), "browser_ms": 1000 * (t5 - t4)})
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """End a server this benchmark started (one still running jobs may take a while to stop)."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -123,8 +138,9 @@ def bench_serve(browser) -> None:
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).close()
+            try:  # a static file: a page request that times out and is asked again leaves the server
+                # building pages for nobody (on a loaded machine it never catches up)
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/static/js/bokeh.min.js", timeout=10).close()
                 break
             except OSError:
                 if proc.poll() is not None:
@@ -143,8 +159,7 @@ def bench_serve(browser) -> None:
         t4 = time.perf_counter()
         page.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)
     RESULTS["serve"] = {"first_http_s": t1 - t0, "interactive_s": t2 - t0, "second_page_s": t4 - t3}
     print("panel serve app:")
     print(f"  start -> first HTTP answer      {t1 - t0:6.2f} s")
@@ -203,8 +218,7 @@ def bench_progress(browser, repeats: int) -> None:
             rates.append([n / 1.5 for n in counts])
         page.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)
     per_job = [sorted(r[i] for r in rates) for i in (0, 1)]
     medians = [v[len(v) // 2] for v in per_job]
     RESULTS["progress_updates_per_s"] = {"windows_s": 1.5, "repeats": repeats, "raw": rates, "median": medians,
@@ -223,8 +237,9 @@ def main() -> None:
     ap.add_argument("--no-browser", action="store_true")
     ap.add_argument("--skip-progress", action="store_true")
     ap.add_argument("--repeats", type=int, default=5, help="1.5-s windows of progress updates to sample")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "app.json"))
+    ap.add_argument("--out-dir", default=None, help="where app.json goes (default benchmarks/results)")
     args = ap.parse_args()
+    record = Record("app", script="benchmarks/bench_app.py")
     browser = pw = None
     if not args.no_browser and Path(CHROMIUM).exists():
         from playwright.sync_api import sync_playwright
@@ -242,23 +257,12 @@ def main() -> None:
         if browser is not None:
             browser.close()
             pw.stop()
-    write_results(args.out)
-
-
-def write_results(out: str) -> None:
-    import json
-    import platform
     from importlib.metadata import version
 
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"benchmark": "bench_app", "commit": commit, "machine": platform.machine(), "cpus": os.cpu_count(),
-              "python": platform.python_version(), "panel": version("panel"), "bokeh": version("bokeh"),
-              "holoviews": version("holoviews"), "loadavg": os.getloadavg(),
-              "statistic": "one run each for start-up and heatmap times; progress updates: median of the windows",
-              **RESULTS}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    RESULTS["ui_versions"] = {m: version(m) for m in ("panel", "bokeh", "holoviews", "playwright")}
+    record.write(RESULTS, repeats=args.repeats, out_dir=args.out_dir,
+                 statistic=f"one run each for start-up and heatmap times; progress updates: median of {args.repeats} "
+                           "1.5-s windows")
 
 
 if __name__ == "__main__":

@@ -293,6 +293,27 @@ def _cluster_breakdown(part: dict, serial: str, parallel: str) -> str:
                f"the second)" if warm else "") + ".")
 
 
+# --------------------------------------------------------------------------- app
+
+def render_app(results_dir: Path = RESULTS) -> str:
+    r = result("app", results_dir)
+    res = r["results"]
+    serve, rates = res["serve"], res.get("progress_updates_per_s")  # --skip-progress: not measured
+    layouts = {"block": "block × module", "metric": "layer × metric"}
+
+    def heatmap(m: dict) -> str:
+        server = (m["tables_ms"] + m["holoviews_ms"] + m["bokeh_ms"]) / 1000
+        return (f"{m['tensors']} tensors as {layouts.get(m['layout'], m['layout'])} ({m['cells']} cells): {server:.2f} s "
+                f"server-side (tables, HoloViews, Bokeh model) and {m['browser_ms'] / 1000:.2f} s to load and draw in "
+                "Chromium")
+
+    return (f"The page is interactive {serve['interactive_s']:.1f} s after `panel serve` starts (first HTTP answer "
+            f"after {serve['first_http_s']:.1f} s; a second page {serve['second_page_s']:.1f} s). "
+            + (f"Two jobs side by side reach the page {rates['median'][0]:.1f} and {rates['median'][1]:.1f} times a "
+               f"second each (median of {rates['repeats']} windows of {rates['windows_s']:g} s). " if rates else "")
+            + "Synthetic heatmaps: " + "; ".join(heatmap(m) for m in res["heatmap"]) + ".\n\n" + provenance(r) + "\n")
+
+
 RENDERERS: Dict[str, Callable[..., str]] = {
     "profiles": render_profiles,
     "encodings": render_encodings,
@@ -302,6 +323,7 @@ RENDERERS: Dict[str, Callable[..., str]] = {
     "many_tensors": render_many_tensors,
     "ggml_types": render_ggml_types,
     "cluster": render_cluster,
+    "app": render_app,
 }
 
 

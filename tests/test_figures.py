@@ -35,7 +35,7 @@ def test_every_renderer_has_a_block_and_a_result(figures):
 
 
 def test_results_record_how_they_were_measured(figures):
-    for name in ("bench_encodings", "bench_budget", "bench_memory", "bench_async", "profiles", "ggml_types"):
+    for name in ("bench_encodings", "bench_budget", "bench_memory", "bench_async", "profiles", "ggml_types", "app"):
         r = figures.result(name)
         assert r["commit"] and r["statistic"] and r["repeats"] >= 1, name
         assert {"cpu", "cores", "usable_cores"} <= set(r["machine"]), name
