@@ -241,7 +241,7 @@ def render_cluster(results_dir: Path = RESULTS) -> str:
         a, b = part[serial], part[parallel]
         met = "met" if part["ratio_median"] <= part["target"] else "not met"
         return (f"{what}: {b['median_wall_s']:.1f} s against {a['median_wall_s']:.1f} s {baseline} "
-                f"(**{part['ratio_median']:.2f}×**, median of {part['complete_pairs']} pair"
+                f"(**{part['ratio_median']:.3f}×**, median of {part['complete_pairs']} pair"
                 f"{'s' if part['complete_pairs'] != 1 else ''}; target ≤ {part['target']}×: {met}), peak RSS "
                 f"{b['peak_rss_mib_per_worker_max']:.0f} MiB per worker (load average {loads(part)}, "
                 f"commit {part['run']['commit'][:10]})")
@@ -313,6 +313,40 @@ def render_app(results_dir: Path = RESULTS) -> str:
                f"second each (median of {rates['repeats']} windows of {rates['windows_s']:g} s). " if rates else "")
             + "Synthetic heatmaps: " + "; ".join(heatmap(m) for m in res["heatmap"]) + ".\n\n" + provenance(r) + "\n")
 
+# --------------------------------------------------------------------------- calibration
+
+CALIBRATION_RUNS = {"edge": "edge (int2)", "local": "local (int4)", "edge-gguf": "edge, `target_runtime=\"gguf\"`",
+                    "local-gguf": "local, `target_runtime=\"gguf\"`"}
+
+
+def render_calibration(results_dir: Path = RESULTS) -> str:
+    r = result("bench_calibration", results_dir)
+    rows = {row["label"]: row for row in r["rows"]}
+
+    def fidelity(row: dict) -> str:
+        e = row["e2e"]
+        return f"{e['mean_cosine']:.5f} / {e['worst_cosine']:.5f} / {e['worst_sample_cosine']:.5f}"
+
+    def load(row: dict) -> str:
+        after = row.get("loadavg_after_quantize") or row["loadavg_before"]
+        return f"{min(row['loadavg_before'][0], after[0]):.1f}–{max(row['loadavg_before'][0], after[0]):.1f}"
+
+    lines = ["| profile | bits/weight without → with | output cosine mean / worst level / worst sample: without | "
+             "with `calibration=\"graph\"` | quantize with calibration (of it, calibration) | peak RSS | load | commit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run, name in CALIBRATION_RUNS.items():
+        plain, cal = rows.get(f"{run} calibration=None"), rows.get(f"{run} calibration=graph")
+        if not (plain and cal):
+            continue
+        stage = f" ({cal['calibration_s']:.0f} s)" if cal.get("calibration_s") else ""
+        lines.append(f"| {name} | {plain['bits_per_weight']:.3f} → {cal['bits_per_weight']:.3f} | {fidelity(plain)} | "
+                     f"**{fidelity(cal)}** | {cal['quantize_wall_s']:.0f} s{stage} | {cal['peak_rss_mb']:.0f} MiB | "
+                     f"{load(cal)} | {cal.get('commit') or r['commit']} |")
+    return ("\n".join(lines) + f"\n\n*Measured by `python benchmarks/bench_calibration.py` on the terrain U-Net "
+            f"({r['cores']} cores); {r['statistic']}; held out: {r['held_out']}. The load column is the machine's "
+            "load average around the calibrated quantization: times above a load of about 2 are those of a shared "
+            "machine. Raw numbers: `benchmarks/results/bench_calibration.json`.*\n")
+
 
 RENDERERS: Dict[str, Callable[..., str]] = {
     "profiles": render_profiles,
@@ -323,6 +357,7 @@ RENDERERS: Dict[str, Callable[..., str]] = {
     "many_tensors": render_many_tensors,
     "ggml_types": render_ggml_types,
     "cluster": render_cluster,
+    "calibration": render_calibration,
     "app": render_app,
 }
 
