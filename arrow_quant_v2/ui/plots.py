@@ -291,8 +291,7 @@ def diff_heatmap(cells: pd.DataFrame, layout: str, title: str = "", labels: Sequ
     return (hm * marks).opts(title=title)
 
 
-#: The size-vs-quality chart's width: fixed, because a chart in a tab hidden when the page loads (a
-#: notebook's dashboard, its static export) would otherwise be sized to the hidden tab's zero width.
+#: The size-vs-quality chart's width: beside the compare table, or under it in a narrow window.
 SIZE_QUALITY_WIDTH = 460
 
 

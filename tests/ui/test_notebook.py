@@ -24,15 +24,34 @@ BOKEHJS_BYTES = 1_000_000
 #: What the launcher's reachable sizes may end as: the range, or (past the cell's bound, on a loaded
 #: machine) that they were not computed and how to compute them. Never a waiting text.
 RANGE_SHOWN = re.compile(r"Reachable: ≈|reachable sizes not computed: .*size_range\(model, config\) gives them")
-#: Narrower than this, a chart is not readable (a chart in a tab hidden at load was sized to 0 px; the
-#: narrowest drawn on purpose is a 120-px metric column of the layer × metric heatmap).
-READABLE_PX = 100
+#: Every Bokeh plot of the page as BokehJS laid it out: its frame is the area inside the axes where the
+#: glyphs are drawn. A plot BokehJS never laid out keeps a 0 x 0 frame in a canvas of the right size: the
+#: element looks sized, nothing is drawn. ``shown``: not in a hidden tab (tabs hide with visibility).
+PLOT_FRAMES = """() => [...Bokeh.index.all_views()].filter(v => v.model.type === 'Figure').map(v => ({
+    id: v.model.id, title: v.model.title ? v.model.title.text : '',
+    shown: v.el.checkVisibility({visibilityProperty: true}),
+    frame: [Math.round(v.frame.bbox.width), Math.round(v.frame.bbox.height)]}))"""
+#: A frame smaller than one heatmap row (26 px) has nothing readable drawn in it.
+MIN_FRAME_PX = 20
+#: Seconds a plot just shown may take to be laid out.
+LAYOUT_WAIT = 10
 
 
-def drawn_widths(page) -> list:
-    """The widths of the Bokeh figures that are displayed now (not in a hidden tab), whatever their size."""
-    return page.locator(".bk-Figure").evaluate_all(
-        "els => els.filter(e => e.checkVisibility()).map(e => Math.round(e.getBoundingClientRect().width))")
+def plot_frames(page) -> list:
+    return page.evaluate(PLOT_FRAMES)
+
+
+def undrawn(frames) -> list:
+    return [f for f in frames if f["shown"] and min(f["frame"]) < MIN_FRAME_PX]
+
+
+def check_drawn(page, where: str) -> list:
+    """The ids of the plots shown now, once each has a drawn frame (fails naming those that have none)."""
+    try:
+        wait_until(lambda: not undrawn(plot_frames(page)), LAYOUT_WAIT, what="the plots' layout")
+    except AssertionError:
+        raise AssertionError(f"{where}: plots shown with no drawn frame: {undrawn(plot_frames(page))}") from None
+    return [f["id"] for f in plot_frames(page) if f["shown"]]
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +104,8 @@ def test_every_view_is_filled_in_the_static_export(exported, browser, artifacts)
     expect(page.get_by_text(RANGE_SHOWN).first).to_be_visible(timeout=PAGE_WAIT * 1000)
     expect(page.get_by_text("Worst layers").first).to_be_visible()
     expect(page.locator(".bk-Figure").first).to_be_visible()
+    # every plot is drawn: the notebook's own cells' now, each dashboard tab's when it is shown
+    seen = set(check_drawn(page, "the page as it opens"))
     # the dashboard's tabs hold what the live kernel showed: showing one shows its plots
     shown = page.locator(".bk-Figure:visible")
     on_jobs = shown.count()  # the dashboard opens on Jobs, which has none
@@ -93,9 +114,10 @@ def test_every_view_is_filled_in_the_static_export(exported, browser, artifacts)
         tab(page, name).scroll_into_view_if_needed()
         tab(page, name).click()
         wait_until(lambda: shown.count() >= on_jobs + more, PAGE_WAIT, what=f"the {name} tab's plots")
-        widths = drawn_widths(page)
-        assert min(widths) >= READABLE_PX, f"a chart of the {name} tab is drawn {min(widths)} px wide: {widths}"
+        seen |= set(check_drawn(page, f"the dashboard's {name} tab"))
         page.locator("[class*=Tabs]").last.screenshot(path=str(artifacts / shot))
+    never = [f for f in plot_frames(page) if f["id"] not in seen]
+    assert not never, f"plots never shown with a drawn frame: {never}"
     shown.last.scroll_into_view_if_needed()  # the Compare tab's Δ heatmap, the last chart of the page
     shown.last.screenshot(path=str(artifacts / "notebook-compare-delta.png"))
     page.screenshot(path=str(artifacts / "notebook-export.png"), full_page=True)

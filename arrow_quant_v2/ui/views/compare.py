@@ -124,9 +124,15 @@ class CompareView(Viewer):
                                                     css_classes=["aq-compare-b"]),
                        flex_wrap="wrap", sizing_mode="stretch_width"),
             self._msg,
-            # the table and the chart side by side, the chart under the table in a narrow window
-            pn.FlexBox(pn.Column(self._table, min_width=300, max_width=560, sizing_mode="stretch_width"), self._scatter,
-                       flex_wrap="wrap", sizing_mode="stretch_width"),
+            # the table and the chart side by side, the chart under the table in a narrow window. A Row that
+            # wraps, not a FlexBox: a FlexBox has no Bokeh layout of its own, and BokehJS does not reach one that
+            # sits two Bokeh layouts below the page's root (a notebook's dashboard: Row > Tabs > this Column), so
+            # a chart in it kept a 0 x 0 frame in its 460-px canvas; in a Row the chart is in the layout tree.
+            # The table asks for about its width (500 px) before the line wraps: the Row would start it at
+            # 0 px and keep it at 300, cutting off its columns, rather than wrap
+            pn.Row(pn.Column(self._table, min_width=300, max_width=560, sizing_mode="stretch_width",
+                             styles={"flex": "1 1 500px"}),
+                   self._scatter, stylesheets=[":host { flex-wrap: wrap; }"], sizing_mode="stretch_width"),
             pn.Column(self._diff, scroll=True, sizing_mode="stretch_width", max_height=900, css_classes=["aq-diff-view"]),
             sizing_mode="stretch_width",
         )
