@@ -8,8 +8,6 @@ time, so the docs cannot drift from it:
 * ``profile-settings``  what each profile sets, from ``config.PROFILE_DEFAULTS``
 * ``profiles-measured``  ``docs/generated/profiles.md``, written by ``scripts/profile_table.py``
   (measuring takes a while, so that one is a committed file; the build fails if it is missing)
-* ``calibration-measured``  ``benchmarks/results/bench_calibration*.json``, written by
-  ``benchmarks/bench_calibration.py`` (committed; the build fails if the main one is missing)
 * ``sensitivity-measured``  ``benchmarks/results/bench_sensitivity.json``, written by
   ``benchmarks/bench_sensitivity.py`` (committed; the build fails if it is missing)
 * ``min-accuracy``, ``plan-modules``, ``default-encodings``: from ``config`` / ``plan`` / ``encodings``
@@ -17,6 +15,9 @@ time, so the docs cannot drift from it:
 * ``encodings``       each encoding's byte layout: its class docstring in ``encodings.py``
 * ``cli-help``        ``arrow-quant <command> --help`` for every command
 * ``cli-exit-codes``  the exit status table, from ``cli.EXIT_MEANINGS``
+
+The calibration table is not generated here: it is the README's figure block
+(``<!-- figures:calibration -->``), rendered into docs/calibration.md by ``scripts/render_figures.py``.
 
 An unknown marker is an error, so a typo fails the (strict) build. The screenshots the UI
 tests save in the repository's ``assets/`` folder are served as ``assets/*.png``.
@@ -125,30 +126,6 @@ def gen_profiles_measured() -> str:
                 f"    Changed since: {'; '.join(stale)}. The maintainers rerun `scripts/profile_table.py` "
                 f"to remeasure.\n\n" + text)
     return text
-
-
-def gen_calibration_measured() -> str:
-    """Output cosines with and without calibration, from the benchmark's JSON files."""
-    import json
-
-    files = sorted((ROOT / "benchmarks" / "results").glob("bench_calibration*.json"))
-    if not files:
-        raise PluginError("benchmarks/results/bench_calibration.json is missing: run benchmarks/bench_calibration.py")
-    lines = ["| run | bits/weight | output cosine mean | worst level (σ) | worst sample | quantize s "
-             "(calibration s) | peak MiB | load avg |", "|---|---|---|---|---|---|---|---|"]
-    notes = []
-    for f in files:
-        data = json.loads(f.read_text(encoding="utf-8"))
-        for r in data["rows"]:
-            e, cal = r["e2e"], r.get("calibration") or {}
-            lines.append(
-                f"| {r['label']} | {r['bits_per_weight']:.4f} | {e['mean_cosine']:.5f} | {e['worst_cosine']:.5f} "
-                f"({e['worst_sigma']:.3g}) | {e['worst_sample_cosine']:.5f} | {r['quantize_wall_s']:.0f} "
-                f"({cal.get('seconds', 0):.0f}) | {r['peak_rss_mb']:.0f} | {r['loadavg_before'][0]:.1f} |")
-        notes.append(f"`{f.relative_to(ROOT)}`: commit {data['commit']}, {data['date']}, {data['cores']} cores, "
-                     f"numpy {data['numpy']}, onnxruntime {data['onnxruntime']}; {data['statistic']}.")
-    held_out = "Held-out inputs: " + json.loads(files[0].read_text(encoding="utf-8"))["held_out"] + "."
-    return "\n".join(lines) + "\n\n" + held_out + " " + " ".join(notes) + "\n"
 
 
 def gen_sensitivity_measured() -> str:
@@ -344,7 +321,6 @@ GENERATORS = {
     "config-fields": gen_config_fields,
     "profile-settings": gen_profile_settings,
     "profiles-measured": gen_profiles_measured,
-    "calibration-measured": gen_calibration_measured,
     "sensitivity-measured": gen_sensitivity_measured,
     "min-accuracy": gen_min_accuracy,
     "plan-modules": gen_plan_modules,
