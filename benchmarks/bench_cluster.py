@@ -49,11 +49,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import dask  # noqa: E402
 import psutil  # noqa: E402
 from distributed import Client, LocalCluster, get_task_stream  # noqa: E402
 
 import arrow_quant_v2  # noqa: E402
 from arrow_quant_v2 import AsyncArrowQuantV2, DiffusionQuantConfig  # noqa: E402
+from arrow_quant_v2.cluster import WORKER_CONFIG  # noqa: E402
 from arrow_quant_v2.samples import DREAM_PRESETS, generate_dream  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,10 +293,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cluster.json",
                     help="the JSON written (a try-out elsewhere leaves the committed figures alone)")
     ap.add_argument("--tiny", action="store_true", help="tiny fleet models: checks the script, measures nothing useful")
+    ap.add_argument("--dask-defaults", action="store_true", help="workers with Dask's default configuration "
+                    "instead of arrow_quant_v2.cluster.WORKER_CONFIG (both sides either way)")
     ap.add_argument("--parts", default="fleet,big", help="which comparisons to run (fleet, big); the others "
                     "keep their last results in the JSON")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
+    worker_config = {} if args.dask_defaults else WORKER_CONFIG
+    dask.config.set(worker_config)  # before any cluster starts: every worker of both sides runs with it
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-cluster-"))
     work.mkdir(parents=True, exist_ok=True)
     out_file = args.out
@@ -308,6 +314,7 @@ def main(argv=None) -> int:
                      "distributed": __import__("distributed").__version__, "numpy": __import__("numpy").__version__,
                      "pyarrow": __import__("pyarrow").__version__},
         "loadavg_start": list(os.getloadavg()),
+        "worker_config": worker_config or "Dask's defaults",
     }
     results = {"benchmark": "cluster",
                "statistic": "median wall time of the repeats; ratio = median(parallel) / median(serial)",

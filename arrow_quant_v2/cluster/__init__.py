@@ -18,6 +18,7 @@ What crosses the network, and how:
   scheduler that disappears, or a task that killed too many workers, raises
   :class:`~arrow_quant_v2.errors.ClusterError`.
 """
+from .remote import WORKER_CONFIG
 from .runner import ClusterRunner, connect_client
 
-__all__ = ["ClusterRunner", "connect_client"]
+__all__ = ["WORKER_CONFIG", "ClusterRunner", "connect_client"]

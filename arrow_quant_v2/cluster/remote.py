@@ -15,6 +15,24 @@ from ..progress import CancelToken, ProgressEvent, Throttle
 CANCEL_POLL_S = 1.0
 
 
+#: Dask configuration for workers that quantize (``dask.config.set(WORKER_CONFIG)`` before the
+#: workers start, or the same keys in the workers' Dask YAML). Each key was measured on one-thread
+#: workers of a 2-core machine (``benchmarks/bench_cluster.py``):
+#:
+#: * ``MALLOC_TRIM_THRESHOLD_``: Dask's nanny sets 65536 in every worker process so that glibc hands
+#:   freed memory back at once; setting it also turns off glibc's adaptive mmap threshold, so each
+#:   chunk's arrays (several MiB) are mapped and faulted in afresh: the kernels took ~1.5x the CPU.
+#:   ``None`` leaves glibc's defaults (Dask's documented way to unset a variable);
+#: * the worker's statistical profiler samples every thread's stack every 10 ms on the event loop;
+#: * the system monitor (psutil: CPU, memory, disk and network counters, for the dashboard) runs
+#:   every 500 ms in each scheduler, nanny and worker; every 2 s is enough for the dashboard.
+WORKER_CONFIG = {
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.system-monitor.interval": "2s",
+}
+
+
 def cancel_event_name(job_id: str) -> str:
     """The name of the ``distributed.Event`` that cancels job ``job_id``."""
     return f"arrow-quant-cancel-{job_id}"
