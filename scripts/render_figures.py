@@ -247,7 +247,10 @@ def render_cluster(results_dir: Path = RESULTS) -> str:
                 f"commit {part['run']['commit'][:10]})")
 
     fleet, big = r["fleet"], r["big_model"]
-    return ("LocalCluster of one-thread workers on this 2-core machine: "
+    configured = isinstance(fleet["run"].get("worker_config"), dict)  # older runs: Dask's defaults
+    return ("LocalCluster of one-thread workers on this 2-core machine"
+            + (", every worker of both sides started with `arrow_quant_v2.cluster.WORKER_CONFIG`" if configured
+               else ", workers with Dask's default configuration") + ": "
             + sentence(fleet, "one_worker_one_after_the_other", "two_workers_fleet",
                        f"{fleet['models']} models ({fleet['source_mib_per_model']:.0f} MiB BF16 each, "
                        f"{fleet['config']}) as a fleet on 2 workers", "one after the other on 1 worker")
@@ -283,10 +286,11 @@ def _cluster_breakdown(part: dict, serial: str, parallel: str) -> str:
     return (f" Where the fleet's time goes: both sides do about the same CPU work ({cpu(serial):.1f} and "
             f"{cpu(parallel):.1f} CPU-seconds a run), so the ratio is about the cores each kept busy: "
             f"{cores(serial):.2f} for one worker alone, {cores(parallel):.2f} for the fleet of 2 on 2 cores. One "
-            f"worker alone uses more than its one thread: beside its kernel thread, the job's own thread (reading, "
-            f"writing, hashing) uses {kind_share(serial, 'job'):.0%} as much CPU, the worker's event loop (Dask's "
-            f"heartbeats, monitors and profiler) {kind_share(serial, 'event_loop'):.0%}, and the client, scheduler "
-            f"and nannies {client:.2f} cores, all on the core the fleet's second worker needs. No worker of the "
+            f"worker alone uses more than its one thread: beside its kernel thread (which also reads and widens "
+            f"the weights), the job's own thread (collecting the chunks, writing and hashing the Parquet shard) "
+            f"uses {kind_share(serial, 'job'):.0%} as much CPU, the worker's event loop (Dask's heartbeats and "
+            f"monitors) {kind_share(serial, 'event_loop'):.0%}, and the client, scheduler and nannies "
+            f"{client:.2f} cores, all on the core the fleet's second worker needs. No worker of the "
             f"fleet idles more than {idle:.1f} s in a run"
             + (f"; a fresh worker's first job pays the imports and the kernels' first load, outside both sides' "
                f"times ({warm[0]:.1f} s for the warm-up's first small model per worker against {warm[1]:.1f} s for "

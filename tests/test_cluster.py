@@ -86,6 +86,32 @@ async def test_four_models_as_a_fleet_equal_a_local_run_bit_for_bit(client, flee
     assert len(workers_that_ran(stream)) == 2  # spread over both workers
 
 
+def worker_settings(dask_worker) -> dict:
+    import os
+
+    import dask
+
+    return {"trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"), "profiler": "profile" in dask_worker.periodic_callbacks,
+            "monitor_s": dask.config.get("distributed.admin.system-monitor.interval")}
+
+
+async def test_workers_started_with_worker_config_run_with_it_and_make_the_same_stores(fleet, tmp_path, monkeypatch):
+    import dask
+
+    from arrow_quant_v2.cluster import WORKER_CONFIG
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)  # what an earlier cluster's nanny left here (docs)
+    quantize_model(fleet[1], tmp_path / "local", INT4)
+    with dask.config.set(WORKER_CONFIG):
+        cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                           dashboard_address="127.0.0.1:0")
+    with cluster, distributed.Client(cluster, set_as_default=False) as c:
+        assert list(c.run(worker_settings).values()) == [{"trim": None, "profiler": False, "monitor_s": "2s"}]
+        async with AsyncArrowQuantV2(cluster=c) as quantizer:
+            await quantizer.quantize_diffusion_model_async(fleet[1], tmp_path / "remote", INT4)
+    assert store_fingerprint(tmp_path / "remote") == store_fingerprint(tmp_path / "local")
+
+
 async def test_one_job_slot_per_worker_runs_one_job_per_worker_at_a_time(client, fleet, tmp_path):
     queued = []
     with distributed.get_task_stream(client=client) as stream:
