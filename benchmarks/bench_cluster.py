@@ -11,7 +11,9 @@
     (``split_across_workers=True``) of a cluster of 2 one-thread workers versus 1. Target <= 0.65.
 
 Every run is a fresh ``AsyncArrowQuantV2(cluster=...)`` on a cluster started before the clock
-starts. Both sides get the same warm-up, outside the time: each cluster quantizes a small
+starts. Every worker of both sides starts with ``arrow_quant_v2.cluster.WORKER_CONFIG``, the
+configuration the docs tell users to start workers with (``--dask-defaults``: Dask's defaults,
+for both sides; the JSON records which). Both sides get the same warm-up, outside the time: each cluster quantizes a small
 model on every worker twice (the kernels' first load, the imports); the two warm-up times are
 recorded (``warmup_s``: first, second), so the start-up cost a fresh worker pays is shown, not
 hidden. Wall time is from the first call to the last result. Each worker process's RSS is

@@ -285,8 +285,10 @@ def _cluster_breakdown(part: dict, serial: str, parallel: str) -> str:
     warm = part.get("warmup_s", {}).get(parallel)
     return (f" Where the fleet's time goes: both sides do about the same CPU work ({cpu(serial):.1f} and "
             f"{cpu(parallel):.1f} CPU-seconds a run), so the ratio is about the cores each kept busy: "
-            f"{cores(serial):.2f} for one worker alone, {cores(parallel):.2f} for the fleet of 2 on 2 cores. One "
-            f"worker alone uses more than its one thread: beside its kernel thread (which also reads and widens "
+            f"{cores(serial):.2f} for one worker alone, {cores(parallel):.2f} for the fleet of 2 on 2 cores. "
+            + ("One worker alone uses more than its one thread" if cores(serial) > 1 else
+               "Other programs held most of the cores (see the load) but, per CPU-second, one worker alone")
+            + f": beside its kernel thread (which also reads and widens "
             f"the weights), the job's own thread (collecting the chunks, writing and hashing the Parquet shard) "
             f"uses {kind_share(serial, 'job'):.0%} as much CPU, the worker's event loop (Dask's heartbeats and "
             f"monitors) {kind_share(serial, 'event_loop'):.0%}, and the client, scheduler and nannies "
