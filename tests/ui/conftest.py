@@ -300,15 +300,21 @@ class Watched:
         return route.abort()
 
 
+def new_context(browser, width: int, height: int, **options):
+    """A browser context whose waits suit a loaded 2-core machine: a page served while jobs load both
+    cores (or an exported notebook of several MB) can take longer than Playwright's 30 s default."""
+    ctx = browser.new_context(viewport={"width": width, "height": height}, **options)
+    ctx.set_default_navigation_timeout(SERVER_START_S * 1000)
+    ctx.set_default_timeout(PAGE_WAIT * 1000)
+    return ctx
+
+
 @pytest.fixture
 def open_page(browser, server):
     pages = []
 
     def _open(width=1440, height=1000):
-        ctx = browser.new_context(viewport={"width": width, "height": height})
-        # a page served while two jobs load both cores can take a while: wait for it, not a fixed 30 s
-        ctx.set_default_navigation_timeout(SERVER_START_S * 1000)
-        ctx.set_default_timeout(PAGE_WAIT * 1000)
+        ctx = new_context(browser, width, height)
         w = Watched(ctx.new_page())
         w.page.goto(server.url)
         w.page.wait_for_selector("text=Start quantizing", timeout=SERVER_START_S * 1000)

@@ -211,15 +211,13 @@ def test_budget_range_and_fidelity_chart_for_a_model_with_a_graph(browser, tmp_p
 
     from arrow_quant_v2.samples import sample_path
 
-    from .conftest import Watched, start_server, stop_server
+    from .conftest import Watched, new_context, start_server, stop_server
 
     root = tmp_path / "models"
     shutil.copytree(sample_path("terrain-unet"), root / "my-terrain")
     srv = start_server(tmp_path, root)
     try:
-        ctx = browser.new_context(viewport={"width": 1800, "height": 1000})
-        ctx.set_default_navigation_timeout(SERVER_START_S * 1000)
-        ctx.set_default_timeout(PAGE_WAIT * 1000)
+        ctx = new_context(browser, 1800, 1000)
         w = Watched(ctx.new_page())
         page = w.page
         page.goto(srv.url)

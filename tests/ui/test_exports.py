@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import PAGE_WAIT, Watched, select_model, start, start_server, status, stop_server, tab, wait_until
+from .conftest import PAGE_WAIT, SERVER_START_S, Watched, new_context, select_model, start, start_server, status, stop_server, tab, wait_until
 
 pytestmark = pytest.mark.ui
 
@@ -20,11 +20,11 @@ def test_a_finished_job_shows_its_path_and_exports_run_as_jobs(browser, tmp_path
     generate_dream(root / "small-dream", hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512)
     srv = start_server(tmp_path, root)
     try:
-        ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
+        ctx = new_context(browser, 1600, 1000)
         w = Watched(ctx.new_page())
         page = w.page
         page.goto(srv.url)
-        page.wait_for_selector("text=Start quantizing", timeout=60_000)
+        page.wait_for_selector("text=Start quantizing", timeout=SERVER_START_S * 1000)
         select_model(page, "small-dream")
         page.locator(".aq-runtime button").filter(has_text="GGUF").click()  # the runtime, next to the profile
         start(page, "cloud")
