@@ -12,7 +12,7 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from .conftest import PAGE_WAIT, ROOT, tab, wait_until
+from .conftest import PAGE_WAIT, ROOT, new_context, tab, wait_until
 
 pytestmark = pytest.mark.ui
 
@@ -95,8 +95,7 @@ def test_every_view_is_filled_in_the_static_export(exported, browser, artifacts)
     text = html.read_text()
     for words in WAITING:
         assert words not in text, words
-    ctx = browser.new_context(viewport={"width": 1500, "height": 1000}, offline=True)
-    ctx.set_default_timeout(PAGE_WAIT * 1000)
+    ctx = new_context(browser, 1500, 1000, offline=True)
     page = ctx.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
