@@ -35,6 +35,11 @@ from .encodings import Encoding, Grid, register
 from .errors import ConfigurationError, ValidationError
 
 
+#: Elements a :meth:`GGMLEncoding.quantize` call encodes at a time (a piece of whole rows): small
+#: enough for a core's cache, large enough that the per-piece call overhead is negligible.
+_PIECE_ELEMENTS = 1 << 18
+
+
 @dataclass(frozen=True)
 class GGMLEncoding(Encoding):
     """Base of the ggml block types: ``block`` elements in ``type_size`` bytes, one blob.
@@ -68,9 +73,19 @@ class GGMLEncoding(Encoding):
     def quantize(self, x):
         rows, cols = x.shape
         self._check(cols)
-        blob = self._encode(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))
-        y = self._decode(blob, rows * cols)
-        return {"codes": blob}, rounding.error_stats(x, y.reshape(rows, cols))
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        # a few rows at a time: each piece's search, decoding and statistics run on data still in
+        # the core's cache, and no buffer is big enough to be a fresh mapping (page faults on
+        # every call); blocks never straddle rows, so the bytes are those of one whole call
+        step = max(1, _PIECE_ELEMENTS // cols)
+        blobs = []
+        stats = np.zeros(4)
+        for r in range(0, rows, step):
+            part = x[r:r + step]
+            blob = self._encode(part.reshape(-1))
+            stats += rounding.error_stats(part, self._decode(blob, part.size).reshape(part.shape))
+            blobs.append(blob)
+        return {"codes": blobs[0] if len(blobs) == 1 else np.concatenate(blobs)}, stats
 
     def dequantize(self, blobs, rows, cols):
         self._check(cols)
