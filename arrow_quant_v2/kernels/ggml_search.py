@@ -138,12 +138,8 @@ def _fit_aff(n, sx, sxx, sq, sqq, sxq, neg=True):
 
 
 @njit(**INLINE)
-def _search_aff(x, a, n, nmax, deltas, iters, work, neg=True):
-    """A sub-block's (scale >= 0, offset; <= 0 when ``neg``). Candidates: the range spread
-    over ``nmax + delta`` steps, anchored at the minimum (clipping the top when delta < 0)
-    and at the maximum (clipping the bottom); all rounded in one pass over the elements
-    (``work``: float32 scratch of 5 x ``_lanes(2 * len(deltas))``), each least-squares
-    re-fitted; the best refined by ``iters`` more round/re-fit steps."""
+def _range(x, a, n, neg=True):
+    """(min, max, sum, sum of squares) of ``x[a:a+n]``; the min is at most 0 when ``neg``."""
     mn = np.float32(0.0) if neg else x[a]
     mx = x[a]
     sx = 0.0
@@ -154,6 +150,16 @@ def _search_aff(x, a, n, nmax, deltas, iters, work, neg=True):
         mx = max(mx, v)
         sx += v
         sxx += v * v
+    return mn, mx, sx, sxx
+
+
+@njit(**INLINE)
+def _search_aff(x, a, n, nmax, deltas, iters, work, mn, mx, sx, sxx, neg=True):
+    """A sub-block's (scale >= 0, offset; <= 0 when ``neg``), given its :func:`_range`.
+    Candidates: the range spread over ``nmax + delta`` steps, anchored at the minimum
+    (clipping the top when delta < 0) and at the maximum (clipping the bottom); all rounded
+    in one pass over the elements (``work``: float32 scratch of 5 x ``_lanes(2 * len(deltas))``),
+    each least-squares re-fitted; the best refined by ``iters`` more round/re-fit steps."""
     if mx <= mn:
         return 0.0, float(mn)
     nd = deltas.size
@@ -329,17 +335,13 @@ def encode_aff32(x, nmax, deltas, iters):
     work = np.empty((5, _lanes(2 * deltas.size)), np.float32)
     for i in range(nb):
         a = 32 * i
-        mn = x[a]
-        mx = x[a]
-        for l in range(a, a + 32):
-            mn = min(mn, x[l])
-            mx = max(mx, x[l])
+        mn, mx, sx, sxx = _range(x, a, 32, False)
         best_e = math.inf
         for k in range(2):
             if k == 0:
                 s, o = (float(mx) - mn) / nmax, float(mn)
             else:
-                s, o = _search_aff(x, a, 32, nmax, deltas, iters, work, False)
+                s, o = _search_aff(x, a, 32, nmax, deltas, iters, work, mn, mx, sx, sxx, False)
             hs, ho = f16_bits(s), f16_bits(o)
             e, _, _, _ = _err_aff(x, a, 32, f16_value(hs), f16_value(ho), nmax)
             if e < best_e:
@@ -504,32 +506,24 @@ def encode_kquant_affine(x, sub, nmax, smax, deltas, iters, rounds):
     sums = np.zeros((nsub, 3))
     sx = np.empty(nsub)
     sxx = np.empty(nsub)
+    lo = np.empty(nsub, np.float32)
+    hi = np.empty(nsub, np.float32)
     work = np.empty((5, _lanes(2 * deltas.size)), np.float32)
     for i in range(nsup):
         a0 = QK_K * i
         base = nsub * i
         for j in range(nsub):
-            a = a0 + sub * j
-            t = 0.0
-            tt = 0.0
-            lo = np.float32(0.0)
-            hi = x[a]
-            for l in range(a, a + sub):
-                v = x[l]
-                t += v
-                tt += v * v
-                lo = min(lo, v)
-                hi = max(hi, v)
-            sx[j], sxx[j] = t, tt
+            lo[j], hi[j], sx[j], sxx[j] = _range(x, a0 + sub * j, sub)
             # state 0 (plain rounding): min-max ranges, nearest sub-codes
-            s_sub[j] = (float(hi) - lo) / nmax
-            o_sub[j] = lo
+            s_sub[j] = (float(hi[j]) - lo[j]) / nmax
+            o_sub[j] = lo[j]
         best_e = math.inf
         # state 0: plain rounding; state 1: searched ranges
         for start in range(2):
             if start == 1:
                 for j in range(nsub):
-                    s_sub[j], o_sub[j] = _search_aff(x, a0 + sub * j, sub, nmax, deltas, iters, work)
+                    s_sub[j], o_sub[j] = _search_aff(x, a0 + sub * j, sub, nmax, deltas, iters, work,
+                                                     lo[j], hi[j], sx[j], sxx[j])
             hd = f16_bits(s_sub.max() / smax)
             hm = f16_bits(-o_sub.min() / smax)
             d, dm = f16_value(hd), f16_value(hm)
