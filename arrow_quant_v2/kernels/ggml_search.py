@@ -207,18 +207,12 @@ def _search_aff(x, a, n, nmax, deltas, iters, work, mn, mx, sx, sxx, neg=True):
 
 
 @njit(**INLINE)
-def _search_sym(x, a, n, qmin, qmax, offs, iters, work):
+def _search_sym(x, a, n, qmin, qmax, offs, iters, work, m):
     """A sub-block's signed scale on the grid [qmin, qmax]: the extreme element mapped to
     ``qmin + off`` and to ``qmax + off`` (either orientation of the asymmetric grid) for each
     offset, all rounded in one pass (``work``: float32 scratch of 3 x ``_lanes(2 * len(offs))``),
-    each least-squares re-fitted; the best refined by ``iters`` round/re-fit steps."""
-    m = np.float32(0.0)
-    sxx = 0.0
-    for i in range(a, a + n):
-        v = x[i]
-        sxx += v * v
-        if abs(v) > abs(m):
-            m = v
+    each least-squares re-fitted; the best refined by ``iters`` round/re-fit steps. ``m``: the
+    sub-block's first element of the largest magnitude."""
     if m == 0:
         return 0.0
     nc = 2 * offs.size
@@ -251,7 +245,7 @@ def _search_sym(x, a, n, qmin, qmax, offs, iters, work):
             t0, t1 = _sums_sym(x, a, n, np.float32(best_s), qmin, qmax)
         if t1 > 0:
             s = t0 / t1
-            e = sxx - s * t0
+            e = -s * t0  # the squared error less the sub-block's sum of squares, the same for all
             if e < best_e:
                 best_s, best_e = s, e
     return best_s
@@ -622,23 +616,34 @@ def encode_kquant_symmetric(x, sub, qmin, qmax, smin, smax, offs, iters, rounds)
     sc = np.zeros(nsub, np.int64)
     sums = np.zeros((nsub, 2))
     sxx = np.empty(nsub)
+    ext = np.empty(nsub, np.float32)
+    first = np.empty(nsub, np.float32)
     work = np.empty((3, _lanes(2 * offs.size)), np.float32)
     for i in range(nsup):
         a0 = QK_K * i
         base = nsub * i
         for j in range(nsub):
+            # one pass: the sum of squares, the extreme (as ``_extreme``), the first largest |x|
             t = np.float32(0.0)
+            mn = mx = m = x[a0 + sub * j]
             for l in range(a0 + sub * j, a0 + sub * (j + 1)):
-                t += x[l] * x[l]
+                v = x[l]
+                t += v * v
+                mn = min(mn, v)
+                mx = max(mx, v)
+                if abs(v) > abs(m):
+                    m = v
             sxx[j] = t
+            ext[j] = mx if mx >= -mn else mn
+            first[j] = m
         best_e = math.inf
         for start in range(2):
             for j in range(nsub):
                 a = a0 + sub * j
                 if start == 0:
-                    s_sub[j] = _extreme(x, a, sub) / float(qmin)
+                    s_sub[j] = ext[j] / float(qmin)
                 else:
-                    s_sub[j] = _search_sym(x, a, sub, qmin, qmax, offs, iters, work)
+                    s_sub[j] = _search_sym(x, a, sub, qmin, qmax, offs, iters, work, first[j])
             big = 0.0
             for j in range(nsub):
                 if abs(s_sub[j]) > abs(big):
