@@ -965,11 +965,13 @@ def encode_iq4_xs(x, offs, doffs, rounds):
             q[a0:a0 + QK_K] = cur[a0:a0 + QK_K]
         for t in range(doffs.size):
             d_fit = big / (-32.0 + doffs[t])
+            last = -1
             for r in range(rounds + 1):
                 hd = f16_bits(d_fit)
                 d = f16_value(hd)
-                if d == 0:
-                    break
+                if d == 0 or hd == last:
+                    break  # a round is a function of d alone: the same d, the same round again
+                last = hd
                 e = 0.0
                 for j in range(8):
                     c, ej, sxg, sgg = _pick_sub_scale(x, a0 + 32 * j, d, s_sub[j] / d, cur)
