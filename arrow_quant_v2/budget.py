@@ -53,9 +53,13 @@ With a graph (``calibration="graph"``)
     (:mod:`arrow_quant_v2.sensitivity`): the relF**2 of the layer's output on the model's own
     inputs across the noise levels. It replaces relF**2 in the curves, and since independent
     layer errors add up at the network output whatever a layer's size, every layer counts the
-    same: the objective is the layers' mean output sensitivity. Widths are judged by the layer
-    output's cosine (``policy.measure_for``), as the engine judges them. Layers the graph does
-    not calibrate keep their relF**2, with the same per-layer weight.
+    same: the objective is the layers' mean output sensitivity. Each layer's curve is scaled by
+    its downstream gain when the calibration measured one (the network output's error per unit
+    of the layer's own, relative to the median layer's: ``sensitivity.downstream_gains``), so the
+    objective is what the network output feels, and the boundary layers get their bits from it
+    (the planner gives them no floor by name under a graph). Widths are judged by the layer
+    output's cosine (``policy.measure_for``), scaled the same way, as the engine judges them.
+    Layers the graph does not calibrate keep their relF**2, with the same per-layer weight.
 
 The per-layer accuracy fallback
     Each width is judged as the engine will judge it (:mod:`arrow_quant_v2.policy`): its
@@ -152,6 +156,8 @@ class TensorBudget:
     #: how much this tensor's option.error counts in the objective (set by allocate): its share of
     #: the budgeted parameters for relF**2, 1 / layers for output sensitivity (``sensitivity.share``)
     share: float = 0.0
+    #: the layer's downstream gain (relative to the median layer's) its sensitivities are scaled by, if measured
+    gain: Optional[float] = None
 
     @property
     def by_output(self) -> bool:
@@ -313,14 +319,15 @@ def _disk(fields: Dict[str, Tuple[float, float, float]], chunk_nbytes: List[int]
     return total
 
 
-def _judge(x: np.ndarray, y: Optional[np.ndarray], stats: np.ndarray, graph: Optional[Tuple[np.ndarray, bool]],
+def _judge(x: np.ndarray, y: Optional[np.ndarray], stats: np.ndarray, graph: Optional[tuple],
            ranges: List[Tuple[int, int]], fraction: float) -> Tuple[float, float, Optional[float]]:
     """``(cosine the policy judges, its standard error, output sensitivity or None)`` of one candidate on the
-    sample ``x`` (``y`` dequantized, None when ``x`` is the whole tensor and there is no graph)."""
+    sample ``x`` (``y`` dequantized, None when ``x`` is the whole tensor and there is no graph); with a
+    downstream gain, the cosine and the sensitivity as the network feels them (``sensitivity.felt``)."""
     blocks = [r1 - r0 for r0, r1 in ranges]
     if graph is None:
         return figures(stats)["cosine"], (0.0 if y is None or fraction >= 1 else _cosine_stderr(x, y, fraction, blocks)), None
-    h, transposed = graph
+    h, transposed, gain = graph
     if transposed:  # the sampled rows are inputs: their block of H, the weight cosine's error as the estimate's
         rows = np.concatenate([np.arange(r0, r1) for r0, r1 in ranges])
         out = sensitivity.view_stats(x, y, h, True, rows)
@@ -329,14 +336,17 @@ def _judge(x: np.ndarray, y: Optional[np.ndarray], stats: np.ndarray, graph: Opt
         per_row = sensitivity.row_stats(x, y, h)
         out = per_row.sum(axis=0)
         stderr = 0.0 if fraction >= 1 else _ratio_stderr(per_row[:, 3], per_row[:, 1], fraction, blocks)
-    return sensitivity.figures(out)["cosine"], stderr, sensitivity.rel_error2(out)
+    cos = sensitivity.figures(out)["cosine"]
+    return (sensitivity.felt_cosine(cos, gain), stderr * (gain or 1.0),
+            sensitivity.felt(sensitivity.rel_error2(out), gain))
 
 
 def measure_tensor(source: ModelSource, info: TensorInfo, base: TensorPlan, config: DiffusionQuantConfig,
-                   graph: Optional[Tuple[np.ndarray, bool]] = None) -> TensorBudget:
+                   graph: Optional[tuple] = None) -> TensorBudget:
     """The candidates of one tensor, measured on its sample. ``graph``: the layer's input second
-    moment ``H`` and whether its 2-D view is transposed (inputs along rows), from a calibration;
-    then each candidate is judged by, and the allocator minimises, its output sensitivity."""
+    moment ``H``, whether its 2-D view is transposed (inputs along rows) and its downstream gain (None
+    when not measured), from a calibration; then each candidate is judged by, and the allocator
+    minimises, its output sensitivity (times the gain)."""
     rows, cols = info.matrix_shape
     ranges = sample_ranges(info)
     sampled_rows = sum(r1 - r0 for r0, r1 in ranges)
@@ -410,8 +420,9 @@ def measure_model(source: ModelSource, config: DiffusionQuantConfig, planner: Op
     for name, info in source.tensors.items():
         graph = None
         if calibration is not None and name in calibration.hessians:
-            graph = (calibration.hessians[name], calibration.layers[name].transposed)
+            graph = (calibration.hessians[name], calibration.layers[name].transposed, calibration.gain(name))
         tensors[name] = measure_tensor(source, info, planner.plan(info), config, graph)
+        tensors[name].gain = graph[2] if graph is not None else None
     return tensors
 
 
@@ -569,7 +580,8 @@ OUTPUT_UNIT, WEIGHT_UNIT = "output sensitivity", "relF²"
 def _reason(t: TensorBudget, plan_label: str, price: float) -> str:
     if t.role == "lossless":
         return t.base.reason
-    measure = policy.OUTPUT_COSINE if t.by_output else policy.WEIGHT_COSINE
+    measure = (policy.WEIGHT_COSINE if not t.by_output else
+               policy.OUTPUT_COSINE if t.gain is None else policy.felt_measure(t.gain))
     misses = ", ".join(policy.sampled_miss(b, c, measure) for b, c in t.excluded)
     if t.role == "rule":
         if t.option.bits == t.base.bits:
@@ -584,6 +596,8 @@ def _reason(t: TensorBudget, plan_label: str, price: float) -> str:
         why += f"budget ({t.options[_next(t)].label} would save {t.next_slope:.3g} {unit} per MiB; price {price:.3g})"
     else:
         why += "budget"
+    if t.gain is not None:
+        why += f"; x{t.gain:.3g} downstream gain measured through the graph"
     if t.excluded:
         why += "; " + misses
     return f"{plan_label}: {why}"

@@ -25,7 +25,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from . import e2e
+from . import e2e, encodings, policy, sensitivity
 from .errors import ConfigurationError
 
 #: Largest number of rows (output pixels) one sample contributes to a Conv layer's H:
@@ -67,10 +67,20 @@ class Calibration:
     samples: int = 0
     source: str = ""
     seconds: float = 0.0
+    #: the batch of calibration inputs the downstream gains are measured on (:func:`sensitivity.gain_inputs`)
+    gain_feeds: Optional[dict] = field(default=None, repr=False)
+    gains: Optional["sensitivity.Gains"] = None  # each layer's downstream gain (:func:`measure_gains`)
+
+    def gain(self, name: str) -> Optional[float]:
+        """The layer's downstream gain relative to the median layer's, None when not measured."""
+        return self.gains.relative.get(name) if self.gains is not None else None
 
     def summary(self) -> dict:
-        return {"layers": len(self.hessians), "skipped": dict(self.skipped), "levels": self.levels,
-                "samples_per_level": self.samples, "inputs": self.source, "seconds": round(self.seconds, 2)}
+        out = {"layers": len(self.hessians), "skipped": dict(self.skipped), "levels": self.levels,
+               "samples_per_level": self.samples, "inputs": self.source, "seconds": round(self.seconds, 2)}
+        if self.gains is not None:
+            out["downstream_gain"] = self.gains.summary()
+        return out
 
 
 def _attrs(node) -> dict:
@@ -290,7 +300,38 @@ def collect(model_path, names: Iterable[str], *, samples: int, num_levels: int =
         h /= np.float32(len(feeds_list))
     hessians = {w: sums[layer.key] for w, layer in layers.items()}  # layers reading the same input share it
     level_list = [lv for lv, _ in feeds_list if lv is not None]
-    return Calibration(hessians, layers, skipped, level_list, samples, source, time.perf_counter() - started)
+    return Calibration(hessians, layers, skipped, level_list, samples, source, time.perf_counter() - started,
+                       gain_feeds=sensitivity.gain_inputs([f for _, f in feeds_list]))
+
+
+def measure_gains(model_path, source, calibrated: Calibration, config, bits: Dict[str, int], *, threads: int = 1,
+                  check: Optional[Callable[[], None]] = None,
+                  on_pass: Optional[Callable[[int, int], None]] = None) -> "sensitivity.Gains":
+    """Each calibrated layer's downstream gain (:func:`sensitivity.downstream_gains`), measured with the
+    layer quantized at ``bits[name]`` (the plan's width, data-free rounding on ``config``'s grid for it).
+    Sets ``calibrated.gains`` and returns it."""
+    started = time.perf_counter()
+
+    def probe(name: str) -> Optional[tuple]:
+        info = source.tensors[name]
+        rows, cols = info.matrix_shape
+        c = policy.choose(config, bits.get(name) or config.bit_width, cols)
+        if c.encoding is None:
+            return None
+        w = source.read_rows(name, 0, rows)
+        enc = encodings.get_encoding(c.encoding, c.bits, c.group)
+        q = encodings.dequantize(encodings.quantize(w, enc)[0], enc, rows, cols)
+        layer = calibrated.layers[name]
+        est = sensitivity.rel_error2(sensitivity.view_stats(w, q, calibrated.hessians[name], layer.transposed,
+                                                            np.arange(rows)))
+        return q.astype(np.float32).ravel(), est
+
+    reads = {n: layer.activation for n, layer in calibrated.layers.items()}
+    calibrated.gains = sensitivity.downstream_gains(check_model(model_path), probe, list(calibrated.layers),
+                                                    calibrated.gain_feeds, reads=reads, threads=threads,
+                                                    check=check, on_pass=on_pass)
+    calibrated.seconds += time.perf_counter() - started
+    return calibrated.gains
 
 
 def weight_matrix(w2d: np.ndarray, layer: Layer) -> np.ndarray:
@@ -309,5 +350,5 @@ def check_model(model_path) -> Path:
     return graph
 
 
-__all__ = ["Calibration", "Layer", "collect", "check_model", "find_layers", "patches", "weight_matrix",
+__all__ = ["Calibration", "Layer", "collect", "measure_gains", "check_model", "find_layers", "patches", "weight_matrix",
            "MAX_ROWS_PER_SAMPLE"]

@@ -30,7 +30,7 @@ import numpy as np
 from . import encodings, hub, policy, sensitivity
 from ._version import __version__
 from .budget import BudgetPlan, allocate
-from .config import DiffusionQuantConfig
+from .config import BIT_WIDTHS, DiffusionQuantConfig
 from .errors import ConfigurationError, OutputError, QuantizationError
 from .layout import chunk_ranges
 from .metrics import figures, weighted_cosine
@@ -223,12 +223,16 @@ class QuantizeJob:
     def _judged(self, name: str, fig: Dict[str, float]) -> Tuple[float, str, Optional[np.ndarray]]:
         """``(cosine, what it measures, output statistics)`` the fallback decision reads. For a calibrated
         tensor: plain rounding on the same grid, as the budget measured it, by the layer output's cosine on
-        the calibration inputs (``policy.measure_for``); compensation then only improves on it."""
+        the calibration inputs (``policy.measure_for``), its error scaled by the layer's downstream gain when
+        measured (``sensitivity.felt_cosine``); compensation then only improves on it."""
         with self._prepare_lock:
             plain = self._plain_stats.pop(name, None)
             output = self._output_stats.pop(name, None)
         if output is not None:
-            return sensitivity.figures(output[1])["cosine"], policy.OUTPUT_COSINE, output
+            cos, gain = sensitivity.figures(output[1])["cosine"], self.calibration.gain(name)
+            if gain is None:
+                return cos, policy.OUTPUT_COSINE, output
+            return sensitivity.felt_cosine(cos, gain), policy.felt_measure(gain), output
         return (figures(plain) if plain is not None else fig)["cosine"], policy.WEIGHT_COSINE, None
 
     def _encode_calibrated(self, x: np.ndarray, info: TensorInfo, encoding, r0: int, r1: int):
@@ -650,6 +654,9 @@ def sensitivity_entry(final: Dict[str, dict], calibrated, budget: Optional[Budge
             continue
         row = {"bits": t["bits"], "output_rel_error2": t["output"]["rel_error2"],
                "output_cosine": t["output"]["cosine"], "plain_output_cosine": t["output"]["plain_cosine"]}
+        if calibrated.gain(name) is not None:
+            row["downstream_gain"] = calibrated.gain(name)
+            row["gain_probed_with"] = calibrated.gains.probed_with[name]
         tb = budget.tensors.get(name) if budget is not None else None
         if tb is not None and tb.by_output:
             row["curve"] = {o.label: o.sensitivity for o in tb.options if o.sensitivity is not None}
@@ -657,12 +664,17 @@ def sensitivity_entry(final: Dict[str, dict], calibrated, budget: Optional[Budge
     return {"measure": "tr(dW H dW^T) / tr(W H W^T): the relative error power each layer adds to its output "
                        "on the calibration inputs (H = X^T X of its inputs across the noise levels)",
             "levels": list(calibrated.levels), "samples_per_level": calibrated.samples, "inputs": calibrated.source,
+            **({"downstream_gain": dict(calibrated.gains.summary(), measure=(
+                "network output's relative error power with the layer quantized at its planned width (alone, or "
+                "with gain_probed_with neighbours) over the layers' output sensitivities, relative to the median "
+                "layer's; the plan judges each layer by its sensitivity times this"))} if calibrated.gains else {}),
             "tensors": tensors}
 
 
 def calibrate(model_path, source: ModelSource, config: DiffusionQuantConfig, plans: Dict[str, TensorPlan],
               report: Callable[..., None], cancel: CancelToken):
-    """The ``calibrate`` stage: the graph's layer inputs at the noise levels (:mod:`arrow_quant_v2.calibration`)."""
+    """The ``calibrate`` stage: the graph's layer inputs at the noise levels, then each layer's downstream
+    gain at its planned width (:mod:`arrow_quant_v2.calibration`)."""
     from . import calibration
 
     total = max(source.total_bytes, 1)
@@ -674,10 +686,22 @@ def calibrate(model_path, source: ModelSource, config: DiffusionQuantConfig, pla
     report("calibrate", "calibration: running the original graph across the noise levels", tensors_done=0,
            tensors_total=len(source.tensors), bytes_done=0, bytes_total=total, stage_fraction=0.0)
     names = [n for n, p in plans.items() if not p.lossless]
-    return calibration.collect(model_path, names, num_levels=config.num_time_groups,
-                               samples=config.calibration_samples,
-                               inputs=Path(config.calibration_inputs) if config.calibration_inputs else None,
-                               threads=resolve_threads(config), check=cancel.check, on_pass=on_pass)
+    calibrated = calibration.collect(model_path, names, num_levels=config.num_time_groups,
+                                     samples=config.calibration_samples,
+                                     inputs=Path(config.calibration_inputs) if config.calibration_inputs else None,
+                                     threads=resolve_threads(config), check=cancel.check, on_pass=on_pass)
+
+    def on_gain_pass(done: int, passes: int) -> None:
+        report("calibrate", f"calibration: downstream gain, forward pass {done}/{passes} through the graph",
+               tensors_done=0, tensors_total=len(source.tensors), bytes_done=0, bytes_total=total,
+               stage_fraction=done / max(passes, 1))
+
+    # at the width the layer gets: under a size budget an ordinary layer's climb starts at the narrowest
+    bits = {n: (BIT_WIDTHS[0] if config.target_model_size_mb is not None and plans[n].role == "ordinary"
+                else plans[n].bits) for n in names}
+    calibration.measure_gains(model_path, source, calibrated, config, bits,
+                              threads=resolve_threads(config), check=cancel.check, on_pass=on_gain_pass)
+    return calibrated
 
 
 def quantize_model(model_path, output_path, config: Optional[DiffusionQuantConfig] = None, *,

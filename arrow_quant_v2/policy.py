@@ -166,6 +166,12 @@ def measure_for(config: DiffusionQuantConfig) -> str:
     return OUTPUT_COSINE if config.calibration == "graph" else WEIGHT_COSINE
 
 
+def felt_measure(gain: float) -> str:
+    """:data:`OUTPUT_COSINE` as the network feels it: the layer's error times its downstream gain
+    (relative to the median layer's, measured through the graph; ``sensitivity.felt_cosine``)."""
+    return f"{OUTPUT_COSINE} x{gain:.3g} downstream gain"
+
+
 def miss(encoding: str, cosine: float, need: float, measure: str = WEIGHT_COSINE) -> str:
     return f"{encoding} {measure} {cosine:.4f} < {need}"
 
@@ -180,8 +186,9 @@ def fallback(config: DiffusionQuantConfig, tried: Choice, cosine: float, cols: i
     ``wider`` says the width grows (``fail_fast`` refuses that; the result lists it as a
     fallback); a candidate with ``encoding`` None is lossless."""
     why = miss(tried.encoding, cosine, required(config, tried.bits), measure)
-    if measure == OUTPUT_COSINE:
-        why += " (output sensitivity on the calibration inputs)"
+    if measure.startswith(OUTPUT_COSINE):
+        why += (" (output sensitivity on the calibration inputs" + (", times the layer's downstream gain measured "
+                "through the graph)" if measure != OUTPUT_COSINE else ")"))
     other = _alternate(config, tried)
     if other is not None:
         return other, f"{plan_label(other.bits, other.encoding, other.group)}: {why}", False

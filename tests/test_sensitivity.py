@@ -10,6 +10,7 @@ from safetensors.numpy import save_file
 
 from arrow_quant_v2 import DiffusionQuantConfig, budget, calibration, encodings, load_quantized, policy, sensitivity
 from arrow_quant_v2.engine import quantize_model
+from arrow_quant_v2.plan import Planner
 from arrow_quant_v2.source import open_model
 
 pytest.importorskip("onnxruntime")
@@ -129,3 +130,93 @@ def test_the_fallback_judges_the_output_and_the_store_keeps_the_sensitivity(canc
         assert row["bits"] == store.tensors[name].bits
         assert row["plain_output_cosine"] >= policy.required(cfg, row["bits"]) or row["bits"] == 0
     assert "sensitivity" not in load_quantized(tmp_path / "plain").manifest
+
+
+AMPLIFIED = "input_blocks.1.0.in_layers.2.weight"  # a boundary layer's name: the planner's list knows it
+
+
+@pytest.fixture(scope="module")
+def amplifying_model(tmp_path_factory):
+    """in -> conv -> relu -> (+ 20) -> AMPLIFIED conv -> instance norm -> relu -> out conv. AMPLIFIED reads
+    inputs with a large flat offset, so its output is mostly a per-channel constant that the norm then takes
+    away: its error relative to its own output (the H estimate) is small, but relative to what is left after
+    the norm it is large. Only the network downstream of the layer shows that: a gain the estimate misses."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    root = tmp_path_factory.mktemp("amplifying")
+    rng = np.random.default_rng(0)
+    c = 48  # enough weights that a bit more for one layer shows in the size
+    w = {"first.weight": (rng.standard_normal((c, 4, 3, 3)) * 0.2).astype(np.float32),
+         AMPLIFIED: (rng.standard_normal((c, c, 3, 3)) * 0.1 + 0.02).astype(np.float32),
+         "last.weight": (rng.standard_normal((4, c, 3, 3)) * 0.2).astype(np.float32)}
+    save_file(w, str(root / "model.safetensors"))
+    nodes = [
+        helper.make_node("Reshape", ["sigma", "shape4"], ["sig4"]),
+        helper.make_node("Add", ["sig4", "one"], ["den"]),
+        helper.make_node("Div", ["noisy", "den"], ["scaled"]),
+        helper.make_node("Conv", ["scaled", "first.weight"], ["h1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("Add", ["r1", "offset"], ["a1"]),
+        # unpadded, so the offset reaches every output position alike (the norm takes all of it away)
+        helper.make_node("Conv", ["a1", AMPLIFIED], ["h2"]),
+        helper.make_node("InstanceNormalization", ["h2", "gamma", "beta"], ["n2"]),
+        helper.make_node("Relu", ["n2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "last.weight"], ["denoised"], pads=[2, 2, 2, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes, "amplifying",
+        [helper.make_tensor_value_info("noisy", TensorProto.FLOAT, ["batch", 4, 8, 8]),
+         helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["batch"])],
+        [helper.make_tensor_value_info("denoised", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in w.items()] + [
+            numpy_helper.from_array(np.array(20.0, np.float32), "offset"),
+            numpy_helper.from_array(np.ones(c, np.float32), "gamma"),
+            numpy_helper.from_array(np.zeros(c, np.float32), "beta"),
+            numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "shape4"),
+            numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(root / "model.onnx"))
+    (root / "config.json").write_text(json.dumps({"_class_name": "UNetModel", "sigma_min": 0.002, "sigma_max": 80.0}))
+    return root, w
+
+
+def test_the_downstream_gain_finds_what_the_estimate_misses_and_the_budget_pays_for_it(amplifying_model):
+    root, w = amplifying_model
+    base = DiffusionQuantConfig(lossless_below=0, min_accuracy=0.0, calibration="graph", num_time_groups=3)
+    source = open_model(root)
+    cal = calibration.collect(root, list(w), samples=2, num_levels=3)
+    q = {n: _int2(v) for n, v in w.items()}
+    estimate = {n: sensitivity.rel_error2(sensitivity.output_stats(v.reshape(len(v), -1), q[n].reshape(len(v), -1),
+                                                                   cal.hessians[n])) for n, v in w.items()}
+    direct = sensitivity.measure_directly(root, {n: {n: q[n]} for n in w}, num_levels=3)
+    # its own output error says AMPLIFIED is the least of the three; the network feels it as much as the others
+    assert min(estimate, key=estimate.get) == AMPLIFIED, estimate
+    assert direct[AMPLIFIED]["mean_error"] > 0.5 * max(d["mean_error"] for d in direct.values())
+
+    uniform = budget.size_range(root, base.replace(calibration=None))["uniform_mb"]
+    cfg = base.replace(target_model_size_mb=(uniform["int2"] + uniform["int4"]) / 2)
+    by_estimate = budget.allocate(source, cfg, calibration=cal)
+    gains = calibration.measure_gains(root, source, cal, cfg, {n: 2 for n in w})
+    assert max(gains.relative, key=gains.relative.get) == AMPLIFIED and gains.relative[AMPLIFIED] > 3
+    by_gain = budget.allocate(source, cfg, calibration=cal)
+    assert by_gain.plans[AMPLIFIED].bits > by_estimate.plans[AMPLIFIED].bits
+    # the reason cites the measurement, not the boundary-layer name the planner would use without a graph
+    reason = by_gain.plans[AMPLIFIED].reason
+    assert "downstream gain measured through the graph" in reason and "boundary" not in reason, reason
+    assert "boundary layer" in Planner(cfg.replace(calibration=None)).plan(source.tensors[AMPLIFIED]).reason
+
+
+def test_without_a_budget_the_fallback_widens_the_amplified_layer_by_its_measured_gain(amplifying_model, tmp_path):
+    root, w = amplifying_model
+    cfg = DiffusionQuantConfig(bit_width=2, lossless_below=0, min_accuracy=0.9, num_time_groups=3, sensitive_bits=4)
+    named = quantize_model(root, tmp_path / "named", cfg)
+    measured = quantize_model(root, tmp_path / "measured", cfg.replace(calibration="graph"))
+    store = load_quantized(tmp_path / "measured")
+    assert "boundary layer" in load_quantized(tmp_path / "named").tensors[AMPLIFIED].reason
+    assert AMPLIFIED in {f["tensor"] for f in measured["fallbacks"]}
+    reason = store.tensors[AMPLIFIED].reason
+    assert "downstream gain" in reason and "boundary" not in reason, reason
+    entry = store.manifest["sensitivity"]
+    assert entry["downstream_gain"]["passes"] >= 1
+    assert entry["tensors"][AMPLIFIED]["downstream_gain"] == max(t["downstream_gain"] for t in entry["tensors"].values())
+    assert "downstream_gain" in measured["calibration"]
