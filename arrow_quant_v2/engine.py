@@ -679,9 +679,13 @@ def calibrate(model_path, source: ModelSource, config: DiffusionQuantConfig, pla
 
     total = max(source.total_bytes, 1)
 
+    collected = [0]
+
     def on_pass(done: int, passes: int) -> None:  # the stage's own fraction: an ETA for it, a moving bar in the app
+        collected[0] = passes  # the gain passes follow (at most GAIN_PASSES): the fraction counts both
         report("calibrate", f"calibration: forward pass {done}/{passes} through the graph", tensors_done=0,
-               tensors_total=len(source.tensors), bytes_done=0, bytes_total=total, stage_fraction=done / max(passes, 1))
+               tensors_total=len(source.tensors), bytes_done=0, bytes_total=total,
+               stage_fraction=done / (passes + sensitivity.GAIN_PASSES))
 
     report("calibrate", "calibration: running the original graph across the noise levels", tensors_done=0,
            tensors_total=len(source.tensors), bytes_done=0, bytes_total=total, stage_fraction=0.0)
@@ -692,9 +696,10 @@ def calibrate(model_path, source: ModelSource, config: DiffusionQuantConfig, pla
                                      threads=resolve_threads(config), check=cancel.check, on_pass=on_pass)
 
     def on_gain_pass(done: int, passes: int) -> None:
+        whole = collected[0] + sensitivity.GAIN_PASSES
         report("calibrate", f"calibration: downstream gain, forward pass {done}/{passes} through the graph",
                tensors_done=0, tensors_total=len(source.tensors), bytes_done=0, bytes_total=total,
-               stage_fraction=done / max(passes, 1))
+               stage_fraction=1.0 if done >= passes else min(collected[0] + done, whole - 1) / whole)
 
     # at the width the layer gets: under a size budget an ordinary layer's climb starts at the narrowest
     bits = {n: (BIT_WIDTHS[0] if config.target_model_size_mb is not None and plans[n].role == "ordinary"

@@ -189,9 +189,11 @@ def test_the_downstream_gain_finds_what_the_estimate_misses_and_the_budget_pays_
     estimate = {n: sensitivity.rel_error2(sensitivity.output_stats(v.reshape(len(v), -1), q[n].reshape(len(v), -1),
                                                                    cal.hessians[n])) for n, v in w.items()}
     direct = sensitivity.measure_directly(root, {n: {n: q[n]} for n in w}, num_levels=3)
-    # its own output error says AMPLIFIED is the least of the three; the network feels it as much as the others
+    # its own output error says AMPLIFIED is the least of the three; per unit of that error the network feels it
+    # far more than the others
     assert min(estimate, key=estimate.get) == AMPLIFIED, estimate
-    assert direct[AMPLIFIED]["mean_error"] > 0.5 * max(d["mean_error"] for d in direct.values())
+    felt = {n: direct[n]["mean_error"] / estimate[n] for n in w}
+    assert felt[AMPLIFIED] > 5 * max(v for n, v in felt.items() if n != AMPLIFIED), felt
 
     uniform = budget.size_range(root, base.replace(calibration=None))["uniform_mb"]
     cfg = base.replace(target_model_size_mb=(uniform["int2"] + uniform["int4"]) / 2)
@@ -206,17 +208,20 @@ def test_the_downstream_gain_finds_what_the_estimate_misses_and_the_budget_pays_
     assert "boundary layer" in Planner(cfg.replace(calibration=None)).plan(source.tensors[AMPLIFIED]).reason
 
 
-def test_without_a_budget_the_fallback_widens_the_amplified_layer_by_its_measured_gain(amplifying_model, tmp_path):
+def test_without_a_budget_the_fallback_judges_the_amplified_layer_by_its_measured_gain(amplifying_model, tmp_path):
     root, w = amplifying_model
-    cfg = DiffusionQuantConfig(bit_width=2, lossless_below=0, min_accuracy=0.9, num_time_groups=3, sensitive_bits=4)
-    named = quantize_model(root, tmp_path / "named", cfg)
+    # at int2 AMPLIFIED's own output cosine (0.9998) clears 0.99; times its gain (about 16) it does not
+    cfg = DiffusionQuantConfig(bit_width=2, lossless_below=0, min_accuracy=0.99, num_time_groups=3, sensitive_bits=4)
+    quantize_model(root, tmp_path / "named", cfg)
     measured = quantize_model(root, tmp_path / "measured", cfg.replace(calibration="graph"))
     store = load_quantized(tmp_path / "measured")
     assert "boundary layer" in load_quantized(tmp_path / "named").tensors[AMPLIFIED].reason
-    assert AMPLIFIED in {f["tensor"] for f in measured["fallbacks"]}
-    reason = store.tensors[AMPLIFIED].reason
-    assert "downstream gain" in reason and "boundary" not in reason, reason
+    # the measurement moved it off the width's first choice (here to the same-width alternate encoding,
+    # which keeps the offsets the norm takes away), and the reason says why
     entry = store.manifest["sensitivity"]
+    t = store.tensors[AMPLIFIED]
+    assert (t.bits, t.encoding) != (2, policy.choose(cfg, 2, 144).encoding)
+    assert "downstream gain" in t.reason and "boundary" not in t.reason, t.reason
     assert entry["downstream_gain"]["passes"] >= 1
-    assert entry["tensors"][AMPLIFIED]["downstream_gain"] == max(t["downstream_gain"] for t in entry["tensors"].values())
+    assert entry["tensors"][AMPLIFIED]["downstream_gain"] == max(row["downstream_gain"] for row in entry["tensors"].values())
     assert "downstream_gain" in measured["calibration"]

@@ -129,33 +129,49 @@ def gen_profiles_measured() -> str:
 
 
 def gen_sensitivity_measured() -> str:
-    """The H estimate against the direct measurement, and the budget allocations, from the benchmark's JSON."""
+    """The H estimate (and times the measured downstream gain) against the direct measurement, and the
+    budget allocations, from the benchmark's JSON."""
     import json
 
     f = ROOT / "benchmarks" / "results" / "bench_sensitivity.json"
     if not f.is_file():
         raise PluginError(f"{f.relative_to(ROOT)} is missing: run benchmarks/bench_sensitivity.py")
     data = json.loads(f.read_text(encoding="utf-8"))
-    a, cal = data["agreement"], data["calibration"]
-    lines = [f"Each of {a['layers_measured']} layers of the terrain U-Net quantized alone at {a['width']}; "
-             f"Spearman rank correlation with the network's directly measured 1 − output cosine (mean over "
-             f"{a['direct_levels']} noise levels, held-out inputs):", "",
+    a = data["agreement"]
+    cal = data.get("calibration_agreement") or data.get("calibration_budget") or data["calibration"]
+    lines = [f"Each of {a['layers_measured']} layers of the terrain U-Net ({a.get('subset', 'a subset')}) quantized "
+             f"alone at {a['width']}; Spearman rank correlation with the network's directly measured 1 − output "
+             f"cosine (mean over {a['direct_levels']} noise levels, held-out inputs):", "",
              "| estimate | rank correlation |", "|---|---|"]
     lines += [f"| {k} | {v:+.3f} |" for k, v in a["spearman_vs_direct_mean_error"].items()]
+    if "top_by_estimate_x_gain" in a:
+        layers = a["layers"]
+        lines += ["", "The layers the estimate times the gain ranks highest at int2 (rank by the estimate alone in "
+                  "brackets, of " + str(a["layers_estimated"]) + "): " + ", ".join(
+                      f"`{n.removeprefix('network.').removesuffix('.weight')}` ({a['rank_by_estimate'][n]}, "
+                      f"gain ×{layers[n]['gain']:.3g})" for n in a["top_by_estimate_x_gain"][:8]) + "."]
     b = data.get("budget")
     if b:
         lines += ["", f"Size budget {b['target_mb']:.3f} MiB, halfway between all-int2 ({b['all_int2_mb']:.3f} MiB) and "
                   f"all-int4 ({b['all_int4_mb']:.3f} MiB); output cosine on the held-out inputs (10 noise levels, batch 3):",
-                  "", "| allocation | codes | MiB | bits/weight | output cosine mean | worst level (σ) | worst sample | load avg |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "", "| allocation | codes | MiB | bits/weight | output cosine mean | worst level (σ) | worst sample | "
+                  "first block's conv | load avg |", "|---|---|---|---|---|---|---|---|---|"]
         for r in b["rows"]:
             e = r["e2e"]
+            conv = (r.get("widths") or {}).get("network.input_blocks.1.0.in_layers.2.weight")
             lines.append(f"| {r['allocation']} | {r['codes']} | {r['model_size_mb']:.3f} | {r['bits_per_weight']:.3f} | "
                          f"{e['mean_cosine']:.5f} | {e['worst_cosine']:.5f} ({e['worst_sigma']:.3g}) | "
-                         f"{e['worst_sample_cosine']:.5f} | {r['loadavg_before'][0]:.1f} |")
+                         f"{e['worst_sample_cosine']:.5f} | {'lossless' if conv == 0 else f'int{conv}' if conv else '?'} | "
+                         f"{r['loadavg_before'][0]:.1f} |")
+    gain = cal.get("downstream_gain")
     lines += ["", f"`{f.relative_to(ROOT)}`: commit {data['commit'][:10]}, {data['date']}, {data['cores']} cores; calibration "
-              f"{cal['samples_per_level']} sample(s) per level at {len(cal['levels'])} levels, {cal['seconds']:.0f} s "
-              f"(load average {cal['loadavg_before'][0]:.1f}); direct measurement {a['direct_seconds']:.0f} s. Held out: {data['held_out']}."]
+              f"{cal['samples_per_level']} sample(s) per level at {len(cal['levels'])} levels, "
+              f"{cal.get('collect_seconds', cal['seconds']):.0f} s"
+              + (f", downstream gains {gain['seconds']:.0f} s ({gain['passes']} forward passes of {gain['inputs']} inputs)"
+                 if gain else "")
+              + f" (load average {cal['loadavg_before'][0]:.1f} before, "
+              f"{cal.get('loadavg_after', cal['loadavg_before'])[0]:.1f} after); direct measurement "
+              f"{a['direct_seconds']:.0f} s. Held out: {data['held_out']}."]
     return "\n".join(lines) + "\n"
 
 
