@@ -121,7 +121,8 @@ ALLOCATIONS = {
     "weight relF2": ({}, False),
     "H estimate + boundary names": ({"calibration": "graph", "sensitive_layers": BOUNDARY_GLOBS}, False),
     "H estimate": ({"calibration": "graph", "protect_embeddings": False}, False),
-    "estimate x gain": ({"calibration": "graph"}, True),
+    "estimate x gain": ({"calibration": "graph", "protect_embeddings": False}, True),
+    "estimate x gain + boundary names": ({"calibration": "graph"}, True),
 }
 
 
