@@ -56,8 +56,8 @@ With a graph (``calibration="graph"``)
     same: the objective is the layers' mean output sensitivity. Each layer's curve is scaled by
     its downstream gain when the calibration measured one (the network output's error per unit
     of the layer's own, relative to the median layer's: ``sensitivity.downstream_gains``), so the
-    objective is what the network output feels, and the boundary layers get their bits from it
-    (the planner gives them no floor by name under a graph). Widths are judged by the layer
+    objective is what the network output feels (the boundary layers' name-list floors stay under
+    it unless ``protect_embeddings=False``: see ``plan.BOUNDARY_PREFIXES``). Widths are judged by the layer
     output's cosine (``policy.measure_for``), scaled the same way, as the engine judges them.
     Layers the graph does not calibrate keep their relF**2, with the same per-layer weight.
 

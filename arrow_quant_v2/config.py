@@ -52,7 +52,7 @@ class DiffusionQuantConfig:
     modality: Optional[str] = spec(None, "The modality the result and manifest report (text, code, image, audio); None detects it. A label only: no tensor's plan depends on it.", choices=MODALITIES)
     enable_time_aware: bool = spec(True, "Give timestep/noise-conditioning modules (time_embed, adaLN_modulation, ...) more bits.")
     sensitive_bits: int = spec(8, "Bits for protected tensors: embeddings, output heads, time conditioning, sensitive_layers.", choices=(4, 5, 6, 8))
-    protect_embeddings: bool = spec(True, "Give embeddings, output heads and a denoiser's boundary layers (input conv, first block, output layers) sensitive_bits (the boundary layers by name only without calibration='graph', which measures what the network feels).")
+    protect_embeddings: bool = spec(True, "Give embeddings, output heads and a denoiser's boundary layers (input conv, first block, output layers) sensitive_bits (under calibration='graph' too, as floors under the measured sensitivity; False leaves them to the measurement).")
     sensitive_layers: Tuple[str, ...] = spec((), "Extra tensor-name glob patterns to protect with sensitive_bits.", kind="patterns", default_factory=tuple)
     bit_rules: Dict[str, int] = spec(None, "Ordered {glob pattern: bits} rules; the first match wins over every default (0 = keep lossless).", kind="rules", default_factory=dict)
     min_accuracy: Optional[float] = spec(None, "Cosine every quantized tensor must reach (None = 0.90/0.95/0.99/0.995/0.998/0.999 for int2/3/4/5/6/8).", bounds=(0.0, 1.0))

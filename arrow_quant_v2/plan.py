@@ -36,9 +36,12 @@ EMBEDDING_MODULES = (
 #: worst output cosine of the whole int4 model from 0.970 to 0.998 (Q-Diffusion and PTQ4DM keep
 #: first and last layers at 8 bits for the same reason). Matched as name prefixes, after any
 #: component and wrapper prefix (``unet/``, ``network.``, ``model.diffusion_model.``).
-#: Not applied under ``calibration="graph"``: there each layer's output sensitivity times its
-#: downstream gain, measured through the graph (:mod:`arrow_quant_v2.sensitivity`), gives these
-#: layers their bits when the network feels them (the budget allocates, the fallback widens).
+#: Kept as floors under ``calibration="graph"`` too, where each layer's output sensitivity times its
+#: downstream gain measured through the graph (:mod:`arrow_quant_v2.sensitivity`) decides above
+#: them: the measurement alone ranks the first block's conv first, but on the terrain U-Net under a
+#: size budget the floors still give the lower worst held-out output error at the same size
+#: (0.99980 against 0.99960 output cosine, benchmarks/bench_sensitivity.py); ``protect_embeddings=False``
+#: leaves these layers to the measurement.
 BOUNDARY_PREFIXES = (
     "conv_in.", "conv_out.", "input_blocks.0.", "input_blocks.1.", "out.",
     "down_blocks.0.resnets.0.", "x_embedder.", "patch_embed.", "proj_out.", "final_layer.",
@@ -123,8 +126,8 @@ class Planner:
         In order: non-float, empty and 0-d tensors are lossless; the first matching
         ``bit_rules`` pattern decides; 1-D tensors, norms, biases and tensors below
         ``lossless_below`` elements are lossless; time conditioning (when time-aware),
-        embeddings, output heads and a denoiser's boundary layers (``protect_embeddings``; the
-        boundary layers only without ``calibration="graph"``, which measures them) and ``sensitive_layers`` get
+        embeddings, output heads and a denoiser's boundary layers (``protect_embeddings``)
+        and ``sensitive_layers`` get
         ``max(sensitive_bits, bit_width)``; everything else gets ``bit_width``.
 
         Args:
@@ -160,7 +163,7 @@ class Planner:
         if c.protect_embeddings and (m := _module_hit(t.name, EMBEDDING_MODULES)):
             return self._quantized(t, protected_bits, f"{'output head' if 'head' in m or 'out' in m else 'embedding'} ({m})",
                                    "protected")
-        if c.protect_embeddings and c.calibration != "graph" and (m := _boundary_hit(t.name)):
+        if c.protect_embeddings and (m := _boundary_hit(t.name)):
             return self._quantized(t, protected_bits, f"boundary layer ({m})", "protected")
         for pattern in c.sensitive_layers:
             if fnmatch.fnmatchcase(t.name, pattern):

@@ -31,8 +31,9 @@ output), groups far above the median split down to single layers: a few dozen fo
 instead of one per layer. The gain is measured at the real error, not a small probe of it: on
 the terrain U-Net the first block's conv answers far from linearly (its gain at its int2 error
 is 100 times its gain at 1 % of that error), and the direction of the error matters as much. What the plan reads is the layer's sensitivity times its gain relative to the
-median layer's (:func:`felt`, :func:`felt_cosine`): a typical layer is judged as before, the
-layers the network amplifies get the bits the boundary-layer name list used to give them.
+median layer's (:func:`felt`, :func:`felt_cosine`): a typical layer is judged as before, a layer
+the network amplifies gets more bits (the boundary layers' name-list floors stay under it by
+default: ``plan.BOUNDARY_PREFIXES`` says why).
 """
 from __future__ import annotations
 

@@ -182,7 +182,9 @@ def amplifying_model(tmp_path_factory):
 
 def test_the_downstream_gain_finds_what_the_estimate_misses_and_the_budget_pays_for_it(amplifying_model):
     root, w = amplifying_model
-    base = DiffusionQuantConfig(lossless_below=0, min_accuracy=0.0, calibration="graph", num_time_groups=3)
+    # protect_embeddings=False: the boundary-layer name list (a floor under a graph too) leaves AMPLIFIED to the measurement
+    base = DiffusionQuantConfig(lossless_below=0, min_accuracy=0.0, calibration="graph", num_time_groups=3,
+                                protect_embeddings=False)
     source = open_model(root)
     cal = calibration.collect(root, list(w), samples=2, num_levels=3)
     q = {n: _int2(v) for n, v in w.items()}
@@ -195,7 +197,7 @@ def test_the_downstream_gain_finds_what_the_estimate_misses_and_the_budget_pays_
     felt = {n: direct[n]["mean_error"] / estimate[n] for n in w}
     assert felt[AMPLIFIED] > 5 * max(v for n, v in felt.items() if n != AMPLIFIED), felt
 
-    uniform = budget.size_range(root, base.replace(calibration=None))["uniform_mb"]
+    uniform = budget.size_range(root, base.replace(calibration=None, protect_embeddings=True))["uniform_mb"]
     cfg = base.replace(target_model_size_mb=(uniform["int2"] + uniform["int4"]) / 2)
     by_estimate = budget.allocate(source, cfg, calibration=cal)
     gains = calibration.measure_gains(root, source, cal, cfg, {n: 2 for n in w})
@@ -205,7 +207,9 @@ def test_the_downstream_gain_finds_what_the_estimate_misses_and_the_budget_pays_
     # the reason cites the measurement, not the boundary-layer name the planner would use without a graph
     reason = by_gain.plans[AMPLIFIED].reason
     assert "downstream gain measured through the graph" in reason and "boundary" not in reason, reason
-    assert "boundary layer" in Planner(cfg.replace(calibration=None)).plan(source.tensors[AMPLIFIED]).reason
+    for graph in (None, "graph"):  # by default the name list still sets its floor, with a graph or without
+        plan = Planner(cfg.replace(calibration=graph, protect_embeddings=True)).plan(source.tensors[AMPLIFIED])
+        assert "boundary layer" in plan.reason and plan.bits == cfg.sensitive_bits
 
 
 def test_without_a_budget_the_fallback_judges_the_amplified_layer_by_its_measured_gain(amplifying_model, tmp_path):
@@ -213,7 +217,7 @@ def test_without_a_budget_the_fallback_judges_the_amplified_layer_by_its_measure
     # at int2 AMPLIFIED's own output cosine (0.9998) clears 0.99; times its gain (about 16) it does not
     cfg = DiffusionQuantConfig(bit_width=2, lossless_below=0, min_accuracy=0.99, num_time_groups=3, sensitive_bits=4)
     quantize_model(root, tmp_path / "named", cfg)
-    measured = quantize_model(root, tmp_path / "measured", cfg.replace(calibration="graph"))
+    measured = quantize_model(root, tmp_path / "measured", cfg.replace(calibration="graph", protect_embeddings=False))
     store = load_quantized(tmp_path / "measured")
     assert "boundary layer" in load_quantized(tmp_path / "named").tensors[AMPLIFIED].reason
     # the measurement moved it off the width's first choice (here to the same-width alternate encoding,
