@@ -38,10 +38,10 @@ EMBEDDING_MODULES = (
 #: component and wrapper prefix (``unet/``, ``network.``, ``model.diffusion_model.``).
 #: Kept as floors under ``calibration="graph"`` too, where each layer's output sensitivity times its
 #: downstream gain measured through the graph (:mod:`arrow_quant_v2.sensitivity`) decides above
-#: them: the measurement alone ranks the first block's conv first, but on the terrain U-Net under a
-#: size budget the floors still give the lower worst held-out output error at the same size
-#: (0.99980 against 0.99960 output cosine, benchmarks/bench_sensitivity.py); ``protect_embeddings=False``
-#: leaves these layers to the measurement.
+#: them: on the terrain U-Net the measurement alone gives these layers int8 or lossless (the floors
+#: do not bind), but the allocation it makes is not better on held-out inputs than the name list on
+#: the plain H estimate (benchmarks/bench_sensitivity.py), so the list is not retired; a gain
+#: measured a group at a time can also miss a layer. ``protect_embeddings=False`` leaves them to the measurement.
 BOUNDARY_PREFIXES = (
     "conv_in.", "conv_out.", "input_blocks.0.", "input_blocks.1.", "out.",
     "down_blocks.0.resnets.0.", "x_embedder.", "patch_embed.", "proj_out.", "final_layer.",
