@@ -673,19 +673,21 @@ def sensitivity_entry(final: Dict[str, dict], calibrated, budget: Optional[Budge
 
 def calibrate(model_path, source: ModelSource, config: DiffusionQuantConfig, plans: Dict[str, TensorPlan],
               report: Callable[..., None], cancel: CancelToken):
-    """The ``calibrate`` stage: the graph's layer inputs at the noise levels, then each layer's downstream
-    gain at its planned width (:mod:`arrow_quant_v2.calibration`)."""
+    """The ``calibrate`` stage: the graph's layer inputs at the noise levels, then (``downstream_gain``) each
+    layer's downstream gain at its planned width (:mod:`arrow_quant_v2.calibration`)."""
     from . import calibration
 
     total = max(source.total_bytes, 1)
 
     collected = [0]
 
+    gain_passes = sensitivity.GAIN_PASSES if config.downstream_gain else 0
+
     def on_pass(done: int, passes: int) -> None:  # the stage's own fraction: an ETA for it, a moving bar in the app
         collected[0] = passes  # the gain passes follow (at most GAIN_PASSES): the fraction counts both
         report("calibrate", f"calibration: forward pass {done}/{passes} through the graph", tensors_done=0,
                tensors_total=len(source.tensors), bytes_done=0, bytes_total=total,
-               stage_fraction=done / (passes + sensitivity.GAIN_PASSES))
+               stage_fraction=done / (passes + gain_passes))
 
     report("calibrate", "calibration: running the original graph across the noise levels", tensors_done=0,
            tensors_total=len(source.tensors), bytes_done=0, bytes_total=total, stage_fraction=0.0)
@@ -694,6 +696,8 @@ def calibrate(model_path, source: ModelSource, config: DiffusionQuantConfig, pla
                                      samples=config.calibration_samples,
                                      inputs=Path(config.calibration_inputs) if config.calibration_inputs else None,
                                      threads=resolve_threads(config), check=cancel.check, on_pass=on_pass)
+    if not config.downstream_gain:
+        return calibrated
 
     def on_gain_pass(done: int, passes: int) -> None:
         whole = collected[0] + sensitivity.GAIN_PASSES

@@ -2,7 +2,7 @@
 
 1. **Agreement.** The real terrain U-Net is calibrated once (:func:`arrow_quant_v2.calibration.collect`,
    its own input stream) and each layer's downstream gain measured at int2
-   (:func:`calibration.measure_gains`, what ``calibration="graph"`` does). Every calibrated layer is
+   (:func:`calibration.measure_gains`, what ``downstream_gain=True`` adds). Every calibrated layer is
    quantized alone at int2 (the width's default encoding, plain rounding) and its H estimate
    ``tr(dW H dW^T) / tr(W H W^T)`` computed (:mod:`arrow_quant_v2.sensitivity`), next to its weight
    relF² and the estimate times the gain. For an even subset of layers (every k-th in graph order)
@@ -12,8 +12,8 @@
 2. **Allocation.** Under a size budget halfway between all-int2 and all-int4 (sizes of the stores
    ``DiffusionQuantConfig(bit_width=2|4, min_accuracy=0)`` writes), allocations by weight relF²
    (no graph, the name list's floors), by the H estimate with the boundary layers' name-list floors
-   (the library before the gains), by the H estimate alone, and by the estimate times the measured
-   gain without the name list (the library now); each written with plain and/or error-compensated
+   (the library's default), by the H estimate alone, and by the estimate times the measured
+   gain without the name list (``downstream_gain=True``); each written with plain and/or error-compensated
    codes (the same calibration) and validated end to end on the held-out inputs
    (:func:`arrow_quant_v2.e2e.end_to_end`, 10 noise levels, batch 3, the validation stream).
 

@@ -217,7 +217,8 @@ def test_without_a_budget_the_fallback_judges_the_amplified_layer_by_its_measure
     # at int2 AMPLIFIED's own output cosine (0.9998) clears 0.99; times its gain (about 16) it does not
     cfg = DiffusionQuantConfig(bit_width=2, lossless_below=0, min_accuracy=0.99, num_time_groups=3, sensitive_bits=4)
     quantize_model(root, tmp_path / "named", cfg)
-    measured = quantize_model(root, tmp_path / "measured", cfg.replace(calibration="graph", protect_embeddings=False))
+    measured = quantize_model(root, tmp_path / "measured", cfg.replace(calibration="graph", protect_embeddings=False,
+                                                                       downstream_gain=True))
     store = load_quantized(tmp_path / "measured")
     assert "boundary layer" in load_quantized(tmp_path / "named").tensors[AMPLIFIED].reason
     # the measurement moved it off the width's first choice (here to the same-width alternate encoding,
@@ -229,3 +230,7 @@ def test_without_a_budget_the_fallback_judges_the_amplified_layer_by_its_measure
     assert entry["downstream_gain"]["passes"] >= 1
     assert entry["tensors"][AMPLIFIED]["downstream_gain"] == max(row["downstream_gain"] for row in entry["tensors"].values())
     assert "downstream_gain" in measured["calibration"]
+    # the gain costs forward passes and is not yet a better default: without asking, none is measured or used
+    plain = quantize_model(root, tmp_path / "plain", cfg.replace(calibration="graph", protect_embeddings=False))
+    assert "downstream_gain" not in plain["calibration"]
+    assert "downstream gain" not in load_quantized(tmp_path / "plain").tensors[AMPLIFIED].reason
