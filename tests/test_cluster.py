@@ -112,6 +112,28 @@ async def test_workers_started_with_worker_config_run_with_it_and_make_the_same_
     assert store_fingerprint(tmp_path / "remote") == store_fingerprint(tmp_path / "local")
 
 
+def test_closing_a_cluster_right_after_a_job_logs_no_error(fleet, tmp_path):
+    """The job's cancel watcher leaves nothing pending on the scheduler, whose close would log it as an
+    ERROR with a traceback (a user closing their cluster after a job saw one per job)."""
+    import logging
+
+    records = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append
+    logger = logging.getLogger("distributed")  # its own handlers; a test's caplog does not see it
+    logger.addHandler(handler)
+    try:
+        cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                           dashboard_address="127.0.0.1:0")
+        with cluster, distributed.Client(cluster, set_as_default=False) as c:
+            quantizer = AsyncArrowQuantV2(cluster=c)  # as a script uses it: one asyncio.run per job
+            asyncio.run(quantizer.quantize_diffusion_model_async(fleet[0], tmp_path / "out", INT4))
+    finally:
+        logger.removeHandler(handler)
+    assert (tmp_path / "out" / "manifest.json").is_file()
+    assert not records, [f"{r.name}: {r.getMessage()} {r.exc_info}" for r in records]
+
+
 async def test_one_job_slot_per_worker_runs_one_job_per_worker_at_a_time(client, fleet, tmp_path):
     queued = []
     with distributed.get_task_stream(client=client) as stream:
