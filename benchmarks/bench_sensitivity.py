@@ -20,7 +20,7 @@
 Writes ``benchmarks/results/bench_sensitivity.json`` (after every step; ``--part`` runs one half, so
 the two can run side by side and fill the same file).
 
-    python benchmarks/bench_sensitivity.py [--samples 1] [--direct-layers 40] [--part agreement|budget]
+    python benchmarks/bench_sensitivity.py [--samples 1] [--direct-layers 40] [--part agreement|budget] [--gain-bits 2]
         [--rows "H estimate + boundary names,estimate x gain"] [--codes compensated]
 """
 from __future__ import annotations
@@ -180,6 +180,7 @@ def main() -> None:
     ap.add_argument("--part", choices=("all", "agreement", "budget"), default="all")
     ap.add_argument("--rows", default="H estimate + boundary names,estimate x gain", help="allocations (ALLOCATIONS keys)")
     ap.add_argument("--codes", default="compensated", help="plain and/or compensated")
+    ap.add_argument("--gain-bits", type=int, default=2, help="width every layer is quantized at to measure its gain")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     model = sample_path("terrain-unet")
@@ -208,7 +209,8 @@ def main() -> None:
     load = os.getloadavg()
     cal = calibration.collect(model, names, samples=args.samples, num_levels=args.levels)
     collected = cal.seconds
-    calibration.measure_gains(model, source, cal, DiffusionQuantConfig(bit_width=2), {n: 2 for n in names})
+    calibration.measure_gains(model, source, cal, DiffusionQuantConfig(bit_width=args.gain_bits),
+                              {n: args.gain_bits for n in names})
     print(f"calibration: {len(cal.hessians)} layers in {collected:.0f} s, downstream gains {cal.gains.seconds:.0f} s "
           f"({cal.gains.passes} passes of {cal.gains.inputs} inputs; load {load[0]:.1f})", flush=True)
     record(f"calibration_{args.part}", dict(cal.summary(), collect_seconds=collected, loadavg_before=list(load),
