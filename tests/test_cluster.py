@@ -32,8 +32,8 @@ from arrow_quant_v2.engine import quantize_model  # noqa: E402
 INT4 = DiffusionQuantConfig(bit_width=4)
 
 
-def local_cluster(**kwargs):
-    return distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+def local_cluster(n_workers: int = 2, **kwargs):
+    return distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                                     dashboard_address="127.0.0.1:0", **kwargs)
 
 
@@ -103,8 +103,7 @@ async def test_workers_started_with_worker_config_run_with_it_and_make_the_same_
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)  # what an earlier cluster's nanny left here (docs)
     quantize_model(fleet[1], tmp_path / "local", INT4)
     with dask.config.set(WORKER_CONFIG):
-        cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                           dashboard_address="127.0.0.1:0")
+        cluster = local_cluster(n_workers=1)
     with cluster, distributed.Client(cluster, set_as_default=False) as c:
         assert list(c.run(worker_settings).values()) == [{"trim": None, "profiler": False, "monitor_s": "2s"}]
         async with AsyncArrowQuantV2(cluster=c) as quantizer:
@@ -123,8 +122,7 @@ def test_closing_a_cluster_right_after_a_job_logs_no_error(fleet, tmp_path):
     logger = logging.getLogger("distributed")  # its own handlers; a test's caplog does not see it
     logger.addHandler(handler)
     try:
-        cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                           dashboard_address="127.0.0.1:0")
+        cluster = local_cluster(n_workers=1)
         with cluster, distributed.Client(cluster, set_as_default=False) as c:
             quantizer = AsyncArrowQuantV2(cluster=c)  # as a script uses it: one asyncio.run per job
             asyncio.run(quantizer.quantize_diffusion_model_async(fleet[0], tmp_path / "out", INT4))

@@ -17,14 +17,39 @@ pytest.importorskip("onnxruntime")
 SENSITIVE = "mid.weight"
 
 
+def _write_denoiser(root, name: str, w: dict, body: list, constants: dict):
+    """A model folder the calibration reads: ``w`` as safetensors, and a graph ``noisy / (sigma + 1)`` ->
+    ``body`` (nodes from ``scaled`` to ``denoised``, with ``w`` and ``constants`` as initializers) with
+    the sigma range e2e builds its noise levels from."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    save_file(w, str(root / "model.safetensors"))
+    nodes = [
+        helper.make_node("Reshape", ["sigma", "shape4"], ["sig4"]),
+        helper.make_node("Add", ["sig4", "one"], ["den"]),
+        helper.make_node("Div", ["noisy", "den"], ["scaled"]),  # inputs of one scale at every noise level
+    ] + body
+    constants = dict(constants, shape4=np.array([-1, 1, 1, 1], np.int64), one=np.array(1.0, np.float32))
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("noisy", TensorProto.FLOAT, ["batch", 4, 8, 8]),
+         helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["batch"])],
+        [helper.make_tensor_value_info("denoised", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in {**w, **constants}.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(root / "model.onnx"))
+    (root / "config.json").write_text(json.dumps({"_class_name": "UNetModel", "sigma_min": 0.002, "sigma_max": 80.0}))
+    return root, w
+
+
 @pytest.fixture(scope="module")
 def cancelling_model(tmp_path_factory):
     """in -> conv -> relu -> (+ offset) -> mid conv -> relu -> out conv. ``mid`` reads inputs with a large
     offset pattern its weights are orthogonal to, so its output is a small difference of large terms: its
     weight error is ordinary, but rounding breaks the cancellation and the network output moves a lot.
     Quantizing it is what the network feels most."""
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
+    pytest.importorskip("onnx")
+    from onnx import helper
 
     root = tmp_path_factory.mktemp("cancelling")
     rng = np.random.default_rng(0)
@@ -38,30 +63,14 @@ def cancelling_model(tmp_path_factory):
     basis = np.stack([pattern, np.ones_like(pattern)], axis=1)  # and to a flat input (the relu's mean)
     m -= (m @ basis) @ np.linalg.pinv(basis)
     checker = (20.0 * (-1.0) ** np.add.outer(np.arange(8), np.arange(8))).astype(np.float32)
-    save_file(w, str(root / "model.safetensors"))
-    nodes = [
-        helper.make_node("Reshape", ["sigma", "shape4"], ["sig4"]),
-        helper.make_node("Add", ["sig4", "one"], ["den"]),
-        helper.make_node("Div", ["noisy", "den"], ["scaled"]),  # inputs of one scale at every noise level
+    return _write_denoiser(root, "cancelling", w, [
         helper.make_node("Conv", ["scaled", "first.weight"], ["h1"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["h1"], ["r1"]),
         helper.make_node("Add", ["r1", "offset"], ["a1"]),
         helper.make_node("Conv", ["a1", SENSITIVE], ["h2"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["h2"], ["r2"]),
         helper.make_node("Conv", ["r2", "last.weight"], ["denoised"], pads=[1, 1, 1, 1]),
-    ]
-    graph = helper.make_graph(
-        nodes, "cancelling",
-        [helper.make_tensor_value_info("noisy", TensorProto.FLOAT, ["batch", 4, 8, 8]),
-         helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["batch"])],
-        [helper.make_tensor_value_info("denoised", TensorProto.FLOAT, ["batch", 4, 8, 8])],
-        initializer=[numpy_helper.from_array(v, k) for k, v in w.items()] + [
-            numpy_helper.from_array(checker[None, None], "offset"),
-            numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "shape4"),
-            numpy_helper.from_array(np.array(1.0, np.float32), "one")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(root / "model.onnx"))
-    (root / "config.json").write_text(json.dumps({"_class_name": "UNetModel", "sigma_min": 0.002, "sigma_max": 80.0}))
-    return root, w
+    ], {"offset": checker[None, None]})
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +150,8 @@ def amplifying_model(tmp_path_factory):
     inputs with a large flat offset, so its output is mostly a per-channel constant that the norm then takes
     away: its error relative to its own output (the H estimate) is small, but relative to what is left after
     the norm it is large. Only the network downstream of the layer shows that: a gain the estimate misses."""
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
+    pytest.importorskip("onnx")
+    from onnx import helper
 
     root = tmp_path_factory.mktemp("amplifying")
     rng = np.random.default_rng(0)
@@ -150,11 +159,7 @@ def amplifying_model(tmp_path_factory):
     w = {"first.weight": (rng.standard_normal((c, 4, 3, 3)) * 0.2).astype(np.float32),
          AMPLIFIED: (rng.standard_normal((c, c, 3, 3)) * 0.1 + 0.02).astype(np.float32),
          "last.weight": (rng.standard_normal((4, c, 3, 3)) * 0.2).astype(np.float32)}
-    save_file(w, str(root / "model.safetensors"))
-    nodes = [
-        helper.make_node("Reshape", ["sigma", "shape4"], ["sig4"]),
-        helper.make_node("Add", ["sig4", "one"], ["den"]),
-        helper.make_node("Div", ["noisy", "den"], ["scaled"]),
+    return _write_denoiser(root, "amplifying", w, [
         helper.make_node("Conv", ["scaled", "first.weight"], ["h1"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["h1"], ["r1"]),
         helper.make_node("Add", ["r1", "offset"], ["a1"]),
@@ -163,21 +168,7 @@ def amplifying_model(tmp_path_factory):
         helper.make_node("InstanceNormalization", ["h2", "gamma", "beta"], ["n2"]),
         helper.make_node("Relu", ["n2"], ["r2"]),
         helper.make_node("Conv", ["r2", "last.weight"], ["denoised"], pads=[2, 2, 2, 2]),
-    ]
-    graph = helper.make_graph(
-        nodes, "amplifying",
-        [helper.make_tensor_value_info("noisy", TensorProto.FLOAT, ["batch", 4, 8, 8]),
-         helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["batch"])],
-        [helper.make_tensor_value_info("denoised", TensorProto.FLOAT, ["batch", 4, 8, 8])],
-        initializer=[numpy_helper.from_array(v, k) for k, v in w.items()] + [
-            numpy_helper.from_array(np.array(20.0, np.float32), "offset"),
-            numpy_helper.from_array(np.ones(c, np.float32), "gamma"),
-            numpy_helper.from_array(np.zeros(c, np.float32), "beta"),
-            numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "shape4"),
-            numpy_helper.from_array(np.array(1.0, np.float32), "one")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(root / "model.onnx"))
-    (root / "config.json").write_text(json.dumps({"_class_name": "UNetModel", "sigma_min": 0.002, "sigma_max": 80.0}))
-    return root, w
+    ], {"offset": np.array(20.0, np.float32), "gamma": np.ones(c, np.float32), "beta": np.zeros(c, np.float32)})
 
 
 def test_the_downstream_gain_finds_what_the_estimate_misses_and_the_budget_pays_for_it(amplifying_model):
