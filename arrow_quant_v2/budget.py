@@ -54,7 +54,7 @@ With a graph (``calibration="graph"``)
     inputs across the noise levels. It replaces relF**2 in the curves, and since independent
     layer errors add up at the network output whatever a layer's size, every layer counts the
     same: the objective is the layers' mean output sensitivity. Each layer's curve is scaled by
-    its downstream gain when the calibration measured one (the network output's error per unit
+    its downstream gain when the calibration measured one (``downstream_gain=True``; the network output's error per unit
     of the layer's own, relative to the median layer's: ``sensitivity.downstream_gains``), so the
     objective is what the network output feels (the boundary layers' name-list floors stay under
     it unless ``protect_embeddings=False``: see ``plan.BOUNDARY_PREFIXES``). Widths are judged by the layer

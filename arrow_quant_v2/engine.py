@@ -680,7 +680,6 @@ def calibrate(model_path, source: ModelSource, config: DiffusionQuantConfig, pla
     total = max(source.total_bytes, 1)
 
     collected = [0]
-
     gain_passes = sensitivity.GAIN_PASSES if config.downstream_gain else 0
 
     def on_pass(done: int, passes: int) -> None:  # the stage's own fraction: an ETA for it, a moving bar in the app
@@ -700,7 +699,7 @@ def calibrate(model_path, source: ModelSource, config: DiffusionQuantConfig, pla
         return calibrated
 
     def on_gain_pass(done: int, passes: int) -> None:
-        whole = collected[0] + sensitivity.GAIN_PASSES
+        whole = collected[0] + gain_passes
         report("calibrate", f"calibration: downstream gain, forward pass {done}/{passes} through the graph",
                tensors_done=0, tensors_total=len(source.tensors), bytes_done=0, bytes_total=total,
                stage_fraction=1.0 if done >= passes else min(collected[0] + done, whole - 1) / whole)

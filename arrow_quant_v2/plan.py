@@ -36,11 +36,12 @@ EMBEDDING_MODULES = (
 #: worst output cosine of the whole int4 model from 0.970 to 0.998 (Q-Diffusion and PTQ4DM keep
 #: first and last layers at 8 bits for the same reason). Matched as name prefixes, after any
 #: component and wrapper prefix (``unet/``, ``network.``, ``model.diffusion_model.``).
-#: Kept as floors under ``calibration="graph"`` too, where each layer's output sensitivity times its
-#: downstream gain measured through the graph (:mod:`arrow_quant_v2.sensitivity`) decides above
-#: them: on the terrain U-Net the measurement alone gives these layers int8 or lossless (the floors
-#: do not bind), but the allocation it makes is not better on held-out inputs than the name list on
-#: the plain H estimate (benchmarks/bench_sensitivity.py), so the list is not retired; a gain
+#: Kept as floors under ``calibration="graph"`` too, where each layer's output sensitivity (times its
+#: downstream gain measured through the graph with ``downstream_gain=True``:
+#: :mod:`arrow_quant_v2.sensitivity`) decides above them. With the gain, the measurement alone gives
+#: these layers int8 or lossless on the terrain U-Net (the floors do not bind), but the allocation it
+#: makes is not better on held-out inputs than the name list on the plain H estimate
+#: (benchmarks/bench_sensitivity.py), so the gain is opt-in and the list is not retired; a gain
 #: measured a group at a time can also miss a layer. ``protect_embeddings=False`` leaves them to the measurement.
 BOUNDARY_PREFIXES = (
     "conv_in.", "conv_out.", "input_blocks.0.", "input_blocks.1.", "out.",

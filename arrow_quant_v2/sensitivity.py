@@ -30,10 +30,11 @@ Layers are measured a group at a time (neighbours in the graph, whose errors add
 output), groups far above the median split down to single layers: a few dozen forward passes
 instead of one per layer. The gain is measured at the real error, not a small probe of it: on
 the terrain U-Net the first block's conv answers far from linearly (its gain at its int2 error
-is 100 times its gain at 1 % of that error), and the direction of the error matters as much. What the plan reads is the layer's sensitivity times its gain relative to the
-median layer's (:func:`felt`, :func:`felt_cosine`): a typical layer is judged as before, a layer
-the network amplifies gets more bits (the boundary layers' name-list floors stay under it by
-default: ``plan.BOUNDARY_PREFIXES`` says why).
+is 100 times its gain at 0.3 % of that error), and the direction of the error matters as much.
+With ``downstream_gain=True`` (off by default: ``plan.BOUNDARY_PREFIXES`` says why) the plan reads
+the layer's sensitivity times its gain relative to the median layer's (:func:`felt`,
+:func:`felt_cosine`): a typical layer is judged as before, a layer the network amplifies gets more
+bits, above the boundary layers' name-list floors.
 """
 from __future__ import annotations
 
@@ -197,11 +198,10 @@ GAIN_INPUTS = 2
 @dataclass
 class Gains:
     """Each probed layer's downstream gain: the network output's relative error power per unit of its
-    own (:data:`GAIN_PROBE`), and the same relative to the median layer's (what the plan reads)."""
+    own output sensitivity, and the same relative to the median layer's (what the plan reads)."""
 
     gain: Dict[str, float]
     relative: Dict[str, float]
-    direct: Dict[str, float]  # the network output's relative error power of the pass its gain comes from
     probed_with: Dict[str, int]  # how many layers shared the pass its gain comes from (1: measured alone)
     passes: int
     inputs: int
@@ -249,17 +249,16 @@ def downstream_gains(graph, probes: Callable[[str], Optional[tuple]], names: Seq
     session, shapes = _swappable_session(graph, order, threads)
     reference = session.run(None, feeds)[0]
     passes = [0]
-    power: Dict[tuple, float] = {}
 
     def measure(group: tuple) -> float:
         if check:
             check()
         swap = {n: np.ascontiguousarray(weights[n].reshape(shapes[n]), np.float32) for n in group}
-        power[group] = _error_power(reference, session.run(None, dict(feeds, **swap))[0])
+        power = _error_power(reference, session.run(None, dict(feeds, **swap))[0])
         passes[0] += 1
         if on_pass:
             on_pass(passes[0], total)
-        return power[group] / sum(estimate[n] for n in group)
+        return power / sum(estimate[n] for n in group)
 
     size = -(-len(order) // (2 * GAIN_PASSES // 3))  # a small model's layers are measured alone
     groups = [tuple(order[i:i + size]) for i in range(0, len(order), size)]
@@ -275,15 +274,15 @@ def downstream_gains(graph, probes: Callable[[str], Optional[tuple]], names: Seq
             if len(half) > 1 and found[half] > GAIN_SPLIT * median:
                 todo.append(half)
         todo.sort(key=found.get, reverse=True)
-    gain, probed_with, direct = {}, {}, {}
+    gain, probed_with = {}, {}
     for g in sorted(found, key=len, reverse=True):  # the smallest group measured holding a layer decides
         for n in g:
-            gain[n], probed_with[n], direct[n] = max(found[g], 0.0), len(g), power[g]
+            gain[n], probed_with[n] = max(found[g], 0.0), len(g)
     mid = float(np.median(list(gain.values()))) if gain else 0.0
     relative = {n: (v / mid if mid > 0 else 1.0) for n, v in gain.items()}
     if on_pass:
         on_pass(passes[0], passes[0])
-    return Gains(gain, relative, direct, probed_with, passes[0], len(reference), time.perf_counter() - started)
+    return Gains(gain, relative, probed_with, passes[0], len(reference), time.perf_counter() - started)
 
 
 def _by_input(probed: List[str], reads: Mapping[str, str]) -> List[str]:
@@ -294,15 +293,6 @@ def _by_input(probed: List[str], reads: Mapping[str, str]) -> List[str]:
     for i, n in enumerate(probed):
         first.setdefault(reads.get(n, n), i)
     return sorted(probed, key=lambda n: first[reads.get(n, n)])
-
-
-def _initializers(graph, names: Sequence[str]) -> Dict[str, np.ndarray]:
-    import onnx
-    from onnx import numpy_helper
-
-    wanted = set(names)
-    return {t.name: numpy_helper.to_array(t).astype(np.float32).ravel()
-            for t in onnx.load(str(graph)).graph.initializer if t.name in wanted}
 
 
 def felt(rel_error2: float, gain: Optional[float]) -> float:
